@@ -1,0 +1,37 @@
+# One place for set-up and checks; CI runs `make test` (see .ci/run).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint test-slow bench clean
+
+# torch first and pinned: it is the CPU build on this machine's disk, and installing it before
+# pslm keeps pip from resolving the `torch>=2.5` requirement to a several-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup  ## train a small model on a local cluster: 1 scheduler, 2 servers, 2 workers
+	$(VENV)/bin/pslm demo
+
+lint: setup
+	$(VENV)/bin/ruff check pslm tests
+	$(VENV)/bin/ruff format --check pslm tests
+	$(VENV)/bin/mypy
+
+test: lint  ## what CI runs: lint, types, then the default test suite (a few minutes)
+	$(VENV)/bin/pytest
+
+test-slow: setup  ## the long tests, kept out of the default suite
+	$(VENV)/bin/pytest -m slow
+
+bench: setup
+	$(VENV)/bin/pslm bench transport
+	$(VENV)/bin/pslm bench ps
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

@@ -1,0 +1,5 @@
+import sys
+
+from pslm.cli import main
+
+sys.exit(main())

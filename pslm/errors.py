@@ -1,0 +1,63 @@
+"""Every exception pslm raises on purpose, in one place.
+
+    PSLMError                      base of everything below
+    ├── ConfigError (ValueError)    a setting or a command-line value is wrong; says which and why
+    ├── ProtocolError              a message is malformed (bad header, sizes, dtypes, keys)
+    │   └── RefusedError           a peer understood a request and refused it (wrong shape,
+    │                              unknown key, not initialised); carries the peer's reason
+    ├── TransportError             the network failed under us (a ZeroMQ error, mapped here)
+    │   └── RequestTimeout (TimeoutError)
+    │                              no reply within the configured time; nothing hangs forever
+    ├── ClusterError               membership went wrong: registration refused, the scheduler
+    │                              lost, a model declared differently by two workers
+    └── LaunchError                a process started by the local launcher failed
+
+Third-party errors are converted at the boundary (``raise TransportError(...) from exc``), so
+callers catch pslm errors only. ``assert`` guards internal invariants, never user input.
+"""
+
+from __future__ import annotations
+
+
+class PSLMError(Exception):
+    """Base class of all pslm errors."""
+
+
+class ConfigError(PSLMError, ValueError):
+    """A configuration value or command-line argument is invalid."""
+
+
+class ProtocolError(PSLMError):
+    """A message does not follow the wire protocol.
+
+    ``request_id`` is the id of the offending request when its header was readable, and
+    ``sender`` the ZeroMQ identity it came from, so that the receiver can still answer it.
+    """
+
+    request_id: int | None = None
+    sender: bytes | None = None
+
+
+class RefusedError(ProtocolError):
+    """A peer refused a request; ``code`` names the reason class, the message says what to do."""
+
+    def __init__(self, message: str, *, code: str = "refused", peer: str = "") -> None:
+        super().__init__(f"{peer}: {message}" if peer else message)
+        self.code = code
+        self.peer = peer
+
+
+class TransportError(PSLMError):
+    """The transport failed (socket closed, address in use, peer unreachable)."""
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """A request got no reply within its timeout."""
+
+
+class ClusterError(PSLMError):
+    """Cluster membership or coordination failed."""
+
+
+class LaunchError(PSLMError):
+    """A process started by the local launcher exited unexpectedly or could not start."""

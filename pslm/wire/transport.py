@@ -1,0 +1,329 @@
+"""ZeroMQ transport: bound listeners, connections, and request/reply with timeouts.
+
+    listener = Listener("tcp://127.0.0.1:*")        # ROUTER: many peers talk to it
+    peer, msg = listener.recv()                     # after a poll says it is readable
+    listener.send(peer, msg.reply(version=3))
+
+    channel = Channel(timeout=30.0)                 # DEALERs, one per peer
+    channel.connect("server-0", listener.address)
+    rid = channel.send("server-0", Message("pull"))  # returns at once
+    replies = channel.wait([rid])                   # blocks until replied or RequestTimeout
+
+The transport knows bytes and peers, never keys or models. Messages are ``message.Message``;
+every ZeroMQ error is mapped to a pslm error here. Sockets are not thread-safe: a Listener or a
+Channel belongs to the thread that made it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from pslm.errors import ProtocolError, RefusedError, RequestTimeout, TransportError
+from pslm.wire.message import DEFAULT_MAX_MESSAGE, MAX_FRAME, Message, decode, encode
+
+log = logging.getLogger("pslm.wire")
+
+
+def context() -> zmq.Context[Any]:
+    """The process-wide ZeroMQ context (one per process, shared by all threads)."""
+    return zmq.Context.instance()
+
+
+def _socket(kind: int) -> zmq.Socket[Any]:
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)  # closing never waits on unsent data
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a larger frame drops the connection
+    return sock
+
+
+class Listener:
+    """A bound ROUTER socket that receives requests from any number of peers.
+
+    ``recv`` and ``send`` do not block: call ``recv`` when a ``Poller`` reports it readable.
+    """
+
+    def __init__(self, bind: str = "tcp://127.0.0.1:*", *, max_bytes: int = DEFAULT_MAX_MESSAGE):
+        self.max_bytes = max_bytes
+        self.socket = _socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone peers are dropped
+        try:
+            self.socket.bind(bind)
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise TransportError(f"cannot listen on {bind}: {exc}") from exc
+        self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def recv(self) -> tuple[bytes, Message]:
+        """The next (peer, message). Raises ProtocolError (with ``.sender``) for a bad message."""
+        frames = self.socket.recv_multipart(copy=False)
+        peer = frames[0].bytes
+        try:
+            return peer, decode(frames[1:], max_bytes=self.max_bytes)
+        except ProtocolError as exc:
+            exc.sender = peer
+            raise
+
+    def send(self, peer: bytes, msg: Message, *, track: bool = False) -> zmq.MessageTracker | None:
+        """Queue ``msg`` for ``peer`` without copying tensor memory.
+
+        With ``track=True`` returns a tracker that is done once ZeroMQ no longer reads the
+        tensors' memory; until then they must not be modified.
+        """
+        try:
+            out = self.socket.send_multipart(
+                [peer, *encode(msg)], copy=False, track=track, flags=zmq.NOBLOCK
+            )
+        except zmq.Again:
+            log.warning("dropped a %r reply: peer's queue is full", msg.op)
+            return None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"send to peer failed: {exc}") from exc
+        return out if track else None
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Connection:
+    """A DEALER socket connected to one peer address."""
+
+    def __init__(self, address: str, *, send_timeout: float):
+        self.address = address
+        self.socket = _socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout * 1000)))
+        try:
+            self.socket.connect(address)
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise TransportError(f"cannot connect to {address}: {exc}") from exc
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg``; blocks at most the send timeout if the peer's queue is full."""
+        try:
+            self.socket.send_multipart(encode(msg), copy=False)
+        except zmq.Again:
+            raise RequestTimeout(
+                f"could not send {msg.op!r} to {self.address}: queue full"
+            ) from None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"send to {self.address} failed: {exc}") from exc
+
+    def recv(self) -> Message:
+        """The next message; call when a poll reports the socket readable."""
+        return decode(self.socket.recv_multipart(copy=False))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Poller:
+    """Waits on several Listeners and Connections at once."""
+
+    def __init__(self, *endpoints: Listener | Connection):
+        self._poller = zmq.Poller()
+        self._by_socket: dict[Any, Listener | Connection] = {}
+        for e in endpoints:
+            self.add(e)
+
+    def add(self, endpoint: Listener | Connection) -> None:
+        self._poller.register(endpoint.socket, zmq.POLLIN)
+        self._by_socket[endpoint.socket] = endpoint
+
+    def remove(self, endpoint: Listener | Connection) -> None:
+        self._poller.unregister(endpoint.socket)
+        del self._by_socket[endpoint.socket]
+
+    def poll(self, timeout: float) -> list[Listener | Connection]:
+        """The endpoints with a message waiting, after at most ``timeout`` seconds."""
+        try:
+            events = self._poller.poll(max(0, int(timeout * 1000)))
+        except zmq.ZMQError as exc:
+            raise TransportError(f"poll failed: {exc}") from exc
+        return [self._by_socket[s] for s, _ in events]
+
+
+class Channel:
+    """Requests to named peers, matched with their replies by id, each with a deadline.
+
+    Not thread-safe. ``send`` returns at once; ``wait`` blocks until every named request has
+    its reply, raising RequestTimeout when the deadline passes and RefusedError when a peer
+    answered with an ``error`` message. Replies to requests nobody waits for any more (after a
+    timeout) are dropped. Messages with id 0 are notices a peer sent unasked; ``notices``
+    collects them (a caller polling ``socket(name)`` itself calls ``drain(name)``).
+    """
+
+    def __init__(self, *, timeout: float):
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = timeout
+        self._conns: dict[str, Connection] = {}
+        self._poller = Poller()
+        self._next_id = 1
+        self._pending: dict[int, str] = {}  # request id -> peer name
+        self._replies: dict[int, Message] = {}
+        self.notices: list[tuple[str, Message]] = []
+
+    def connect(self, name: str, address: str) -> None:
+        """Open a connection to ``address`` under ``name``, replacing any earlier one."""
+        if name in self._conns:
+            self.disconnect(name)
+        conn = Connection(address, send_timeout=self.timeout)
+        self._conns[name] = conn
+        self._poller.add(conn)
+
+    def disconnect(self, name: str) -> None:
+        conn = self._conns.pop(name)
+        self._poller.remove(conn)
+        conn.close()
+
+    @property
+    def peers(self) -> list[str]:
+        return list(self._conns)
+
+    def send(self, name: str, msg: Message) -> int:
+        """Send a request to ``name`` and return its id. Does not wait for the reply."""
+        msg.id = self._next_id
+        self._next_id += 1
+        self._conn(name).send(msg)
+        self._pending[msg.id] = name
+        return msg.id
+
+    def wait(
+        self,
+        ids: Iterable[int],
+        timeout: float | None = None,
+        on_reply: Callable[[int, Message], None] | None = None,
+    ) -> dict[int, Message]:
+        """The replies to ``ids``; blocks at most ``timeout`` (default: the channel's).
+
+        ``on_reply(id, reply)`` is called for each successful reply as soon as it arrives, so
+        its work overlaps with the replies still on their way.
+        """
+        ids = list(ids)
+        names = {i: self._pending.get(i, "?") for i in ids}
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        done: set[int] = set()
+        try:
+            while True:
+                for i in ids:
+                    if i in self._replies and i not in done:
+                        done.add(i)
+                        if on_reply is not None and self._replies[i].op != "error":
+                            on_reply(i, self._replies[i])
+                if len(done) == len(ids):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    peers = sorted({names[i] for i in ids if i not in done})
+                    raise RequestTimeout(f"no reply from {', '.join(peers)} within {limit:g} s")
+                for conn in self._poller.poll(left):
+                    assert isinstance(conn, Connection)
+                    self._take(conn)
+            replies = {i: self._replies[i] for i in ids}
+        finally:
+            for i in ids:  # forget them either way; late replies are dropped in _take
+                self._pending.pop(i, None)
+                self._replies.pop(i, None)
+        for i, reply in replies.items():
+            if reply.op == "error":
+                raise RefusedError(
+                    str(reply.body.get("message", "request refused")),
+                    code=str(reply.body.get("code", "refused")),
+                    peer=names[i],
+                )
+        return replies
+
+    def request(self, name: str, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` to ``name`` and wait for its reply."""
+        return self.wait([self.send(name, msg)], timeout)[msg.id]
+
+    def socket(self, name: str) -> zmq.Socket[Any]:
+        """The socket of the connection to ``name``, for callers with their own poll loop."""
+        return self._conn(name).socket
+
+    def drain(self, name: str) -> list[Message]:
+        """Take what arrived from ``name``; return and forget the notices among it."""
+        self._take(self._conn(name))
+        mine = [m for n, m in self.notices if n == name]
+        self.notices = [(n, m) for n, m in self.notices if n != name]
+        return mine
+
+    def close(self) -> None:
+        for name in list(self._conns):
+            self.disconnect(name)
+
+    def _take(self, conn: Connection) -> None:
+        while True:
+            try:
+                frames = conn.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = decode(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed reply from %s: %s", conn.address, exc)
+                continue
+            if reply.id in self._pending:
+                self._replies[reply.id] = reply
+            elif reply.id == 0:
+                self.notices.append((self._name_of(conn), reply))
+            else:
+                log.debug("dropped a late reply %d from %s", reply.id, conn.address)
+
+    def _name_of(self, conn: Connection) -> str:
+        return next(n for n, c in self._conns.items() if c is conn)
+
+    def _conn(self, name: str) -> Connection:
+        try:
+            return self._conns[name]
+        except KeyError:
+            raise TransportError(f"not connected to {name!r}") from None
+
+
+def tcp_address(address: str) -> str:
+    """``host:port`` or ``tcp://host:port`` as a ZeroMQ endpoint; ValueError if neither."""
+    addr = address if "://" in address else f"tcp://{address}"
+    scheme, _, rest = addr.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme not in ("tcp", "ipc", "inproc") or (scheme == "tcp" and not (sep and host and port)):
+        raise ValueError(f"not an address: {address!r} (want host:port or tcp://host:port)")
+    if scheme == "tcp" and port != "*" and not (port.isdigit() and 0 <= int(port) < 65536):
+        raise ValueError(f"bad port in address {address!r}")
+    return addr
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_tuned = False
+
+
+def tune_allocator() -> bool:
+    """Make glibc reuse freed memory for received frames instead of mapping fresh pages.
+
+    ZeroMQ allocates every received frame; by default glibc serves large ones with a fresh mmap
+    and returns them to the kernel on free, so every pull faults its pages in again. Raising
+    the mmap threshold above MAX_FRAME and keeping freed memory (trim threshold) doubled
+    large push/pull throughput on this machine (BENCHMARKS.md). The cost: the process keeps
+    its peak heap. Process-wide and idempotent; False where there is no glibc.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = (
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum; frames are <= 16 MiB
+        and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        and mallopt(_M_TOP_PAD, 64 << 20)
+    )
+    _tuned = bool(ok)
+    return _tuned
