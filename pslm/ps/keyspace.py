@@ -1,0 +1,221 @@
+"""The key space: named tensors cut into chunks, and chunks assigned to servers.
+
+    ks = KeySpace.build([("fc.weight", (512, 784)), ("fc.bias", (512,))], num_servers=2)
+    ks.shard(0)        # the chunks server 0 holds, in its buffer order
+    ks.loads()         # bytes per server
+
+How the assignment is made (deterministic, documented because clients and servers must agree):
+
+1. Every tensor, in the order given, is flattened and cut into chunks of ``chunk_bytes`` (the last
+   chunk of a tensor may be shorter). Keys number the chunks 0, 1, 2, ... in that order.
+2. Chunks are taken largest first (ties: lower key first) and each goes to the server with the
+   least bytes so far (ties: lower server rank). This is Graham's greedy list scheduling: the
+   busiest server ends within one chunk of the mean load.
+3. On each server, chunks whose tensor takes weight decay come first, then the rest, each group
+   in key order; that is the order of the server's flat buffer and of every message to it.
+
+Parameters live as fp32 on the servers, so a chunk of ``chunk_bytes`` holds chunk_bytes / 4
+elements. By default tensors with two or more dimensions take weight decay and 1-D tensors
+(biases, norms) do not, as in nanoGPT and torchtitan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pslm.errors import ConfigError
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+PARAM_BYTES = 4  # servers keep fp32
+MAX_NAME = 512
+MAX_TENSORS = 1 << 16
+MAX_CHUNKS = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One named parameter tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    decay: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A contiguous run of one flattened tensor, held by one server."""
+
+    key: int
+    tensor: int
+    """Index of the tensor in ``KeySpace.tensors``."""
+    offset: int
+    """First element, within the flattened tensor."""
+    length: int
+    server: int
+
+
+class KeySpace:
+    """Tensors, their chunks, and which server holds each chunk. Immutable once built."""
+
+    def __init__(self, tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int):
+        _check(tensors, num_servers, chunk_bytes)
+        self.tensors = tuple(tensors)
+        self.num_servers = num_servers
+        self.chunk_bytes = chunk_bytes
+        self.index = {t.name: i for i, t in enumerate(self.tensors)}
+        self.chunks = _assign(_cut(self.tensors, chunk_bytes // PARAM_BYTES), num_servers)
+        self._shards = [
+            sorted(
+                (c for c in self.chunks if c.server == s),
+                key=lambda c: (not self.tensors[c.tensor].decay, c.key),
+            )
+            for s in range(num_servers)
+        ]
+
+    @classmethod
+    def build(
+        cls,
+        named_shapes: Iterable[tuple[str, Sequence[int]]],
+        num_servers: int,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        decay_1d: bool = False,
+    ) -> KeySpace:
+        """A key space for ``(name, shape)`` pairs, in the order given.
+
+        ``decay_1d`` makes 1-D tensors take weight decay too.
+        """
+        specs = []
+        for name, shape in named_shapes:
+            shape = tuple(int(d) for d in shape)
+            specs.append(TensorSpec(name, shape, decay=decay_1d or len(shape) >= 2))
+        return cls(specs, num_servers, chunk_bytes)
+
+    def shard(self, server: int) -> list[Chunk]:
+        """The chunks ``server`` holds, in the order of its buffer and of its messages."""
+        return self._shards[server]
+
+    def loads(self) -> list[int]:
+        """Bytes held by each server."""
+        return [sum(c.length for c in shard) * PARAM_BYTES for shard in self._shards]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A msgpack-able description from which ``from_dict`` rebuilds the same key space."""
+        return {
+            "tensors": [[t.name, list(t.shape), t.decay] for t in self.tensors],
+            "num_servers": self.num_servers,
+            "chunk_bytes": self.chunk_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> KeySpace:
+        """Rebuild from ``to_dict`` output received from a peer; ConfigError if malformed."""
+        try:
+            specs = [
+                TensorSpec(_str(name), tuple(_dims(shape)), _bool(decay))
+                for name, shape, decay in d["tensors"]
+            ]
+            return cls(specs, _int(d["num_servers"]), _int(d["chunk_bytes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"malformed key space description: {exc!r}") from None
+
+    def fingerprint(self) -> str:
+        """A short hash of the description: equal key spaces have equal fingerprints."""
+        packed = msgpack.packb(self.to_dict(), use_bin_type=True)
+        return hashlib.sha256(packed).hexdigest()[:16]
+
+    def describe_difference(self, other: KeySpace) -> str:
+        """The first way ``other`` differs from this key space, for error messages."""
+        for a, b in zip(self.tensors, other.tensors, strict=False):
+            if a != b:
+                return f"tensor {a.name!r} {list(a.shape)} vs {b.name!r} {list(b.shape)}"
+        if len(self.tensors) != len(other.tensors):
+            return f"{len(self.tensors)} tensors vs {len(other.tensors)}"
+        if self.num_servers != other.num_servers:
+            return f"{self.num_servers} servers vs {other.num_servers}"
+        return f"chunk size {self.chunk_bytes} vs {other.chunk_bytes}"
+
+
+def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) -> None:
+    if num_servers < 1:
+        raise ConfigError(f"need at least one server, got {num_servers}")
+    if chunk_bytes < PARAM_BYTES or chunk_bytes % PARAM_BYTES:
+        raise ConfigError(f"chunk_bytes must be a positive multiple of 4, got {chunk_bytes}")
+    if not 0 < len(tensors) <= MAX_TENSORS:
+        raise ConfigError(f"the key space needs 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
+    seen = set()
+    for t in tensors:
+        if not t.name or len(t.name) > MAX_NAME:
+            raise ConfigError(f"tensor names must have 1 to {MAX_NAME} characters: {t.name!r}")
+        if t.name in seen:
+            raise ConfigError(f"tensor name {t.name!r} appears twice")
+        seen.add(t.name)
+        if any(d < 0 for d in t.shape) or t.numel == 0:
+            raise ConfigError(f"tensor {t.name!r} has shape {list(t.shape)}: no elements")
+    chunk_elems = chunk_bytes // PARAM_BYTES
+    if sum(-(-t.numel // chunk_elems) for t in tensors) > MAX_CHUNKS:
+        raise ConfigError(f"more than {MAX_CHUNKS} chunks: raise chunk_bytes ({chunk_bytes})")
+
+
+def _cut(tensors: Sequence[TensorSpec], chunk_elems: int) -> list[tuple[int, int, int]]:
+    """(tensor index, offset, length) of every chunk, in key order."""
+    return [
+        (i, off, min(chunk_elems, t.numel - off))
+        for i, t in enumerate(tensors)
+        for off in range(0, t.numel, chunk_elems)
+    ]
+
+
+def _assign(pieces: list[tuple[int, int, int]], num_servers: int) -> tuple[Chunk, ...]:
+    order = sorted(range(len(pieces)), key=lambda k: (-pieces[k][2], k))
+    heap = [(0, s) for s in range(num_servers)]  # (load, server): least loaded, lowest rank
+    server_of = [0] * len(pieces)
+    for k in order:
+        load, s = heapq.heappop(heap)
+        server_of[k] = s
+        heapq.heappush(heap, (load + pieces[k][2], s))
+    return tuple(
+        Chunk(key=k, tensor=t, offset=off, length=n, server=server_of[k])
+        for k, (t, off, n) in enumerate(pieces)
+    )
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"expected a boolean, got {type(v).__name__}")
+    return v
+
+
+def _dims(shape: Any) -> list[int]:
+    if not isinstance(shape, list) or len(shape) > 8:
+        raise TypeError("a shape must be a list of at most 8 integers")
+    return [_int(d) for d in shape]

@@ -1,0 +1,290 @@
+"""Server-side update rules: SGD (momentum, Nesterov), Adam and AdamW, with LR schedules.
+
+    cfg = OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.1, clip_norm=1.0,
+                          schedule=ScheduleConfig(kind="cosine", warmup_steps=100,
+                                                  decay_steps=2000, min_lr=1e-4))
+    rule = build_rule(cfg)
+    state = rule.new_state(numel)                   # flat buffers beside the flat parameters
+    rule.step(params, grads, state.views(slices), lr=cfg.schedule.lr_at(cfg.lr, step),
+              weight_decay=cfg.weight_decay)        # lists of chunk views
+
+The rules call PyTorch's fused CPU kernels through ``torch.optim``'s functional API, so a
+server computes what ``torch.optim.SGD/Adam/AdamW`` compute, about 10x faster than the default
+per-tensor loop (DESIGN.md). State lives in flat buffers, one per kind (``exp_avg``,
+``exp_avg_sq``, ``momentum_buffer``), aligned with the server's flat parameter buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+from torch.optim.adam import adam as _adam
+from torch.optim.sgd import sgd as _sgd
+
+from pslm.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup, then constant or cosine decay.
+
+    lr(step) = lr * (step + 1) / warmup_steps              while step < warmup_steps
+             = lr                                          constant, after warmup
+             = min_lr + (lr - min_lr) * (1 + cos(pi * r)) / 2
+                   with r = (step - warmup_steps) / (decay_steps - warmup_steps)
+                                                           cosine, up to decay_steps
+             = min_lr                                      cosine, after decay_steps
+    """
+
+    kind: str = "constant"
+    """``constant`` or ``cosine``."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from lr/warmup_steps up to lr."""
+    decay_steps: int = 0
+    """Cosine only: the step at which the learning rate reaches ``min_lr``."""
+    min_lr: float = 0.0
+    """Cosine only: the final learning rate."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ConfigError(f"schedule kind must be one of {SCHEDULES}, got {self.kind!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.kind == "cosine" and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"cosine decay_steps ({self.decay_steps}) must exceed warmup_steps "
+                f"({self.warmup_steps})"
+            )
+        if self.min_lr < 0:
+            raise ConfigError(f"min_lr must be >= 0, got {self.min_lr}")
+
+    def lr_at(self, lr: float, step: int) -> float:
+        """The learning rate for the update made at ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return lr * (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return lr
+        if step >= self.decay_steps:
+            return self.min_lr
+        ratio = (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
+        return self.min_lr + (lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * ratio))
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    """The update rule the servers run. Sent by the client at ``init``."""
+
+    name: str = "adamw"
+    """``sgd``, ``adam`` (L2 weight decay) or ``adamw`` (decoupled weight decay)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Applied only to tensors that take decay (by default those with >= 2 dimensions)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW moment coefficients."""
+    eps: float = 1e-8
+    """Adam/AdamW denominator term."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    dampening: float = 0.0
+    """SGD dampening."""
+    nesterov: bool = False
+    """SGD Nesterov momentum (needs momentum > 0 and dampening 0)."""
+    clip_norm: float = 0.0
+    """Clip the global gradient norm to this value, as ``clip_grad_norm_``; 0 turns it off."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        if not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.dampening <= 1.0:
+            raise ConfigError("momentum must lie in [0, 1) and dampening in [0, 1]")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ConfigError("nesterov needs momentum > 0 and dampening 0")
+        if self.clip_norm < 0:
+            raise ConfigError(f"clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
+        if isinstance(self.schedule, dict):
+            self.schedule = ScheduleConfig(**self.schedule)
+
+    def lr_at(self, step: int) -> float:
+        return self.schedule.lr_at(self.lr, step)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> OptimizerConfig:
+        """Rebuild from ``to_dict`` output received from a peer; ConfigError if malformed."""
+        if not isinstance(d, dict):
+            raise ConfigError("optimizer config must be a map")
+        known = {f.name for f in fields(cls)}
+        if unknown := set(d) - known:
+            raise ConfigError(f"unknown optimizer settings: {sorted(unknown)}")
+        sched = d.get("schedule", {})
+        if not isinstance(sched, dict) or set(sched) - {f.name for f in fields(ScheduleConfig)}:
+            raise ConfigError(f"malformed schedule: {sched!r}")
+        try:
+            kw = {k: _typed(cls, k, v) for k, v in d.items() if k != "schedule"}
+            schedule = ScheduleConfig(**{k: _typed(ScheduleConfig, k, v) for k, v in sched.items()})
+        except TypeError as exc:
+            raise ConfigError(f"malformed optimizer config: {exc}") from None
+        return cls(schedule=schedule, **kw)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "kind": str,
+    "nesterov": bool,
+    "warmup_steps": int,
+    "decay_steps": int,
+}
+
+
+def _typed(cls: type, key: str, value: Any) -> Any:
+    if key == "betas":
+        if not (isinstance(value, list) and len(value) == 2 and all(_number(b) for b in value)):
+            raise TypeError(f"betas must be two numbers, got {value!r}")
+        return (float(value[0]), float(value[1]))
+    want = _TYPES.get(key, (int, float))
+    if isinstance(value, bool) and want is not bool:
+        raise TypeError(f"{cls.__name__}.{key} must not be a boolean")
+    if not isinstance(value, want):
+        raise TypeError(f"{cls.__name__}.{key} has the wrong type: {value!r}")
+    return value
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+Tensors = list[torch.Tensor]
+
+
+class UpdateRule(Protocol):
+    """What a server needs from an optimizer: state buffers and a step over chunk views."""
+
+    state_names: tuple[str, ...]
+
+    def step(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        state: dict[str, list[torch.Tensor]],
+        steps: list[torch.Tensor],
+        *,
+        lr: float,
+        weight_decay: float,
+        grad_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Update ``params`` in place from ``grads / grad_scale`` (aligned lists of 1-D fp32
+        views); the kernels overwrite ``grads`` with the divided values."""
+        ...
+
+
+class SGDRule:
+    """SGD with optional momentum, dampening and Nesterov, as ``torch.optim.SGD``."""
+
+    def __init__(self, cfg: OptimizerConfig):
+        self.cfg = cfg
+        self.state_names: tuple[str, ...] = ("momentum_buffer",) if cfg.momentum else ()
+
+    def step(
+        self,
+        params: Tensors,
+        grads: Tensors,
+        state: dict[str, Tensors],
+        steps: Tensors,
+        *,
+        lr: float,
+        weight_decay: float,
+        grad_scale: torch.Tensor | None = None,
+    ) -> None:
+        bufs: list[torch.Tensor | None] = list(state.get("momentum_buffer", [None] * len(params)))
+        first = bool(self.cfg.momentum) and bool(steps) and steps[0].item() == 0
+        if first:
+            # torch starts the momentum buffer as a copy of the first gradient (no dampening)
+            bufs = [None] * len(params)
+        _sgd(
+            params,
+            grads,
+            bufs,
+            fused=True,
+            grad_scale=grad_scale,
+            weight_decay=weight_decay,
+            momentum=self.cfg.momentum,
+            lr=lr,
+            dampening=self.cfg.dampening,
+            nesterov=self.cfg.nesterov,
+            maximize=False,
+        )
+        if first:
+            for view, buf in zip(state["momentum_buffer"], bufs, strict=True):
+                assert buf is not None
+                view.copy_(buf)
+        for s in steps:
+            s.add_(1)
+
+
+class AdamRule:
+    """Adam (``decoupled=False``, L2 decay) or AdamW (``decoupled=True``), fused."""
+
+    state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, cfg: OptimizerConfig, *, decoupled: bool):
+        self.cfg = cfg
+        self.decoupled = decoupled
+
+    def step(
+        self,
+        params: Tensors,
+        grads: Tensors,
+        state: dict[str, Tensors],
+        steps: Tensors,
+        *,
+        lr: float,
+        weight_decay: float,
+        grad_scale: torch.Tensor | None = None,
+    ) -> None:
+        _adam(
+            params,
+            grads,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            [],
+            steps,
+            fused=True,
+            grad_scale=grad_scale,
+            decoupled_weight_decay=self.decoupled,
+            amsgrad=False,
+            beta1=self.cfg.betas[0],
+            beta2=self.cfg.betas[1],
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=self.cfg.eps,
+            maximize=False,
+        )
+
+
+def build_rule(cfg: OptimizerConfig) -> UpdateRule:
+    """The update rule that ``cfg`` names."""
+    if cfg.name == "sgd":
+        return SGDRule(cfg)
+    return AdamRule(cfg, decoupled=cfg.name == "adamw")

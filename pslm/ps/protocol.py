@@ -1,0 +1,70 @@
+"""The parameter-server protocol: which ops exist, who sends them, and what their bodies hold.
+
+Every message is a ``pslm.wire.Message``; ``id`` 0 marks a notice (no reply expected).
+
+To the scheduler (from any node unless said otherwise):
+    register   {role, rank (-1: any), address, pid, host}
+               -> {id, rank, num_workers, num_servers, servers: [address by rank],
+                   heartbeat_interval, heartbeat_timeout}; sent once the cluster is complete
+    heartbeat  {node} -> {stop: bool}
+    barrier    {node, name, group: workers|servers|all} -> {} once the whole group arrived
+    declare    {node, keyspace} (workers) -> {fingerprint}; refused if it differs from the
+               key space declared first
+    keyspace   {} -> {keyspace}
+    finalize   {node} (workers) -> {} once every worker finalized; the servers are then told
+               to shut down
+    leave      {node} (servers, on exit) -> {}
+    shutdown   {} -> {}; stops the whole cluster
+    status     {} -> {nodes: [...], num_workers, num_servers, keyspace}
+
+Notices from the scheduler:
+    shutdown   {} (to servers)
+
+To a server (from workers):
+    init       {worker, keyspace, optimizer} + initial values, one tensor per chunk in shard
+               order -> {version}; idempotent for the same key space and optimizer
+    push       {worker, clock, weight, reply_params} + one gradient tensor per chunk ->
+               {version} at once, or, with reply_params, the parameters after the update
+               (as ``pull``)
+    pull       {worker, min_version, keys (null: all)} -> {version} + one tensor per key;
+               answered once the server's version >= min_version
+
+Between servers (notices):
+    norm       {server, clock, sq} the server's part of the squared global gradient norm
+
+Every refusal is ``error {code, message}`` with the request's id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pslm.errors import ProtocolError
+from pslm.wire.message import Message
+
+ROLES = ("server", "worker")
+GROUPS = ("workers", "servers", "all")
+
+
+def error(request: Message | int, code: str, message: str) -> Message:
+    """An ``error`` reply to ``request`` (a message or a request id)."""
+    rid = request if isinstance(request, int) else request.id
+    return Message("error", id=rid, body={"code": code, "message": message})
+
+
+def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """``msg.body[name]`` if it has type ``kind``; ProtocolError naming the field if not."""
+    if name not in msg.body:
+        if default is ...:
+            raise ProtocolError(f"{msg.op}: missing field {name!r}")
+        return default
+    value = msg.body[name]
+    if isinstance(value, bool) and kind is not bool and bool not in _tuple(kind):
+        raise ProtocolError(f"{msg.op}: field {name!r} must not be a boolean")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"{msg.op}: field {name!r} has type {type(value).__name__}")
+    return value
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)

@@ -1,0 +1,147 @@
+"""One server's shard: its chunks in one flat fp32 buffer, the optimizer state beside it.
+
+    store = ShardStore(keyspace, server=0, optimizer=cfg)
+    store.load(values)                          # initial values, one tensor per chunk
+    grads, factor = store.reduce([(1.0, push_a), (1.0, push_b)])  # mean = grads * factor
+    sq = store.sq_norm(grads) * factor**2       # this shard's part of the squared mean norm
+    store.apply(grads, factor * clip_coef(global_sq, cfg.clip_norm))  # one step; version += 1
+
+The mean's factor and the clipping coefficient are not applied in separate passes: the fused
+optimizer kernels divide by them as they read each gradient (their ``grad_scale``), which saves
+two passes over the shard's memory.
+
+The store knows tensors and keys, never models. It does no I/O and takes no locks: the server's
+request loop owns it. Every list of per-chunk tensors is in the shard order of
+``KeySpace.shard``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pslm.errors import RefusedError
+from pslm.ps.keyspace import KeySpace
+from pslm.ps.optim import OptimizerConfig, build_rule
+
+GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def clip_coef(sq_norm: float, max_norm: float) -> float:
+    """The factor ``clip_grad_norm_`` multiplies gradients by, from the global squared norm."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
+
+
+class ShardStore:
+    """Parameters and optimizer state of the chunks one server holds."""
+
+    def __init__(self, keyspace: KeySpace, server: int, optimizer: OptimizerConfig):
+        self.keyspace = keyspace
+        self.server = server
+        self.optimizer = optimizer
+        self.chunks = keyspace.shard(server)
+        self.lengths = [c.length for c in self.chunks]
+        self.position = {c.key: i for i, c in enumerate(self.chunks)}
+        n = sum(self.lengths)
+        self.params = torch.zeros(n, dtype=torch.float32)
+        self.views = list(self.params.split(self.lengths))
+        self.n_decay = sum(1 for c in self.chunks if keyspace.tensors[c.tensor].decay)
+        self.rule = build_rule(optimizer)
+        self.state = {name: torch.zeros(n) for name in self.rule.state_names}
+        self.state_views = {k: list(v.split(self.lengths)) for k, v in self.state.items()}
+        # one step counter per chunk: the fused kernels increment each one they are given
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.chunks]
+        self._grad = torch.empty(0)
+        self.version = 0
+        """Number of updates applied."""
+
+    @property
+    def numel(self) -> int:
+        return self.params.numel()
+
+    def check(self, tensors: Sequence[torch.Tensor], what: str) -> None:
+        """Refuse ``tensors`` unless they are one 1-D float tensor per chunk, in shard order."""
+        if len(tensors) != len(self.chunks):
+            raise RefusedError(
+                f"{what} has {len(tensors)} tensors, server {self.server} holds "
+                f"{len(self.chunks)} chunks",
+                code="bad_shape",
+            )
+        for i, (t, n) in enumerate(zip(tensors, self.lengths, strict=True)):
+            if t.dtype not in GRAD_DTYPES or t.dim() != 1 or t.numel() != n:
+                c = self.chunks[i]
+                name = self.keyspace.tensors[c.tensor].name
+                raise RefusedError(
+                    f"{what} tensor {i} (chunk {c.key} of {name!r}) is {t.dtype} "
+                    f"{list(t.shape)}, expected a float tensor of shape [{n}]",
+                    code="bad_shape",
+                )
+
+    def load(self, values: Sequence[torch.Tensor]) -> None:
+        """Set the parameters from one tensor per chunk (checked first)."""
+        self.check(values, "init")
+        for view, v in zip(self.views, values, strict=True):
+            view.copy_(v)
+
+    def reduce(
+        self, pushes: Sequence[tuple[float, Sequence[torch.Tensor]]]
+    ) -> tuple[list[torch.Tensor], float]:
+        """The weighted sum of the pushes' gradients per chunk, and the factor that makes it the
+        weighted mean.
+
+        ``pushes`` are (weight, per-chunk tensors), in a fixed order (worker rank), so the sum
+        is the same from run to run. A single fp32 push is used as it is, without a copy.
+        Equal weights sum the gradients unweighted (factor 1/W), so two equal pushes give
+        exactly (a + b) * 0.5.
+        """
+        (w0, g0), rest = pushes[0], pushes[1:]
+        equal = all(w == w0 for w, _ in pushes)
+        factor = 1.0 / len(pushes) if equal else 1.0 / sum(w for w, _ in pushes)
+        if not rest and all(g.dtype == torch.float32 for g in g0):
+            return list(g0), factor
+        if self._grad.numel() != self.numel:
+            self._grad = torch.empty(self.numel)
+        out = list(self._grad.split(self.lengths))
+        for k, acc in enumerate(out):
+            if equal and rest:
+                torch.add(g0[k], rest[0][1][k], out=acc)
+                for _, g in rest[1:]:
+                    acc.add_(g[k])
+            elif equal:
+                acc.copy_(g0[k])
+            else:
+                torch.mul(g0[k], w0, out=acc)
+                for w, g in rest:
+                    acc.add_(g[k], alpha=w)
+        return out, factor
+
+    @staticmethod
+    def sq_norm(grads: Sequence[torch.Tensor]) -> float:
+        """Sum of squares of ``grads``, accumulated in float64."""
+        return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+
+    def apply(self, grads: Sequence[torch.Tensor], multiplier: float = 1.0) -> None:
+        """One optimizer step with ``grads * multiplier`` at the schedule's learning rate.
+
+        The kernels overwrite ``grads`` with the multiplied values.
+        """
+        lr = self.optimizer.lr_at(self.version)
+        scale = None if multiplier == 1.0 else torch.tensor(1.0 / multiplier)
+        d = self.n_decay
+        for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, len(self.chunks), 0.0)):
+            if lo == hi:
+                continue
+            self.rule.step(
+                self.views[lo:hi],
+                list(grads[lo:hi]),
+                {k: v[lo:hi] for k, v in self.state_views.items()},
+                self.steps[lo:hi],
+                lr=lr,
+                weight_decay=wd,
+                grad_scale=scale,
+            )
+        self.version += 1
