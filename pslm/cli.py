@@ -1,0 +1,264 @@
+"""The ``pslm`` command line: parse, build a config, call one function.
+
+Role commands read ``PSLM_*`` environment variables for any flag not given (like ps-lite's
+``DMLC_*``): PSLM_SCHEDULER, PSLM_BIND, PSLM_ADVERTISE, PSLM_RANK, PSLM_TIMEOUT,
+PSLM_NUM_WORKERS, PSLM_NUM_SERVERS, PSLM_RUN_DIR, PSLM_HEARTBEAT_INTERVAL,
+PSLM_HEARTBEAT_TIMEOUT, PSLM_THREADS, PSLM_WORKER_ARGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pslm.errors import ConfigError, PSLMError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except PSLMError as exc:
+        print(f"pslm: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pslm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(text.splitlines()) <= 1 else f"{first} (more above)"
+
+
+def _env(name: str, kind: Callable[[str], Any], default: Any) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pslm",
+        description="Train GPT-style language models on a parameter server.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("scheduler", help="run the scheduler of a cluster")
+    s.add_argument(
+        "--num-workers",
+        type=int,
+        default=_env("PSLM_NUM_WORKERS", int, None),
+        help="workers to wait for [PSLM_NUM_WORKERS]",
+    )
+    s.add_argument(
+        "--num-servers",
+        type=int,
+        default=_env("PSLM_NUM_SERVERS", int, None),
+        help="servers to wait for [PSLM_NUM_SERVERS]",
+    )
+    s.add_argument(
+        "--bind",
+        default=_env("PSLM_BIND", str, "tcp://127.0.0.1:9000"),
+        help="address to listen on [PSLM_BIND, default tcp://127.0.0.1:9000]",
+    )
+    s.add_argument(
+        "--run-dir",
+        default=_env("PSLM_RUN_DIR", str, None),
+        help="keep cluster.json here [PSLM_RUN_DIR]",
+    )
+    s.add_argument("--address-file", help="write the bound address to this file")
+    _heartbeat_args(s)
+    s.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for every node to register",
+    )
+    s.set_defaults(func=_scheduler)
+
+    s = sub.add_parser("server", help="run one parameter server")
+    _scheduler_arg(s)
+    s.add_argument(
+        "--bind",
+        default=_env("PSLM_BIND", str, "tcp://127.0.0.1:*"),
+        help="address to listen on; port * picks a free one [PSLM_BIND]",
+    )
+    s.add_argument(
+        "--advertise",
+        default=_env("PSLM_ADVERTISE", str, ""),
+        help="host or host:port that others use to reach this server "
+        "[PSLM_ADVERTISE, default: the bound address]",
+    )
+    _rank_timeout_args(s, timeout=30.0)
+    s.set_defaults(func=_server)
+
+    s = sub.add_parser("run-worker", help="run a Python function as a worker of a cluster")
+    s.add_argument(
+        "target",
+        metavar="MODULE:FUNCTION",
+        help="called as FUNCTION(client, **args) with a connected PSClient",
+    )
+    _scheduler_arg(s)
+    _rank_timeout_args(s, timeout=60.0)
+    s.add_argument(
+        "--args",
+        default=_env("PSLM_WORKER_ARGS", str, "{}"),
+        help="keyword arguments as a JSON object [PSLM_WORKER_ARGS]",
+    )
+    s.set_defaults(func=_run_worker)
+
+    s = sub.add_parser("demo", help="train a small MLP on a local parameter-server cluster")
+    s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    s.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
+    s.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    s.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
+    s.add_argument("name", choices=["transport", "ps"], help="which benchmark")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
+    s.set_defaults(func=_bench)
+    return p
+
+
+def _scheduler_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler",
+        default=_env("PSLM_SCHEDULER", str, None),
+        help="scheduler address host:port [PSLM_SCHEDULER]",
+    )
+
+
+def _rank_timeout_args(p: argparse.ArgumentParser, *, timeout: float) -> None:
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=_env("PSLM_RANK", int, -1),
+        help="requested rank; -1 lets the scheduler choose [PSLM_RANK]",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=_env("PSLM_TIMEOUT", float, timeout),
+        help=f"request timeout in seconds [PSLM_TIMEOUT, default {timeout:g}]",
+    )
+
+
+def _heartbeat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=_env("PSLM_HEARTBEAT_INTERVAL", float, 1.0),
+        help="seconds between heartbeats [PSLM_HEARTBEAT_INTERVAL, default 1]",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=_env("PSLM_HEARTBEAT_TIMEOUT", float, 5.0),
+        help="seconds of silence before a node is dead [PSLM_HEARTBEAT_TIMEOUT, default 5]",
+    )
+
+
+def _role_setup(role: str, *, threads: bool = True) -> None:
+    from pslm.ps.launch import supervise_self
+    from pslm.wire.transport import tune_allocator
+
+    supervise_self()
+    tune_allocator()
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {role} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    n = _env("PSLM_THREADS", int, None)
+    if threads and n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _require(value: Any, flag: str, env: str) -> Any:
+    if value is None:
+        raise ConfigError(f"{flag} is required (or set {env})")
+    return value
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from pslm.ps.scheduler import Scheduler, SchedulerConfig
+
+    cfg = SchedulerConfig(
+        num_workers=_require(args.num_workers, "--num-workers", "PSLM_NUM_WORKERS"),
+        num_servers=_require(args.num_servers, "--num-servers", "PSLM_NUM_SERVERS"),
+        bind=args.bind,
+        run_dir=args.run_dir,
+        address_file=args.address_file,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        startup_timeout=args.startup_timeout,
+    )
+    _role_setup("scheduler", threads=False)
+    return Scheduler(cfg).run()
+
+
+def _server(args: argparse.Namespace) -> int:
+    from pslm.ps.server import Server, ServerConfig
+
+    cfg = ServerConfig(
+        scheduler=_require(args.scheduler, "--scheduler", "PSLM_SCHEDULER"),
+        bind=args.bind,
+        advertise=args.advertise,
+        rank=args.rank,
+        timeout=args.timeout,
+    )
+    _role_setup("server")
+    return Server(cfg).run()
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from pslm.ps.client import ClientConfig
+    from pslm.ps.launch import run_worker
+
+    try:
+        kwargs = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--args is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--args must be a JSON object")
+    cfg = ClientConfig(
+        scheduler=_require(args.scheduler, "--scheduler", "PSLM_SCHEDULER"),
+        rank=args.rank,
+        timeout=args.timeout,
+    )
+    _role_setup("worker")
+    run_worker(args.target, cfg, kwargs)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pslm.demo import run_demo
+
+    return run_demo(
+        workers=args.workers, servers=args.servers, steps=args.steps, run_dir=args.run_dir
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pslm.bench import run_bench
+
+    return run_bench(args.name, as_json=args.json, quick=args.quick)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

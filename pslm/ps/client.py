@@ -1,0 +1,351 @@
+"""The worker side of the parameter server: init, push, pull, wait (ps-lite's KVWorker).
+
+    with PSClient(ClientConfig(scheduler="tcp://127.0.0.1:9000")) as ps:
+        params = dict(model.named_parameters())
+        ps.init({n: p.data for n, p in params.items()}, OptimizerConfig(name="adamw", lr=1e-3))
+        for step in range(steps):
+            loss = model(batch(step)).backward()
+            grads = {n: p.grad for n, p in params.items()}
+            ps.wait(ps.push_pull(grads, {n: p.data for n, p in params.items()}, clock=step))
+
+``push``, ``pull`` and ``push_pull`` return a timestamp at once; ``wait(ts)`` blocks until that
+request is complete (every call has a timeout and raises ``RequestTimeout`` when it expires).
+Each sends one message per server per call, carrying all of that server's chunks.
+
+A PSClient is not thread-safe: use it from the thread that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import NamedTuple
+
+import torch
+
+from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.ps.control import Heartbeat, Membership, register
+from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
+from pslm.ps.optim import OptimizerConfig
+from pslm.wire.message import Message
+from pslm.wire.transport import Channel, tcp_address, tune_allocator
+
+log = logging.getLogger("pslm.client")
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(kw_only=True, slots=True)
+class ClientConfig:
+    """Settings of a worker's client."""
+
+    scheduler: str
+    """Address of the scheduler (host:port or tcp://host:port)."""
+    rank: int = -1
+    """Requested worker rank; -1 lets the scheduler choose."""
+    timeout: float = 60.0
+    """Seconds a request may wait for its reply (a BSP pull waits for the slowest worker)."""
+    register_timeout: float = 120.0
+    """Seconds to wait for the whole cluster to register."""
+    tune_allocator: bool = True
+    """Let glibc keep and reuse freed memory, which doubles large pull throughput
+    (``pslm.wire.transport.tune_allocator``); process-wide."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.scheduler = tcp_address(self.scheduler)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.timeout <= 0 or self.register_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+
+class _Slot(NamedTuple):
+    """Where one chunk lives in the caller's tensors."""
+
+    key: int
+    name: str
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class _Request:
+    ids: dict[int, int]  # request id -> server rank
+    slots: dict[int, list[_Slot]]  # server rank -> where each reply tensor goes
+    out: Mapping[str, torch.Tensor] | None
+
+
+class PSClient:
+    """A worker's connection to a pslm cluster.
+
+    Creating one registers with the scheduler and blocks until the whole cluster has
+    registered (at most ``register_timeout``).
+    """
+
+    def __init__(self, cfg: ClientConfig):
+        self.cfg = cfg
+        if cfg.tune_allocator:
+            tune_allocator()
+        self.channel = Channel(timeout=cfg.timeout)
+        self.channel.connect("scheduler", cfg.scheduler)
+        try:
+            self.me: Membership = register(
+                self.channel,
+                role="worker",
+                rank=cfg.rank,
+                address="",
+                timeout=cfg.register_timeout,
+            )
+        except BaseException:
+            self.channel.close()
+            raise
+        for r, addr in enumerate(self.me.servers):
+            self.channel.connect(f"server-{r}", addr)
+        self.heartbeat = Heartbeat(
+            cfg.scheduler,
+            self.me.node_id,
+            self.me.heartbeat_interval,
+            lost_after=2 * self.me.heartbeat_timeout,
+        )
+        self.heartbeat.start()
+        self.keyspace: KeySpace | None = None
+        self._layout: list[list[_Slot]] = []
+        self._requests: dict[int, _Request] = {}
+        self._next_ts = 1
+        self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self.me.rank
+
+    @property
+    def num_workers(self) -> int:
+        return self.me.num_workers
+
+    @property
+    def num_servers(self) -> int:
+        return self.me.num_servers
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def init(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        optimizer: OptimizerConfig,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        decay_1d: bool = False,
+    ) -> None:
+        """Declare the parameters and give the servers their initial values and optimizer.
+
+        Every worker calls it with tensors of the same names and shapes, in the same order;
+        worker 0's values become the parameters, and on return every worker's ``tensors`` hold
+        them. Blocks until all workers have called it.
+        """
+        ks = KeySpace.build(
+            ((n, t.shape) for n, t in tensors.items()),
+            self.num_servers,
+            chunk_bytes=chunk_bytes,
+            decay_1d=decay_1d,
+        )
+        self._check_alive()
+        self.channel.request(
+            "scheduler",
+            Message("declare", body={"node": self.me.node_id, "keyspace": ks.to_dict()}),
+        )
+        self.keyspace = ks
+        self._layout = [
+            [_Slot(c.key, ks.tensors[c.tensor].name, c.offset, c.length) for c in ks.shard(s)]
+            for s in range(self.num_servers)
+        ]
+        if self.rank == 0:
+            self._check(tensors, "init", full=True)
+            body = {"worker": 0, "keyspace": ks.to_dict(), "optimizer": optimizer.to_dict()}
+            ids = [
+                self.channel.send(
+                    f"server-{s}",
+                    Message("init", body=body, tensors=self._slices(tensors, s)),
+                )
+                for s in range(self.num_servers)
+            ]
+            self.channel.wait(ids)
+        self.barrier("pslm.init")
+        if self.rank != 0:
+            self.wait(self.pull(tensors, version=0))
+
+    def barrier(self, name: str = "") -> None:
+        """Block until every worker has reached the barrier ``name``."""
+        self._check_alive()
+        self.channel.request(
+            "scheduler",
+            Message("barrier", body={"node": self.me.node_id, "name": name, "group": "workers"}),
+        )
+
+    # --- data -------------------------------------------------------------------------------
+
+    def push(self, grads: Mapping[str, torch.Tensor], clock: int, *, weight: float = 1.0) -> int:
+        """Send gradients for ``clock`` to every server; returns a timestamp for ``wait``.
+
+        Returns without waiting; the gradient tensors must not be modified until ``wait``
+        returns. ``weight`` (e.g. this worker's number of samples) weights the mean across
+        workers. Needs every tensor given to ``init``.
+        """
+        return self._push(grads, clock, weight, out=None)
+
+    def pull(self, out: Mapping[str, torch.Tensor], *, version: int = 0) -> int:
+        """Fetch parameters into ``out`` once the servers reach ``version``; returns a timestamp.
+
+        Returns without waiting; ``out`` is filled by ``wait``. ``out`` may hold any subset of
+        the tensors given to ``init`` (contiguous, any float dtype and device).
+        """
+        self._check(out, "pull", full=False)
+        ids: dict[int, int] = {}
+        slots: dict[int, list[_Slot]] = {}
+        for s in range(self.num_servers):
+            mine = [slot for slot in self._layout[s] if slot.name in out]
+            if not mine:
+                continue
+            keys = None if len(mine) == len(self._layout[s]) else [slot.key for slot in mine]
+            body = {"worker": self.rank, "min_version": version, "keys": keys}
+            ids[self.channel.send(f"server-{s}", Message("pull", body=body))] = s
+            slots[s] = mine
+        return self._track(_Request(ids, slots, out))
+
+    def push_pull(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        out: Mapping[str, torch.Tensor],
+        clock: int,
+        *,
+        weight: float = 1.0,
+    ) -> int:
+        """``push`` for ``clock``, and get back the parameters after that update, in one
+        exchange per server. ``out`` must hold every tensor; it is filled by ``wait``."""
+        self._check(out, "push_pull", full=True)
+        return self._push(grads, clock, weight, out=out)
+
+    def wait(self, ts: int, timeout: float | None = None) -> int:
+        """Block until request ``ts`` is complete; return the servers' (lowest) version.
+
+        Raises RequestTimeout after ``timeout`` seconds (default: the client's), RefusedError
+        if a server refused the request.
+        """
+        req = self._requests.pop(ts)
+        out = req.out
+
+        def scatter(rid: int, reply: Message) -> None:  # as each server's reply arrives
+            if out is not None:
+                self._scatter(reply, req.slots[req.ids[rid]], out)
+
+        replies = self.channel.wait(req.ids, timeout, on_reply=scatter)
+        return min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
+
+    # --- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tell the scheduler this worker is done (blocks until every worker is) and disconnect.
+
+        The servers shut down once every worker has closed.
+        """
+        if self._closed:
+            return
+        try:
+            self.channel.request("scheduler", Message("finalize", body={"node": self.me.node_id}))
+        finally:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        self._closed = True
+        self.heartbeat.close()
+        self.channel.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:  # a failed worker does not finalize: the job is not complete
+            self._disconnect()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _push(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        clock: int,
+        weight: float,
+        out: Mapping[str, torch.Tensor] | None,
+    ) -> int:
+        self._check(grads, "push", full=True)
+        if not weight > 0:
+            raise ConfigError(f"push weight must be positive, got {weight}")
+        body = {
+            "worker": self.rank,
+            "clock": clock,
+            "weight": float(weight),
+            "reply_params": out is not None,
+        }
+        ids = {
+            self.channel.send(
+                f"server-{s}", Message("push", body=body, tensors=self._slices(grads, s))
+            ): s
+            for s in range(self.num_servers)
+        }
+        return self._track(_Request(ids, {s: self._layout[s] for s in ids.values()}, out))
+
+    def _track(self, req: _Request) -> int:
+        ts = self._next_ts
+        self._next_ts += 1
+        self._requests[ts] = req
+        return ts
+
+    def _slices(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+        flat = {n: t.reshape(-1) for n, t in tensors.items()}
+        return [flat[s.name][s.offset : s.offset + s.length] for s in self._layout[server]]
+
+    @staticmethod
+    def _scatter(reply: Message, slots: list[_Slot], out: Mapping[str, torch.Tensor]) -> None:
+        if len(reply.tensors) != len(slots):
+            raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {len(slots)}")
+        for t, s in zip(reply.tensors, slots, strict=True):
+            if t.numel() != s.length:
+                raise ProtocolError(
+                    f"reply tensor for {s.name!r} has {t.numel()} elements, not {s.length}"
+                )
+            out[s.name].view(-1)[s.offset : s.offset + s.length].copy_(t)
+
+    def _check(self, tensors: Mapping[str, torch.Tensor], what: str, *, full: bool) -> None:
+        self._check_alive()
+        ks = self.keyspace
+        if ks is None and what != "init":
+            raise ClusterError(f"{what} before init: call init first")
+        if ks is None:
+            return
+        if full and (missing := [t.name for t in ks.tensors if t.name not in tensors]):
+            raise ConfigError(f"{what}: missing tensors {missing[:5]}")
+        for name, t in tensors.items():
+            if name not in ks.index:
+                raise ConfigError(f"{what}: {name!r} is not a tensor given to init")
+            spec = ks.tensors[ks.index[name]]
+            if tuple(t.shape) != spec.shape:
+                raise ConfigError(
+                    f"{what}: {name!r} has shape {list(t.shape)}, expected {list(spec.shape)}"
+                )
+            if t.dtype not in FLOAT_DTYPES:
+                raise ConfigError(f"{what}: {name!r} has dtype {t.dtype}; need fp32, fp16 or bf16")
+            if what != "pull" and t.device.type != "cpu":
+                raise ConfigError(f"{what}: {name!r} is on {t.device}; send CPU tensors")
+            if what != "push" and not t.is_contiguous():
+                raise ConfigError(f"{what}: {name!r} is not contiguous")
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise ClusterError("this client is closed")
+        if self.heartbeat.lost.is_set():
+            raise ClusterError(f"lost contact with the scheduler at {self.cfg.scheduler}")

@@ -1,0 +1,118 @@
+"""A node's side of the control plane: registering with the scheduler and heartbeats.
+
+channel = Channel(timeout=30.0)
+channel.connect("scheduler", "tcp://127.0.0.1:9000")
+me = register(channel, role="worker", rank=-1, address="", timeout=120.0)
+beat = Heartbeat("tcp://127.0.0.1:9000", me.node_id, me.heartbeat_interval,
+                 lost_after=2 * me.heartbeat_timeout)
+beat.start()
+...
+if beat.lost.is_set(): ...       # the scheduler stopped answering
+beat.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from pslm.errors import ProtocolError, PSLMError
+from pslm.wire.message import Message
+from pslm.wire.transport import Channel
+
+log = logging.getLogger("pslm.control")
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What the scheduler told a node when the cluster was complete."""
+
+    node_id: str
+    rank: int
+    num_workers: int
+    num_servers: int
+    servers: tuple[str, ...]
+    """Server addresses, by rank."""
+    heartbeat_interval: float
+    heartbeat_timeout: float
+
+
+def register(channel: Channel, *, role: str, rank: int, address: str, timeout: float) -> Membership:
+    """Register with the scheduler reached as ``"scheduler"`` on ``channel``.
+
+    Blocks until the whole cluster has registered, at most ``timeout`` seconds (then
+    RequestTimeout). ``rank`` -1 lets the scheduler choose.
+    """
+    body = {
+        "role": role,
+        "rank": rank,
+        "address": address,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+    reply = channel.request("scheduler", Message("register", body=body), timeout)
+    try:
+        b = reply.body
+        return Membership(
+            node_id=str(b["id"]),
+            rank=int(b["rank"]),
+            num_workers=int(b["num_workers"]),
+            num_servers=int(b["num_servers"]),
+            servers=tuple(str(a) for a in b["servers"]),
+            heartbeat_interval=float(b["heartbeat_interval"]),
+            heartbeat_timeout=float(b["heartbeat_timeout"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed register reply from the scheduler: {exc!r}") from None
+
+
+class Heartbeat(threading.Thread):
+    """Sends a heartbeat every ``interval`` seconds from a thread with its own socket.
+
+    ``lost`` is set once the scheduler has not answered for ``lost_after`` seconds;
+    ``stop_requested`` once the scheduler says the cluster is shutting down.
+    Thread-safe: the events may be read from any thread.
+    """
+
+    def __init__(self, scheduler: str, node_id: str, interval: float, *, lost_after: float):
+        super().__init__(name=f"heartbeat-{node_id}", daemon=True)
+        self.scheduler = scheduler
+        self.node_id = node_id
+        self.interval = interval
+        self.lost_after = lost_after
+        self.lost = threading.Event()
+        self.stop_requested = threading.Event()
+        self._quit = threading.Event()
+
+    def run(self) -> None:
+        channel = Channel(timeout=self.interval)
+        channel.connect("scheduler", self.scheduler)
+        last_ack = time.monotonic()
+        try:
+            while not self._quit.is_set():
+                started = time.monotonic()
+                try:
+                    reply = channel.request(
+                        "scheduler", Message("heartbeat", body={"node": self.node_id})
+                    )
+                    last_ack = time.monotonic()
+                    self.lost.clear()
+                    if reply.body.get("stop"):
+                        self.stop_requested.set()
+                except PSLMError as exc:
+                    if time.monotonic() - last_ack > self.lost_after and not self.lost.is_set():
+                        log.error("scheduler silent for %.1f s: %s", self.lost_after, exc)
+                        self.lost.set()
+                self._quit.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        """Stop sending heartbeats; returns once the thread has ended."""
+        self._quit.set()
+        if self.is_alive():
+            self.join(timeout=self.interval + 1.0)

@@ -1,0 +1,323 @@
+"""Local launcher: a scheduler, S servers and W workers as child processes on 127.0.0.1.
+
+    cfg = LaunchConfig(num_servers=2, num_workers=2, worker="mypkg.train:main",
+                       worker_args={"steps": 20}, run_dir="runs/demo")
+    with LocalCluster(cfg) as cluster:
+        cluster.wait()            # returns when every worker exited 0; LaunchError otherwise
+
+Each worker process calls ``worker(client, **worker_args)`` with a connected ``PSClient``.
+With ``worker=None`` no worker processes start: the caller connects its own clients to
+``cluster.scheduler_address``.
+
+Children log to ``run_dir/logs/<role>-<rank>.log``. They run in their own process groups, so a
+Ctrl-C at the terminal reaches only the launcher, which then stops them; and they ask the
+kernel to kill them if the launcher dies (PR_SET_PDEATHSIG), so no process outlives it, even
+after ``kill -9``. Leaving the ``with`` block always stops every child: SIGTERM, then SIGKILL
+after ``stop_timeout``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from pslm.errors import ConfigError, LaunchError
+
+if TYPE_CHECKING:
+    from pslm.ps.client import ClientConfig
+
+log = logging.getLogger("pslm.launch")
+
+PARENT_ENV = "PSLM_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class LaunchConfig:
+    """What the local launcher starts."""
+
+    num_servers: int = 2
+    """Server processes."""
+    num_workers: int = 2
+    """Workers in the cluster (processes, unless ``worker`` is None)."""
+    worker: str | None = None
+    """``module:function`` each worker process runs as ``function(client, **worker_args)``."""
+    worker_args: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable keyword arguments for ``worker``."""
+    run_dir: str = "runs/local"
+    """Where ``cluster.json`` and the logs go."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats."""
+    heartbeat_timeout: float = 5.0
+    """Seconds of silence before a node is declared dead."""
+    timeout: float = 60.0
+    """Request timeout of servers and workers, in seconds."""
+    threads_per_worker: int = 1
+    """Intra-op threads of each worker and server (one per process is fastest on CPU)."""
+    start_timeout: float = 60.0
+    """Seconds to wait for the scheduler to come up."""
+    stop_timeout: float = 5.0
+    """Seconds between SIGTERM and SIGKILL when stopping children."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every child."""
+
+    def __post_init__(self) -> None:
+        if self.num_servers < 1 or self.num_workers < 1:
+            raise ConfigError("need at least one server and one worker")
+        if self.worker is not None and ":" not in self.worker:
+            raise ConfigError(f"worker must be 'module:function', got {self.worker!r}")
+        try:
+            json.dumps(self.worker_args)
+        except TypeError as exc:
+            raise ConfigError(f"worker_args must be JSON-serialisable: {exc}") from None
+        if self.threads_per_worker < 1:
+            raise ConfigError("threads_per_worker must be >= 1")
+
+
+@dataclass(slots=True)
+class Child:
+    role: str
+    rank: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.rank}" if self.role != "scheduler" else "scheduler"
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+class LocalCluster:
+    """Starts and supervises a local cluster; see the module docstring."""
+
+    def __init__(self, cfg: LaunchConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.children: list[Child] = []
+        self.scheduler_address = ""
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.children]
+
+    def start(self) -> None:
+        """Start the scheduler, then the servers and the worker processes."""
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        addr_file = self.run_dir / "scheduler.addr"
+        addr_file.unlink(missing_ok=True)
+        cfg = self.cfg
+        sched = self._spawn(
+            "scheduler",
+            0,
+            [
+                "scheduler",
+                "--num-workers",
+                str(cfg.num_workers),
+                "--num-servers",
+                str(cfg.num_servers),
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--run-dir",
+                str(self.run_dir),
+                "--address-file",
+                str(addr_file),
+                "--heartbeat-interval",
+                str(cfg.heartbeat_interval),
+                "--heartbeat-timeout",
+                str(cfg.heartbeat_timeout),
+            ],
+        )
+        self.scheduler_address = self._await_address(sched, addr_file)
+        for r in range(cfg.num_servers):
+            self._spawn(
+                "server",
+                r,
+                [
+                    "server",
+                    "--scheduler",
+                    self.scheduler_address,
+                    "--rank",
+                    str(r),
+                    "--bind",
+                    "tcp://127.0.0.1:*",
+                    "--timeout",
+                    str(cfg.timeout),
+                ],
+            )
+        if cfg.worker is not None:
+            for r in range(cfg.num_workers):
+                self._spawn(
+                    "worker",
+                    r,
+                    ["run-worker", cfg.worker],
+                    env={
+                        "PSLM_SCHEDULER": self.scheduler_address,
+                        "PSLM_RANK": str(r),
+                        "PSLM_TIMEOUT": str(cfg.timeout),
+                        "PSLM_WORKER_ARGS": json.dumps(cfg.worker_args),
+                    },
+                )
+
+    def poll(self) -> bool:
+        """True once the job is done: every worker process exited 0 (without worker processes:
+        the scheduler exited). Raises LaunchError, after stopping everything, if a child failed.
+        """
+        self._check_children()
+        return all(c.proc.poll() is not None for c in self._job())
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the job is done and the cluster has shut itself down.
+
+        Raises LaunchError (with the tail of the child's log) as soon as any child fails, and
+        after ``timeout`` seconds if given.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"the cluster did not finish within {timeout:g} s")
+            running = next(c for c in self._job() if c.proc.poll() is None)
+            with suppress(subprocess.TimeoutExpired):
+                running.proc.wait(0.1)
+        grace = time.monotonic() + self.cfg.heartbeat_timeout + 10.0
+        for c in self.children:  # the scheduler stops the servers once the workers finalized
+            with suppress(subprocess.TimeoutExpired):
+                c.proc.wait(max(0.0, grace - time.monotonic()))
+            if c.proc.poll() is None:
+                log.warning("%s did not exit after the job; stopping it", c.name)
+        self._check_children()
+
+    def stop(self) -> None:
+        """Stop every child still running: SIGTERM, then SIGKILL after ``stop_timeout``."""
+        alive = [c for c in self.children if c.proc.poll() is None]
+        for c in alive:
+            with suppress(ProcessLookupError):
+                c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.stop_timeout
+        for c in alive:
+            try:
+                c.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    c.proc.kill()
+                c.proc.wait()
+
+    def _check_children(self) -> None:
+        for c in self.children:
+            code = c.proc.poll()
+            if code is not None and code != 0:
+                self.stop()
+                raise LaunchError(
+                    f"{c.name} (pid {c.proc.pid}) exited with code {code}; "
+                    f"log {c.log_path}:\n{c.tail()}"
+                )
+
+    def _job(self) -> list[Child]:
+        workers = [c for c in self.children if c.role == "worker"]
+        return workers or [c for c in self.children if c.role == "scheduler"]
+
+    def _spawn(
+        self, role: str, rank: int, args: list[str], env: dict[str, str] | None = None
+    ) -> Child:
+        log_path = (
+            self.run_dir
+            / "logs"
+            / (f"{role}-{rank}.log" if role != "scheduler" else "scheduler.log")
+        )
+        child_env = {
+            **os.environ,
+            **_thread_env(self.cfg.threads_per_worker),
+            **self.cfg.env,
+            **(env or {}),
+            PARENT_ENV: str(os.getpid()),
+        }
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pslm", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                process_group=0,
+            )
+        child = Child(role, rank, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _await_address(self, sched: Child, addr_file: Path) -> str:
+        deadline = time.monotonic() + self.cfg.start_timeout
+        while not addr_file.exists():
+            if sched.proc.poll() is not None:
+                raise LaunchError(
+                    f"the scheduler exited with code {sched.proc.returncode}:\n{sched.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the scheduler did not start within {self.cfg.start_timeout} s")
+            with suppress(subprocess.TimeoutExpired):
+                sched.proc.wait(0.05)
+        return addr_file.read_text().strip()
+
+
+def _thread_env(n: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "PSLM_THREADS": str(n)}
+
+
+def supervise_self() -> None:
+    """In a child of the launcher: die with the launcher, whatever kills it.
+
+    Called first thing by every pslm role command. A no-op unless started by a launcher.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def run_worker(target: str, client_cfg: ClientConfig, args: dict[str, Any]) -> None:
+    """Connect a PSClient and call ``target`` ("module:function") as ``function(client, **args)``.
+
+    The client finalizes when the function returns, and only then.
+    """
+    from pslm.ps.client import PSClient  # here: the launcher itself needs no torch
+
+    module_name, _, func_name = target.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load worker function {target!r}: {exc}") from None
+    with PSClient(client_cfg) as client:
+        func(client, **args)

@@ -1,0 +1,411 @@
+"""The scheduler: membership, heartbeats, barriers, the key-partition table, shutdown.
+
+    cfg = SchedulerConfig(num_workers=2, num_servers=2, run_dir="runs/demo")
+    Scheduler(cfg).run()          # blocks until the cluster has shut down; returns exit code
+
+It waits until ``num_servers`` servers and ``num_workers`` workers have registered, then answers
+every registration with the node's rank and the server addresses. From then on it records
+heartbeats (a node silent for ``heartbeat_timeout`` is marked dead in ``cluster.json``; what to
+do about it is the business of fault tolerance), runs barriers, keeps the key space the workers
+declared, and shuts the servers down once every worker has finalized. Ops: ``protocol``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.ps import protocol
+from pslm.ps.keyspace import KeySpace
+from pslm.wire.message import Message
+from pslm.wire.transport import Listener, Poller, tcp_address
+
+log = logging.getLogger("pslm.scheduler")
+
+
+@dataclass(kw_only=True, slots=True)
+class SchedulerConfig:
+    """Settings of the scheduler process."""
+
+    num_workers: int
+    """Workers the cluster waits for before it starts."""
+    num_servers: int
+    """Servers the cluster waits for before it starts."""
+    bind: str = "tcp://127.0.0.1:*"
+    """Address to listen on (``*`` as port: any free port)."""
+    run_dir: str | None = None
+    """If set, ``cluster.json`` is kept up to date here."""
+    address_file: str | None = None
+    """If set, the bound address is written here once listening (for launchers)."""
+    heartbeat_interval: float = 1.0
+    """Seconds between a node's heartbeats."""
+    heartbeat_timeout: float = 5.0
+    """Seconds of silence after which a node is declared dead."""
+    startup_timeout: float = 120.0
+    """Seconds to wait for the whole cluster to register."""
+    shutdown_timeout: float = 10.0
+    """Seconds to wait for servers to leave after being told to shut down."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1 or self.num_servers < 1:
+            raise ConfigError("a cluster needs at least one worker and one server")
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if self.startup_timeout <= 0 or self.shutdown_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+        try:
+            self.bind = tcp_address(self.bind)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    role: str
+    requested_rank: int
+    address: str
+    pid: int
+    host: str
+    peer: bytes
+    rank: int = -1
+    state: str = "registering"
+    last_seen: float = field(default_factory=time.monotonic)
+    last_heartbeat: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return f"{self.role}-{self.rank}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "rank": self.rank,
+            "address": self.address,
+            "pid": self.pid,
+            "host": self.host,
+            "state": self.state,
+            "last_heartbeat": round(self.last_heartbeat, 3),
+        }
+
+
+@dataclass(slots=True)
+class Barrier:
+    group: str
+    waiting: dict[str, Message] = field(default_factory=dict)  # node id -> request
+    peers: dict[str, bytes] = field(default_factory=dict)
+
+
+class Scheduler:
+    """The scheduler's state and request loop. Single-threaded."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.listener = Listener(cfg.bind)
+        self.address = self.listener.address
+        self.nodes: dict[str, NodeRecord] = {}  # by node id once ranked
+        self.joining: list[tuple[NodeRecord, Message]] = []
+        self.barriers: dict[str, Barrier] = {}
+        self.finalizing: dict[str, tuple[bytes, Message]] = {}
+        self.keyspace: KeySpace | None = None
+        self.declared_by = ""
+        self.started = time.monotonic()
+        self.complete = False
+        self.stopping_since: float | None = None
+        self.exit_code = 0
+        if cfg.address_file:
+            _write_atomic(Path(cfg.address_file), self.address)
+        self._write_cluster()
+        log.info("scheduler listening on %s", self.address)
+
+    def run(self) -> int:
+        """Serve until the cluster has shut down; return the process exit code."""
+        poller = Poller(self.listener)
+        handlers = {
+            "register": self._register,
+            "heartbeat": self._heartbeat,
+            "barrier": self._barrier,
+            "declare": self._declare,
+            "keyspace": self._keyspace,
+            "finalize": self._finalize,
+            "leave": self._leave,
+            "shutdown": self._shutdown,
+            "status": self._status,
+        }
+        try:
+            while not self._done():
+                for _ in poller.poll(min(0.2, self.cfg.heartbeat_interval)):
+                    self._serve_one(handlers)
+                self._check_health()
+        finally:
+            self._write_cluster()
+            self.listener.close()
+        return self.exit_code
+
+    def _serve_one(self, handlers: dict[str, Any]) -> None:
+        try:
+            peer, msg = self.listener.recv()
+        except ProtocolError as exc:
+            log.warning("bad message: %s", exc)
+            if exc.sender is not None and exc.request_id is not None:
+                self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
+            return
+        handler = handlers.get(msg.op)
+        if handler is None:
+            self.listener.send(peer, protocol.error(msg, "unknown_op", f"unknown op {msg.op!r}"))
+            return
+        try:
+            reply = handler(peer, msg)
+        except (ProtocolError, ConfigError, ClusterError) as exc:
+            reply = protocol.error(msg, getattr(exc, "code", "refused"), str(exc))
+        if reply is not None:
+            self.listener.send(peer, reply)
+
+    # --- membership -------------------------------------------------------------------------
+
+    def _register(self, peer: bytes, msg: Message) -> Message | None:
+        role = protocol.field(msg, "role", str)
+        if role not in protocol.ROLES:
+            raise ProtocolError(f"register: role must be one of {protocol.ROLES}, got {role!r}")
+        if self.complete:
+            raise ClusterError(
+                f"the cluster is complete ({self.cfg.num_servers} servers, "
+                f"{self.cfg.num_workers} workers); a {role} cannot join it"
+            )
+        node = NodeRecord(
+            role=role,
+            requested_rank=protocol.field(msg, "rank", int, -1),
+            address=protocol.field(msg, "address", str, ""),
+            pid=protocol.field(msg, "pid", int, 0),
+            host=protocol.field(msg, "host", str, ""),
+            peer=peer,
+        )
+        limit = self._size(role)
+        if not -1 <= node.requested_rank < limit:
+            raise ClusterError(f"{role} rank {node.requested_rank} is out of range [0, {limit})")
+        if role == "server":
+            try:
+                tcp_address(node.address)
+            except ValueError as exc:
+                raise ProtocolError(f"register: {exc}") from None
+        taken = [n for n, _ in self.joining if n.role == role]
+        if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
+            raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
+        if len(taken) >= limit:
+            raise ClusterError(f"already {limit} {role}s registered")
+        self.joining.append((node, msg))
+        log.info("%s registered from %s (%d/%d)", role, node.host, len(taken) + 1, limit)
+        if len(self.joining) == self.cfg.num_servers + self.cfg.num_workers:
+            self._start_cluster()
+        return None  # answered when the cluster is complete
+
+    def _size(self, role: str) -> int:
+        return self.cfg.num_servers if role == "server" else self.cfg.num_workers
+
+    def _start_cluster(self) -> None:
+        for role in protocol.ROLES:
+            members = [n for n, _ in self.joining if n.role == role]
+            free = sorted(set(range(self._size(role))) - {n.requested_rank for n in members})
+            for n in members:
+                n.rank = n.requested_rank if n.requested_rank >= 0 else free.pop(0)
+        servers = sorted((n for n, _ in self.joining if n.role == "server"), key=lambda n: n.rank)
+        for node, msg in self.joining:
+            node.state = "alive"
+            node.last_seen = time.monotonic()
+            self.nodes[node.id] = node
+            self.listener.send(
+                node.peer,
+                msg.reply(
+                    id=node.id,
+                    rank=node.rank,
+                    num_workers=self.cfg.num_workers,
+                    num_servers=self.cfg.num_servers,
+                    servers=[s.address for s in servers],
+                    heartbeat_interval=self.cfg.heartbeat_interval,
+                    heartbeat_timeout=self.cfg.heartbeat_timeout,
+                ),
+            )
+        self.joining = []
+        self.complete = True
+        self._write_cluster()
+        log.info("cluster complete: %s", ", ".join(sorted(self.nodes)))
+
+    def _node(self, msg: Message) -> NodeRecord:
+        node_id = protocol.field(msg, "node", str)
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise ClusterError(f"{msg.op}: unknown node {node_id!r}; register first") from None
+
+    def _heartbeat(self, peer: bytes, msg: Message) -> Message:
+        node = self._node(msg)
+        node.last_seen = time.monotonic()
+        node.last_heartbeat = time.time()
+        if node.state == "dead":
+            node.state = "alive"
+            log.warning("%s is back", node.id)
+            self._write_cluster()
+        return msg.reply(stop=self.stopping_since is not None)
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        if not self.complete and now - self.started > self.cfg.startup_timeout:
+            for node, msg in self.joining:
+                self.listener.send(
+                    node.peer,
+                    protocol.error(
+                        msg,
+                        "startup_timeout",
+                        f"the cluster did not fill within {self.cfg.startup_timeout:g} s",
+                    ),
+                )
+            self.joining = []
+            log.error("cluster did not fill within %g s; giving up", self.cfg.startup_timeout)
+            self.exit_code = 1
+            self.stopping_since = now
+            return
+        changed = False
+        for node in self.nodes.values():
+            if node.state == "alive" and now - node.last_seen > self.cfg.heartbeat_timeout:
+                node.state = "dead"
+                changed = True
+                log.warning("%s missed heartbeats for %.1f s: dead", node.id, now - node.last_seen)
+        if changed:
+            self._write_cluster()
+
+    # --- coordination -----------------------------------------------------------------------
+
+    def _barrier(self, peer: bytes, msg: Message) -> Message | None:
+        node = self._node(msg)
+        name = protocol.field(msg, "name", str)
+        group = protocol.field(msg, "group", str, "all")
+        if group not in protocol.GROUPS:
+            raise ProtocolError(f"barrier: group must be one of {protocol.GROUPS}")
+        if not self._in_group(node, group):
+            raise ClusterError(f"{node.id} is not in barrier group {group!r}")
+        barrier = self.barriers.setdefault(name, Barrier(group))
+        if barrier.group != group:
+            raise ClusterError(f"barrier {name!r} is for {barrier.group}, not {group}")
+        barrier.waiting[node.id] = msg
+        barrier.peers[node.id] = peer
+        members = [n for n in self.nodes.values() if self._in_group(n, group)]
+        if all(n.id in barrier.waiting for n in members):
+            for node_id, req in barrier.waiting.items():
+                self.listener.send(barrier.peers[node_id], req.reply())
+            del self.barriers[name]
+        return None
+
+    @staticmethod
+    def _in_group(node: NodeRecord, group: str) -> bool:
+        return group == "all" or group == node.role + "s"
+
+    def _declare(self, peer: bytes, msg: Message) -> Message:
+        node = self._node(msg)
+        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
+        if ks.num_servers != self.cfg.num_servers:
+            raise ConfigError(
+                f"key space is cut for {ks.num_servers} servers; the cluster has "
+                f"{self.cfg.num_servers}"
+            )
+        if self.keyspace is None:
+            self.keyspace, self.declared_by = ks, node.id
+            log.info("%s declared %d tensors, %d chunks", node.id, len(ks.tensors), len(ks.chunks))
+        elif ks.fingerprint() != self.keyspace.fingerprint():
+            raise ConfigError(
+                f"{node.id} declared a different model than {self.declared_by}: "
+                f"{self.keyspace.describe_difference(ks)}"
+            )
+        return msg.reply(fingerprint=ks.fingerprint())
+
+    def _keyspace(self, peer: bytes, msg: Message) -> Message:
+        if self.keyspace is None:
+            raise ClusterError("no worker has declared a model yet")
+        return msg.reply(keyspace=self.keyspace.to_dict())
+
+    def _status(self, peer: bytes, msg: Message) -> Message:
+        return msg.reply(
+            nodes=[n.to_json() for n in self.nodes.values()],
+            num_workers=self.cfg.num_workers,
+            num_servers=self.cfg.num_servers,
+            keyspace=self.keyspace.fingerprint() if self.keyspace else None,
+        )
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _finalize(self, peer: bytes, msg: Message) -> Message | None:
+        node = self._node(msg)
+        if node.role != "worker":
+            raise ClusterError("only workers finalize")
+        self.finalizing[node.id] = (peer, msg)
+        if len(self.finalizing) == self.cfg.num_workers:
+            for node_id, (p, req) in self.finalizing.items():
+                self.nodes[node_id].state = "exited"
+                self.listener.send(p, req.reply())
+            self._stop("every worker finalized")
+        return None
+
+    def _leave(self, peer: bytes, msg: Message) -> Message:
+        node = self._node(msg)
+        node.state = "exited"
+        log.info("%s left", node.id)
+        self._write_cluster()
+        return msg.reply()
+
+    def _shutdown(self, peer: bytes, msg: Message) -> Message:
+        self._stop("shutdown requested")
+        return msg.reply()
+
+    def _stop(self, why: str) -> None:
+        if self.stopping_since is not None:
+            return
+        log.info("shutting down: %s", why)
+        self.stopping_since = time.monotonic()
+        for node in self.nodes.values():
+            if node.role == "server" and node.state != "exited":
+                self.listener.send(node.peer, Message("shutdown"))
+        self._write_cluster()
+
+    def _done(self) -> bool:
+        if self.stopping_since is None:
+            return False
+        servers = [n for n in self.nodes.values() if n.role == "server"]
+        if all(n.state in ("exited", "dead") for n in servers):
+            return True
+        if time.monotonic() - self.stopping_since > self.cfg.shutdown_timeout:
+            log.warning("servers did not leave within %g s", self.cfg.shutdown_timeout)
+            return True
+        return False
+
+    def _write_cluster(self) -> None:
+        if not self.cfg.run_dir:
+            return
+        doc = {
+            "scheduler": {
+                "address": self.address,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+            },
+            "num_workers": self.cfg.num_workers,
+            "num_servers": self.cfg.num_servers,
+            "state": "stopping" if self.stopping_since is not None else "running",
+            "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
+        }
+        _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

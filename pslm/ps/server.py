@@ -1,0 +1,385 @@
+"""A server process: holds one shard, applies updates under BSP, answers pushes and pulls.
+
+    cfg = ServerConfig(scheduler="tcp://127.0.0.1:9000")
+    Server(cfg).run()        # blocks until the scheduler shuts the cluster down; exit code
+
+BSP (DESIGN.md): the update for clock c is applied once every worker's push for clock c has
+arrived: the weighted mean of the gradients (summed in worker-rank order, so runs repeat
+exactly), global-norm clipping, one optimizer step; the version becomes c + 1. A pull asking for
+``min_version`` is answered once the version reaches it.
+
+Clipping is exact across shards: each server sends its part of the squared norm of the mean
+gradient to every other server (``norm`` notices) and all of them add the parts in server-rank
+order, so every server computes the same global norm and the same factor that
+``torch.nn.utils.clip_grad_norm_`` would on the whole model.
+
+Pull replies go out without copying: they are views of the live parameter buffer. Each one is
+tracked, and an update waits until ZeroMQ has finished reading the previous replies, so a reader
+never sees a half-updated chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
+from pslm.ps import protocol
+from pslm.ps.control import Heartbeat, Membership, register
+from pslm.ps.keyspace import KeySpace
+from pslm.ps.optim import OptimizerConfig
+from pslm.ps.shard import ShardStore, clip_coef
+from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
+from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
+
+log = logging.getLogger("pslm.server")
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    """Settings of a server process."""
+
+    scheduler: str
+    """Address of the scheduler (host:port or tcp://host:port)."""
+    bind: str = "tcp://127.0.0.1:*"
+    """Address to listen on for workers and peer servers (``*``: any free port)."""
+    advertise: str = ""
+    """Address others should use to reach this server (host or host:port); default: the bound
+    address."""
+    rank: int = -1
+    """Requested server rank; -1 lets the scheduler choose."""
+    timeout: float = 30.0
+    """Seconds before a request to the scheduler times out."""
+    register_timeout: float = 120.0
+    """Seconds to wait for the whole cluster to register."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    """Largest message accepted, in bytes of tensor data."""
+
+    def __post_init__(self) -> None:
+        try:
+            self.scheduler = tcp_address(self.scheduler)
+            self.bind = tcp_address(self.bind)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.timeout <= 0 or self.register_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+
+
+@dataclass(slots=True)
+class Clock:
+    """What the server gathers for the clock it is about to apply."""
+
+    pushes: dict[int, tuple[float, list[Any]]] = field(default_factory=dict)
+    grads: list[Any] | None = None
+    factor: float = 1.0
+    """grads * factor is the mean gradient."""
+    norms: dict[int, float] = field(default_factory=dict)
+
+
+class Server:
+    """One server's state and request loop. Single-threaded (heartbeats have their own)."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.listener = Listener(cfg.bind, max_bytes=cfg.max_message_bytes)
+        self.address = _advertised(self.listener.address, cfg.advertise)
+        self.scheduler = Channel(timeout=cfg.timeout)
+        self.scheduler.connect("scheduler", cfg.scheduler)
+        self.me: Membership | None = None
+        self.peers: dict[int, Connection] = {}
+        self.store: ShardStore | None = None
+        self.clock = Clock()
+        self.future_norms: dict[int, float] = {}  # norms for version + 1, from faster peers
+        self.after_update: list[tuple[bytes, Message]] = []  # push-and-pull requests
+        self.parked: list[tuple[bytes, Message, int, list[int] | None]] = []
+        self.trackers: list[zmq.MessageTracker] = []
+        self.stopping = False
+
+    @property
+    def rank(self) -> int:
+        assert self.me is not None
+        return self.me.rank
+
+    def run(self) -> int:
+        """Register, serve until told to stop, leave. Returns the process exit code."""
+        self.me = register(
+            self.scheduler,
+            role="server",
+            rank=self.cfg.rank,
+            address=self.address,
+            timeout=self.cfg.register_timeout,
+        )
+        log.info("%s listening on %s", self.me.node_id, self.address)
+        for r, addr in enumerate(self.me.servers):
+            if r != self.me.rank:
+                self.peers[r] = Connection(addr, send_timeout=self.cfg.timeout)
+        beat = Heartbeat(
+            self.cfg.scheduler,
+            self.me.node_id,
+            self.me.heartbeat_interval,
+            lost_after=2 * self.me.heartbeat_timeout,
+        )
+        beat.start()
+        try:
+            return self._loop(beat)
+        finally:
+            beat.close()
+            self._leave()
+            for conn in self.peers.values():
+                conn.close()
+            self.scheduler.close()
+            self.listener.close()
+
+    def _loop(self, beat: Heartbeat) -> int:
+        poller = Poller(self.listener)
+        sched_socket = self.scheduler.socket("scheduler")
+        while True:
+            for _ in poller.poll(0.2):
+                self._serve_one()
+            if sched_socket.poll(0):
+                for notice in self.scheduler.drain("scheduler"):
+                    if notice.op == "shutdown":
+                        self.stopping = True
+            if self.stopping or beat.stop_requested.is_set():
+                log.info("%s shutting down", self.me.node_id if self.me else "server")
+                return 0
+            if beat.lost.is_set():
+                log.error("lost the scheduler at %s; exiting", self.cfg.scheduler)
+                return 1
+
+    def _serve_one(self) -> None:
+        try:
+            peer, msg = self.listener.recv()
+        except ProtocolError as exc:
+            log.warning("bad message: %s", exc)
+            if exc.sender is not None and exc.request_id:
+                self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
+            return
+        try:
+            self._dispatch(peer, msg)
+        except (ProtocolError, ConfigError, ClusterError) as exc:
+            self._refuse(peer, msg, getattr(exc, "code", "refused"), str(exc))
+        except Exception as exc:  # a bug must not take the shard down with it
+            log.exception("internal error on %r", msg.op)
+            self._refuse(peer, msg, "internal", f"internal server error: {exc!r}")
+
+    def _refuse(self, peer: bytes, msg: Message, code: str, text: str) -> None:
+        if msg.id:
+            self.listener.send(peer, protocol.error(msg, code, text))
+        else:
+            log.warning("dropped %r notice: %s", msg.op, text)
+
+    def _dispatch(self, peer: bytes, msg: Message) -> None:
+        if msg.op == "init":
+            self.listener.send(peer, self._init(msg))
+        elif msg.op == "push":
+            self._push(peer, msg)
+        elif msg.op == "pull":
+            self._pull(peer, msg)
+        elif msg.op == "norm":
+            self._norm(msg)
+        else:
+            raise ProtocolError(f"unknown op {msg.op!r}")
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _init(self, msg: Message) -> Message:
+        assert self.me is not None
+        self._worker(msg)
+        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
+        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
+        if ks.num_servers != self.me.num_servers:
+            raise ConfigError(
+                f"key space is cut for {ks.num_servers} servers, the cluster has "
+                f"{self.me.num_servers}"
+            )
+        if self.store is not None:
+            same = (
+                ks.fingerprint() == self.store.keyspace.fingerprint()
+                and opt == self.store.optimizer
+            )
+            if not same:
+                raise RefusedError("already initialised with another model or optimizer")
+            return msg.reply(version=self.store.version)
+        store = ShardStore(ks, self.me.rank, opt)
+        store.load(msg.tensors)
+        self.store = store
+        log.info(
+            "initialised: %d chunks, %d parameters, %s",
+            len(store.chunks),
+            store.numel,
+            opt.name,
+        )
+        return msg.reply(version=store.version)
+
+    def _push(self, peer: bytes, msg: Message) -> None:
+        store = self._store()
+        worker = self._worker(msg)
+        clock = protocol.field(msg, "clock", int)
+        weight = float(protocol.field(msg, "weight", (int, float), 1.0))
+        with_params = protocol.field(msg, "reply_params", bool, False)
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ProtocolError(f"push: weight must be a positive number, got {weight}")
+        store.check(msg.tensors, "push")
+        if clock != store.version:
+            when = "after the server applied it" if clock < store.version else "too early"
+            raise RefusedError(
+                f"push for clock {clock} from worker {worker} arrived {when}; "
+                f"the server is at version {store.version}",
+                code="bad_clock",
+            )
+        if worker in self.clock.pushes:
+            raise RefusedError(
+                f"worker {worker} already pushed for clock {clock}", code="duplicate"
+            )
+        self.clock.pushes[worker] = (weight, msg.tensors)
+        if with_params:
+            self.after_update.append((peer, msg))
+        else:
+            self.listener.send(peer, msg.reply(version=store.version))
+        self._advance()
+
+    def _pull(self, peer: bytes, msg: Message) -> None:
+        store = self._store()
+        self._worker(msg)
+        min_version = protocol.field(msg, "min_version", int, 0)
+        keys = protocol.field(msg, "keys", (list, type(None)), None)
+        if keys is not None:
+            bad = [k for k in keys if not isinstance(k, int) or k not in store.position]
+            if bad or len(keys) > len(store.chunks):
+                raise RefusedError(f"pull: keys not held by this server: {bad[:5]}", code="bad_key")
+        if min_version > store.version + 1:
+            raise RefusedError(
+                f"pull for version {min_version}: the server is at {store.version} and only "
+                "the next version can be waited for",
+                code="bad_clock",
+            )
+        if min_version <= store.version:
+            self._send_params(peer, msg, keys)
+        else:
+            self.parked.append((peer, msg, min_version, keys))
+
+    def _norm(self, msg: Message) -> None:
+        assert self.me is not None
+        store = self._store()
+        server = protocol.field(msg, "server", int)
+        clock = protocol.field(msg, "clock", int)
+        sq = float(protocol.field(msg, "sq", (int, float)))
+        if server == self.me.rank or not 0 <= server < self.me.num_servers:
+            raise ProtocolError(f"norm from unknown server {server}")
+        if sq < 0:  # inf and nan pass: a diverged model's norm, which every server must share
+            raise ProtocolError(f"norm: negative squared norm {sq}")
+        if clock == store.version:
+            self.clock.norms[server] = sq
+            self._advance()
+        elif clock == store.version + 1:
+            self.future_norms[server] = sq
+        else:
+            log.warning(
+                "dropped a norm for clock %d from server %d (at %d)", clock, server, store.version
+            )
+
+    # --- BSP --------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Apply the current clock's update if everything it needs has arrived."""
+        assert self.me is not None and self.store is not None
+        store, clock = self.store, self.clock
+        if len(clock.pushes) < self.me.num_workers:
+            return
+        if clock.grads is None:
+            clock.grads, clock.factor = store.reduce(
+                [clock.pushes[w] for w in sorted(clock.pushes)]
+            )
+            if store.optimizer.clip_norm > 0:
+                sq = store.sq_norm(clock.grads) * clock.factor**2
+                clock.norms[self.me.rank] = sq
+                note = Message(
+                    "norm", body={"server": self.me.rank, "clock": store.version, "sq": sq}
+                )
+                for conn in self.peers.values():
+                    conn.send(note)
+        multiplier = clock.factor
+        if store.optimizer.clip_norm > 0:
+            if len(clock.norms) < self.me.num_servers:
+                return
+            total = sum(clock.norms[s] for s in range(self.me.num_servers))
+            multiplier *= clip_coef(total, store.optimizer.clip_norm)
+        self._wait_for_readers()
+        store.apply(clock.grads, multiplier)
+        self.clock = Clock(norms=self.future_norms)
+        self.future_norms = {}
+        replies, self.after_update = self.after_update, []
+        for peer, msg in replies:
+            self._send_params(peer, msg, None)
+        parked, self.parked = self.parked, []
+        for peer, msg, min_version, keys in parked:
+            if min_version <= store.version:
+                self._send_params(peer, msg, keys)
+            else:
+                self.parked.append((peer, msg, min_version, keys))
+
+    def _send_params(self, peer: bytes, msg: Message, keys: list[int] | None) -> None:
+        store = self._store()
+        if keys is None:
+            tensors = store.views
+        else:
+            tensors = [store.views[store.position[k]] for k in keys]
+        tracker = self.listener.send(
+            peer,
+            Message("ok", id=msg.id, body={"version": store.version}, tensors=tensors),
+            track=True,
+        )
+        if tracker is not None and not tracker.done:
+            self.trackers.append(tracker)
+
+    def _wait_for_readers(self) -> None:
+        """Block until ZeroMQ no longer reads parameter memory sent in earlier replies."""
+        for tracker in self.trackers:
+            try:
+                tracker.wait(self.cfg.timeout)
+            except zmq.NotDone:
+                log.error(
+                    "a pull reply was not sent within %g s; updating anyway", self.cfg.timeout
+                )
+        self.trackers = []
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _store(self) -> ShardStore:
+        if self.store is None:
+            raise RefusedError(
+                "the server is not initialised yet: call init first", code="not_initialised"
+            )
+        return self.store
+
+    def _worker(self, msg: Message) -> int:
+        assert self.me is not None
+        worker = protocol.field(msg, "worker", int)
+        if not 0 <= worker < self.me.num_workers:
+            raise ProtocolError(f"{msg.op}: worker {worker} is not in [0, {self.me.num_workers})")
+        return worker
+
+    def _leave(self) -> None:
+        if self.me is None:
+            return
+        try:
+            self.scheduler.request(
+                "scheduler", Message("leave", body={"node": self.me.node_id}), timeout=2.0
+            )
+        except PSLMError as exc:
+            log.debug("could not say goodbye to the scheduler: %s", exc)
+
+
+def _advertised(bound: str, advertise: str) -> str:
+    """The address peers should use: ``advertise`` (with the bound port if it has none)."""
+    port = bound.rpartition(":")[2]
+    if not advertise:
+        return bound
+    if advertise.rpartition(":")[2].isdigit() and ":" in advertise.removeprefix("tcp://"):
+        return tcp_address(advertise)
+    return tcp_address(f"{advertise.removeprefix('tcp://')}:{port}")
