@@ -1,0 +1,188 @@
+"""Real scheduler, server and worker processes on 127.0.0.1, talking ZeroMQ."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pslm.errors import RefusedError, RequestTimeout
+from pslm.ps.client import ClientConfig, PSClient
+from pslm.ps.launch import LocalCluster
+from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from tests.conftest import launch_config
+from tests.models import global_batch, loss_of, make_model
+
+STEPS, BATCH, SEED = 20, 8, 3
+
+ADAMW = OptimizerConfig(
+    name="adamw",
+    lr=3e-3,
+    betas=(0.9, 0.99),
+    weight_decay=0.1,
+    clip_norm=0.5,
+    schedule=ScheduleConfig(kind="cosine", warmup_steps=5, decay_steps=STEPS, min_lr=3e-4),
+)
+SGD = OptimizerConfig(
+    name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, clip_norm=0.5
+)
+ADAM = OptimizerConfig(name="adam", lr=3e-3, weight_decay=1e-3, clip_norm=0.5)
+
+
+def reference(kind: str, cfg: OptimizerConfig) -> dict[str, torch.Tensor]:
+    """One process, plain torch.optim + clip_grad_norm_, on the same global batches."""
+    model = make_model(kind, SEED)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    if cfg.name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
+    elif cfg.name == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    for step in range(STEPS):
+        x, y = global_batch(kind, SEED, step, BATCH)
+        opt.zero_grad()
+        loss_of(kind, model, x, y).backward()
+        if cfg.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        opt.step()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "kind, cfg, split",
+    [
+        ("mlp", ADAMW, False),
+        ("mlp", SGD, True),
+        ("mlp", ADAM, False),
+        ("transformer", ADAMW, False),
+    ],
+    ids=[
+        "mlp-adamw-clip",
+        "mlp-sgd-nesterov-clip-push-then-pull",
+        "mlp-adam-clip",
+        "transformer-adamw-clip",
+    ],
+)
+def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, split) -> None:
+    args = {
+        "kind": kind,
+        "optimizer": cfg.to_dict(),
+        "steps": STEPS,
+        "batch": BATCH,
+        "seed": SEED,
+        "out": str(tmp_path),
+        "split_push_pull": split,
+    }
+    lc = launch_config(
+        tmp_path, num_servers=2, num_workers=2, worker="tests.workers:train", worker_args=args
+    )
+    with LocalCluster(lc) as cluster:
+        cluster.wait(timeout=120)
+    want = reference(kind, cfg)
+    got = [load_file(str(tmp_path / f"params-{r}.safetensors")) for r in range(2)]
+    assert set(got[0]) == set(want)
+    for name, expected in want.items():
+        assert torch.equal(got[0][name], got[1][name]), name
+        torch.testing.assert_close(got[0][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    start = dict(make_model(kind, SEED).named_parameters())
+    assert any(not torch.equal(start[n].detach(), want[n]) for n in want)  # it did train
+
+
+@pytest.fixture
+def one_worker_cluster(tmp_path):
+    """Scheduler + 2 servers; this test process is the only worker."""
+    lc = launch_config(
+        tmp_path,
+        num_servers=2,
+        num_workers=1,
+        worker=None,
+        timeout=5.0,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=2.0,
+    )
+    with LocalCluster(lc) as cluster:
+        yield cluster
+
+
+def _client(cluster: LocalCluster, timeout: float = 10.0) -> PSClient:
+    return PSClient(ClientConfig(scheduler=cluster.scheduler_address, timeout=timeout))
+
+
+def test_100_mib_tensor_round_trips_exactly(one_worker_cluster) -> None:
+    big = torch.randn(25 << 20)  # 100 MiB of fp32 -> 25 chunks of 4 MiB over 2 servers
+    client = _client(one_worker_cluster, timeout=60.0)
+    client.init({"big": big, "small": torch.ones(3)}, OptimizerConfig(name="sgd", lr=1.0))
+    assert client.keyspace is not None and len(client.keyspace.chunks) == 26
+    loads = client.keyspace.loads()
+    assert abs(loads[0] - loads[1]) <= 4 << 20
+    out = {"big": torch.zeros_like(big), "small": torch.zeros(3)}
+    assert client.wait(client.pull(out)) == 0
+    assert torch.equal(out["big"], big) and torch.equal(out["small"], torch.ones(3))
+    grad = torch.full_like(big, 0.5)
+    client.wait(client.push_pull({"big": grad, "small": torch.zeros(3)}, out, clock=0))
+    assert torch.equal(out["big"], big - 0.5)
+    client.close()
+    one_worker_cluster.wait(timeout=30)
+
+
+def test_single_huge_chunk_crosses_in_frames_of_at_most_16_mib(one_worker_cluster) -> None:
+    big = torch.randn(25 << 20)
+    client = _client(one_worker_cluster, timeout=60.0)
+    client.init({"big": big}, OptimizerConfig(name="sgd", lr=1.0), chunk_bytes=100 << 20)
+    out = {"big": torch.zeros_like(big)}
+    client.wait(client.pull(out))
+    assert torch.equal(out["big"], big)
+    client.close()
+
+
+def test_bad_push_is_refused_and_changes_nothing(one_worker_cluster) -> None:
+    client = _client(one_worker_cluster)
+    w = torch.randn(8, 8)
+    client.init({"w": w, "b": torch.zeros(8)}, OptimizerConfig(name="sgd", lr=1.0))
+    # bypass the client's own checks: a raw push with a wrong shape and one with a wrong dtype
+    from pslm.wire.message import Message
+
+    for s in range(2):
+        n = len(client.keyspace.shard(s))
+        for bad in ([torch.zeros(3)] * n, [torch.zeros(64, dtype=torch.int64)] * n):
+            msg = Message("push", body={"worker": 0, "clock": 0}, tensors=bad)
+            with pytest.raises(RefusedError, match="expected a float tensor of shape"):
+                client.channel.request(f"server-{s}", msg)
+    with pytest.raises(RefusedError, match="clock 5"):
+        client.wait(client.push({"w": torch.ones(8, 8), "b": torch.ones(8)}, clock=5))
+    out = {"w": torch.zeros(8, 8), "b": torch.ones(8)}
+    assert client.wait(client.pull(out)) == 0
+    assert torch.equal(out["w"], w) and torch.equal(out["b"], torch.zeros(8))
+    client.close()
+
+
+def test_pull_from_a_killed_server_raises_the_named_timeout(one_worker_cluster) -> None:
+    client = _client(one_worker_cluster, timeout=1.5)
+    client.init(
+        {"w": torch.randn(64, 64), "v": torch.randn(64, 64)},
+        OptimizerConfig(name="sgd", lr=1.0),
+        chunk_bytes=4096,
+    )
+    server1 = next(c for c in one_worker_cluster.children if c.name == "server-1")
+    os.kill(server1.proc.pid, signal.SIGKILL)
+    server1.proc.wait()
+    out = {"w": torch.zeros(64, 64), "v": torch.zeros(64, 64)}
+    start = time.monotonic()
+    with pytest.raises(RequestTimeout, match="server-1"):
+        client.wait(client.pull(out))
+    assert 1.5 <= time.monotonic() - start < 5.0
+    client._disconnect()

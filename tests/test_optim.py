@@ -1,0 +1,174 @@
+"""Server-side updates match torch.optim, across shards, with exact global-norm clipping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pslm.errors import ConfigError, RefusedError
+from pslm.ps.keyspace import KeySpace
+from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.shard import ShardStore, clip_coef
+
+SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "ln": (3,)}
+
+
+def _reference_optimizer(cfg: OptimizerConfig, params: dict[str, torch.Tensor]):
+    decay = [p for p in params.values() if p.dim() >= 2]
+    rest = [p for p in params.values() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            dampening=cfg.dampening,
+            nesterov=cfg.nesterov,
+            fused=True,
+        )
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+
+
+def _slices(ks: KeySpace, server: int, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [
+        tensors[ks.tensors[c.tensor].name].reshape(-1)[c.offset : c.offset + c.length].clone()
+        for c in ks.shard(server)
+    ]
+
+
+def _gather(ks: KeySpace, stores: list[ShardStore]) -> dict[str, torch.Tensor]:
+    out = {t.name: torch.empty(t.shape) for t in ks.tensors}
+    for s, store in enumerate(stores):
+        for c, view in zip(ks.shard(s), store.views, strict=True):
+            out[ks.tensors[c.tensor].name].view(-1)[c.offset : c.offset + c.length] = view
+    return out
+
+
+CONFIGS = [
+    OptimizerConfig(
+        name="adamw",
+        lr=1e-2,
+        weight_decay=0.1,
+        clip_norm=0.5,
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=3, decay_steps=8, min_lr=1e-3),
+    ),
+    OptimizerConfig(name="adam", lr=1e-2, betas=(0.8, 0.95), weight_decay=0.01),
+    OptimizerConfig(
+        name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01, clip_norm=1.0
+    ),
+    OptimizerConfig(name="sgd", lr=0.05, momentum=0.5, dampening=0.3),
+    OptimizerConfig(name="sgd", lr=0.1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-clip{c.clip_norm}")
+def test_two_shards_match_torch_optim(cfg: OptimizerConfig) -> None:
+    gen = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    ks = KeySpace.build(((n, s) for n, s in SHAPES.items()), 2, chunk_bytes=32)
+    stores = [ShardStore(ks, s, cfg) for s in range(2)]
+    for s, store in enumerate(stores):
+        store.load(_slices(ks, s, init))
+    ref = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = _reference_optimizer(cfg, ref)
+    for step in range(10):
+        pushes = [
+            {n: torch.randn(s, generator=gen) * 3 for n, s in SHAPES.items()} for _ in range(2)
+        ]
+        for n, p in ref.items():
+            p.grad = (pushes[0][n] + pushes[1][n]) * 0.5
+        if cfg.clip_norm:
+            torch.nn.utils.clip_grad_norm_(list(ref.values()), cfg.clip_norm)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        opt.step()
+
+        reduced = [
+            store.reduce([(1.0, _slices(ks, s, p)) for p in pushes])
+            for s, store in enumerate(stores)
+        ]
+        total = sum(store.sq_norm(g) * f**2 for store, (g, f) in zip(stores, reduced, strict=True))
+        for store, (g, f) in zip(stores, reduced, strict=True):
+            store.apply(g, f * clip_coef(total, cfg.clip_norm))
+    got = _gather(ks, stores)
+    for n, p in ref.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-6, atol=1e-7)
+    assert all(store.version == 10 for store in stores)
+
+
+def test_weighted_mean_and_single_push() -> None:
+    ks = KeySpace.build([("w", (4, 4))], 1, chunk_bytes=16)
+    store = ShardStore(ks, 0, OptimizerConfig(name="sgd", lr=1.0))
+    a, b, c = torch.randn(16), torch.randn(16), torch.randn(16)
+    grads, factor = store.reduce([(3.0, list(a.split(4))), (1.0, list(b.split(4)))])
+    torch.testing.assert_close(torch.cat(grads) * factor, (3 * a + b) / 4)
+    grads, factor = store.reduce([(2.0, list(a.split(4))), (2.0, list(b.split(4)))])
+    assert factor == 0.5 and torch.equal(torch.cat(grads) * factor, (a + b) * 0.5)
+    grads, factor = store.reduce([(1.0, list(t.split(4))) for t in (a, b, c)])
+    torch.testing.assert_close(torch.cat(grads) * factor, (a + b + c) / 3)
+    single, factor = store.reduce([(1.0, list(a.split(4)))])
+    assert factor == 1.0 and single[0].data_ptr() == a.data_ptr()  # used as it came, no copy
+    half, _ = store.reduce([(1.0, [x.half() for x in a.split(4)])])
+    assert half[0].dtype == torch.float32 and torch.equal(torch.cat(half), a.half().float())
+
+
+def test_push_of_wrong_shape_or_dtype_is_refused() -> None:
+    ks = KeySpace.build([("w", (4, 4))], 1, chunk_bytes=32)
+    store = ShardStore(ks, 0, OptimizerConfig())
+    with pytest.raises(RefusedError, match="2 chunks"):
+        store.check([torch.zeros(8)], "push")
+    with pytest.raises(RefusedError, match="shape"):
+        store.check([torch.zeros(8), torch.zeros(9)], "push")
+    with pytest.raises(RefusedError, match="int64"):
+        store.check([torch.zeros(8), torch.zeros(8, dtype=torch.int64)], "push")
+
+
+def test_clip_coef_matches_clip_grad_norm() -> None:
+    grads = [torch.randn(7) * 5, torch.randn(3, 4)]
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    sq = sum(float(g.pow(2).sum()) for g in grads)
+    coef = clip_coef(sq, 1.0)
+    for p, g in zip(params, grads, strict=True):
+        torch.testing.assert_close(p.grad, g * coef)
+    assert clip_coef(0.25, 1.0) == 1.0 and clip_coef(4.0, 0.0) == 1.0
+
+
+def test_schedules() -> None:
+    cos = ScheduleConfig(kind="cosine", warmup_steps=10, decay_steps=110, min_lr=0.1)
+    assert cos.lr_at(1.0, 0) == pytest.approx(0.1)
+    assert cos.lr_at(1.0, 9) == pytest.approx(1.0)
+    assert cos.lr_at(1.0, 10) == pytest.approx(1.0)
+    assert cos.lr_at(1.0, 60) == pytest.approx(0.55)
+    assert cos.lr_at(1.0, 110) == cos.lr_at(1.0, 500) == pytest.approx(0.1)
+    const = ScheduleConfig(warmup_steps=4)
+    assert [const.lr_at(2.0, s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert ScheduleConfig().lr_at(3.0, 0) == 3.0
+    assert math.isclose(cos.lr_at(1.0, 35), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_config_round_trips_and_validates() -> None:
+    cfg = CONFIGS[0]
+    assert OptimizerConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in [
+        {"name": "lion"},
+        {"lr": -1.0},
+        {"lr": "fast"},
+        {"betas": [0.9]},
+        {"nesterov": True},
+        {"momentum": True},
+        {"schedule": {"kind": "cosine", "decay_steps": 0}},
+        {"schedule": {"kind": "step"}},
+        {"surprise": 1},
+        "adamw",
+    ]:
+        with pytest.raises(ConfigError):
+            OptimizerConfig.from_dict(bad)

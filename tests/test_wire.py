@@ -1,0 +1,198 @@
+"""The wire format and the transport: round trips, zero copy, limits, malformed input."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pslm.errors import ProtocolError, RefusedError, RequestTimeout
+from pslm.wire.frames import DTYPES, tensor_to_frames
+from pslm.wire.message import MAX_FRAME, Message, decode, encode
+from pslm.wire.transport import Channel, Listener, Poller, tcp_address
+
+
+def _address_of(buf: object) -> int:
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()))
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 5), (2, 3, 4)])
+def test_round_trip_every_dtype_and_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = (torch.arange(max(1, int(np.prod(shape))) * 3) % 97).to(dtype)[: int(np.prod(shape))]
+    t = t.reshape(shape)
+    msg = decode(encode(Message("x", id=5, body={"a": [1, "b"]}, tensors=[t, t + 1])))
+    assert (msg.op, msg.id, msg.body) == ("x", 5, {"a": [1, "b"]})
+    assert msg.tensors[0].dtype == dtype and msg.tensors[0].shape == t.shape
+    assert torch.equal(msg.tensors[0], t) and torch.equal(msg.tensors[1], t + 1)
+
+
+def test_send_is_zero_copy() -> None:
+    t = torch.randn(1000)
+    (frame,) = tensor_to_frames(t)
+    assert _address_of(frame) == t.data_ptr()
+
+
+def test_receive_is_zero_copy_over_a_real_socket() -> None:
+    listener = Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("l", listener.address)
+    t = torch.randn(4096)
+    channel.send("l", Message("push", tensors=[t]))
+    Poller(listener).poll(5.0)
+    frames = listener.socket.recv_multipart(copy=False)
+    msg = decode(frames[1:])
+    assert torch.equal(msg.tensors[0], t)
+    assert msg.tensors[0].data_ptr() == _address_of(frames[2].buffer)
+    channel.close()
+    listener.close()
+
+
+def test_large_tensor_is_split_into_frames_of_at_most_16_mib() -> None:
+    t = torch.randn(25 << 20)  # 100 MiB of fp32
+    frames = encode(Message("push", tensors=[t]))
+    sizes = [memoryview(f).nbytes for f in frames[1:]]
+    assert len(sizes) == 7 and max(sizes) == MAX_FRAME and sum(sizes) == 100 << 20
+    assert torch.equal(decode(frames).tensors[0], t)
+
+
+def _header(**fields: object) -> bytes:
+    base: dict[str, object] = {"v": 1, "op": "push", "id": 3, "body": {}, "t": []}
+    base.update(fields)
+    return msgpack.packb(base)
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([b"\xc1"], "msgpack"),
+        ([msgpack.packb([1, 2])], "must be a map"),
+        ([_header(v=2)], "version"),
+        ([_header(id=-1)], "request id"),
+        ([_header(op="")], "op must be"),
+        ([_header(t=[["f64", [2]]]), b"x" * 16], "dtype"),
+        ([_header(t=[["f32", [-1]]]), b""], "dimension"),
+        ([_header(t=[["f32", [2]]])], "data frames"),
+        ([_header(t=[["f32", [2]]]), b"x" * 7], "bytes"),
+        ([_header(t=[["f32", [1 << 40]]]), b""], "limit"),
+        ([msgpack.packb({"v": 1, "op": "x", "id": 1, "body": msgpack.ExtType(1, b"")})], "ext"),
+    ],
+)
+def test_malformed_messages_are_refused(frames: list[bytes], fragment: str) -> None:
+    with pytest.raises(ProtocolError, match=fragment):
+        decode(frames)
+
+
+def test_refusal_keeps_the_request_id_when_the_header_is_readable() -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode([_header(id=42, t=[["f32", [2]]]), b"x"])
+    assert info.value.request_id == 42
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_random_frames_raise_protocol_error_only(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "op", "id", "body", "t", "x"]),
+        st.one_of(
+            st.integers(-5, 5),
+            st.text(max_size=3),
+            st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
+            st.lists(
+                st.lists(
+                    st.one_of(st.text(max_size=4), st.lists(st.integers(-2, 4), max_size=3)),
+                    max_size=3,
+                ),
+                max_size=3,
+            ),
+        ),
+    ),
+    st.lists(st.binary(max_size=32), max_size=3),
+)
+def test_random_headers_raise_protocol_error_only(header: dict, data: list[bytes]) -> None:
+    try:
+        decode([msgpack.packb(header), *data])
+    except ProtocolError:
+        pass
+
+
+def test_request_without_reply_times_out_with_named_error() -> None:
+    silent = Listener()  # receives, never answers
+    channel = Channel(timeout=0.3)
+    channel.connect("silent", silent.address)
+    start = time.monotonic()
+    with pytest.raises(RequestTimeout, match="silent"):
+        channel.request("silent", Message("ping"))
+    assert 0.3 <= time.monotonic() - start < 5.0
+    channel.close()
+    silent.close()
+
+
+def test_error_reply_raises_refused_and_late_replies_are_dropped() -> None:
+    listener = Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("peer", listener.address)
+    rid = channel.send("peer", Message("ping"))
+    Poller(listener).poll(5.0)
+    peer, msg = listener.recv()
+    listener.send(peer, Message("error", id=msg.id, body={"code": "bad", "message": "no way"}))
+    with pytest.raises(RefusedError, match="no way") as info:
+        channel.wait([rid])
+    assert info.value.code == "bad"
+    listener.send(peer, msg.reply())  # a late duplicate reply must not confuse the next request
+    rid2 = channel.send("peer", Message("ping"))
+    Poller(listener).poll(5.0)
+    peer, msg2 = listener.recv()
+    listener.send(peer, msg2.reply(n=2))
+    assert channel.wait([rid2])[rid2].body == {"n": 2}
+    channel.close()
+    listener.close()
+
+
+def test_oversized_frame_drops_the_connection_not_the_listener() -> None:
+    listener = Listener()
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(listener.address)
+    raw.send_multipart([_header(t=[["u8", [MAX_FRAME + 1]]]), b"x" * (MAX_FRAME + 1)])
+    assert Poller(listener).poll(0.5) == []  # refused by ZeroMQ before it reaches pslm
+    raw.close()
+    channel = Channel(timeout=5.0)
+    channel.connect("l", listener.address)
+    channel.send("l", Message("ping"))
+    assert Poller(listener).poll(5.0)
+    assert listener.recv()[1].op == "ping"
+    channel.close()
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("127.0.0.1:9000", "tcp://127.0.0.1:9000"),
+        ("tcp://h:1", "tcp://h:1"),
+        ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*"),
+    ],
+)
+def test_addresses(given: str, expected: str) -> None:
+    assert tcp_address(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["nohost", "tcp://h:port", "udp://h:1", "h:99999"])
+def test_bad_addresses(bad: str) -> None:
+    with pytest.raises(ValueError):
+        tcp_address(bad)

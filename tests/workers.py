@@ -1,0 +1,60 @@
+"""Worker functions that integration tests run in real worker processes (``pslm run-worker``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pslm.ps.client import PSClient
+from pslm.ps.optim import OptimizerConfig
+from tests.models import global_batch, loss_of, make_model
+
+
+def train(
+    client: PSClient,
+    *,
+    kind: str,
+    optimizer: dict[str, Any],
+    steps: int,
+    batch: int,
+    seed: int,
+    out: str,
+    split_push_pull: bool = False,
+) -> None:
+    """BSP training on this worker's slice of each global batch; saves the final parameters."""
+    model = make_model(kind, seed + client.rank)  # only worker 0's init may matter
+    params = dict(model.named_parameters())
+    data = {n: p.data for n, p in params.items()}
+    client.init(data, OptimizerConfig.from_dict(optimizer))
+    lo = client.rank * batch // client.num_workers
+    hi = (client.rank + 1) * batch // client.num_workers
+    for step in range(steps):
+        x, y = global_batch(kind, seed, step, batch)
+        model.zero_grad()
+        loss_of(kind, model, x[lo:hi], y[lo:hi]).backward()
+        grads = {n: p.grad for n, p in params.items()}
+        if split_push_pull:
+            client.wait(client.push(grads, clock=step, weight=hi - lo))
+            version = client.wait(client.pull(data, version=step + 1))
+        else:
+            version = client.wait(client.push_pull(grads, data, clock=step, weight=hi - lo))
+        assert version == step + 1, (version, step)
+    save_file(
+        {n: t.contiguous() for n, t in data.items()},
+        str(Path(out) / f"params-{client.rank}.safetensors"),
+    )
+
+
+def fail(client: PSClient) -> None:
+    raise RuntimeError("this worker fails on purpose")
+
+
+def idle(client: PSClient, *, steps: int) -> None:
+    """Keeps the cluster busy with a tiny model until stopped (for launcher tests)."""
+    data = {"w": torch.zeros(4)}
+    client.init(data, OptimizerConfig(name="sgd", lr=0.1))
+    for step in range(steps):
+        client.wait(client.push_pull({"w": torch.ones(4)}, data, clock=step))
