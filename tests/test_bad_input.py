@@ -105,7 +105,7 @@ def _fuzz(address: str, ops: list[str], check: Message) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(messages(ops))
     def fuzz(frames: list[bytes]) -> None:
         _probe(sock, frames, check)

@@ -77,6 +77,8 @@ def _header(**fields: object) -> bytes:
         ([_header(id=-1)], "request id"),
         ([_header(op="")], "op must be"),
         ([_header(t=[["f64", [2]]]), b"x" * 16], "dtype"),
+        ([_header(t=[[["f32"], [2]]]), b"x" * 8], "dtype"),
+        ([_header(t=[[{}, [2]]]), b"x" * 8], "dtype"),
         ([_header(t=[["f32", [-1]]]), b""], "dimension"),
         ([_header(t=[["f32", [2]]])], "data frames"),
         ([_header(t=[["f32", [2]]]), b"x" * 7], "bytes"),
@@ -196,3 +198,20 @@ def test_addresses(given: str, expected: str) -> None:
 def test_bad_addresses(bad: str) -> None:
     with pytest.raises(ValueError):
         tcp_address(bad)
+
+
+def test_on_reply_sees_each_reply_as_it_arrives() -> None:
+    listener = Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("peer", listener.address)
+    ids = [channel.send("peer", Message("pull")) for _ in range(3)]
+    poller = Poller(listener)
+    for _ in ids:
+        poller.poll(5.0)
+        peer, msg = listener.recv()
+        listener.send(peer, msg.reply(n=msg.id))
+    seen: list[tuple[int, object]] = []
+    replies = channel.wait(ids, on_reply=lambda i, m: seen.append((i, m.body["n"])))
+    assert sorted(seen) == [(i, i) for i in ids] and set(replies) == set(ids)
+    channel.close()
+    listener.close()

@@ -91,6 +91,15 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE) -> Me
     Raises ProtocolError naming the first thing wrong; ``err.request_id`` is the request id
     when the header was readable, so the receiver can still answer with an error.
     """
+    try:
+        return _decode(frames, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a hole in the checks below must not become a crash
+        raise ProtocolError(f"malformed message: {exc!r}") from exc
+
+
+def _decode(frames: Sequence[Any], max_bytes: int) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     header = _parse_header(_buffer(frames[0]))
@@ -173,7 +182,7 @@ def _check_tensors(descs: list[Any], max_bytes: int) -> list[int]:
         if not (isinstance(desc, list) and len(desc) == 2):
             raise ProtocolError(f"tensor {i}: descriptor must be [dtype, shape]")
         dtype, shape = desc
-        if dtype not in ITEMSIZE:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise ProtocolError(f"tensor {i}: dtype {dtype!r} is not one of {sorted(ITEMSIZE)}")
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM):
             raise ProtocolError(f"tensor {i}: shape must be a list of <= {MAX_NDIM} ints")
