@@ -157,7 +157,7 @@ def test_bad_push_is_refused_and_changes_nothing(one_worker_cluster) -> None:
     from pslm.wire.message import Message
 
     for s in range(2):
-        n = len(client.keyspace.shard(s))
+        n = len(client.keyspace.pieces(s))
         for bad in ([torch.zeros(3)] * n, [torch.zeros(64, dtype=torch.int64)] * n):
             msg = Message("push", body={"worker": 0, "clock": 0}, tensors=bad)
             with pytest.raises(RefusedError, match="expected a float tensor of shape"):

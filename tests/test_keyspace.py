@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pslm.errors import ConfigError
-from pslm.ps.keyspace import KeySpace
+from pslm.ps.keyspace import PIECE_BYTES, SMALL_CHUNK, KeySpace, pack_pieces
 
 shapes = st.lists(
     st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple), min_size=1, max_size=12
@@ -106,3 +106,21 @@ def test_bad_key_spaces_are_refused(named, servers, chunk, fragment) -> None:
 def test_malformed_descriptions_raise_config_error(d) -> None:
     with pytest.raises(ConfigError):
         KeySpace.from_dict(d)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 600_000), max_size=40))
+def test_pieces_cover_the_shard_and_pack_only_small_chunks(lengths) -> None:
+    pieces = pack_pieces(lengths)
+    assert [i for lo, hi in pieces for i in range(lo, hi)] == list(range(len(lengths)))
+    for lo, hi in pieces:
+        if hi - lo > 1:
+            assert all(n * 4 < SMALL_CHUNK for n in lengths[lo:hi])
+            assert sum(lengths[lo:hi]) * 4 <= PIECE_BYTES
+
+
+def test_a_model_of_small_tensors_travels_in_few_pieces() -> None:
+    named = [(f"layer{i}.weight", (128, 128)) for i in range(24)] + [("wte", (65, 128))]
+    ks = KeySpace.build(named, 2)
+    assert [len(ks.pieces(s)) for s in range(2)] == [1, 1]
+    assert sum(len(ks.shard(s)) for s in range(2)) == 25

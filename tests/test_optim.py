@@ -42,6 +42,11 @@ def _slices(ks: KeySpace, server: int, tensors: dict[str, torch.Tensor]) -> list
     ]
 
 
+def _pieces(ks: KeySpace, server: int, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    chunks = _slices(ks, server, tensors)
+    return [torch.cat(chunks[lo:hi]) for lo, hi in ks.pieces(server)]
+
+
 def _gather(ks: KeySpace, stores: list[ShardStore]) -> dict[str, torch.Tensor]:
     out = {t.name: torch.empty(t.shape) for t in ks.tensors}
     for s, store in enumerate(stores):
@@ -74,7 +79,7 @@ def test_two_shards_match_torch_optim(cfg: OptimizerConfig) -> None:
     ks = KeySpace.build(((n, s) for n, s in SHAPES.items()), 2, chunk_bytes=32)
     stores = [ShardStore(ks, s, cfg) for s in range(2)]
     for s, store in enumerate(stores):
-        store.load(_slices(ks, s, init))
+        store.load(_pieces(ks, s, init))
     ref = {n: t.clone().requires_grad_() for n, t in init.items()}
     opt = _reference_optimizer(cfg, ref)
     for step in range(10):
@@ -118,15 +123,26 @@ def test_weighted_mean_and_single_push() -> None:
     assert half[0].dtype == torch.float32 and torch.equal(torch.cat(half), a.half().float())
 
 
+def test_pushes_are_unpacked_into_chunk_views_without_copies() -> None:
+    ks = KeySpace.build([("w1", (4, 4)), ("big", (1 << 18,)), ("w2", (2, 4))], 1)
+    store = ShardStore(ks, 0, OptimizerConfig())
+    assert ks.pieces(0) == [(0, 2), (2, 3)]  # the decayed w1 and w2 packed, big alone
+    small, big = torch.randn(24), torch.randn(1 << 18)
+    views = store.unpack([small, big], "push")
+    assert len(views) == len(store.chunks) and views[0].data_ptr() == small.data_ptr()
+    assert torch.equal(torch.cat(views), torch.cat([small, big]))
+    assert [v.numel() for v in views] == store.lengths == [16, 8, 1 << 18]
+
+
 def test_push_of_wrong_shape_or_dtype_is_refused() -> None:
     ks = KeySpace.build([("w", (4, 4))], 1, chunk_bytes=32)
     store = ShardStore(ks, 0, OptimizerConfig())
-    with pytest.raises(RefusedError, match="2 chunks"):
-        store.check([torch.zeros(8)], "push")
-    with pytest.raises(RefusedError, match="shape"):
-        store.check([torch.zeros(8), torch.zeros(9)], "push")
+    with pytest.raises(RefusedError, match="1 pieces"):
+        store.unpack([torch.zeros(8), torch.zeros(8)], "push")
+    with pytest.raises(RefusedError, match=r"shape \[16\]"):
+        store.unpack([torch.zeros(15)], "push")
     with pytest.raises(RefusedError, match="int64"):
-        store.check([torch.zeros(8), torch.zeros(8, dtype=torch.int64)], "push")
+        store.unpack([torch.zeros(16, dtype=torch.int64)], "push")
 
 
 def test_clip_coef_matches_clip_grad_norm() -> None:

@@ -78,6 +78,26 @@ class _Request:
     out: Mapping[str, torch.Tensor] | None
 
 
+def _adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor spanning ``views`` if they lie back to back in one storage, else None."""
+    if len(views) == 1:
+        return views[0]
+    first = views[0]
+    storage = first.untyped_storage()
+    size = first.element_size()
+    end = first.data_ptr() + first.numel() * size
+    for v in views[1:]:
+        if v.dtype != first.dtype or v.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+        if v.data_ptr() != end:
+            return None
+        end += v.numel() * size
+    n = (end - first.data_ptr()) // size
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, first.storage_offset(), (n,), (1,)
+    )
+
+
 class PSClient:
     """A worker's connection to a pslm cluster.
 
@@ -167,7 +187,7 @@ class PSClient:
             ids = [
                 self.channel.send(
                     f"server-{s}",
-                    Message("init", body=body, tensors=self._slices(tensors, s)),
+                    Message("init", body=body, tensors=self._pack(tensors, s)),
                 )
                 for s in range(self.num_servers)
             ]
@@ -238,7 +258,7 @@ class PSClient:
 
         def scatter(rid: int, reply: Message) -> None:  # as each server's reply arrives
             if out is not None:
-                self._scatter(reply, req.slots[req.ids[rid]], out)
+                self._scatter(reply, req.ids[rid], req.slots[req.ids[rid]], out)
 
         replies = self.channel.wait(req.ids, timeout, on_reply=scatter)
         return min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
@@ -293,7 +313,7 @@ class PSClient:
         }
         ids = {
             self.channel.send(
-                f"server-{s}", Message("push", body=body, tensors=self._slices(grads, s))
+                f"server-{s}", Message("push", body=body, tensors=self._pack(grads, s))
             ): s
             for s in range(self.num_servers)
         }
@@ -305,20 +325,40 @@ class PSClient:
         self._requests[ts] = req
         return ts
 
-    def _slices(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+    def _pack(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+        """``server``'s chunks of ``tensors`` as message pieces (``KeySpace.pieces``): a lone
+        chunk is a view, runs of small chunks are copied into one new buffer."""
+        assert self.keyspace is not None
         flat = {n: t.reshape(-1) for n, t in tensors.items()}
-        return [flat[s.name][s.offset : s.offset + s.length] for s in self._layout[server]]
+        slots = self._layout[server]
+        out = []
+        for lo, hi in self.keyspace.pieces(server):
+            views = [flat[s.name][s.offset : s.offset + s.length] for s in slots[lo:hi]]
+            run = _adjacent(views)
+            # a fresh buffer when copying: zmq may still be sending an earlier one
+            out.append(run if run is not None else torch.cat(views))
+        return out
 
-    @staticmethod
-    def _scatter(reply: Message, slots: list[_Slot], out: Mapping[str, torch.Tensor]) -> None:
-        if len(reply.tensors) != len(slots):
-            raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {len(slots)}")
-        for t, s in zip(reply.tensors, slots, strict=True):
-            if t.numel() != s.length:
-                raise ProtocolError(
-                    f"reply tensor for {s.name!r} has {t.numel()} elements, not {s.length}"
-                )
-            out[s.name].view(-1)[s.offset : s.offset + s.length].copy_(t)
+    def _scatter(
+        self, reply: Message, server: int, slots: list[_Slot], out: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Copy a pull reply into ``out``: pieces for a whole shard, else one tensor a chunk."""
+        assert self.keyspace is not None
+        whole = len(slots) == len(self._layout[server])
+        groups = self.keyspace.pieces(server) if whole else [(i, i + 1) for i in range(len(slots))]
+        if len(reply.tensors) != len(groups):
+            raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {len(groups)}")
+        for t, (lo, hi) in zip(reply.tensors, groups, strict=True):
+            run = slots[lo:hi]
+            if t.dim() != 1 or t.numel() != sum(s.length for s in run):
+                raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
+            views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
+            span = _adjacent(views)
+            if span is not None:
+                span.copy_(t)
+                continue
+            for view, part in zip(views, t.split([s.length for s in run]), strict=True):
+                view.copy_(part)
 
     def _check(self, tensors: Mapping[str, torch.Tensor], what: str, *, full: bool) -> None:
         self._check_alive()

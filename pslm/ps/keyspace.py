@@ -13,6 +13,9 @@ How the assignment is made (deterministic, documented because clients and server
    busiest server ends within one chunk of the mean load.
 3. On each server, chunks whose tensor takes weight decay come first, then the rest, each group
    in key order; that is the order of the server's flat buffer and of every message to it.
+4. On the wire, a server's chunks travel as pieces: a chunk of SMALL_CHUNK bytes or more is a
+   piece of its own; runs of smaller chunks are packed into pieces of up to PIECE_BYTES. Each
+   piece is one frame, so a model of many small tensors costs a few frames, not hundreds.
 
 Parameters live as fp32 on the servers, so a chunk of ``chunk_bytes`` holds chunk_bytes / 4
 elements. By default tensors with two or more dimensions take weight decay and 1-D tensors
@@ -37,6 +40,8 @@ PARAM_BYTES = 4  # servers keep fp32
 MAX_NAME = 512
 MAX_TENSORS = 1 << 16
 MAX_CHUNKS = 1 << 20
+SMALL_CHUNK = 1 << 20
+PIECE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +87,7 @@ class KeySpace:
             )
             for s in range(num_servers)
         ]
+        self._pieces = [pack_pieces([c.length for c in shard]) for shard in self._shards]
 
     @classmethod
     def build(
@@ -105,6 +111,10 @@ class KeySpace:
     def shard(self, server: int) -> list[Chunk]:
         """The chunks ``server`` holds, in the order of its buffer and of its messages."""
         return self._shards[server]
+
+    def pieces(self, server: int) -> list[tuple[int, int]]:
+        """How ``server``'s chunks travel: ranges [lo, hi) of positions in ``shard(server)``."""
+        return self._pieces[server]
 
     def loads(self) -> list[int]:
         """Bytes held by each server."""
@@ -172,6 +182,25 @@ def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) ->
     chunk_elems = chunk_bytes // PARAM_BYTES
     if sum(-(-t.numel // chunk_elems) for t in tensors) > MAX_CHUNKS:
         raise ConfigError(f"more than {MAX_CHUNKS} chunks: raise chunk_bytes ({chunk_bytes})")
+
+
+def pack_pieces(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Ranges of chunk positions sent as one piece each (rule 4 of the module docstring)."""
+    pieces: list[tuple[int, int]] = []
+    lo, size = 0, 0
+    for i, n in enumerate(lengths):
+        nbytes = n * PARAM_BYTES
+        if nbytes >= SMALL_CHUNK or size + nbytes > PIECE_BYTES:
+            if lo < i:
+                pieces.append((lo, i))
+            lo, size = i, 0
+        size += nbytes
+        if nbytes >= SMALL_CHUNK:
+            pieces.append((i, i + 1))
+            lo, size = i + 1, 0
+    if lo < len(lengths):
+        pieces.append((lo, len(lengths)))
+    return pieces
 
 
 def _cut(tensors: Sequence[TensorSpec], chunk_elems: int) -> list[tuple[int, int, int]]:

@@ -224,7 +224,7 @@ class Server:
         with_params = protocol.field(msg, "reply_params", bool, False)
         if not (weight > 0 and math.isfinite(weight)):
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
-        store.check(msg.tensors, "push")
+        grads = store.unpack(msg.tensors, "push")
         if clock != store.version:
             when = "after the server applied it" if clock < store.version else "too early"
             raise RefusedError(
@@ -236,7 +236,7 @@ class Server:
             raise RefusedError(
                 f"worker {worker} already pushed for clock {clock}", code="duplicate"
             )
-        self.clock.pushes[worker] = (weight, msg.tensors)
+        self.clock.pushes[worker] = (weight, grads)
         if with_params:
             self.after_update.append((peer, msg))
         else:
@@ -326,7 +326,7 @@ class Server:
     def _send_params(self, peer: bytes, msg: Message, keys: list[int] | None) -> None:
         store = self._store()
         if keys is None:
-            tensors = store.views
+            tensors = store.packed
         else:
             tensors = [store.views[store.position[k]] for k in keys]
         tracker = self.listener.send(

@@ -49,6 +49,11 @@ class ShardStore:
         n = sum(self.lengths)
         self.params = torch.zeros(n, dtype=torch.float32)
         self.views = list(self.params.split(self.lengths))
+        starts = [0]
+        for length in self.lengths:
+            starts.append(starts[-1] + length)
+        self.packed = [self.params[starts[lo] : starts[hi]] for lo, hi in keyspace.pieces(server)]
+        """The parameters as the pieces of a message: views of the flat buffer."""
         self.n_decay = sum(1 for c in self.chunks if keyspace.tensors[c.tensor].decay)
         self.rule = build_rule(optimizer)
         self.state = {name: torch.zeros(n) for name in self.rule.state_names}
@@ -63,28 +68,38 @@ class ShardStore:
     def numel(self) -> int:
         return self.params.numel()
 
-    def check(self, tensors: Sequence[torch.Tensor], what: str) -> None:
-        """Refuse ``tensors`` unless they are one 1-D float tensor per chunk, in shard order."""
-        if len(tensors) != len(self.chunks):
+    def unpack(self, pieces: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """One view per chunk (shard order) of ``pieces``, the tensors of a message.
+
+        Refused unless there is one 1-D float tensor per piece (``KeySpace.pieces``) of the
+        piece's size; nothing is copied.
+        """
+        layout = self.keyspace.pieces(self.server)
+        if len(pieces) != len(layout):
             raise RefusedError(
-                f"{what} has {len(tensors)} tensors, server {self.server} holds "
-                f"{len(self.chunks)} chunks",
+                f"{what} has {len(pieces)} tensors, server {self.server} takes {len(layout)} "
+                f"pieces ({len(self.chunks)} chunks)",
                 code="bad_shape",
             )
-        for i, (t, n) in enumerate(zip(tensors, self.lengths, strict=True)):
+        views: list[torch.Tensor] = []
+        for i, (t, (lo, hi)) in enumerate(zip(pieces, layout, strict=True)):
+            n = sum(self.lengths[lo:hi])
             if t.dtype not in GRAD_DTYPES or t.dim() != 1 or t.numel() != n:
-                c = self.chunks[i]
-                name = self.keyspace.tensors[c.tensor].name
+                names = sorted({self._name(k) for k in range(lo, hi)})
                 raise RefusedError(
-                    f"{what} tensor {i} (chunk {c.key} of {name!r}) is {t.dtype} "
-                    f"{list(t.shape)}, expected a float tensor of shape [{n}]",
+                    f"{what} tensor {i} (chunks of {', '.join(map(repr, names[:3]))}) is "
+                    f"{t.dtype} {list(t.shape)}, expected a float tensor of shape [{n}]",
                     code="bad_shape",
                 )
+            views.extend(t.split(self.lengths[lo:hi]) if hi - lo > 1 else [t])
+        return views
+
+    def _name(self, position: int) -> str:
+        return self.keyspace.tensors[self.chunks[position].tensor].name
 
     def load(self, values: Sequence[torch.Tensor]) -> None:
-        """Set the parameters from one tensor per chunk (checked first)."""
-        self.check(values, "init")
-        for view, v in zip(self.views, values, strict=True):
+        """Set the parameters from the pieces of an init message (checked first)."""
+        for view, v in zip(self.views, self.unpack(values, "init"), strict=True):
             view.copy_(v)
 
     def reduce(
