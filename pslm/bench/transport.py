@@ -1,0 +1,212 @@
+"""``pslm bench transport``: raw pyzmq throughput vs pslm push+pull of the same bytes.
+
+N bytes of parameters, split evenly over S peer processes, zero-copy frames of <= 16 MiB.
+
+pslm: a local cluster with S servers and this process as its only worker, N bytes of parameters
+as 12 equal fp32 tensors (like a small model's layers; 4 MiB chunks spread over the servers), SGD
+with lr 0; each step is one ``push_pull``: gradients up, the server's update, parameters down
+and copied into the caller's tensors. Throughput = 2N / time.
+
+Raw, two baselines with S plain pyzmq processes:
+- one-way: N bytes sent, each peer acknowledges with an empty frame; throughput = N / time.
+- echo: N bytes sent, each peer answers with as many bytes from a buffer of its own (zero-copy):
+  the same traffic as a push_pull, with nothing done to it; throughput = 2N / time.
+
+Medians over repetitions, the three measured in turn in one run; ratios are pslm / raw.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from pslm.ps.client import ClientConfig, PSClient
+from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.ps.optim import OptimizerConfig
+from pslm.wire.message import MAX_FRAME
+
+SIZES = {"3MiB": 3 << 20, "100MiB": 100 << 20}
+TENSORS = 12
+ECHO = """
+import ctypes, zmq
+libc = ctypes.CDLL(None)  # the allocator settings pslm uses (tune_allocator), for fairness
+libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30), libc.mallopt(-2, 64 << 20)
+s = zmq.Context().socket(zmq.ROUTER)
+s.setsockopt(zmq.LINGER, 0)
+print(s.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+replies = {}
+while True:
+    frames = s.recv_multipart(copy=False)
+    if len(frames) == 2 and frames[1].bytes == b"stop":
+        break
+    sizes = tuple(len(f.buffer) for f in frames[2:])
+    if sizes not in replies:
+        replies[sizes] = [memoryview(bytearray(n)) for n in sizes]
+    if frames[1].bytes == b"echo":
+        s.send_multipart([frames[0], b"h", *replies[sizes]], copy=False)
+    else:
+        s.send_multipart([frames[0], b""])
+"""
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    reps = 5 if quick else 40
+    rows = []
+    for servers in (1, 2):
+        with _Receivers(servers) as raw, _Cluster(servers) as ps:
+            for label, nbytes in SIZES.items():
+                n = reps if nbytes < (16 << 20) else max(3, reps // 2)
+                one_way, echo, step = _in_turn(
+                    [
+                        raw.prepare(nbytes, echo=False),
+                        raw.prepare(nbytes, echo=True),
+                        ps.prepare(nbytes),
+                    ],
+                    n,
+                )
+                gbps = {
+                    "one_way": nbytes / one_way / 1e9,
+                    "echo": 2 * nbytes / echo / 1e9,
+                    "pslm": 2 * nbytes / step / 1e9,
+                }
+                rows.append(
+                    {
+                        "servers": servers,
+                        "size": label,
+                        "raw_one_way_GBps": round(gbps["one_way"], 3),
+                        "raw_echo_GBps": round(gbps["echo"], 3),
+                        "pslm_GBps": round(gbps["pslm"], 3),
+                        "pslm_step_ms": round(step * 1e3, 2),
+                        "vs_one_way": round(gbps["pslm"] / gbps["one_way"], 3),
+                        "vs_echo": round(gbps["pslm"] / gbps["echo"], 3),
+                    }
+                )
+    return {
+        "bench": "transport",
+        "rows": rows,
+        "min_vs_one_way": min(r["vs_one_way"] for r in rows),
+        "min_vs_echo": min(r["vs_echo"] for r in rows),
+    }
+
+
+def _in_turn(fns: list[Any], reps: int) -> list[float]:
+    """Median seconds of each function, called in turn ``reps`` times after two warm-ups
+    (the first large messages fault pages in)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps + 2):
+        for t, fn in zip(times, fns, strict=True):
+            t.append(_timed(fn))
+    return [statistics.median(t[2:]) for t in times]
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class _Receivers:
+    """``n`` plain pyzmq peers; ``prepare`` returns one delivery of nbytes (echoed back or
+    acknowledged)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list[subprocess.Popen[str]] = []
+        self.socks: list[zmq.Socket[Any]] = []
+
+    def __enter__(self) -> _Receivers:
+        for _ in range(self.n):
+            p = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+            self.procs.append(p)
+            assert p.stdout is not None
+            sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
+            self.socks.append(sock)
+        return self
+
+    def prepare(self, nbytes: int, *, echo: bool) -> Any:
+        payload = memoryview(bytearray(nbytes))
+        mode = b"echo" if echo else b"ack"
+        share = nbytes // self.n
+        parts = [payload[i * share : (i + 1) * share] for i in range(self.n)]
+        frames = [[p[i : i + MAX_FRAME] for i in range(0, len(p), MAX_FRAME)] for p in parts]
+
+        def send() -> None:
+            for s, fr in zip(self.socks, frames, strict=True):
+                s.send_multipart([mode, *fr], copy=False)
+            for s in self.socks:
+                s.recv_multipart(copy=False)
+
+        return send
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.socks:
+            s.send(b"stop")
+            s.close()
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class _Cluster:
+    """A local cluster with ``n`` servers; ``prepare(nbytes)`` returns one push_pull step.
+
+    Each ``prepare`` starts a fresh cluster (a server holds one model); the last is stopped
+    on exit.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.tmp = tempfile.TemporaryDirectory(prefix="pslm-bench-")
+        self.cluster: LocalCluster | None = None
+        self.client: PSClient | None = None
+
+    def __enter__(self) -> _Cluster:
+        return self
+
+    def prepare(self, nbytes: int) -> Any:
+        self._stop()
+        cfg = LaunchConfig(
+            num_servers=self.n, num_workers=1, worker=None, run_dir=f"{self.tmp.name}/{nbytes}"
+        )
+        self.cluster = LocalCluster(cfg).__enter__()
+        client = self.client = PSClient(ClientConfig(scheduler=self.cluster.scheduler_address))
+        n = nbytes // 4
+        parts = -(-n // TENSORS)
+        out = {f"t{i}": t for i, t in enumerate(torch.zeros(n).split(parts))}
+        grads = {f"t{i}": t for i, t in enumerate(torch.ones(n).split(parts))}
+        client.init(out, OptimizerConfig(name="sgd", lr=0.0))
+        clock = iter(range(1 << 62))
+
+        def step() -> None:
+            client.wait(client.push_pull(grads, out, clock=next(clock)))
+
+        return step
+
+    def _stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            self.cluster.wait(timeout=60)
+            self.cluster.stop()
+            self.cluster = None
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._stop()
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop()
+            self.tmp.cleanup()
