@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pslm.errors import RefusedError, RequestTimeout
@@ -33,8 +36,9 @@ SGD = OptimizerConfig(
 ADAM = OptimizerConfig(name="adam", lr=3e-3, weight_decay=1e-3, clip_norm=0.5)
 
 
-def reference(kind: str, cfg: OptimizerConfig) -> dict[str, torch.Tensor]:
-    """One process, plain torch.optim + clip_grad_norm_, on the same global batches."""
+def reference(kind: str, cfg: OptimizerConfig) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One process, plain torch.optim + clip_grad_norm_, on the same global batches: the final
+    parameters and the loss of every step."""
     model = make_model(kind, SEED)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -50,16 +54,19 @@ def reference(kind: str, cfg: OptimizerConfig) -> dict[str, torch.Tensor]:
         opt = torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    losses = []
     for step in range(STEPS):
         x, y = global_batch(kind, SEED, step, BATCH)
         opt.zero_grad()
-        loss_of(kind, model, x, y).backward()
+        loss = loss_of(kind, model, x, y)
+        loss.backward()
+        losses.append(loss.item())
         if cfg.clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         opt.step()
-    return {n: p.detach() for n, p in model.named_parameters()}
+    return {n: p.detach() for n, p in model.named_parameters()}, losses
 
 
 @pytest.mark.parametrize(
@@ -92,8 +99,13 @@ def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, sp
     )
     with LocalCluster(lc) as cluster:
         cluster.wait(timeout=120)
-    want = reference(kind, cfg)
+    want, want_losses = reference(kind, cfg)
     got = [load_file(str(tmp_path / f"params-{r}.safetensors")) for r in range(2)]
+    logs = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in range(2)]
+    assert logs[0]["sum"] == logs[1]["sum"] == {"rank": 3.0}  # barrier values: 1 + 2
+    if not split:  # push_pull returned the global batch's loss, the weighted mean of slices
+        assert logs[0]["losses"] == logs[1]["losses"]
+        assert logs[0]["losses"] == pytest.approx(want_losses, rel=1e-5, abs=1e-6)
     assert set(got[0]) == set(want)
     for name, expected in want.items():
         assert torch.equal(got[0][name], got[1][name]), name
@@ -130,7 +142,7 @@ def test_100_mib_tensor_round_trips_exactly(one_worker_cluster) -> None:
     loads = client.keyspace.loads()
     assert abs(loads[0] - loads[1]) <= 4 << 20
     out = {"big": torch.zeros_like(big), "small": torch.zeros(3)}
-    assert client.wait(client.pull(out)) == 0
+    assert client.wait(client.pull(out)).version == 0
     assert torch.equal(out["big"], big) and torch.equal(out["small"], torch.ones(3))
     grad = torch.full_like(big, 0.5)
     client.wait(client.push_pull({"big": grad, "small": torch.zeros(3)}, out, clock=0))
@@ -165,7 +177,7 @@ def test_bad_push_is_refused_and_changes_nothing(one_worker_cluster) -> None:
     with pytest.raises(RefusedError, match="clock 5"):
         client.wait(client.push({"w": torch.ones(8, 8), "b": torch.ones(8)}, clock=5))
     out = {"w": torch.zeros(8, 8), "b": torch.ones(8)}
-    assert client.wait(client.pull(out)) == 0
+    assert client.wait(client.pull(out)).version == 0
     assert torch.equal(out["w"], w) and torch.equal(out["b"], torch.zeros(8))
     client.close()
 
@@ -186,3 +198,38 @@ def test_pull_from_a_killed_server_raises_the_named_timeout(one_worker_cluster) 
         client.wait(client.pull(out))
     assert 1.5 <= time.monotonic() - start < 5.0
     client._disconnect()
+
+
+def test_servers_save_their_shards_at_a_version(one_worker_cluster, tmp_path) -> None:
+    client = _client(one_worker_cluster)
+    w = torch.randn(300, 300)
+    client.init({"w": w, "b": torch.zeros(5)}, OptimizerConfig(name="adamw", lr=0.1))
+    out = {"w": w.clone(), "b": torch.zeros(5)}
+    version = client.wait(
+        client.push_pull({"w": torch.ones(300, 300), "b": torch.ones(5)}, out, clock=0)
+    ).version
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    with pytest.raises(RefusedError, match="version 0"):
+        client.save(str(ckpt), version=0)
+    files = client.save(str(ckpt), version=version)
+    assert sorted(Path(f).name for f in files) == [
+        "shard-000-of-002.safetensors",
+        "shard-001-of-002.safetensors",
+    ]
+    ks = client.keyspace
+    assert ks is not None
+    for server, f in enumerate(sorted(files)):
+        with safe_open(f, "pt") as shard:
+            meta = shard.metadata()
+            assert meta["version"] == "1" and json.loads(meta["optimizer"])["name"] == "adamw"
+            assert {"state.exp_avg", "state.exp_avg_sq", "steps"} <= set(shard.keys())
+            params = shard.get_tensor("params")
+        expected = [
+            out[ks.tensors[c.tensor].name].reshape(-1)[c.offset : c.offset + c.length]
+            for c in ks.shard(server)
+        ]
+        assert torch.equal(params, torch.cat(expected))
+    with pytest.raises(RefusedError, match="not a directory"):
+        client.save(str(tmp_path / "nowhere"), version=version)
+    client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +32,31 @@ def train(
     client.init(data, OptimizerConfig.from_dict(optimizer))
     lo = client.rank * batch // client.num_workers
     hi = (client.rank + 1) * batch // client.num_workers
+    losses = []
     for step in range(steps):
         x, y = global_batch(kind, seed, step, batch)
         model.zero_grad()
-        loss_of(kind, model, x[lo:hi], y[lo:hi]).backward()
+        loss = loss_of(kind, model, x[lo:hi], y[lo:hi])
+        loss.backward()
         grads = {n: p.grad for n, p in params.items()}
         if split_push_pull:
             client.wait(client.push(grads, clock=step, weight=hi - lo))
-            version = client.wait(client.pull(data, version=step + 1))
+            done = client.wait(client.pull(data, version=step + 1))
         else:
-            version = client.wait(client.push_pull(grads, data, clock=step, weight=hi - lo))
-        assert version == step + 1, (version, step)
+            done = client.wait(
+                client.push_pull(
+                    grads, data, clock=step, weight=hi - lo, scalars={"loss": loss.item()}
+                )
+            )
+            losses.append(done.scalars["loss"])
+        assert done.version == step + 1, (done.version, step)
+    total = client.barrier("sum", {"rank": client.rank + 1.0})
     save_file(
         {n: t.contiguous() for n, t in data.items()},
         str(Path(out) / f"params-{client.rank}.safetensors"),
     )
+    summary = {"losses": losses, "sum": total}
+    (Path(out) / f"losses-{client.rank}.json").write_text(json.dumps(summary))
 
 
 def fail(client: PSClient) -> None:

@@ -62,6 +62,18 @@ class ClientConfig:
             raise ConfigError("timeouts must be positive")
 
 
+class Completion(NamedTuple):
+    """What ``wait`` returns."""
+
+    version: int
+    """The servers' parameter version (the lowest, if they differ)."""
+    scalars: dict[str, float]
+    """For ``push_pull``: each pushed scalar averaged over the workers, weighted."""
+    held_s: float
+    """For ``push_pull``: the longest time a server held this push before answering (waiting
+    for the other workers and applying the update)."""
+
+
 class _Slot(NamedTuple):
     """Where one chunk lives in the caller's tensors."""
 
@@ -196,24 +208,83 @@ class PSClient:
         if self.rank != 0:
             self.wait(self.pull(tensors, version=0))
 
-    def barrier(self, name: str = "") -> None:
-        """Block until every worker has reached the barrier ``name``."""
+    def allocate(self, *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """New zeroed fp32 tensors, one per name given to ``init``, laid out for the wire.
+
+        Tensors that fit one chunk lie back to back in the order of the pieces their server
+        expects, so pushing them and pulling into them moves each piece with one copy or none.
+        Use them as the storage of parameters and gradients (call after ``init``).
+        """
+        ks = self.keyspace
+        if ks is None:
+            raise ClusterError("allocate before init: call init first")
+        out: dict[str, torch.Tensor] = {}
+        for s in range(self.num_servers):
+            slots = self._layout[s]
+            for lo, hi in ks.pieces(s):
+                run = slots[lo:hi]
+                whole = [x for x in run if x.offset == 0 and x.length == self._numel(x.name)]
+                if len(whole) != len(run) or len(run) < 2:
+                    continue
+                buf = torch.zeros(sum(x.length for x in run), pin_memory=pin_memory)
+                for x, view in zip(run, buf.split([x.length for x in run]), strict=True):
+                    out[x.name] = view.view(ks.tensors[ks.index[x.name]].shape)
+        for t in ks.tensors:  # tensors of several chunks, or alone in their piece
+            if t.name not in out:
+                out[t.name] = torch.zeros(t.shape, pin_memory=pin_memory)
+        return {t.name: out[t.name] for t in ks.tensors}
+
+    def _numel(self, name: str) -> int:
+        assert self.keyspace is not None
+        return self.keyspace.tensors[self.keyspace.index[name]].numel
+
+    def barrier(
+        self, name: str = "", values: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
+        """Block until every worker has reached the barrier ``name``; return ``values`` summed
+        over all workers (an all-reduce of a few numbers, e.g. evaluation losses)."""
         self._check_alive()
-        self.channel.request(
-            "scheduler",
-            Message("barrier", body={"node": self.me.node_id, "name": name, "group": "workers"}),
-        )
+        body = {
+            "node": self.me.node_id,
+            "name": name,
+            "group": "workers",
+            "values": {k: float(v) for k, v in (values or {}).items()},
+        }
+        reply = self.channel.request("scheduler", Message("barrier", body=body))
+        sums = reply.body.get("values", {})
+        return {str(k): float(v) for k, v in sums.items()} if isinstance(sums, dict) else {}
+
+    def save(self, directory: str, version: int) -> list[str]:
+        """Have every server write its shard (parameters and optimizer state) into
+        ``directory``, which must exist and be reachable by the servers; blocks until all are
+        written. Refused unless the servers are at ``version``. Returns the files written."""
+        self._check_alive()
+        body = {"worker": self.rank, "path": directory, "version": version}
+        ids = [
+            self.channel.send(f"server-{s}", Message("save", body=body))
+            for s in range(self.num_servers)
+        ]
+        replies = self.channel.wait(ids)
+        return [str(replies[i].body.get("file", "")) for i in ids]
 
     # --- data -------------------------------------------------------------------------------
 
-    def push(self, grads: Mapping[str, torch.Tensor], clock: int, *, weight: float = 1.0) -> int:
+    def push(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        clock: int,
+        *,
+        weight: float = 1.0,
+        scalars: Mapping[str, float] | None = None,
+    ) -> int:
         """Send gradients for ``clock`` to every server; returns a timestamp for ``wait``.
 
         Returns without waiting; the gradient tensors must not be modified until ``wait``
         returns. ``weight`` (e.g. this worker's number of samples) weights the mean across
-        workers. Needs every tensor given to ``init``.
+        workers, and the mean of ``scalars`` (e.g. the loss) that ``push_pull`` returns.
+        Needs every tensor given to ``init``.
         """
-        return self._push(grads, clock, weight, out=None)
+        return self._push(grads, clock, weight, scalars, out=None)
 
     def pull(self, out: Mapping[str, torch.Tensor], *, version: int = 0) -> int:
         """Fetch parameters into ``out`` once the servers reach ``version``; returns a timestamp.
@@ -241,14 +312,16 @@ class PSClient:
         clock: int,
         *,
         weight: float = 1.0,
+        scalars: Mapping[str, float] | None = None,
     ) -> int:
         """``push`` for ``clock``, and get back the parameters after that update, in one
-        exchange per server. ``out`` must hold every tensor; it is filled by ``wait``."""
+        exchange per server. ``out`` must hold every tensor; it is filled by ``wait``, whose
+        result also carries each of ``scalars`` averaged over the workers (weighted)."""
         self._check(out, "push_pull", full=True)
-        return self._push(grads, clock, weight, out=out)
+        return self._push(grads, clock, weight, scalars, out=out)
 
-    def wait(self, ts: int, timeout: float | None = None) -> int:
-        """Block until request ``ts`` is complete; return the servers' (lowest) version.
+    def wait(self, ts: int, timeout: float | None = None) -> Completion:
+        """Block until request ``ts`` is complete; return what the servers said.
 
         Raises RequestTimeout after ``timeout`` seconds (default: the client's), RefusedError
         if a server refused the request.
@@ -261,7 +334,15 @@ class PSClient:
                 self._scatter(reply, req.ids[rid], req.slots[req.ids[rid]], out)
 
         replies = self.channel.wait(req.ids, timeout, on_reply=scatter)
-        return min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
+        version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
+        scalars: dict[str, float] = {}
+        held = 0.0
+        for r in replies.values():
+            raw = r.body.get("scalars")
+            if isinstance(raw, dict):
+                scalars.update({str(k): float(v) for k, v in raw.items()})
+            held = max(held, float(r.body.get("held_s", 0.0)))
+        return Completion(version, scalars, held)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -300,23 +381,26 @@ class PSClient:
         grads: Mapping[str, torch.Tensor],
         clock: int,
         weight: float,
+        scalars: Mapping[str, float] | None,
         out: Mapping[str, torch.Tensor] | None,
     ) -> int:
         self._check(grads, "push", full=True)
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
-        body = {
+        body: dict[str, object] = {
             "worker": self.rank,
             "clock": clock,
             "weight": float(weight),
             "reply_params": out is not None,
         }
-        ids = {
-            self.channel.send(
-                f"server-{s}", Message("push", body=body, tensors=self._pack(grads, s))
-            ): s
-            for s in range(self.num_servers)
-        }
+        ids = {}
+        for s in range(self.num_servers):
+            # server 0 alone averages the scalars: one is enough
+            extra = (
+                {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
+            )
+            msg = Message("push", body={**body, **extra}, tensors=self._pack(grads, s))
+            ids[self.channel.send(f"server-{s}", msg)] = s
         return self._track(_Request(ids, {s: self._layout[s] for s in ids.values()}, out))
 
     def _track(self, req: _Request) -> int:

@@ -238,9 +238,12 @@ class LocalCluster:
             code = c.proc.poll()
             if code is not None and code != 0:
                 self.stop()
+                tail = c.tail()
+                last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+                last = last.removeprefix("pslm: error: ")
                 raise LaunchError(
-                    f"{c.name} (pid {c.proc.pid}) exited with code {code}; "
-                    f"log {c.log_path}:\n{c.tail()}"
+                    f"{c.name} exited with code {code}: {last or 'no output'} "
+                    f"(log: {c.log_path})\n{tail}"
                 )
 
     def _job(self) -> list[Child]:

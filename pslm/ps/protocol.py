@@ -7,7 +7,8 @@ To the scheduler (from any node unless said otherwise):
                -> {id, rank, num_workers, num_servers, servers: [address by rank],
                    heartbeat_interval, heartbeat_timeout}; sent once the cluster is complete
     heartbeat  {node} -> {stop: bool}
-    barrier    {node, name, group: workers|servers|all} -> {} once the whole group arrived
+    barrier    {node, name, group: workers|servers|all, values: {name: number}}
+               -> {values: each summed over the group} once the whole group arrived
     declare    {node, keyspace} (workers) -> {fingerprint}; refused if it differs from the
                key space declared first
     keyspace   {} -> {keyspace}
@@ -21,13 +22,17 @@ Notices from the scheduler:
     shutdown   {} (to servers)
 
 To a server (from workers):
-    init       {worker, keyspace, optimizer} + initial values, one tensor per chunk in shard
-               order -> {version}; idempotent for the same key space and optimizer
-    push       {worker, clock, weight, reply_params} + one gradient tensor per chunk ->
-               {version} at once, or, with reply_params, the parameters after the update
-               (as ``pull``)
-    pull       {worker, min_version, keys (null: all)} -> {version} + one tensor per key;
-               answered once the server's version >= min_version
+    init       {worker, keyspace, optimizer} + initial values, one tensor per piece ->
+               {version}; idempotent for the same key space and optimizer
+    push       {worker, clock, weight, reply_params, scalars: {name: number}} + gradients,
+               one tensor per piece (``KeySpace.pieces``) -> {version} at once, or, with
+               reply_params, the parameters after the update (as ``pull``) with {scalars:
+               each one's weighted mean over the workers, held_s: seconds the push waited}
+    pull       {worker, min_version, keys (null: all)} -> {version} + one tensor per piece
+               (all) or per key; answered once the server's version >= min_version
+    save       {worker, path, version} -> {file, bytes}: the shard (parameters, optimizer
+               state) written into the existing directory ``path``; refused unless the
+               server is at ``version``
 
 Between servers (notices):
     norm       {server, clock, sq} the server's part of the squared global gradient norm

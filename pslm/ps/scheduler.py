@@ -101,6 +101,18 @@ class Barrier:
     group: str
     waiting: dict[str, Message] = field(default_factory=dict)  # node id -> request
     peers: dict[str, bytes] = field(default_factory=dict)
+    values: dict[str, dict[str, float]] = field(default_factory=dict)  # node id -> values
+
+    def sums(self, members: list[NodeRecord]) -> dict[str, float]:
+        """Every value summed over the members, in rank order (the same sum every run)."""
+        out: dict[str, float] = {}
+        for node in sorted(members, key=lambda n: (n.role, n.rank)):
+            for name, value in self.values.get(node.id, {}).items():
+                out[name] = out.get(name, 0.0) + value
+        return out
+
+
+MAX_VALUES = 64
 
 
 class Scheduler:
@@ -293,12 +305,14 @@ class Scheduler:
         barrier = self.barriers.setdefault(name, Barrier(group))
         if barrier.group != group:
             raise ClusterError(f"barrier {name!r} is for {barrier.group}, not {group}")
+        barrier.values[node.id] = _values(protocol.field(msg, "values", dict, {}))
         barrier.waiting[node.id] = msg
         barrier.peers[node.id] = peer
         members = [n for n in self.nodes.values() if self._in_group(n, group)]
         if all(n.id in barrier.waiting for n in members):
+            sums = barrier.sums(members)
             for node_id, req in barrier.waiting.items():
-                self.listener.send(barrier.peers[node_id], req.reply())
+                self.listener.send(barrier.peers[node_id], req.reply(values=sums))
             del self.barriers[name]
         return None
 
@@ -398,6 +412,21 @@ class Scheduler:
             "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
         }
         _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _values(raw: dict[str, Any]) -> dict[str, float]:
+    if len(raw) > MAX_VALUES:
+        raise ProtocolError(f"barrier: at most {MAX_VALUES} values")
+    out = {}
+    for name, value in raw.items():
+        if (
+            not isinstance(name, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
+            raise ProtocolError("barrier: values map names to numbers")
+        out[name] = float(value)
+    return out
 
 
 def _write_atomic(path: Path, text: str) -> None:

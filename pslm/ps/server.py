@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -78,6 +80,11 @@ class Clock:
     factor: float = 1.0
     """grads * factor is the mean gradient."""
     norms: dict[int, float] = field(default_factory=dict)
+    scalars: dict[int, dict[str, float]] = field(default_factory=dict)
+    arrived: dict[int, float] = field(default_factory=dict)
+
+
+MAX_SCALARS = 64
 
 
 class Server:
@@ -182,6 +189,8 @@ class Server:
             self._pull(peer, msg)
         elif msg.op == "norm":
             self._norm(msg)
+        elif msg.op == "save":
+            self.listener.send(peer, self._save(msg))
         else:
             raise ProtocolError(f"unknown op {msg.op!r}")
 
@@ -225,6 +234,7 @@ class Server:
         if not (weight > 0 and math.isfinite(weight)):
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
         grads = store.unpack(msg.tensors, "push")
+        scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
         if clock != store.version:
             when = "after the server applied it" if clock < store.version else "too early"
             raise RefusedError(
@@ -237,6 +247,8 @@ class Server:
                 f"worker {worker} already pushed for clock {clock}", code="duplicate"
             )
         self.clock.pushes[worker] = (weight, grads)
+        self.clock.scalars[worker] = scalars
+        self.clock.arrived[worker] = time.monotonic()
         if with_params:
             self.after_update.append((peer, msg))
         else:
@@ -283,6 +295,25 @@ class Server:
                 "dropped a norm for clock %d from server %d (at %d)", clock, server, store.version
             )
 
+    def _save(self, msg: Message) -> Message:
+        """Write this shard (parameters, optimizer state) into an existing directory."""
+        assert self.me is not None
+        store = self._store()
+        self._worker(msg)
+        directory = Path(protocol.field(msg, "path", str))
+        version = protocol.field(msg, "version", int)
+        if version != store.version:
+            raise RefusedError(
+                f"save asked for version {version}; the server is at {store.version}",
+                code="bad_clock",
+            )
+        if not directory.is_dir():
+            raise RefusedError(f"save: {directory} is not a directory", code="bad_path")
+        path = directory / shard_file(self.me.rank, self.me.num_servers)
+        nbytes = store.save(path)
+        log.info("saved version %d to %s (%d bytes)", version, path, nbytes)
+        return msg.reply(version=version, file=str(path), bytes=nbytes)
+
     # --- BSP --------------------------------------------------------------------------------
 
     def _advance(self) -> None:
@@ -314,8 +345,11 @@ class Server:
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
         replies, self.after_update = self.after_update, []
+        scalars = _mean_scalars(clock)
+        now = time.monotonic()
         for peer, msg in replies:
-            self._send_params(peer, msg, None)
+            held = now - clock.arrived[int(msg.body["worker"])]
+            self._send_params(peer, msg, None, scalars=scalars, held_s=round(held, 6))
         parked, self.parked = self.parked, []
         for peer, msg, min_version, keys in parked:
             if min_version <= store.version:
@@ -323,7 +357,9 @@ class Server:
             else:
                 self.parked.append((peer, msg, min_version, keys))
 
-    def _send_params(self, peer: bytes, msg: Message, keys: list[int] | None) -> None:
+    def _send_params(
+        self, peer: bytes, msg: Message, keys: list[int] | None, **extra: object
+    ) -> None:
         store = self._store()
         if keys is None:
             tensors = store.packed
@@ -331,7 +367,7 @@ class Server:
             tensors = [store.views[store.position[k]] for k in keys]
         tracker = self.listener.send(
             peer,
-            Message("ok", id=msg.id, body={"version": store.version}, tensors=tensors),
+            Message("ok", id=msg.id, body={"version": store.version, **extra}, tensors=tensors),
             track=True,
         )
         if tracker is not None and not tracker.done:
@@ -373,6 +409,38 @@ class Server:
             )
         except PSLMError as exc:
             log.debug("could not say goodbye to the scheduler: %s", exc)
+
+
+def shard_file(rank: int, num_servers: int) -> str:
+    """The file name of server ``rank``'s part of a checkpoint."""
+    return f"shard-{rank:03d}-of-{num_servers:03d}.safetensors"
+
+
+def _scalars(raw: dict[str, Any]) -> dict[str, float]:
+    """Validated per-push scalars (e.g. the worker's loss): short names, numbers."""
+    if len(raw) > MAX_SCALARS:
+        raise ProtocolError(f"push: at most {MAX_SCALARS} scalars")
+    out = {}
+    for name, value in raw.items():
+        if not (isinstance(name, str) and 0 < len(name) <= 64):
+            raise ProtocolError("push: scalar names are strings of 1 to 64 characters")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"push: scalar {name!r} is not a number")
+        out[name] = float(value)
+    return out
+
+
+def _mean_scalars(clock: Clock) -> dict[str, float]:
+    """Each scalar's mean over the workers that sent it, weighted by their push weights, in
+    worker-rank order (the same sum every run)."""
+    sums: dict[str, list[float]] = {}
+    for worker in sorted(clock.scalars):
+        weight = clock.pushes[worker][0]
+        for name, value in clock.scalars[worker].items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += weight * value
+            acc[1] += weight
+    return {name: total / w for name, (total, w) in sums.items()}
 
 
 def _advertised(bound: str, advertise: str) -> str:

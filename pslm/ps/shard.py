@@ -17,10 +17,14 @@ request loop owns it. Every list of per-chunk tensors is in the shard order of
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pslm.errors import RefusedError
 from pslm.ps.keyspace import KeySpace
@@ -101,6 +105,27 @@ class ShardStore:
         """Set the parameters from the pieces of an init message (checked first)."""
         for view, v in zip(self.views, self.unpack(values, "init"), strict=True):
             view.copy_(v)
+
+    def save(self, path: Path) -> int:
+        """Write parameters, optimizer state and step counters to ``path`` (safetensors),
+        atomically (temporary file, fsync, rename); returns the file's size."""
+        tensors = {
+            "params": self.params,
+            "steps": torch.stack(self.steps) if self.steps else torch.zeros(0),
+        }
+        tensors.update({f"state.{k}": v for k, v in self.state.items()})
+        meta = {
+            "keyspace": json.dumps(self.keyspace.to_dict()),
+            "optimizer": json.dumps(self.optimizer.to_dict()),
+            "server": str(self.server),
+            "version": str(self.version),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path.stat().st_size
 
     def reduce(
         self, pushes: Sequence[tuple[float, Sequence[torch.Tensor]]]
