@@ -1,0 +1,117 @@
+"""Model checkpoints: ``checkpoints/step_NNNNNNN/`` in a run directory.
+
+    write_model(tmp_dir, model, meta={"step": 100})     # model.safetensors + meta.json
+    path = latest_checkpoint(run_dir)                  # newest complete one, or None
+    model, tokenizer, meta = load_model(run_dir)       # ready for generation or evaluation
+
+A checkpoint directory appears only when complete: it is written under a temporary name,
+every file is fsynced, then it is renamed (``publish``). ``meta.json`` holds the model's shape
+and the step; the tokenizer is the run's ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pslm.errors import ConfigError
+from pslm.lm.model import GPT, GPTConfig
+from pslm.lm.tokenizer import Tokenizer, load_tokenizer
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def write_model(directory: Path, model: GPT, meta: dict[str, Any]) -> None:
+    """``model.safetensors`` (each parameter once) and ``meta.json`` (shape + ``meta``),
+    fsynced."""
+    params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    save_file(params, str(directory / "model.safetensors"))
+    doc = {"model": asdict(model.config), **meta}
+    (directory / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
+    for name in ("model.safetensors", "meta.json"):
+        _fsync(directory / name)
+
+
+def publish(tmp: Path, final: Path, keep: int) -> None:
+    """Rename a complete checkpoint into place, then delete all but the newest ``keep``."""
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    done = sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir())
+    return steps[-1] if steps else None
+
+
+def load_model(
+    run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"
+) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """The model of a run's newest (or the given) checkpoint, its tokenizer and meta.
+
+    ConfigError with a one-line reason if the run or checkpoint is missing or corrupt.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"no run directory at {run}")
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run)
+    if path is None or not path.is_dir():
+        raise ConfigError(
+            f"{run} has no checkpoint yet" if path is None else f"no checkpoint at {path}"
+        )
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        config = GPTConfig(**meta["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"checkpoint {path} is corrupt: bad meta.json ({exc})") from None
+    try:
+        params = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as exc:
+        raise ConfigError(f"checkpoint {path} is corrupt: {exc}") from None
+    model = GPT(config)
+    own = dict(model.named_parameters())
+    if set(params) != set(own):
+        raise ConfigError(f"checkpoint {path} is corrupt: its tensors do not match the model")
+    with torch.no_grad():
+        for name, p in own.items():
+            if params[name].shape != p.shape:
+                raise ConfigError(
+                    f"checkpoint {path} is corrupt: {name} has shape "
+                    f"{list(params[name].shape)}, expected {list(p.shape)}"
+                )
+            p.copy_(params[name])
+    tokenizer = load_tokenizer(run / "tokenizer.json")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ConfigError(
+            f"{run / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, the "
+            f"model {config.vocab_size}"
+        )
+    return model.to(device).eval(), tokenizer, meta
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
