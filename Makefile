@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint test-slow bench clean
+.PHONY: setup train demo test lint test-slow bench clean
 
 # torch first and pinned: it is the CPU build on this machine's disk, and installing it before
 # pslm keeps pip from resolving the `torch>=2.5` requirement to a several-GB CUDA build.
@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup  ## train a small model on a local cluster: 1 scheduler, 2 servers, 2 workers
+train: setup  ## the main job: a small GPT on BBC News, local cluster of 2 servers + 2 workers
+	$(VENV)/bin/pslm train
+
+demo: setup  ## the parameter server alone: a small MLP, 2 servers + 2 workers
 	$(VENV)/bin/pslm demo
 
 lint: setup
@@ -32,6 +35,7 @@ test-slow: setup  ## the long tests, kept out of the default suite
 bench: setup
 	$(VENV)/bin/pslm bench transport
 	$(VENV)/bin/pslm bench ps
+	$(VENV)/bin/pslm bench train
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

@@ -9,6 +9,7 @@ PSLM_HEARTBEAT_TIMEOUT, PSLM_THREADS, PSLM_WORKER_ARGS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -53,6 +54,46 @@ def _parser() -> argparse.ArgumentParser:
         description="Train GPT-style language models on a parameter server.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("train", help="train a GPT on a local parameter-server cluster")
+    s.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    s.add_argument(
+        "--data",
+        metavar="NAME|PATH",
+        help="bbc-news (default), a text file, a directory of text files, or JSONL",
+    )
+    s.add_argument("--model", metavar="PRESET", help="tiny, small (default) or gpt2")
+    s.add_argument("--tokenizer", choices=["bpe", "char"], help="default bpe")
+    s.add_argument("--steps", type=int, help="optimizer steps")
+    s.add_argument("--batch-size", type=int, help="GLOBAL sequences per step, split over workers")
+    s.add_argument("--block-size", type=int, help="context length in tokens")
+    s.add_argument("--workers", type=int, help="worker processes (default 2)")
+    s.add_argument("--servers", type=int, help="server processes (default 2)")
+    s.add_argument("--consistency", help="bsp (default)")
+    s.add_argument("--seed", type=int, help="seed of the initial model and the batch order")
+    s.add_argument("--device", help="cpu (default) or cuda[:N]")
+    s.add_argument("--run-dir", help="run directory (default runs/<corpus>-<date>-<time>)")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("generate", help="generate text from a trained run")
+    s.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    s.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    s.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (200)")
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (0.8)")
+    s.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (50)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    s.add_argument("--seed", type=int, default=None, help="fixes the sampled text")
+    s.add_argument("--checkpoint", metavar="DIR", help="a checkpoint (default: the newest)")
+    s.add_argument("--no-cache", action="store_true", help="recompute without the KV cache")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    s.set_defaults(func=_generate)
+
+    s = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
+    s.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    s.add_argument("--iters", type=int, default=200, help="validation batches (200)")
+    s.add_argument("--checkpoint", metavar="DIR", help="a checkpoint (default: the newest)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_eval)
 
     s = sub.add_parser("scheduler", help="run the scheduler of a cluster")
     s.add_argument(
@@ -126,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_demo)
 
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
-    s.add_argument("name", choices=["transport", "ps"], help="which benchmark")
+    s.add_argument("name", choices=["transport", "ps", "train"], help="which benchmark")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
     s.set_defaults(func=_bench)
@@ -243,6 +284,89 @@ def _run_worker(args: argparse.Namespace) -> int:
     )
     _role_setup("worker")
     run_worker(args.target, cfg, kwargs)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pslm.train.config import TrainConfig, load_config
+    from pslm.train.run import train
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    flags = {
+        "data": {"name": args.data, "tokenizer": args.tokenizer},
+        "model": {"preset": args.model, "block_size": args.block_size},
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "device": args.device,
+        },
+        "cluster": {
+            "workers": args.workers,
+            "servers": args.servers,
+            "consistency": args.consistency,
+        },
+    }
+    given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
+    cfg = cfg.override(**{k: d for k, d in given.items() if d})
+    if args.run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    _check_device(cfg.train.device)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return train(cfg)
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but this machine has no CUDA GPU")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pslm.lm.checkpoint import load_model
+    from pslm.lm.generate import stream
+
+    _check_device(args.device)
+    model, tok, _ = load_model(args.run, args.checkpoint, device=args.device)
+    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    ids = []
+    text_so_far = ""
+    for token in stream(
+        model,
+        prompt,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        use_cache=not args.no_cache,
+    ):
+        ids.append(token)
+        text = tok.decode(ids)  # decode the whole tail: a character may span tokens
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(text_so_far) :])
+            sys.stdout.flush()
+            text_so_far = text
+    sys.stdout.write(tok.decode(ids)[len(text_so_far) :] + "\n")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pslm.train.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, iters=args.iters, checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['run']} step {result['step']}: val loss {result['val_loss']:.4f}, "
+            f"perplexity {result['perplexity']:.2f} ({result['batches']} batches of "
+            f"{result['tokens_per_batch']} tokens)"
+        )
     return 0
 
 

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from pslm.ps.launch import LaunchConfig
 
@@ -26,3 +29,11 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared token files go to a temporary cache, shared by the session's processes."""
+    path = tmp_path_factory.mktemp("pslm-cache")
+    os.environ["PSLM_CACHE"] = str(path)
+    return path

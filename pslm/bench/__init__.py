@@ -12,7 +12,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-BENCHES = {"transport": "pslm.bench.transport", "ps": "pslm.bench.ps"}
+BENCHES = {
+    "transport": "pslm.bench.transport",
+    "ps": "pslm.bench.ps",
+    "train": "pslm.bench.train",
+}
 
 
 def run_bench(name: str, *, as_json: bool, quick: bool) -> int:

@@ -1,0 +1,320 @@
+"""The configuration of a training run: one typed section per component, TOML in and out.
+
+    cfg = TrainConfig()                                   # the defaults of `pslm train`
+    cfg = load_config("configs/shakespeare-char.toml")    # a file: unknown keys are errors
+    cfg = cfg.override(train={"steps": 100}, cluster={"workers": 1})
+    Path("config.toml").write_text(dump_toml(cfg.to_dict()))
+
+Sections: [model], [data], [optim], [train], [cluster]. Every field has a docstring; invalid
+values raise ConfigError in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pslm.errors import ConfigError
+from pslm.lm.model import PRESETS, GPTConfig
+from pslm.lm.tokenizer import KINDS
+from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+
+CONSISTENCY = ("bsp",)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    preset: str = "small"
+    """``tiny``, ``small`` or ``gpt2``; the fields below override it when set."""
+    n_layer: int = 0
+    """Transformer blocks (0: the preset's)."""
+    n_head: int = 0
+    """Attention heads (0: the preset's)."""
+    n_embd: int = 0
+    """Width (0: the preset's)."""
+    block_size: int = 0
+    """Context length in tokens (0: the preset's)."""
+    dropout: float = 0.0
+    """Dropout in training; 0 keeps results independent of the number of workers."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms."""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(
+                f"unknown model preset {self.preset!r}; choose from {sorted(PRESETS)}"
+            )
+
+    def gpt(self, vocab_size: int) -> GPTConfig:
+        """The model's shape for a tokenizer of ``vocab_size`` tokens."""
+        sizes = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        return GPTConfig.preset(
+            self.preset,
+            vocab_size=vocab_size,
+            dropout=self.dropout,
+            bias=self.bias,
+            **{k: v for k, v in sizes.items() if v},
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    name: str = "bbc-news"
+    """A built-in corpus (bbc-news) or a path: text file, directory of text files, JSONL."""
+    tokenizer: str = "bpe"
+    """``bpe`` (byte-level, trained on the corpus) or ``char``."""
+    vocab_size: int = 4096
+    """BPE vocabulary size."""
+    val_fraction: float = 0.1
+    """Share of the corpus held out for validation."""
+    cache_dir: str = ""
+    """Where prepared token files are cached (default ``$PSLM_CACHE`` or ~/.cache/pslm)."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in KINDS:
+            raise ConfigError(f"tokenizer must be one of {KINDS}, got {self.tokenizer!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimSection:
+    name: str = "adamw"
+    """``adamw``, ``adam`` or ``sgd``, run by the servers."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr: float = 2e-4
+    """Final learning rate of the cosine schedule."""
+    warmup_steps: int = -1
+    """Linear warmup steps (-1: a tenth of the steps, at most 100)."""
+    decay_steps: int = 0
+    """Step at which the cosine reaches min_lr (0: the last step); schedule=constant ignores."""
+    schedule: str = "cosine"
+    """``cosine`` or ``constant``."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam moment coefficients."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on tensors with 2+ dimensions."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clipping (0: off)."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+
+    def optimizer(self, steps: int) -> OptimizerConfig:
+        """The servers' update rule for a run of ``steps`` steps."""
+        warmup = min(100, steps // 10) if self.warmup_steps < 0 else self.warmup_steps
+        if self.schedule == "cosine":
+            sched = ScheduleConfig(
+                kind="cosine",
+                warmup_steps=warmup,
+                decay_steps=self.decay_steps or steps,
+                min_lr=self.min_lr,
+            )
+        else:
+            sched = ScheduleConfig(kind=self.schedule, warmup_steps=warmup)
+        return OptimizerConfig(
+            name=self.name,
+            lr=self.lr,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            clip_norm=self.clip_norm,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            schedule=sched,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    steps: int = 1200
+    """Optimizer steps (global batches)."""
+    batch_size: int = 16
+    """Global batch, in sequences per step, split over the workers."""
+    seed: int = 1337
+    """Seeds the model's initial values and the order of the batches."""
+    eval_interval: int = 200
+    """Steps between validation-loss evaluations (the last step always evaluates)."""
+    eval_iters: int = 40
+    """Validation batches per evaluation (the same batches every time)."""
+    checkpoint_interval: int = 400
+    """Steps between checkpoints (the last step always writes one)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are deleted."""
+    sample_tokens: int = 200
+    """Tokens generated as a sample at the end (0: none)."""
+    sample_prompt: str = ""
+    """Prompt of the final sample (empty: start from end-of-text)."""
+    device: str = "cpu"
+    """Where workers compute: ``cpu`` or ``cuda`` (``cuda:N``)."""
+    threads: int = 1
+    """Intra-op threads per worker (one thread per process is fastest on CPU)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "eval_interval",
+            "eval_iters",
+            "checkpoint_interval",
+            "keep_checkpoints",
+            "threads",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterSection:
+    workers: int = 2
+    """Worker processes."""
+    servers: int = 2
+    """Server processes."""
+    consistency: str = "bsp"
+    """Consistency model; bsp (ssp:S, asp and local:H come with a later release)."""
+    timeout: float = 120.0
+    """Seconds any request may wait before the run fails."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats."""
+    heartbeat_timeout: float = 5.0
+    """Seconds of silence before a node is declared dead."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.servers < 1:
+            raise ConfigError("need at least one worker and one server")
+        if self.consistency not in CONSISTENCY:
+            raise ConfigError(
+                f"consistency {self.consistency!r} is not available yet; choose from {CONSISTENCY}"
+            )
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "cluster": ClusterSection,
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything a run needs. ``run_dir`` empty: runs/<corpus>-<date>-<time>."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        self.optim.optimizer(self.train.steps)  # raises ConfigError for a bad combination
+        if self.train.batch_size < self.cluster.workers:
+            raise ConfigError(
+                f"batch size {self.train.batch_size} is smaller than "
+                f"{self.cluster.workers} workers: every worker needs a row"
+            )
+
+    def override(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with fields changed, e.g. ``override(train={"steps": 10})``."""
+        changed: dict[str, Any] = {}
+        for name, values in sections.items():
+            section = getattr(self, name)
+            changed[name] = _section(SECTIONS[name], {**asdict(section), **values})
+        return replace(self, **changed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        d["optim"]["betas"] = list(self.optim.betas)
+        return {"run_dir": self.run_dir, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - set(SECTIONS) - {"run_dir"}
+        if unknown:
+            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        kw: dict[str, Any] = {name: _section(SECTIONS[name], d.get(name, {})) for name in SECTIONS}
+        return cls(run_dir=str(d.get("run_dir", "")), **kw)
+
+
+def _section(cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{_name(cls)}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    if unknown := set(values) - set(known):
+        raise ConfigError(f"unknown settings in [{_name(cls)}]: {sorted(unknown)}")
+    typed = {}
+    for key, value in values.items():
+        typed[key] = _coerce(cls, key, known[key].type, value)
+    return cls(**typed)
+
+
+def _coerce(cls: type, key: str, kind: Any, value: Any) -> Any:
+    kind = str(kind)
+    where = f"{_name(cls)}.{key}"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2:  # betas
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return (float(value[0]), float(value[1]))
+    raise ConfigError(f"{where} must be a pair of numbers, got {value!r}")
+
+
+def _name(cls: type) -> str:
+    return next(k for k, v in SECTIONS.items() if v is cls)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML file; ConfigError naming what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return TrainConfig.from_dict(doc)
+
+
+def dump_toml(d: dict[str, Any]) -> str:
+    """TOML for a dict of scalars and one level of tables (what ``to_dict`` returns)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for name, table in d.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{name}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string

@@ -1,0 +1,174 @@
+"""``pslm train``: prepare the data, start a local cluster, show progress, end with a sample.
+
+    code = train(TrainConfig())           # the defaults: small GPT on bbc-news, 2+2 processes
+
+The run directory gets ``config.toml`` (the resolved configuration), ``tokenizer.json``,
+``cluster.json`` (kept by the scheduler), ``metrics.jsonl`` (written by worker 0),
+``checkpoints/step_NNNNNNN/`` and ``logs/``. Ctrl-C stops every process; completed checkpoints
+stay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pslm.errors import ConfigError
+from pslm.lm.checkpoint import latest_checkpoint, load_model
+from pslm.lm.corpus import load_corpus
+from pslm.lm.data import PreparedData, prepare
+from pslm.lm.generate import generate
+from pslm.lm.model import GPT
+from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.train.config import TrainConfig, dump_toml
+
+console = Console(highlight=False)
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run a whole training job locally; returns the exit code (raises on failure)."""
+    started = time.perf_counter()
+    corpus = load_corpus(cfg.data.name)
+    run_dir = _new_run_dir(cfg, corpus.name)
+    cfg = replace(cfg, run_dir=str(run_dir))
+    console.print(f"[bold]pslm train[/] -> {run_dir}")
+    data = prepare(
+        corpus,
+        tokenizer=cfg.data.tokenizer,
+        vocab_size=cfg.data.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
+    )
+    model_cfg = cfg.model.gpt(data.vocab_size)
+    _check_data(data, model_cfg.block_size)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(dump_toml(cfg.to_dict()))
+    shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+    n_params = GPT(model_cfg).num_params()
+    console.print(
+        f"data: {corpus.name}, {data.meta['documents']} documents, "
+        f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens "
+        f"({cfg.data.tokenizer}, vocab {data.vocab_size})\n"
+        f"model: {cfg.model.preset} {model_cfg.n_layer}x{model_cfg.n_head}x{model_cfg.n_embd}, "
+        f"block {model_cfg.block_size}, {n_params / 1e6:.2f}M parameters\n"
+        f"cluster: {cfg.cluster.servers} servers, {cfg.cluster.workers} workers, "
+        f"{cfg.cluster.consistency}; {cfg.train.steps} steps of {cfg.train.batch_size} sequences"
+    )
+    launch = LaunchConfig(
+        num_servers=cfg.cluster.servers,
+        num_workers=cfg.cluster.workers,
+        worker="pslm.train.worker:run",
+        worker_args={"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)},
+        run_dir=str(run_dir),
+        timeout=cfg.cluster.timeout,
+        heartbeat_interval=cfg.cluster.heartbeat_interval,
+        heartbeat_timeout=cfg.cluster.heartbeat_timeout,
+        threads_per_worker=cfg.train.threads,
+    )
+    try:
+        with LocalCluster(launch) as cluster:
+            _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(run_dir)
+        console.print(f"\ninterrupted; every process stopped. Last checkpoint: {last or 'none'}")
+        raise
+    _summary(run_dir, cfg, time.perf_counter() - started)
+    return 0
+
+
+def _new_run_dir(cfg: TrainConfig, corpus: str) -> Path:
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in corpus)[:30]
+        path = Path("runs") / f"{slug}-{stamp}"
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(
+            f"run directory {path} already exists and is not empty; choose another --run-dir"
+        )
+    return path
+
+
+def _check_data(data: PreparedData, block_size: int) -> None:
+    for split in ("train", "val"):
+        n = int(str(data.meta[f"{split}_tokens"]))
+        if n < block_size + 1:
+            raise ConfigError(
+                f"the {split} split has {n} tokens, fewer than block_size + 1 = "
+                f"{block_size + 1}: use a larger corpus or a smaller --block-size"
+            )
+
+
+def _follow(cluster: LocalCluster, metrics: Path, steps: int) -> None:
+    """Show a progress bar fed by metrics.jsonl until the cluster is done."""
+    columns = (
+        TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+    )
+    seen = 0
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=steps, status="starting")
+        rate = None
+        while not cluster.poll():
+            seen, rate = _advance(bar, task, metrics, seen, rate)
+            time.sleep(0.25)
+        cluster.wait()
+        _advance(bar, task, metrics, seen, rate)
+
+
+def _advance(
+    bar: Progress, task: Any, metrics: Path, seen: int, rate: float | None
+) -> tuple[int, float | None]:
+    lines = _read_lines(metrics)
+    for line in lines[seen:]:
+        rec = json.loads(line)
+        rate = rec["tokens_per_s"] if rate is None else 0.9 * rate + 0.1 * rec["tokens_per_s"]
+        status = f"loss {rec['loss']:.4f}  {rate:,.0f} tok/s"
+        if "val_loss" in rec:
+            bar.console.print(
+                f"step {rec['step'] + 1}: train loss {rec['loss']:.4f}, "
+                f"val loss {rec['val_loss']:.4f}"
+            )
+        bar.update(task, completed=rec["step"] + 1, status=status)
+    return len(lines), rate
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.endswith("}")]
+
+
+def _summary(run_dir: Path, cfg: TrainConfig, seconds: float) -> None:
+    records = [json.loads(ln) for ln in _read_lines(run_dir / "metrics.jsonl")]
+    val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), math.nan)
+    checkpoint = latest_checkpoint(run_dir)
+    console.print(f"done in {seconds:.0f} s: val loss {val:.4f}, checkpoint {checkpoint}")
+    if cfg.train.sample_tokens and checkpoint is not None:
+        model, tok, _ = load_model(run_dir)
+        prompt = tok.encode(cfg.train.sample_prompt) if cfg.train.sample_prompt else [tok.eot_id]
+        ids = generate(
+            model,
+            prompt,
+            max_new_tokens=cfg.train.sample_tokens,
+            temperature=0.8,
+            top_k=50,
+            seed=cfg.train.seed,
+        )
+        console.rule("sample")
+        console.print(tok.decode(list(prompt) + ids).strip(), markup=False)
+        console.rule()

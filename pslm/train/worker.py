@@ -1,0 +1,200 @@
+"""The worker's training loop: pull -> forward/backward on its slice -> push, every step.
+
+Run by each worker process of ``pslm train`` (``pslm run-worker pslm.train.worker:run``).
+Under BSP one ``push_pull`` per step sends this worker's gradients and brings back the
+parameters after the servers' update, together with the global batch's mean loss. Worker 0
+also writes ``metrics.jsonl`` and the checkpoints; all workers share the evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pslm.lm.checkpoint import publish, step_dir, write_model
+from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
+from pslm.lm.model import GPT
+from pslm.ps.client import PSClient
+from pslm.train.config import TrainConfig
+
+
+def run(client: PSClient, *, config: dict[str, Any], run_dir: str, data_path: str) -> None:
+    """Worker entry point (``function(client, **args)`` for the launcher)."""
+    meta = json.loads((Path(data_path) / "meta.json").read_text())
+    TrainLoop(
+        client, TrainConfig.from_dict(config), Path(run_dir), PreparedData(Path(data_path), meta)
+    ).run()
+
+
+class TrainLoop:
+    def __init__(self, client: PSClient, cfg: TrainConfig, run_dir: Path, data: PreparedData):
+        self.client = client
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = torch.device(cfg.train.device)
+        self.model_config = cfg.model.gpt(data.vocab_size)
+        torch.manual_seed(cfg.train.seed)  # every worker builds the same initial model
+        self.model = GPT(self.model_config).to(self.device)
+        self.train_tokens = data.tokens("train")
+        self.val_tokens = data.tokens("val")
+        t = cfg.train
+        block = self.model_config.block_size
+        self.batches = GlobalBatches(
+            len(self.train_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
+        )
+        self.val_batches = GlobalBatches(
+            len(self.val_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
+        )
+        self.rows = worker_slice(client.rank, client.num_workers, t.batch_size)
+        self.optimizer = cfg.optim.optimizer(t.steps)
+        self.params = dict(self.model.named_parameters())
+        on_cpu = self.device.type == "cpu"
+        # the PS speaks CPU tensors: on a GPU, gradients and parameters go through CPU mirrors
+        self.host = {
+            n: p.data if on_cpu else torch.empty_like(p, device="cpu").pin_memory()
+            for n, p in self.params.items()
+        }
+        self.host_grads = (
+            None
+            if on_cpu
+            else {n: torch.empty_like(p, device="cpu").pin_memory() for n, p in self.params.items()}
+        )
+        self.metrics = (self.run_dir / "metrics.jsonl").open("a") if client.rank == 0 else None
+
+    def run(self) -> None:
+        self._init_parameters()
+        steps = self.cfg.train.steps
+        tokens_per_step = self.cfg.train.batch_size * self.model_config.block_size
+        nbytes = sum(t.numel() * 4 for t in self.host.values())
+        start = time.perf_counter()
+        try:
+            for step in range(steps):
+                t0 = time.perf_counter()
+                loss = self._forward_backward(step)
+                t1 = time.perf_counter()
+                done = self.client.wait(
+                    self.client.push_pull(
+                        self._grads(),
+                        self.host,
+                        clock=step,
+                        weight=self.rows[1] - self.rows[0],
+                        scalars={"loss": loss},
+                    )
+                )
+                self._load_host_params()
+                t2 = time.perf_counter()
+                record: dict[str, Any] = {
+                    "step": step,
+                    "time": round(t2 - start, 4),
+                    "loss": round(done.scalars.get("loss", loss), 6),
+                    "lr": self.optimizer.lr_at(step),
+                    "tokens_per_s": round(tokens_per_step / (t2 - t0), 1),
+                    "compute_s": round(t1 - t0, 5),
+                    "comm_s": round(t2 - t1, 5),
+                    "wait_s": round(done.held_s, 5),
+                    "version": done.version,
+                    "bytes_pushed": nbytes,
+                    "bytes_pulled": nbytes,
+                }
+                last = step == steps - 1
+                if (step + 1) % self.cfg.train.eval_interval == 0 or last:
+                    record["val_loss"] = round(self._evaluate(step), 6)
+                if (step + 1) % self.cfg.train.checkpoint_interval == 0 or last:
+                    self._checkpoint(step, done.version, record)
+                self._log(record)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _init_parameters(self) -> None:
+        """Give the servers worker 0's values, then keep parameters and gradients in tensors
+        laid out for the wire (on a GPU: CPU mirrors of them, since the PS speaks CPU)."""
+        cpu = {n: p.detach().cpu() for n, p in self.params.items()}
+        self.client.init(cpu, self.optimizer)  # every worker now holds worker 0's values
+        on_gpu = self.device.type != "cpu"
+        self.host = self.client.allocate(pin_memory=on_gpu)
+        grads = self.client.allocate(pin_memory=on_gpu)
+        with torch.no_grad():
+            for n, p in self.params.items():
+                self.host[n].copy_(cpu[n])
+                if on_gpu:
+                    p.copy_(self.host[n])
+                else:  # the model computes in the wire layout itself: no copies
+                    p.data = self.host[n]
+                    p.grad = grads[n]
+        self.host_grads = grads if on_gpu else None
+
+    def _forward_backward(self, step: int) -> float:
+        lo, hi = self.rows
+        x, y = get_batch(
+            self.train_tokens, self.batches.offsets(step)[lo:hi], self.model_config.block_size
+        )
+        self.model.zero_grad(set_to_none=False)
+        _, loss = self.model(x.to(self.device), y.to(self.device))
+        assert loss is not None
+        loss.backward()
+        return float(loss.item())
+
+    def _grads(self) -> dict[str, torch.Tensor]:
+        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        if self.host_grads is None:
+            return grads
+        for n, g in grads.items():
+            self.host_grads[n].copy_(g, non_blocking=True)
+        torch.cuda.synchronize(self.device)
+        return self.host_grads
+
+    def _load_host_params(self) -> None:
+        if self.device.type != "cpu":
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.host[n], non_blocking=True)
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> float:
+        """Mean validation loss over ``eval_iters`` fixed batches, shared out among workers."""
+        self.model.eval()
+        total, count = 0.0, 0
+        block = self.model_config.block_size
+        for i in range(self.client.rank, self.cfg.train.eval_iters, self.client.num_workers):
+            x, y = get_batch(self.val_tokens, self.val_batches.offsets(i, stream=1), block)
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            assert loss is not None
+            total += float(loss.item())
+            count += 1
+        self.model.train()
+        sums = self.client.barrier(f"eval-{step}", {"loss": total, "n": count})
+        return sums["loss"] / sums["n"]
+
+    def _checkpoint(self, step: int, version: int, record: dict[str, Any]) -> None:
+        """Worker 0 writes a consistent cut: the servers' shards and the model at ``version``.
+
+        Under BSP the servers cannot move past ``version`` until worker 0 pushes again.
+        """
+        if self.client.rank != 0:
+            return
+        final = step_dir(self.run_dir, step + 1)
+        tmp = final.with_name(f".tmp-{final.name}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.client.save(str(tmp), version)
+        meta = {
+            "step": step + 1,
+            "version": version,
+            "seed": self.cfg.train.seed,
+            "loss": record["loss"],
+            "val_loss": record.get("val_loss"),
+            "optimizer": self.optimizer.to_dict(),
+            "workers": self.client.num_workers,
+            "servers": self.client.num_servers,
+        }
+        write_model(tmp, self.model, meta)
+        publish(tmp, final, self.cfg.train.keep_checkpoints)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
