@@ -16,6 +16,7 @@ BENCHES = {
     "transport": "pslm.bench.transport",
     "ps": "pslm.bench.ps",
     "train": "pslm.bench.train",
+    "quality": "pslm.bench.quality",
 }
 
 
