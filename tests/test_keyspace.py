@@ -82,7 +82,7 @@ def test_shard_order_puts_decayed_tensors_first() -> None:
         ([("a", (0, 3))], 1, 64, "no elements"),
         ([("", (3,))], 1, 64, "names"),
         ([], 1, 64, "1 to"),
-        ([("a", (3,))], 0, 64, "at least one server"),
+        ([("a", (3,))], 0, 64, "1 to 4096 servers"),
         ([("a", (3,))], 1, 6, "multiple of 4"),
         ([("a", (1 << 22,))], 1, 4, "chunks"),
     ],
@@ -124,3 +124,16 @@ def test_a_model_of_small_tensors_travels_in_few_pieces() -> None:
     ks = KeySpace.build(named, 2)
     assert [len(ks.pieces(s)) for s in range(2)] == [1, 1]
     assert sum(len(ks.shard(s)) for s in range(2)) == 25
+
+
+def test_absurd_server_counts_are_refused() -> None:
+    with pytest.raises(ConfigError, match="1 to 4096 servers"):
+        KeySpace.from_dict(
+            {"tensors": [["w", [4], True]], "num_servers": 3_000_000, "chunk_bytes": 64}
+        )
+
+
+def test_a_decay_mismatch_is_named() -> None:
+    a = KeySpace.build([("x", (4,))], 1)
+    b = KeySpace.build([("x", (4,))], 1, decay_1d=True)
+    assert "decay=False" in a.describe_difference(b) and "decay=True" in a.describe_difference(b)

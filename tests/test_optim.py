@@ -188,3 +188,49 @@ def test_config_round_trips_and_validates() -> None:
     ]:
         with pytest.raises(ConfigError):
             OptimizerConfig.from_dict(bad)
+
+
+def test_clipping_an_infinite_norm_zeroes_the_gradient_as_torch_does() -> None:
+    cfg = OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5, clip_norm=1.0)
+    ks = KeySpace.build([("w", (4, 4))], 1)
+    store = ShardStore(ks, 0, cfg)
+    store.load([torch.ones(16)])
+    grads, factor = store.reduce([(1.0, [torch.full((16,), 1e20)])])
+    sq = store.sq_norm(grads)
+    assert sq == float("inf") and clip_coef(sq, 1.0) == 0.0
+    store.apply(grads, factor * clip_coef(sq, 1.0))
+    ref = torch.nn.Parameter(torch.ones(16))
+    ref.grad = torch.full((16,), 1e20)
+    torch.nn.utils.clip_grad_norm_([ref], 1.0)  # torch: factor 0, the gradient becomes 0
+    torch.optim.AdamW([ref], lr=0.1, weight_decay=0.5).step()
+    torch.testing.assert_close(store.params, ref.detach())  # only weight decay moved it
+    assert store.version == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pushes_are_summed_in_fp32(dtype: torch.dtype) -> None:
+    ks = KeySpace.build([("w", (8,))], 1)
+    store = ShardStore(ks, 0, OptimizerConfig(name="sgd", lr=1.0))
+    big = [torch.full((8,), 40000.0).to(dtype)]
+    grads, factor = store.reduce([(1.0, big), (1.0, big)])
+    assert torch.isfinite(grads[0]).all() and grads[0][0] == 2 * big[0][0].float()
+    grads, factor = store.reduce([(12.0, big), (1.0, [torch.ones(8).to(dtype)])])
+    assert torch.isfinite(grads[0]).all() and grads[0][0] == 12 * big[0][0].float() + 1
+
+
+def test_relocated_parameters_leave_the_old_memory_alone() -> None:
+    ks = KeySpace.build([("w", (4, 4)), ("b", (4,))], 1)
+    store = ShardStore(ks, 0, OptimizerConfig(name="sgd", lr=1.0))
+    store.load([torch.arange(20.0)])
+    sent = store.packed[0]  # what a reply in flight still reads
+    store.relocate_params()
+    store.apply([torch.ones(16), torch.ones(4)])
+    assert torch.equal(sent, torch.arange(20.0))
+    assert torch.equal(store.packed[0], torch.arange(20.0) - 1)
+    assert store.views[0].data_ptr() == store.params.data_ptr() != sent.data_ptr()
+
+
+@pytest.mark.parametrize("field", ["weight_decay", "eps", "clip_norm", "momentum"])
+def test_non_finite_settings_are_refused(field: str) -> None:
+    with pytest.raises(ConfigError, match="finite"):
+        OptimizerConfig.from_dict({field: float("nan")})

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pslm.errors import ProtocolError, RefusedError, RequestTimeout
-from pslm.wire.frames import DTYPES, tensor_to_frames
+from pslm.wire.frames import DTYPES, tensor_from_frames, tensor_to_frames
 from pslm.wire.message import MAX_FRAME, Message, decode, encode
 from pslm.wire.transport import Channel, Listener, Poller, tcp_address
 
@@ -215,3 +215,16 @@ def test_on_reply_sees_each_reply_as_it_arrives() -> None:
     assert sorted(seen) == [(i, i) for i in ids] and set(replies) == set(ids)
     channel.close()
     listener.close()
+
+
+def test_a_hole_in_the_checks_still_answers_with_the_request_id() -> None:
+    with pytest.raises(ProtocolError, match="dimension") as info:
+        decode([_header(id=9, t=[["f32", [0, 2**63, 2]]]), b""])
+    assert info.value.request_id == 9
+
+
+def test_frames_at_odd_offsets_are_aligned() -> None:
+    t = torch.arange(100, dtype=torch.float32)
+    buf = bytearray(1) + bytearray(t.numpy().tobytes())
+    out = tensor_from_frames([memoryview(buf)[1:]], "f32", [100])
+    assert out.data_ptr() % 4 == 0 and torch.equal(out, t)

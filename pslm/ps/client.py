@@ -72,6 +72,10 @@ class Completion(NamedTuple):
     held_s: float
     """For ``push_pull``: the longest time a server held this push before answering (waiting
     for the other workers and applying the update)."""
+    bytes_sent: int
+    """Tensor bytes this request sent."""
+    bytes_received: int
+    """Tensor bytes its replies brought back."""
 
 
 class _Slot(NamedTuple):
@@ -88,6 +92,7 @@ class _Request:
     ids: dict[int, int]  # request id -> server rank
     slots: dict[int, list[_Slot]]  # server rank -> where each reply tensor goes
     out: Mapping[str, torch.Tensor] | None
+    sent: int = 0  # tensor bytes
 
 
 def _adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
@@ -131,18 +136,18 @@ class PSClient:
                 address="",
                 timeout=cfg.register_timeout,
             )
+            for r, addr in enumerate(self.me.servers):
+                self.channel.connect(f"server-{r}", addr)
+            self.heartbeat = Heartbeat(
+                cfg.scheduler,
+                self.me.node_id,
+                self.me.heartbeat_interval,
+                lost_after=2 * self.me.heartbeat_timeout,
+            )
+            self.heartbeat.start()
         except BaseException:
             self.channel.close()
             raise
-        for r, addr in enumerate(self.me.servers):
-            self.channel.connect(f"server-{r}", addr)
-        self.heartbeat = Heartbeat(
-            cfg.scheduler,
-            self.me.node_id,
-            self.me.heartbeat_interval,
-            lost_after=2 * self.me.heartbeat_timeout,
-        )
-        self.heartbeat.start()
         self.keyspace: KeySpace | None = None
         self._layout: list[list[_Slot]] = []
         self._requests: dict[int, _Request] = {}
@@ -337,12 +342,14 @@ class PSClient:
         version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
         scalars: dict[str, float] = {}
         held = 0.0
+        received = 0
         for r in replies.values():
             raw = r.body.get("scalars")
             if isinstance(raw, dict):
                 scalars.update({str(k): float(v) for k, v in raw.items()})
             held = max(held, float(r.body.get("held_s", 0.0)))
-        return Completion(version, scalars, held)
+            received += sum(t.numel() * t.element_size() for t in r.tensors)
+        return Completion(version, scalars, held, req.sent, received)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -394,14 +401,17 @@ class PSClient:
             "reply_params": out is not None,
         }
         ids = {}
+        sent = 0
         for s in range(self.num_servers):
             # server 0 alone averages the scalars: one is enough
             extra = (
                 {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
             )
-            msg = Message("push", body={**body, **extra}, tensors=self._pack(grads, s))
+            pieces = self._pack(grads, s)
+            sent += sum(t.numel() * t.element_size() for t in pieces)
+            msg = Message("push", body={**body, **extra}, tensors=pieces)
             ids[self.channel.send(f"server-{s}", msg)] = s
-        return self._track(_Request(ids, {s: self._layout[s] for s in ids.values()}, out))
+        return self._track(_Request(ids, {s: self._layout[s] for s in ids.values()}, out, sent))
 
     def _track(self, req: _Request) -> int:
         ts = self._next_ts

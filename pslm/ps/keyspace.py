@@ -40,6 +40,7 @@ PARAM_BYTES = 4  # servers keep fp32
 MAX_NAME = 512
 MAX_TENSORS = 1 << 16
 MAX_CHUNKS = 1 << 20
+MAX_SERVERS = 1 << 12
 SMALL_CHUNK = 1 << 20
 PIECE_BYTES = 4 << 20
 
@@ -80,12 +81,11 @@ class KeySpace:
         self.chunk_bytes = chunk_bytes
         self.index = {t.name: i for i, t in enumerate(self.tensors)}
         self.chunks = _assign(_cut(self.tensors, chunk_bytes // PARAM_BYTES), num_servers)
+        buckets: list[list[Chunk]] = [[] for _ in range(num_servers)]
+        for c in self.chunks:
+            buckets[c.server].append(c)
         self._shards = [
-            sorted(
-                (c for c in self.chunks if c.server == s),
-                key=lambda c: (not self.tensors[c.tensor].decay, c.key),
-            )
-            for s in range(num_servers)
+            sorted(b, key=lambda c: (not self.tensors[c.tensor].decay, c.key)) for b in buckets
         ]
         self._pieces = [pack_pieces([c.length for c in shard]) for shard in self._shards]
 
@@ -155,7 +155,10 @@ class KeySpace:
         """The first way ``other`` differs from this key space, for error messages."""
         for a, b in zip(self.tensors, other.tensors, strict=False):
             if a != b:
-                return f"tensor {a.name!r} {list(a.shape)} vs {b.name!r} {list(b.shape)}"
+                return (
+                    f"tensor {a.name!r} {list(a.shape)} decay={a.decay} vs "
+                    f"{b.name!r} {list(b.shape)} decay={b.decay}"
+                )
         if len(self.tensors) != len(other.tensors):
             return f"{len(self.tensors)} tensors vs {len(other.tensors)}"
         if self.num_servers != other.num_servers:
@@ -164,8 +167,8 @@ class KeySpace:
 
 
 def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) -> None:
-    if num_servers < 1:
-        raise ConfigError(f"need at least one server, got {num_servers}")
+    if not 1 <= num_servers <= MAX_SERVERS:
+        raise ConfigError(f"need 1 to {MAX_SERVERS} servers, got {num_servers}")
     if chunk_bytes < PARAM_BYTES or chunk_bytes % PARAM_BYTES:
         raise ConfigError(f"chunk_bytes must be a positive multiple of 4, got {chunk_bytes}")
     if not 0 < len(tensors) <= MAX_TENSORS:

@@ -97,6 +97,15 @@ class Child:
     def name(self) -> str:
         return f"{self.role}-{self.rank}" if self.role != "scheduler" else "scheduler"
 
+    def failure(self, code: int) -> LaunchError:
+        """The error for this child's exit: its last log line first, then the log's tail."""
+        tail = self.tail()
+        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "no output")
+        return LaunchError(
+            f"{self.name} exited with code {code}: {last.removeprefix('pslm: error: ')} "
+            f"(log: {self.log_path})\n{tail}"
+        )
+
     def tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -207,9 +216,10 @@ class LocalCluster:
             if deadline is not None and time.monotonic() > deadline:
                 self.stop()
                 raise LaunchError(f"the cluster did not finish within {timeout:g} s")
-            running = next(c for c in self._job() if c.proc.poll() is None)
-            with suppress(subprocess.TimeoutExpired):
-                running.proc.wait(0.1)
+            running = next((c for c in self._job() if c.proc.poll() is None), None)
+            if running is not None:  # it may have ended since poll()
+                with suppress(subprocess.TimeoutExpired):
+                    running.proc.wait(0.1)
         grace = time.monotonic() + self.cfg.heartbeat_timeout + 10.0
         for c in self.children:  # the scheduler stops the servers once the workers finalized
             with suppress(subprocess.TimeoutExpired):
@@ -238,13 +248,7 @@ class LocalCluster:
             code = c.proc.poll()
             if code is not None and code != 0:
                 self.stop()
-                tail = c.tail()
-                last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
-                last = last.removeprefix("pslm: error: ")
-                raise LaunchError(
-                    f"{c.name} exited with code {code}: {last or 'no output'} "
-                    f"(log: {c.log_path})\n{tail}"
-                )
+                raise c.failure(code)
 
     def _job(self) -> list[Child]:
         workers = [c for c in self.children if c.role == "worker"]
@@ -282,9 +286,7 @@ class LocalCluster:
         deadline = time.monotonic() + self.cfg.start_timeout
         while not addr_file.exists():
             if sched.proc.poll() is not None:
-                raise LaunchError(
-                    f"the scheduler exited with code {sched.proc.returncode}:\n{sched.tail()}"
-                )
+                raise sched.failure(sched.proc.returncode)
             if time.monotonic() > deadline:
                 raise LaunchError(f"the scheduler did not start within {self.cfg.start_timeout} s")
             with suppress(subprocess.TimeoutExpired):

@@ -61,8 +61,8 @@ class ScheduleConfig:
                 f"cosine decay_steps ({self.decay_steps}) must exceed warmup_steps "
                 f"({self.warmup_steps})"
             )
-        if self.min_lr < 0:
-            raise ConfigError(f"min_lr must be >= 0, got {self.min_lr}")
+        if not (self.min_lr >= 0 and math.isfinite(self.min_lr)):
+            raise ConfigError(f"min_lr must be a finite number >= 0, got {self.min_lr}")
 
     def lr_at(self, lr: float, step: int) -> float:
         """The learning rate for the update made at ``step`` (0-based)."""
@@ -106,6 +106,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
+        for name in ("weight_decay", "eps", "momentum", "dampening", "clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))

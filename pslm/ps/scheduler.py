@@ -120,7 +120,7 @@ class Scheduler:
 
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.listener = Listener(cfg.bind)
+        self.listener = Listener(cfg.bind, max_bytes=0)  # control messages carry no tensors
         self.address = self.listener.address
         self.nodes: dict[str, NodeRecord] = {}  # by node id once ranked
         self.joining: list[tuple[NodeRecord, Message]] = []
@@ -133,7 +133,11 @@ class Scheduler:
         self.stopping_since: float | None = None
         self.exit_code = 0
         if cfg.address_file:
-            _write_atomic(Path(cfg.address_file), self.address)
+            try:
+                _write_atomic(Path(cfg.address_file), self.address)
+            except OSError as exc:
+                self.listener.close()
+                raise ConfigError(f"cannot write {cfg.address_file}: {exc.strerror}") from None
         self._write_cluster()
         log.info("scheduler listening on %s", self.address)
 
@@ -177,6 +181,9 @@ class Scheduler:
             reply = handler(peer, msg)
         except (ProtocolError, ConfigError, ClusterError) as exc:
             reply = protocol.error(msg, getattr(exc, "code", "refused"), str(exc))
+        except Exception as exc:  # a bug or a full disk must not take the cluster down
+            log.exception("internal error on %r", msg.op)
+            reply = protocol.error(msg, "internal", f"internal scheduler error: {exc!r}")
         if reply is not None:
             self.listener.send(peer, reply)
 
@@ -322,12 +329,13 @@ class Scheduler:
 
     def _declare(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
-        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
-        if ks.num_servers != self.cfg.num_servers:
+        raw = protocol.field(msg, "keyspace", dict)
+        if raw.get("num_servers") != self.cfg.num_servers:  # before building anything
             raise ConfigError(
-                f"key space is cut for {ks.num_servers} servers; the cluster has "
+                f"key space is cut for {raw.get('num_servers')!r} servers; the cluster has "
                 f"{self.cfg.num_servers}"
             )
+        ks = KeySpace.from_dict(raw)
         if self.keyspace is None:
             self.keyspace, self.declared_by = ks, node.id
             log.info("%s declared %d tensors, %d chunks", node.id, len(ks.tensors), len(ks.chunks))
@@ -411,7 +419,10 @@ class Scheduler:
             "state": "stopping" if self.stopping_since is not None else "running",
             "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
         }
-        _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
+        try:
+            _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
+        except OSError as exc:  # the file informs; failing to write it must not stop the cluster
+            log.warning("cannot write cluster.json: %s", exc)
 
 
 def _values(raw: dict[str, Any]) -> dict[str, float]:

@@ -85,6 +85,8 @@ class Clock:
 
 
 MAX_SCALARS = 64
+READER_GRACE = 1.0
+"""Seconds an update waits for ZeroMQ to finish sending earlier replies before it copies."""
 
 
 class Server:
@@ -113,28 +115,30 @@ class Server:
 
     def run(self) -> int:
         """Register, serve until told to stop, leave. Returns the process exit code."""
-        self.me = register(
-            self.scheduler,
-            role="server",
-            rank=self.cfg.rank,
-            address=self.address,
-            timeout=self.cfg.register_timeout,
-        )
-        log.info("%s listening on %s", self.me.node_id, self.address)
-        for r, addr in enumerate(self.me.servers):
-            if r != self.me.rank:
-                self.peers[r] = Connection(addr, send_timeout=self.cfg.timeout)
-        beat = Heartbeat(
-            self.cfg.scheduler,
-            self.me.node_id,
-            self.me.heartbeat_interval,
-            lost_after=2 * self.me.heartbeat_timeout,
-        )
-        beat.start()
+        beat: Heartbeat | None = None
         try:
+            self.me = register(
+                self.scheduler,
+                role="server",
+                rank=self.cfg.rank,
+                address=self.address,
+                timeout=self.cfg.register_timeout,
+            )
+            log.info("%s listening on %s", self.me.node_id, self.address)
+            for r, addr in enumerate(self.me.servers):
+                if r != self.me.rank:
+                    self.peers[r] = Connection(addr, send_timeout=self.cfg.timeout)
+            beat = Heartbeat(
+                self.cfg.scheduler,
+                self.me.node_id,
+                self.me.heartbeat_interval,
+                lost_after=2 * self.me.heartbeat_timeout,
+            )
+            beat.start()
             return self._loop(beat)
         finally:
-            beat.close()
+            if beat is not None:
+                beat.close()
             self._leave()
             for conn in self.peers.values():
                 conn.close()
@@ -199,13 +203,14 @@ class Server:
     def _init(self, msg: Message) -> Message:
         assert self.me is not None
         self._worker(msg)
-        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
-        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
-        if ks.num_servers != self.me.num_servers:
+        raw = protocol.field(msg, "keyspace", dict)
+        if raw.get("num_servers") != self.me.num_servers:  # before building anything
             raise ConfigError(
-                f"key space is cut for {ks.num_servers} servers, the cluster has "
+                f"key space is cut for {raw.get('num_servers')!r} servers, the cluster has "
                 f"{self.me.num_servers}"
             )
+        ks = KeySpace.from_dict(raw)
+        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
         if self.store is not None:
             same = (
                 ks.fingerprint() == self.store.keyspace.fingerprint()
@@ -340,8 +345,13 @@ class Server:
                 return
             total = sum(clock.norms[s] for s in range(self.me.num_servers))
             multiplier *= clip_coef(total, store.optimizer.clip_norm)
-        self._wait_for_readers()
-        store.apply(clock.grads, multiplier)
+        self._make_params_writable()
+        try:
+            store.apply(clock.grads, multiplier)
+        except Exception as exc:  # never leave a clock half-applied: refuse it whole
+            log.exception("update for clock %d failed", store.version)
+            self._abandon_clock(f"the update for clock {store.version} failed: {exc!r}")
+            return
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
         replies, self.after_update = self.after_update, []
@@ -373,16 +383,32 @@ class Server:
         if tracker is not None and not tracker.done:
             self.trackers.append(tracker)
 
-    def _wait_for_readers(self) -> None:
-        """Block until ZeroMQ no longer reads parameter memory sent in earlier replies."""
-        for tracker in self.trackers:
+    def _make_params_writable(self) -> None:
+        """Make sure no earlier reply is still being read from the parameter memory.
+
+        Replies are sent without copying. If ZeroMQ has not finished with all of them within
+        READER_GRACE seconds (a slow or stalled reader), the shard moves its parameters to a
+        fresh copy, leaving the old memory to those readers, so that nobody sees a half-updated
+        chunk and nobody waits on a stalled peer.
+        """
+        store = self._store()
+        deadline = time.monotonic() + READER_GRACE
+        pending = [t for t in self.trackers if not t.done]
+        for tracker in pending:
             try:
-                tracker.wait(self.cfg.timeout)
+                tracker.wait(max(0.0, deadline - time.monotonic()))
             except zmq.NotDone:
-                log.error(
-                    "a pull reply was not sent within %g s; updating anyway", self.cfg.timeout
-                )
+                log.warning("a reader is slow; updating a copy of the parameters")
+                store.relocate_params()
+                break
         self.trackers = []
+
+    def _abandon_clock(self, reason: str) -> None:
+        """Refuse every request waiting on this clock and forget its pushes."""
+        for peer, msg in self.after_update:
+            self.listener.send(peer, protocol.error(msg, "update_failed", reason))
+        self.after_update = []
+        self.clock = Clock()
 
     # --- helpers ----------------------------------------------------------------------------
 

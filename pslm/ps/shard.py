@@ -51,13 +51,10 @@ class ShardStore:
         self.lengths = [c.length for c in self.chunks]
         self.position = {c.key: i for i, c in enumerate(self.chunks)}
         n = sum(self.lengths)
-        self.params = torch.zeros(n, dtype=torch.float32)
-        self.views = list(self.params.split(self.lengths))
-        starts = [0]
-        for length in self.lengths:
-            starts.append(starts[-1] + length)
-        self.packed = [self.params[starts[lo] : starts[hi]] for lo, hi in keyspace.pieces(server)]
-        """The parameters as the pieces of a message: views of the flat buffer."""
+        self.params = torch.empty(0)
+        self.views: list[torch.Tensor] = []
+        self.packed: list[torch.Tensor] = []
+        self._bind(torch.zeros(n, dtype=torch.float32))
         self.n_decay = sum(1 for c in self.chunks if keyspace.tensors[c.tensor].decay)
         self.rule = build_rule(optimizer)
         self.state = {name: torch.zeros(n) for name in self.rule.state_names}
@@ -67,6 +64,20 @@ class ShardStore:
         self._grad = torch.empty(0)
         self.version = 0
         """Number of updates applied."""
+
+    def relocate_params(self) -> None:
+        """Move the parameters to new memory (the old stays valid for whoever still reads it)."""
+        self._bind(self.params.clone())
+
+    def _bind(self, params: torch.Tensor) -> None:
+        self.params = params
+        self.views = list(params.split(self.lengths))
+        starts = [0]
+        for length in self.lengths:
+            starts.append(starts[-1] + length)
+        pieces = self.keyspace.pieces(self.server)
+        # what a message carries: views of the flat buffer, one per piece
+        self.packed = [params[starts[lo] : starts[hi]] for lo, hi in pieces]
 
     @property
     def numel(self) -> int:
@@ -146,22 +157,25 @@ class ShardStore:
         if self._grad.numel() != self.numel:
             self._grad = torch.empty(self.numel)
         out = list(self._grad.split(self.lengths))
+        fp32 = all(g.dtype == torch.float32 for _, push in pushes for g in push)
         for k, acc in enumerate(out):
-            if equal and rest:
+            if equal and rest and fp32:  # one pass for the common case
                 torch.add(g0[k], rest[0][1][k], out=acc)
-                for _, g in rest[1:]:
-                    acc.add_(g[k])
-            elif equal:
+                others: Sequence[tuple[float, Sequence[torch.Tensor]]] = rest[1:]
+            else:  # half-precision pushes are summed in fp32, after the copy
                 acc.copy_(g0[k])
-            else:
-                torch.mul(g0[k], w0, out=acc)
-                for w, g in rest:
-                    acc.add_(g[k], alpha=w)
+                if not equal:
+                    acc.mul_(w0)
+                others = rest
+            for w, g in others:
+                acc.add_(g[k], alpha=1.0 if equal else w)
         return out, factor
 
     @staticmethod
     def sq_norm(grads: Sequence[torch.Tensor]) -> float:
-        """Sum of squares of ``grads``, accumulated in float64."""
+        """Sum of squares of ``grads``: fp32 norms per chunk (as ``clip_grad_norm_`` takes per
+        tensor, so a huge gradient overflows to inf the same way), squared and summed in
+        float64."""
         return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
 
     def apply(self, grads: Sequence[torch.Tensor], multiplier: float = 1.0) -> None:
@@ -170,7 +184,13 @@ class ShardStore:
         The kernels overwrite ``grads`` with the multiplied values.
         """
         lr = self.optimizer.lr_at(self.version)
-        scale = None if multiplier == 1.0 else torch.tensor(1.0 / multiplier)
+        # the kernels divide by grad_scale; a 0 multiplier (clipping an infinite norm) zeroes
+        # finite gradients, as clip_grad_norm_'s factor of 0 does
+        scale = (
+            None
+            if multiplier == 1.0
+            else torch.tensor(1.0 / multiplier if multiplier else math.inf)
+        )
         d = self.n_decay
         for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, len(self.chunks), 0.0)):
             if lo == hi:

@@ -86,4 +86,8 @@ def _view(buf: Any, dtype: torch.dtype) -> torch.Tensor:
         # torch cannot wrap read-only memory without a warning; only bytes objects get here
         # (tests, small copied frames), never the zero-copy path.
         return torch.frombuffer(bytearray(mv), dtype=dtype)
-    return torch.frombuffer(mv, dtype=dtype)
+    raw = torch.frombuffer(mv, dtype=torch.uint8)
+    size = torch.empty((), dtype=dtype).element_size()
+    if raw.data_ptr() % size:  # ZeroMQ packs small frames at any offset: align by copying
+        raw = raw.clone()
+    return raw.view(dtype)

@@ -39,6 +39,7 @@ VERSION = 1
 MAX_FRAME = 16 << 20
 """Largest frame pslm sends or accepts, in bytes."""
 MAX_NDIM = 8
+MAX_DIM = 1 << 48
 ITEMSIZE = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8": 1}
 """Wire dtype names and their sizes in bytes. Anything else is refused."""
 MAX_HEADER = 1 << 20
@@ -96,7 +97,22 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE) -> Me
     except ProtocolError:
         raise
     except Exception as exc:  # a hole in the checks below must not become a crash
-        raise ProtocolError(f"malformed message: {exc!r}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err = ProtocolError(f"malformed message: {type(exc).__name__}: {first}")
+        err.request_id = _readable_id(frames)
+        raise err from exc
+
+
+def _readable_id(frames: Sequence[Any]) -> int | None:
+    """The request id of a message whose header parses, else None."""
+    try:
+        header = msgpack.unpackb(
+            _buffer(frames[0]), raw=False, strict_map_key=True, ext_hook=_refuse_ext
+        )
+        rid = header["id"]
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else None
+    except Exception:
+        return None
 
 
 def _decode(frames: Sequence[Any], max_bytes: int) -> Message:
@@ -188,7 +204,7 @@ def _check_tensors(descs: list[Any], max_bytes: int) -> list[int]:
             raise ProtocolError(f"tensor {i}: shape must be a list of <= {MAX_NDIM} ints")
         numel = 1
         for d in shape:
-            if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM:
                 raise ProtocolError(f"tensor {i}: bad dimension {d!r} in shape {shape!r}")
             numel *= d
         nbytes = numel * ITEMSIZE[dtype]
