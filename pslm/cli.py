@@ -23,6 +23,7 @@ from pslm.errors import ConfigError, PSLMError
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        _resolve_env(args)
         return int(args.func(args) or 0)
     except PSLMError as exc:
         print(f"pslm: error: {_one_line(exc)}", file=sys.stderr)
@@ -33,9 +34,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The first line of an error: errors put what went wrong and what to do there."""
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return first if len(text.splitlines()) <= 1 else f"{first} (more above)"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class EnvDefault:
+    """A flag's default taken from a PSLM_* variable, read only by the command that runs."""
+
+    def __init__(self, name: str, kind: Callable[[str], Any], fallback: Any):
+        self.name, self.kind, self.fallback = name, kind, fallback
+
+    def value(self) -> Any:
+        return _env(self.name, self.kind, self.fallback)
+
+
+def _resolve_env(args: argparse.Namespace) -> None:
+    for key, value in vars(args).items():
+        if isinstance(value, EnvDefault):
+            setattr(args, key, value.value())
 
 
 def _env(name: str, kind: Callable[[str], Any], default: Any) -> Any:
@@ -99,23 +116,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--num-workers",
         type=int,
-        default=_env("PSLM_NUM_WORKERS", int, None),
+        default=EnvDefault("PSLM_NUM_WORKERS", int, None),
         help="workers to wait for [PSLM_NUM_WORKERS]",
     )
     s.add_argument(
         "--num-servers",
         type=int,
-        default=_env("PSLM_NUM_SERVERS", int, None),
+        default=EnvDefault("PSLM_NUM_SERVERS", int, None),
         help="servers to wait for [PSLM_NUM_SERVERS]",
     )
     s.add_argument(
         "--bind",
-        default=_env("PSLM_BIND", str, "tcp://127.0.0.1:9000"),
+        default=EnvDefault("PSLM_BIND", str, "tcp://127.0.0.1:9000"),
         help="address to listen on [PSLM_BIND, default tcp://127.0.0.1:9000]",
     )
     s.add_argument(
         "--run-dir",
-        default=_env("PSLM_RUN_DIR", str, None),
+        default=EnvDefault("PSLM_RUN_DIR", str, None),
         help="keep cluster.json here [PSLM_RUN_DIR]",
     )
     s.add_argument("--address-file", help="write the bound address to this file")
@@ -132,12 +149,12 @@ def _parser() -> argparse.ArgumentParser:
     _scheduler_arg(s)
     s.add_argument(
         "--bind",
-        default=_env("PSLM_BIND", str, "tcp://127.0.0.1:*"),
+        default=EnvDefault("PSLM_BIND", str, "tcp://127.0.0.1:*"),
         help="address to listen on; port * picks a free one [PSLM_BIND]",
     )
     s.add_argument(
         "--advertise",
-        default=_env("PSLM_ADVERTISE", str, ""),
+        default=EnvDefault("PSLM_ADVERTISE", str, ""),
         help="host or host:port that others use to reach this server "
         "[PSLM_ADVERTISE, default: the bound address]",
     )
@@ -154,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     _rank_timeout_args(s, timeout=60.0)
     s.add_argument(
         "--args",
-        default=_env("PSLM_WORKER_ARGS", str, "{}"),
+        default=EnvDefault("PSLM_WORKER_ARGS", str, "{}"),
         help="keyword arguments as a JSON object [PSLM_WORKER_ARGS]",
     )
     s.set_defaults(func=_run_worker)
@@ -163,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
     s.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    s.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
+    s.add_argument("--run-dir", default="", help="run directory (default runs/demo-<time>)")
     s.set_defaults(func=_demo)
 
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
@@ -177,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
 def _scheduler_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
-        default=_env("PSLM_SCHEDULER", str, None),
+        default=EnvDefault("PSLM_SCHEDULER", str, None),
         help="scheduler address host:port [PSLM_SCHEDULER]",
     )
 
@@ -186,13 +203,13 @@ def _rank_timeout_args(p: argparse.ArgumentParser, *, timeout: float) -> None:
     p.add_argument(
         "--rank",
         type=int,
-        default=_env("PSLM_RANK", int, -1),
+        default=EnvDefault("PSLM_RANK", int, -1),
         help="requested rank; -1 lets the scheduler choose [PSLM_RANK]",
     )
     p.add_argument(
         "--timeout",
         type=float,
-        default=_env("PSLM_TIMEOUT", float, timeout),
+        default=EnvDefault("PSLM_TIMEOUT", float, timeout),
         help=f"request timeout in seconds [PSLM_TIMEOUT, default {timeout:g}]",
     )
 
@@ -201,13 +218,13 @@ def _heartbeat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heartbeat-interval",
         type=float,
-        default=_env("PSLM_HEARTBEAT_INTERVAL", float, 1.0),
+        default=EnvDefault("PSLM_HEARTBEAT_INTERVAL", float, 1.0),
         help="seconds between heartbeats [PSLM_HEARTBEAT_INTERVAL, default 1]",
     )
     p.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=_env("PSLM_HEARTBEAT_TIMEOUT", float, 5.0),
+        default=EnvDefault("PSLM_HEARTBEAT_TIMEOUT", float, 5.0),
         help="seconds of silence before a node is dead [PSLM_HEARTBEAT_TIMEOUT, default 5]",
     )
 
@@ -307,6 +324,8 @@ def _train(args: argparse.Namespace) -> int:
             "consistency": args.consistency,
         },
     }
+    if args.block_size is not None and args.block_size < 1:
+        raise ConfigError(f"--block-size must be >= 1, got {args.block_size}")
     given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
     cfg = cfg.override(**{k: d for k, d in given.items() if d})
     if args.run_dir:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pslm.errors import ConfigError
 from pslm.ps.client import PSClient
 from pslm.ps.launch import LaunchConfig, LocalCluster
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
@@ -36,7 +38,10 @@ def train_mlp(client: PSClient, *, steps: int, batch_size: int, seed: int, run_d
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT))
     params = dict(model.named_parameters())
     data = {n: p.data for n, p in params.items()}
-    schedule = ScheduleConfig(kind="cosine", warmup_steps=10, decay_steps=steps, min_lr=1e-4)
+    warmup = min(10, steps // 10)
+    schedule = ScheduleConfig(
+        kind="cosine", warmup_steps=warmup, decay_steps=steps + 1, min_lr=1e-4
+    )
     client.init(
         data,
         OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01, clip_norm=1.0, schedule=schedule),
@@ -66,9 +71,12 @@ def train_mlp(client: PSClient, *, steps: int, batch_size: int, seed: int, run_d
 
 def run_demo(*, workers: int, servers: int, steps: int, run_dir: str) -> int:
     """Start a local cluster, train, print progress; returns the exit code."""
-    out = Path(run_dir)
+    if steps < 1 or workers < 1 or servers < 1:
+        raise ConfigError("--steps, --workers and --servers must be >= 1")
+    out = Path(run_dir or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty directory; choose another --run-dir")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
     cfg = LaunchConfig(
         num_servers=servers,
         num_workers=workers,

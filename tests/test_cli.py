@@ -49,3 +49,11 @@ def test_bad_input_is_one_clear_line(args: list[str], env: dict[str, str], messa
 def test_unknown_command_is_a_usage_error() -> None:
     res = pslm("fly")
     assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
+def test_demo_refuses_a_directory_that_holds_something(tmp_path) -> None:
+    (tmp_path / "keep.txt").write_text("precious")
+    res = pslm("demo", "--run-dir", str(tmp_path))
+    assert res.returncode == 1 and "not an empty directory" in res.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

@@ -109,10 +109,12 @@ def test_corpora_from_files_directories_and_jsonl(tmp_path) -> None:
     (tmp_path / "d" / "x.txt").write_text("one")
     (tmp_path / "d" / "y.md").write_text("two")
     (tmp_path / "d" / "z.bin").write_bytes(b"\x00\x01")
-    (tmp_path / "c.jsonl").write_text('{"text": "alpha"}\n\n{"text": "beta", "label": 1}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"text": "alpha"}\n\n{"text": "beta\u2028gamma", "label": 1}\n', encoding="utf-8"
+    )
     assert load_corpus(str(tmp_path / "a.txt")).documents == ["first document"]
     assert load_corpus(str(tmp_path / "d")).documents == ["one", "two"]
-    assert load_corpus(str(tmp_path / "c.jsonl")).documents == ["alpha", "beta"]
+    assert load_corpus(str(tmp_path / "c.jsonl")).documents == ["alpha", "beta\u2028gamma"]
 
 
 def test_bbc_news_is_built_in() -> None:

@@ -82,6 +82,7 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_losses_do_not_depend_on_the_number_of_workers_or_servers(setup, run) -> None:
+    (setup["root"] / "w1s1").mkdir()  # an existing empty run directory is fine
     one = metrics(train(setup, "w1s1", "--workers", "1", "--servers", "1"))
     two_one = metrics(train(setup, "w2s1", "--workers", "2", "--servers", "1"))
     two_two = metrics(run)
@@ -150,8 +151,8 @@ def test_generation_is_seeded_and_the_kv_cache_changes_nothing(run) -> None:
     assert gen("--temperature", "1", "--seed", "4") != sampled
 
 
-def test_eval_reproduces_the_last_validation_loss(run) -> None:
-    res = pslm("eval", "--run", run, "--iters", "4", "--json")
+def test_eval_reproduces_the_last_validation_loss(run, tmp_path) -> None:
+    res = pslm("eval", "--run", run, "--iters", "4", "--json", cwd=tmp_path)  # any cwd
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     last = metrics(run)[-1]
@@ -203,6 +204,51 @@ def test_bad_input_is_one_line_and_overwrites_nothing(setup, run, tmp_path) -> N
         assert len(lines) == 1 and fragment in lines[0], (args, res.stderr)
     assert _snapshot(run) == before
     assert not any((tmp_path / d).exists() for d in "abcde")
+
+
+def test_bad_settings_fail_before_any_work(setup, tmp_path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    odd = tmp_path / "odd.toml"
+    odd.write_text(CONFIG.replace("[train]", '[train]\nsample_prompt = "Zebra §"'))
+    cases = [
+        (["--block-size", "0"], "--block-size must be >= 1"),
+        (["--run-dir", afile], "is a file"),
+        (["--config", odd, "--run-dir", tmp_path / "p"], "not in this tokenizer"),
+    ]
+    for extra, fragment in cases:
+        args = ["train", "--config", setup["config"], "--data", setup["corpus"], *extra]
+        res = pslm(
+            *(args if "--run-dir" in map(str, extra) else [*args, "--run-dir", tmp_path / "q"])
+        )
+        assert res.returncode == 1 and fragment in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_eval_refuses_a_corpus_that_changed(setup, tmp_path) -> None:
+    corpus = tmp_path / "story.txt"
+    corpus.write_text(_story(3000))
+    run = tmp_path / "r"
+    res = pslm(
+        "train",
+        "--config",
+        setup["config"],
+        "--data",
+        corpus,
+        "--run-dir",
+        run,
+        "--steps",
+        "3",
+        "--workers",
+        "1",
+        "--servers",
+        "1",
+    )
+    assert res.returncode == 0, res.stderr
+    corpus.write_text(_story(3000) + "The end.\n")
+    res = pslm("eval", "--run", run, "--iters", "2")
+    assert res.returncode == 1 and "changed since" in res.stderr
 
 
 def _wait_for(predicate, what: str, within: float = 120.0):

@@ -37,7 +37,10 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     text = Path(os.environ.get("PSLM_SHAKESPEARE", "../shared/data/tinyshakespeare.txt"))
     if not text.exists():
         raise ConfigError(f"no tiny Shakespeare at {text}; set PSLM_SHAKESPEARE")
-    seeds = [int(s) for s in os.environ.get("PSLM_SEEDS", "1337").split(",")]
+    try:
+        seeds = [int(s) for s in os.environ.get("PSLM_SEEDS", "1337").split(",")]
+    except ValueError:
+        raise ConfigError("PSLM_SEEDS must be comma-separated integers, e.g. 1337,1,2") from None
     base = load_config(CONFIG)
     if quick:
         base = base.override(train={"steps": 50, "eval_iters": 10, "eval_interval": 50})

@@ -148,7 +148,13 @@ def _ddp(data: PreparedData, steps: int) -> float:
         )
         for rank in range(2)
     ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     if any(p.returncode for p in procs):
         raise RuntimeError(f"DDP benchmark failed: {outs}")
     return float(json.loads(outs[0].strip().splitlines()[-1])["tokens_per_s"])

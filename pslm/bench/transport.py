@@ -123,14 +123,23 @@ class _Receivers:
         self.socks: list[zmq.Socket[Any]] = []
 
     def __enter__(self) -> _Receivers:
-        for _ in range(self.n):
-            p = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
-            self.procs.append(p)
-            assert p.stdout is not None
-            sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
-            self.socks.append(sock)
+        try:
+            for _ in range(self.n):
+                p = subprocess.Popen(
+                    [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True
+                )
+                self.procs.append(p)
+                assert p.stdout is not None
+                sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
+                self.socks.append(sock)
+        except BaseException:
+            for proc in self.procs:
+                proc.kill()
+            for s in self.socks:
+                s.close()
+            raise
         return self
 
     def prepare(self, nbytes: int, *, echo: bool) -> Any:

@@ -89,7 +89,8 @@ def _documents(path: Path) -> list[str]:
 
 def _jsonl(path: Path) -> list[str]:
     docs = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    # split on newlines only: JSON strings may hold U+2028 and friends unescaped
+    for n, line in enumerate(_read(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -11,6 +11,7 @@ tokens, exactly as without the cache, so both give the same tokens.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -38,7 +39,7 @@ def stream(
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # global RNG untouched
     block = model.config.block_size
     ids = list(prompt)
     cache: KVCache | None = None

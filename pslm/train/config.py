@@ -47,6 +47,23 @@ class ModelSection:
             raise ConfigError(
                 f"unknown model preset {self.preset!r}; choose from {sorted(PRESETS)}"
             )
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"model.{name} must be >= 1 (or 0: the preset's), got {getattr(self, name)}"
+                )
+        self.gpt(vocab_size=2)  # the shape must make sense before any data is prepared
+
+    def resolved(self) -> ModelSection:
+        """The same model with every size spelled out (no 0 = "the preset's")."""
+        shape = self.gpt(vocab_size=2)
+        return replace(
+            self,
+            n_layer=shape.n_layer,
+            n_head=shape.n_head,
+            n_embd=shape.n_embd,
+            block_size=shape.block_size,
+        )
 
     def gpt(self, vocab_size: int) -> GPTConfig:
         """The model's shape for a tokenizer of ``vocab_size`` tokens."""
@@ -106,6 +123,13 @@ class OptimSection:
     """SGD momentum."""
     nesterov: bool = False
     """SGD Nesterov momentum."""
+
+    def resolved(self, steps: int) -> OptimSection:
+        """The same settings with the warmup and decay steps spelled out for ``steps``."""
+        sched = self.optimizer(steps).schedule
+        return replace(
+            self, warmup_steps=sched.warmup_steps, decay_steps=sched.decay_steps or self.decay_steps
+        )
 
     def optimizer(self, steps: int) -> OptimizerConfig:
         """The servers' update rule for a run of ``steps`` steps."""
@@ -171,6 +195,8 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.seed < 0 or self.sample_tokens < 0:
+            raise ConfigError("train.seed and train.sample_tokens must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -191,6 +217,8 @@ class ClusterSection:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.servers < 1:
             raise ConfigError("need at least one worker and one server")
+        if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
+            raise ConfigError("need timeout > 0 and 0 < heartbeat_interval < heartbeat_timeout")
         if self.consistency not in CONSISTENCY:
             raise ConfigError(
                 f"consistency {self.consistency!r} is not available yet; choose from {CONSISTENCY}"
@@ -224,6 +252,12 @@ class TrainConfig:
                 f"batch size {self.train.batch_size} is smaller than "
                 f"{self.cluster.workers} workers: every worker needs a row"
             )
+
+    def resolved(self) -> TrainConfig:
+        """This configuration with every derived value spelled out, as a run records it."""
+        return replace(
+            self, model=self.model.resolved(), optim=self.optim.resolved(self.train.steps)
+        )
 
     def override(self, **sections: dict[str, Any]) -> TrainConfig:
         """A copy with fields changed, e.g. ``override(train={"steps": 10})``."""

@@ -10,6 +10,7 @@ evaluated on, so the numbers compare.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,18 +35,24 @@ def evaluate_run(
         raise ConfigError(f"no run directory at {run}")
     model, _, meta = load_model(run, checkpoint)
     cfg = load_config(run / "config.toml")
+    try:
+        record = json.loads((run / "data.json").read_text())
+        source, fingerprint = str(record["source"]), str(record["fingerprint"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{run} has no readable data.json ({exc})") from None
+    corpus = load_corpus(source)
+    if corpus.fingerprint != fingerprint:
+        raise ConfigError(
+            f"the corpus at {source} changed since {run} was trained; its validation split "
+            "cannot be rebuilt"
+        )
     data = prepare(
-        load_corpus(cfg.data.name),
+        corpus,
         tokenizer=cfg.data.tokenizer,
         vocab_size=cfg.data.vocab_size,
         val_fraction=cfg.data.val_fraction,
         cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
     )
-    if (data.path / "tokenizer.json").read_bytes() != (run / "tokenizer.json").read_bytes():
-        raise ConfigError(
-            f"the corpus {cfg.data.name!r} no longer tokenizes as it did when "
-            f"{run} was trained; cannot rebuild its validation split"
-        )
     val = data.tokens("val")
     block = model.config.block_size
     batches = GlobalBatches(

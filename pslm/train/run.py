@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pslm.errors import ConfigError
 from pslm.lm.checkpoint import latest_checkpoint, load_model
-from pslm.lm.corpus import load_corpus
+from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
 from pslm.lm.model import GPT
@@ -39,7 +39,8 @@ def train(cfg: TrainConfig) -> int:
     started = time.perf_counter()
     corpus = load_corpus(cfg.data.name)
     run_dir = _new_run_dir(cfg, corpus.name)
-    cfg = replace(cfg, run_dir=str(run_dir))
+    source = cfg.data.name if cfg.data.name in BUILTIN else str(Path(cfg.data.name).resolve())
+    cfg = replace(cfg, run_dir=str(run_dir), data=replace(cfg.data, name=source)).resolved()
     console.print(f"[bold]pslm train[/] -> {run_dir}")
     data = prepare(
         corpus,
@@ -50,9 +51,18 @@ def train(cfg: TrainConfig) -> int:
     )
     model_cfg = cfg.model.gpt(data.vocab_size)
     _check_data(data, model_cfg.block_size)
-    run_dir.mkdir(parents=True)
+    if cfg.train.sample_prompt:  # before hours of training, not after
+        data.tokenizer().encode(cfg.train.sample_prompt)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_toml(cfg.to_dict()))
     shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+    record = {
+        "corpus": corpus.name,
+        "source": source,
+        "fingerprint": corpus.fingerprint,
+        "prepared": str(data.path),
+    }
+    (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
     n_params = GPT(model_cfg).num_params()
     console.print(
         f"data: {corpus.name}, {data.meta['documents']} documents, "
@@ -92,6 +102,8 @@ def _new_run_dir(cfg: TrainConfig, corpus: str) -> Path:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in corpus)[:30]
         path = Path("runs") / f"{slug}-{stamp}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run directory {path} is a file; choose another --run-dir")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(
             f"run directory {path} already exists and is not empty; choose another --run-dir"

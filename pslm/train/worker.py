@@ -9,9 +9,10 @@ also writes ``metrics.jsonl`` and the checkpoints; all workers share the evaluat
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -63,52 +64,56 @@ class TrainLoop:
             if on_cpu
             else {n: torch.empty_like(p, device="cpu").pin_memory() for n, p in self.params.items()}
         )
-        self.metrics = (self.run_dir / "metrics.jsonl").open("a") if client.rank == 0 else None
+        self.metrics: TextIO | None = None
 
     def run(self) -> None:
-        self._init_parameters()
-        steps = self.cfg.train.steps
-        tokens_per_step = self.cfg.train.batch_size * self.model_config.block_size
-        nbytes = sum(t.numel() * 4 for t in self.host.values())
-        start = time.perf_counter()
+        if self.client.rank == 0:
+            self.metrics = (self.run_dir / "metrics.jsonl").open("a")
         try:
-            for step in range(steps):
-                t0 = time.perf_counter()
-                loss = self._forward_backward(step)
-                t1 = time.perf_counter()
-                done = self.client.wait(
-                    self.client.push_pull(
-                        self._grads(),
-                        self.host,
-                        clock=step,
-                        weight=self.rows[1] - self.rows[0],
-                        scalars={"loss": loss},
-                    )
-                )
-                self._load_host_params()
-                t2 = time.perf_counter()
-                record: dict[str, Any] = {
-                    "step": step,
-                    "time": round(t2 - start, 4),
-                    "loss": round(done.scalars.get("loss", loss), 6),
-                    "lr": self.optimizer.lr_at(step),
-                    "tokens_per_s": round(tokens_per_step / (t2 - t0), 1),
-                    "compute_s": round(t1 - t0, 5),
-                    "comm_s": round(t2 - t1, 5),
-                    "wait_s": round(done.held_s, 5),
-                    "version": done.version,
-                    "bytes_pushed": nbytes,
-                    "bytes_pulled": nbytes,
-                }
-                last = step == steps - 1
-                if (step + 1) % self.cfg.train.eval_interval == 0 or last:
-                    record["val_loss"] = round(self._evaluate(step), 6)
-                if (step + 1) % self.cfg.train.checkpoint_interval == 0 or last:
-                    self._checkpoint(step, done.version, record)
-                self._log(record)
+            self._train()
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _train(self) -> None:
+        self._init_parameters()
+        steps = self.cfg.train.steps
+        tokens_per_step = self.cfg.train.batch_size * self.model_config.block_size
+        start = time.perf_counter()
+        for step in range(steps):
+            t0 = time.perf_counter()
+            loss = self._forward_backward(step)
+            t1 = time.perf_counter()
+            done = self.client.wait(
+                self.client.push_pull(
+                    self._grads(),
+                    self.host,
+                    clock=step,
+                    weight=self.rows[1] - self.rows[0],
+                    scalars={"loss": loss},
+                )
+            )
+            self._load_host_params()
+            t2 = time.perf_counter()
+            record: dict[str, Any] = {
+                "step": step,
+                "time": round(t2 - start, 4),
+                "loss": round(done.scalars.get("loss", loss), 6),
+                "lr": self.optimizer.lr_at(step),
+                "tokens_per_s": round(tokens_per_step / (t2 - t0), 1),
+                "compute_s": round(t1 - t0, 5),
+                "comm_s": round(t2 - t1, 5),
+                "wait_s": round(done.held_s, 5),
+                "version": done.version,
+                "bytes_pushed": done.bytes_sent,
+                "bytes_pulled": done.bytes_received,
+            }
+            last = step == steps - 1
+            if (step + 1) % self.cfg.train.eval_interval == 0 or last:
+                record["val_loss"] = round(self._evaluate(step), 6)
+            if (step + 1) % self.cfg.train.checkpoint_interval == 0 or last:
+                self._checkpoint(step, done.version, record)
+            self._log(record)
 
     def _init_parameters(self) -> None:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
@@ -180,6 +185,14 @@ class TrainLoop:
         final = step_dir(self.run_dir, step + 1)
         tmp = final.with_name(f".tmp-{final.name}")
         tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_checkpoint(tmp, step, version, record)
+            publish(tmp, final, self.cfg.train.keep_checkpoints)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed checkpoint leaves nothing
+            raise
+
+    def _write_checkpoint(self, tmp: Path, step: int, version: int, record: dict[str, Any]) -> None:
         self.client.save(str(tmp), version)
         meta = {
             "step": step + 1,
@@ -192,7 +205,6 @@ class TrainLoop:
             "servers": self.client.num_servers,
         }
         write_model(tmp, self.model, meta)
-        publish(tmp, final, self.cfg.train.keep_checkpoints)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
