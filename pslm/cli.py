@@ -86,7 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, help="context length in tokens")
     s.add_argument("--workers", type=int, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, help="server processes (default 2)")
-    s.add_argument("--consistency", help="bsp (default)")
+    s.add_argument("--consistency", help="bsp (default), ssp:S (staleness bound S) or asp")
+    s.add_argument(
+        "--slow-worker",
+        metavar="RANK:FACTOR",
+        help="experiment: that worker computes FACTOR times slower",
+    )
+    s.add_argument(
+        "--straggle",
+        metavar="PROB:FACTOR",
+        help="experiment: each step a worker is delayed FACTOR x its compute time "
+        "with probability PROB",
+    )
     s.add_argument("--seed", type=int, help="seed of the initial model and the batch order")
     s.add_argument("--device", help="cpu (default) or cuda[:N]")
     s.add_argument("--run-dir", help="run directory (default runs/<corpus>-<date>-<time>)")
@@ -313,6 +324,8 @@ def _train(args: argparse.Namespace) -> int:
         "data": {"name": args.data, "tokenizer": args.tokenizer},
         "model": {"preset": args.model, "block_size": args.block_size},
         "train": {
+            "slow_worker": args.slow_worker,
+            "straggle": args.straggle,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "seed": args.seed,

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
 from pslm.ps.optim import OptimizerConfig
@@ -35,6 +36,7 @@ from pslm.wire.transport import Channel, tcp_address, tune_allocator
 log = logging.getLogger("pslm.client")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BSP = Consistency()
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,6 +78,9 @@ class Completion(NamedTuple):
     """Tensor bytes this request sent."""
     bytes_received: int
     """Tensor bytes its replies brought back."""
+    staleness: int = 0
+    """SSP/ASP reads: how many steps behind this worker the slowest worker was (the most
+    updates the values may miss)."""
 
 
 class _Slot(NamedTuple):
@@ -149,6 +154,8 @@ class PSClient:
             self.channel.close()
             raise
         self.keyspace: KeySpace | None = None
+        self.consistency = BSP
+        self._clipped = False
         self._layout: list[list[_Slot]] = []
         self._requests: dict[int, _Request] = {}
         self._next_ts = 1
@@ -175,13 +182,17 @@ class PSClient:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         decay_1d: bool = False,
+        consistency: Consistency = BSP,
     ) -> None:
-        """Declare the parameters and give the servers their initial values and optimizer.
+        """Declare the parameters and give the servers their initial values, optimizer and
+        consistency model.
 
         Every worker calls it with tensors of the same names and shapes, in the same order;
         worker 0's values become the parameters, and on return every worker's ``tensors`` hold
         them. Blocks until all workers have called it.
         """
+        self.consistency = consistency
+        self._clipped = optimizer.clip_norm > 0
         ks = KeySpace.build(
             ((n, t.shape) for n, t in tensors.items()),
             self.num_servers,
@@ -200,7 +211,12 @@ class PSClient:
         ]
         if self.rank == 0:
             self._check(tensors, "init", full=True)
-            body = {"worker": 0, "keyspace": ks.to_dict(), "optimizer": optimizer.to_dict()}
+            body = {
+                "worker": 0,
+                "keyspace": ks.to_dict(),
+                "optimizer": optimizer.to_dict(),
+                "consistency": consistency.to_dict(),
+            }
             ids = [
                 self.channel.send(
                     f"server-{s}",
@@ -291,9 +307,13 @@ class PSClient:
         """
         return self._push(grads, clock, weight, scalars, out=None)
 
-    def pull(self, out: Mapping[str, torch.Tensor], *, version: int = 0) -> int:
-        """Fetch parameters into ``out`` once the servers reach ``version``; returns a timestamp.
+    def pull(
+        self, out: Mapping[str, torch.Tensor], *, version: int = 0, clock: int | None = None
+    ) -> int:
+        """Fetch parameters into ``out``; returns a timestamp.
 
+        Under BSP the reply waits until the servers reach ``version``; under SSP until every
+        worker is within the bound of ``clock`` (default: this worker's pushes so far).
         Returns without waiting; ``out`` is filled by ``wait``. ``out`` may hold any subset of
         the tensors given to ``init`` (contiguous, any float dtype and device).
         """
@@ -305,7 +325,9 @@ class PSClient:
             if not mine:
                 continue
             keys = None if len(mine) == len(self._layout[s]) else [slot.key for slot in mine]
-            body = {"worker": self.rank, "min_version": version, "keys": keys}
+            body: dict[str, object] = {"worker": self.rank, "min_version": version, "keys": keys}
+            if clock is not None:
+                body["clock"] = clock
             ids[self.channel.send(f"server-{s}", Message("pull", body=body))] = s
             slots[s] = mine
         return self._track(_Request(ids, slots, out))
@@ -343,13 +365,15 @@ class PSClient:
         scalars: dict[str, float] = {}
         held = 0.0
         received = 0
+        staleness = 0
         for r in replies.values():
+            staleness = max(staleness, int(r.body.get("staleness", 0)))
             raw = r.body.get("scalars")
             if isinstance(raw, dict):
                 scalars.update({str(k): float(v) for k, v in raw.items()})
             held = max(held, float(r.body.get("held_s", 0.0)))
             received += sum(t.numel() * t.element_size() for t in r.tensors)
-        return Completion(version, scalars, held, req.sent, received)
+        return Completion(version, scalars, held, req.sent, received, staleness)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -400,6 +424,8 @@ class PSClient:
             "weight": float(weight),
             "reply_params": out is not None,
         }
+        if self.consistency.asynchronous and self._clipped:  # each push clipped by its own norm
+            body["sq_norm"] = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
         ids = {}
         sent = 0
         for s in range(self.num_servers):

@@ -8,6 +8,11 @@ arrived: the weighted mean of the gradients (summed in worker-rank order, so run
 exactly), global-norm clipping, one optimizer step; the version becomes c + 1. A pull asking for
 ``min_version`` is answered once the version reaches it.
 
+SSP and ASP (``consistency``): each push is applied on arrival as one optimizer step with that
+worker's gradient (clipped by the norm the worker computed for it, at the learning rate of its
+clock); a read by a worker at clock c waits in the staleness gate until every worker has pushed
+at least c - s times (never, under ASP). Every reply says the staleness the read saw.
+
 Clipping is exact across shards: each server sends its part of the squared norm of the mean
 gradient to every other server (``norm`` notices) and all of them add the parts in server-rank
 order, so every server computes the same global norm and the same factor that
@@ -31,6 +36,7 @@ import zmq
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
 from pslm.ps import protocol
+from pslm.ps.consistency import Consistency, StalenessGate
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
@@ -72,6 +78,18 @@ class ServerConfig:
 
 
 @dataclass(slots=True)
+class _Read:
+    """A read waiting for the staleness gate (SSP)."""
+
+    peer: bytes
+    msg: Message
+    clock: int
+    """The reader's clock: it reads once every worker is within the bound of it."""
+    keys: list[int] | None
+    scalars: dict[str, float] | None = None
+
+
+@dataclass(slots=True)
 class Clock:
     """What the server gathers for the clock it is about to apply."""
 
@@ -107,6 +125,11 @@ class Server:
         self.parked: list[tuple[bytes, Message, int, list[int] | None]] = []
         self.trackers: list[zmq.MessageTracker] = []
         self.stopping = False
+        self.consistency = Consistency()
+        self.gate = StalenessGate(0, 0)
+        self.reads: list[_Read] = []
+        self.staleness_seen: dict[int, int] = {}
+        """How many reads saw each staleness (logged at exit)."""
 
     @property
     def rank(self) -> int:
@@ -139,6 +162,11 @@ class Server:
         finally:
             if beat is not None:
                 beat.close()
+            if self.staleness_seen:
+                log.info(
+                    "staleness of reads (staleness: count): %s",
+                    dict(sorted(self.staleness_seen.items())),
+                )
             self._leave()
             for conn in self.peers.values():
                 conn.close()
@@ -211,22 +239,29 @@ class Server:
             )
         ks = KeySpace.from_dict(raw)
         opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
+        mode = Consistency.from_dict(protocol.field(msg, "consistency", dict, {}))
         if self.store is not None:
             same = (
                 ks.fingerprint() == self.store.keyspace.fingerprint()
                 and opt == self.store.optimizer
+                and mode == self.consistency
             )
             if not same:
-                raise RefusedError("already initialised with another model or optimizer")
+                raise RefusedError(
+                    "already initialised with another model, optimizer or consistency model"
+                )
             return msg.reply(version=self.store.version)
         store = ShardStore(ks, self.me.rank, opt)
         store.load(msg.tensors)
         self.store = store
+        self.consistency = mode
+        self.gate = StalenessGate(self.me.num_workers, mode.bound)
         log.info(
-            "initialised: %d chunks, %d parameters, %s",
+            "initialised: %d chunks, %d parameters, %s, %s",
             len(store.chunks),
             store.numel,
             opt.name,
+            mode,
         )
         return msg.reply(version=store.version)
 
@@ -240,6 +275,9 @@ class Server:
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
         grads = store.unpack(msg.tensors, "push")
         scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
+        if self.consistency.asynchronous:
+            self._push_now(peer, msg, worker, clock, grads, scalars, with_params)
+            return
         if clock != store.version:
             when = "after the server applied it" if clock < store.version else "too early"
             raise RefusedError(
@@ -262,13 +300,18 @@ class Server:
 
     def _pull(self, peer: bytes, msg: Message) -> None:
         store = self._store()
-        self._worker(msg)
+        worker = self._worker(msg)
         min_version = protocol.field(msg, "min_version", int, 0)
         keys = protocol.field(msg, "keys", (list, type(None)), None)
         if keys is not None:
             bad = [k for k in keys if not isinstance(k, int) or k not in store.position]
             if bad or len(keys) > len(store.chunks):
                 raise RefusedError(f"pull: keys not held by this server: {bad[:5]}", code="bad_key")
+        if self.consistency.asynchronous:
+            clock = protocol.field(msg, "clock", int, self.gate.clocks[worker])
+            self.reads.append(_Read(peer, msg, clock, keys))
+            self._release_reads()
+            return
         if min_version > store.version + 1:
             raise RefusedError(
                 f"pull for version {min_version}: the server is at {store.version} and only "
@@ -318,6 +361,55 @@ class Server:
         nbytes = store.save(path)
         log.info("saved version %d to %s (%d bytes)", version, path, nbytes)
         return msg.reply(version=version, file=str(path), bytes=nbytes)
+
+    # --- SSP and ASP: every push is an update ----------------------------------------------
+
+    def _push_now(
+        self,
+        peer: bytes,
+        msg: Message,
+        worker: int,
+        clock: int,
+        grads: list[Any],
+        scalars: dict[str, float],
+        with_params: bool,
+    ) -> None:
+        """Apply one worker's push at once, then answer it (with parameters: once the gate
+        lets the worker read at its next clock)."""
+        store = self._store()
+        expected = self.gate.clocks[worker]
+        if clock != expected:
+            raise RefusedError(
+                f"push for clock {clock} from worker {worker}: expected clock {expected}",
+                code="duplicate" if clock < expected else "bad_clock",
+            )
+        multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
+        if store.optimizer.clip_norm > 0:
+            sq = float(protocol.field(msg, "sq_norm", (int, float)))
+            multiplier = clip_coef(sq, store.optimizer.clip_norm)
+        fp32, _ = store.reduce([(1.0, grads)])  # half-precision pushes become fp32
+        self._make_params_writable()
+        store.apply(fp32, multiplier, step=clock)
+        self.gate.advance(worker)
+        if with_params:
+            self.reads.append(_Read(peer, msg, clock + 1, None, scalars))
+        else:
+            self.listener.send(peer, msg.reply(version=store.version))
+        self._release_reads()
+
+    def _release_reads(self) -> None:
+        """Answer every waiting read the staleness gate now lets through."""
+        waiting, self.reads = self.reads, []
+        for read in waiting:
+            if not self.gate.ready(read.clock):
+                self.reads.append(read)
+                continue
+            staleness = self.gate.staleness(read.clock)
+            self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
+            extra: dict[str, Any] = {"staleness": staleness}
+            if read.scalars is not None:
+                extra["scalars"] = read.scalars
+            self._send_params(read.peer, read.msg, read.keys, **extra)
 
     # --- BSP --------------------------------------------------------------------------------
 

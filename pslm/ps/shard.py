@@ -178,12 +178,14 @@ class ShardStore:
         float64."""
         return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
 
-    def apply(self, grads: Sequence[torch.Tensor], multiplier: float = 1.0) -> None:
-        """One optimizer step with ``grads * multiplier`` at the schedule's learning rate.
-
-        The kernels overwrite ``grads`` with the multiplied values.
+    def apply(
+        self, grads: Sequence[torch.Tensor], multiplier: float = 1.0, step: int | None = None
+    ) -> None:
+        """One optimizer step with ``grads * multiplier`` at the schedule's learning rate for
+        ``step`` (default: the version, as under BSP; asynchronous updates give the pushing
+        worker's clock). The kernels overwrite ``grads`` with the multiplied values.
         """
-        lr = self.optimizer.lr_at(self.version)
+        lr = self.optimizer.lr_at(self.version if step is None else step)
         # the kernels divide by grad_scale; a 0 multiplier (clipping an infinite norm) zeroes
         # finite gradients, as clip_grad_norm_'s factor of 0 does
         scale = (

@@ -12,6 +12,8 @@ values raise ConfigError in ``__post_init__``.
 from __future__ import annotations
 
 import json
+import math
+import random
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,9 +22,8 @@ from typing import Any
 from pslm.errors import ConfigError
 from pslm.lm.model import PRESETS, GPTConfig
 from pslm.lm.tokenizer import KINDS
+from pslm.ps.consistency import Consistency
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
-
-CONSISTENCY = ("bsp",)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -180,6 +181,23 @@ class TrainSection:
     """Where workers compute: ``cpu`` or ``cuda`` (``cuda:N``)."""
     threads: int = 1
     """Intra-op threads per worker (one thread per process is fastest on CPU)."""
+    slow_worker: str = ""
+    """Experiment knob ``RANK:FACTOR``: that worker computes FACTOR times slower, always."""
+    straggle: str = ""
+    """Experiment knob ``PROB:FACTOR``: each step, with probability PROB (drawn from the seed),
+    a worker's step is delayed by FACTOR times its compute time (transient stragglers)."""
+
+    def slowdown(self, rank: int, step: int, num_workers: int) -> float:
+        """Extra compute time, as a multiple of the real one, for ``rank`` at ``step``."""
+        extra = 0.0
+        if self.slow_worker:
+            who, factor = _pair(self.slow_worker, "slow_worker", int)
+            extra += max(0.0, factor - 1.0) if who == rank else 0.0
+        if self.straggle:
+            prob, factor = _pair(self.straggle, "straggle", float)
+            draw = random.Random(self.seed * 1_000_003 + step * num_workers + rank).random()
+            extra += factor if draw < prob else 0.0
+        return extra
 
     def __post_init__(self) -> None:
         for name in (
@@ -197,6 +215,12 @@ class TrainSection:
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.seed < 0 or self.sample_tokens < 0:
             raise ConfigError("train.seed and train.sample_tokens must be >= 0")
+        if self.slow_worker:
+            _pair(self.slow_worker, "slow_worker", int)
+        if self.straggle:
+            prob, _ = _pair(self.straggle, "straggle", float)
+            if not 0.0 <= prob <= 1.0:
+                raise ConfigError(f"straggle probability must lie in [0, 1], got {prob}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -206,7 +230,7 @@ class ClusterSection:
     servers: int = 2
     """Server processes."""
     consistency: str = "bsp"
-    """Consistency model; bsp (ssp:S, asp and local:H come with a later release)."""
+    """``bsp``, ``ssp:S`` (bounded staleness S) or ``asp`` (see pslm.ps.consistency)."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0
@@ -219,10 +243,7 @@ class ClusterSection:
             raise ConfigError("need at least one worker and one server")
         if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
             raise ConfigError("need timeout > 0 and 0 < heartbeat_interval < heartbeat_timeout")
-        if self.consistency not in CONSISTENCY:
-            raise ConfigError(
-                f"consistency {self.consistency!r} is not available yet; choose from {CONSISTENCY}"
-            )
+        self.consistency = str(Consistency.parse(self.consistency))
 
 
 SECTIONS = {
@@ -279,6 +300,21 @@ class TrainConfig:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         kw: dict[str, Any] = {name: _section(SECTIONS[name], d.get(name, {})) for name in SECTIONS}
         return cls(run_dir=str(d.get("run_dir", "")), **kw)
+
+
+def _pair(text: str, name: str, first: type) -> tuple[Any, float]:
+    """``A:B`` as (first(A), float(B)), B >= 1 or >= 0; ConfigError naming the knob."""
+    a, sep, b = text.partition(":")
+    try:
+        pair = first(a), float(b)
+    except ValueError:
+        pair = None
+    if not sep or pair is None or not (pair[1] >= 0 and math.isfinite(pair[1])) or pair[0] < 0:
+        raise ConfigError(
+            f"{name} must look like {'RANK:FACTOR' if first is int else 'PROB:FACTOR'}"
+            f", got {text!r}"
+        )
+    return pair
 
 
 def _section(cls: type, values: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
 from pslm.lm.model import GPT
 from pslm.ps.client import PSClient
+from pslm.ps.consistency import Consistency
 from pslm.train.config import TrainConfig
 
 
@@ -52,6 +53,8 @@ class TrainLoop:
         )
         self.rows = worker_slice(client.rank, client.num_workers, t.batch_size)
         self.optimizer = cfg.optim.optimizer(t.steps)
+        self.consistency = Consistency.parse(cfg.cluster.consistency)
+        self.staleness_max = 0
         self.params = dict(self.model.named_parameters())
         on_cpu = self.device.type == "cpu"
         # the PS speaks CPU tensors: on a GPU, gradients and parameters go through CPU mirrors
@@ -105,6 +108,8 @@ class TrainLoop:
                 "comm_s": round(t2 - t1, 5),
                 "wait_s": round(done.held_s, 5),
                 "version": done.version,
+                "staleness": done.staleness,
+                "staleness_max": self._staleness(done.staleness),
                 "bytes_pushed": done.bytes_sent,
                 "bytes_pulled": done.bytes_received,
             }
@@ -115,11 +120,17 @@ class TrainLoop:
                 self._checkpoint(step, done.version, record)
             self._log(record)
 
+    def _staleness(self, seen: int) -> int:
+        """The largest staleness this worker's reads have seen so far."""
+        self.staleness_max = max(self.staleness_max, seen)
+        return self.staleness_max
+
     def _init_parameters(self) -> None:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
         laid out for the wire (on a GPU: CPU mirrors of them, since the PS speaks CPU)."""
         cpu = {n: p.detach().cpu() for n, p in self.params.items()}
-        self.client.init(cpu, self.optimizer)  # every worker now holds worker 0's values
+        # every worker now holds worker 0's values
+        self.client.init(cpu, self.optimizer, consistency=self.consistency)
         on_gpu = self.device.type != "cpu"
         self.host = self.client.allocate(pin_memory=on_gpu)
         grads = self.client.allocate(pin_memory=on_gpu)
@@ -138,11 +149,16 @@ class TrainLoop:
         x, y = get_batch(
             self.train_tokens, self.batches.offsets(step)[lo:hi], self.model_config.block_size
         )
+        start = time.perf_counter()
         self.model.zero_grad(set_to_none=False)
         _, loss = self.model(x.to(self.device), y.to(self.device))
         assert loss is not None
         loss.backward()
-        return float(loss.item())
+        value = float(loss.item())
+        extra = self.cfg.train.slowdown(self.client.rank, step, self.client.num_workers)
+        if extra:  # an experiment's straggler: idle as long as the slower compute would take
+            time.sleep(extra * (time.perf_counter() - start))
+        return value
 
     def _grads(self) -> dict[str, torch.Tensor]:
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
@@ -178,10 +194,21 @@ class TrainLoop:
     def _checkpoint(self, step: int, version: int, record: dict[str, Any]) -> None:
         """Worker 0 writes a consistent cut: the servers' shards and the model at ``version``.
 
-        Under BSP the servers cannot move past ``version`` until worker 0 pushes again.
+        Under BSP the servers cannot move past ``version`` until worker 0 pushes again. Under
+        SSP and ASP every worker stops at a barrier first, worker 0 pulls what the servers hold
+        then, writes, and a second barrier lets everyone go on.
         """
-        if self.client.rank != 0:
-            return
+        if self.consistency.asynchronous:
+            self.client.barrier(f"checkpoint-{step}")
+            if self.client.rank == 0:
+                version = self.client.wait(self.client.pull(self.host, clock=step + 1)).version
+                self._load_host_params()
+                self._write_and_publish(step, version, record)
+            self.client.barrier(f"checkpointed-{step}")
+        elif self.client.rank == 0:
+            self._write_and_publish(step, version, record)
+
+    def _write_and_publish(self, step: int, version: int, record: dict[str, Any]) -> None:
         final = step_dir(self.run_dir, step + 1)
         tmp = final.with_name(f".tmp-{final.name}")
         tmp.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,97 @@
+"""SSP and ASP: the staleness gate, the bound it keeps, and what training gets from it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pslm.errors import ConfigError
+from pslm.ps.consistency import Consistency, StalenessGate
+from tests.test_train import pslm
+
+
+def test_parse_and_round_trip() -> None:
+    assert Consistency.parse("bsp") == Consistency() and not Consistency().asynchronous
+    ssp = Consistency.parse("ssp:3")
+    assert (ssp.kind, ssp.bound, str(ssp)) == ("ssp", 3, "ssp:3") and ssp.asynchronous
+    assert Consistency.parse("asp").bound is None
+    assert Consistency.from_dict(ssp.to_dict()) == ssp
+    for bad in ("ssp", "ssp:x", "bsp:1", "local", "ssp:-1"):
+        with pytest.raises(ConfigError):
+            Consistency.parse(bad)
+    for raw in ({"kind": "ssp", "staleness": True}, {"kind": 3}, {"x": 1}, "bsp"):
+        with pytest.raises(ConfigError):
+            Consistency.from_dict(raw)
+
+
+def test_gate_lets_a_worker_run_ahead_by_exactly_the_bound() -> None:
+    gate = StalenessGate(num_workers=2, bound=2)
+    for _ in range(2):
+        gate.advance(0)
+    assert gate.ready(2) and gate.staleness(2) == 2  # worker 1 still at clock 0
+    assert not gate.ready(3)
+    gate.advance(1)
+    assert gate.ready(3) and gate.staleness(3) == 2
+    asp = StalenessGate(num_workers=2, bound=None)
+    for _ in range(50):
+        asp.advance(0)
+    assert asp.ready(50) and asp.staleness(50) == 50
+
+
+def _train(setup: dict[str, Path], name: str, *extra: str) -> Path:
+    run = setup["root"] / name
+    res = pslm(
+        "train", "--config", setup["config"], "--data", setup["corpus"], "--run-dir", run, *extra
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return run
+
+
+def _server_staleness(run: Path) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    for log in sorted((run / "logs").glob("server-*.log")):
+        m = re.search(r"staleness of reads \(staleness: count\): (\{.*\})", log.read_text())
+        assert m, log
+        for k, v in ast.literal_eval(m.group(1)).items():
+            seen[k] = seen.get(k, 0) + v
+    return seen
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    from tests.test_train import CONFIG, _story
+
+    root = tmp_path_factory.mktemp("consistency")
+    (root / "story.txt").write_text(_story())
+    (root / "tiny.toml").write_text(CONFIG.replace("steps = 30", "steps = 40"))
+    return {"root": root, "corpus": root / "story.txt", "config": root / "tiny.toml"}
+
+
+@pytest.mark.parametrize("bound", [0, 1, 3])
+def test_ssp_bound_holds_with_a_worker_three_times_slower(setup, bound: int) -> None:
+    run = _train(setup, f"ssp{bound}", "--consistency", f"ssp:{bound}", "--slow-worker", "1:3")
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 40
+    # worker 0 is the fast one: its reads run ahead of the slow worker up to the bound, and
+    # never past it, by its own account and by every server's
+    assert max(r["staleness"] for r in recs) == bound == recs[-1]["staleness_max"]
+    assert max(_server_staleness(run)) == bound
+
+
+def test_asp_never_waits_and_its_staleness_grows(setup) -> None:
+    run = _train(setup, "asp", "--consistency", "asp", "--slow-worker", "1:3")
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["staleness_max"] > 3
+
+
+def test_ssp_and_asp_train_as_well_as_bsp_on_the_same_samples(setup) -> None:
+    losses = {}
+    for mode in ("bsp", "ssp:1", "asp"):
+        run = _train(setup, f"q-{mode.replace(':', '')}", "--consistency", mode, "--steps", "400")
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        losses[mode] = last["val_loss"]
+    assert losses["ssp:1"] <= 1.05 * losses["bsp"] and losses["asp"] <= 1.05 * losses["bsp"]
