@@ -41,6 +41,8 @@ class Consistency:
     def parse(cls, text: str) -> Consistency:
         """``bsp``, ``asp`` or ``ssp:S``."""
         kind, _, bound = text.strip().lower().partition(":")
+        if kind not in KINDS:
+            raise ConfigError(f"consistency must be one of bsp, ssp:S, asp; got {text!r}")
         if kind == "ssp":
             if not bound.isdigit():
                 raise ConfigError(f"ssp needs a staleness bound, e.g. ssp:3; got {text!r}")
