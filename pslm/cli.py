@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, help="server processes (default 2)")
     s.add_argument("--consistency", help="bsp (default), ssp:S (staleness bound S) or asp")
+    s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
+    s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
     s.add_argument(
         "--slow-worker",
         metavar="RANK:FACTOR",
@@ -335,6 +337,8 @@ def _train(args: argparse.Namespace) -> int:
             "workers": args.workers,
             "servers": args.servers,
             "consistency": args.consistency,
+            "push_codec": args.push_codec,
+            "pull_codec": args.pull_codec,
         },
     }
     if args.block_size is not None and args.block_size < 1:

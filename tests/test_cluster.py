@@ -233,3 +233,25 @@ def test_servers_save_their_shards_at_a_version(one_worker_cluster, tmp_path) ->
     with pytest.raises(RefusedError, match="not a directory"):
         client.save(str(tmp_path / "nowhere"), version=version)
     client.close()
+
+
+def test_compressed_pushes_and_pulls(one_worker_cluster) -> None:
+    client = _client(one_worker_cluster)
+    w = torch.randn(64, 64)
+    client.init({"w": w}, OptimizerConfig(name="sgd", lr=1.0), push_codec="int8", pull_codec="bf16")
+    grad = torch.randn(64, 64)
+    out = {"w": torch.zeros(64, 64)}
+    done = client.wait(client.push_pull({"w": grad}, out, clock=0))
+    assert done.bytes_sent == 64 * 64 + 8 and done.bytes_received == 64 * 64 * 2
+    span = float(grad.max() - grad.min())
+    expected = w - grad  # up to int8's step on the way in and bf16 rounding on the way out
+    assert float((out["w"] - expected).abs().max()) <= span / 510 + 0.01 * float(w.abs().max())
+    assert torch.equal(out["w"], out["w"].bfloat16().float())  # came as bf16
+    # the residual int8 dropped is kept here and sent with the next push
+    assert client.feedback.residual and client.feedback.residual["0/0"].abs().max() > 0
+    with pytest.raises(RefusedError, match="pulls take"):
+        msg_body = {"worker": 0, "min_version": 0, "pull_codec": "int8"}
+        from pslm.wire.message import Message
+
+        client.channel.request("server-0", Message("pull", body=msg_body))
+    client.close()

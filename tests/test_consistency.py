@@ -95,3 +95,28 @@ def test_ssp_and_asp_train_as_well_as_bsp_on_the_same_samples(setup) -> None:
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         losses[mode] = last["val_loss"]
     assert losses["ssp:1"] <= 1.05 * losses["bsp"] and losses["asp"] <= 1.05 * losses["bsp"]
+
+
+def test_codecs_cut_the_bytes_and_change_nothing_else(setup) -> None:
+    runs = {
+        name: [
+            json.loads(ln)
+            for ln in (_train(setup, f"codec-{i}", *flags) / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        for i, (name, flags) in enumerate(
+            {
+                "none": (),
+                "bf16": ("--push-codec", "bf16", "--pull-codec", "bf16"),
+                "topk": ("--push-codec", "topk:0.1"),
+            }.items()
+        )
+    }
+    base = runs["none"][-1]
+    assert runs["bf16"][-1]["bytes_pushed"] * 2 == base["bytes_pushed"]
+    assert runs["bf16"][-1]["bytes_pulled"] * 2 == base["bytes_pulled"]
+    assert runs["topk"][-1]["bytes_pushed"] < base["bytes_pushed"] / 4
+    assert runs["bf16"][-1]["val_loss"] == pytest.approx(base["val_loss"], rel=0.02)
+    assert runs["topk"][-1]["loss"] < runs["topk"][0]["loss"] - 0.5  # it still learns
+    assert [r["step"] for r in runs["topk"]] == [r["step"] for r in runs["none"]]

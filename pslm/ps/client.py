@@ -30,6 +30,7 @@ from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
 from pslm.ps.optim import OptimizerConfig
+from pslm.wire.codecs import ErrorFeedback, get_codec
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel, tcp_address, tune_allocator
 
@@ -62,6 +63,16 @@ class ClientConfig:
             raise ConfigError(str(exc)) from None
         if self.timeout <= 0 or self.register_timeout <= 0:
             raise ConfigError("timeouts must be positive")
+
+
+PULL_CODECS = ("none", "bf16", "fp16")
+
+
+def check_codecs(push: str, pull: str) -> str:
+    """The push codec's canonical name; ConfigError for an unknown push or pull codec."""
+    if pull not in PULL_CODECS:
+        raise ConfigError(f"pulls take {', '.join(PULL_CODECS)}, not {pull!r}")
+    return get_codec(push).name
 
 
 class Completion(NamedTuple):
@@ -156,6 +167,8 @@ class PSClient:
         self.keyspace: KeySpace | None = None
         self.consistency = BSP
         self._clipped = False
+        self.feedback = ErrorFeedback(get_codec("none"))
+        self.pull_codec = "none"
         self._layout: list[list[_Slot]] = []
         self._requests: dict[int, _Request] = {}
         self._next_ts = 1
@@ -183,9 +196,13 @@ class PSClient:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         decay_1d: bool = False,
         consistency: Consistency = BSP,
+        push_codec: str = "none",
+        pull_codec: str = "none",
     ) -> None:
         """Declare the parameters and give the servers their initial values, optimizer and
-        consistency model.
+        consistency model. ``push_codec`` compresses gradients (none, bf16, fp16, int8,
+        topk:RATIO; lossy ones with error feedback kept here), ``pull_codec`` parameters (none,
+        bf16, fp16).
 
         Every worker calls it with tensors of the same names and shapes, in the same order;
         worker 0's values become the parameters, and on return every worker's ``tensors`` hold
@@ -193,6 +210,8 @@ class PSClient:
         """
         self.consistency = consistency
         self._clipped = optimizer.clip_norm > 0
+        self.feedback = ErrorFeedback(get_codec(check_codecs(push_codec, pull_codec)))
+        self.pull_codec = pull_codec
         ks = KeySpace.build(
             ((n, t.shape) for n, t in tensors.items()),
             self.num_servers,
@@ -325,7 +344,12 @@ class PSClient:
             if not mine:
                 continue
             keys = None if len(mine) == len(self._layout[s]) else [slot.key for slot in mine]
-            body: dict[str, object] = {"worker": self.rank, "min_version": version, "keys": keys}
+            body: dict[str, object] = {
+                "worker": self.rank,
+                "min_version": version,
+                "keys": keys,
+                "pull_codec": self.pull_codec,
+            }
             if clock is not None:
                 body["clock"] = clock
             ids[self.channel.send(f"server-{s}", Message("pull", body=body))] = s
@@ -423,6 +447,8 @@ class PSClient:
             "clock": clock,
             "weight": float(weight),
             "reply_params": out is not None,
+            "codec": self.feedback.codec.name,
+            "pull_codec": self.pull_codec,
         }
         if self.consistency.asynchronous and self._clipped:  # each push clipped by its own norm
             body["sq_norm"] = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
@@ -433,7 +459,11 @@ class PSClient:
             extra = (
                 {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
             )
-            pieces = self._pack(grads, s)
+            pieces = [
+                part
+                for i, piece in enumerate(self._pack(grads, s))
+                for part in self.feedback.encode(f"{s}/{i}", piece.reshape(-1))
+            ]
             sent += sum(t.numel() * t.element_size() for t in pieces)
             msg = Message("push", body={**body, **extra}, tensors=pieces)
             ids[self.channel.send(f"server-{s}", msg)] = s

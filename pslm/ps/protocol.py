@@ -24,7 +24,8 @@ Notices from the scheduler:
 To a server (from workers):
     init       {worker, keyspace, optimizer} + initial values, one tensor per piece ->
                {version}; idempotent for the same key space and optimizer
-    push       {worker, clock, weight, reply_params, scalars: {name: number}} + gradients,
+    push       {worker, clock, weight, reply_params, scalars: {name: number}, codec,
+               pull_codec, sq_norm (SSP/ASP with clipping)} + gradients,
                one tensor per piece (``KeySpace.pieces``) -> {version} at once, or, with
                reply_params, the parameters after the update (as ``pull``) with {scalars:
                each one's weighted mean over the workers, held_s: seconds the push waited}

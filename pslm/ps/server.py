@@ -41,6 +41,7 @@ from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.shard import ShardStore, clip_coef
+from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
 
@@ -273,7 +274,8 @@ class Server:
         with_params = protocol.field(msg, "reply_params", bool, False)
         if not (weight > 0 and math.isfinite(weight)):
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
-        grads = store.unpack(msg.tensors, "push")
+        _pull_codec(msg)  # refuse a bad one now, not after the update
+        grads = store.unpack(_decoded(msg, store), "push")
         scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
         if self.consistency.asynchronous:
             self._push_now(peer, msg, worker, clock, grads, scalars, with_params)
@@ -307,6 +309,7 @@ class Server:
             bad = [k for k in keys if not isinstance(k, int) or k not in store.position]
             if bad or len(keys) > len(store.chunks):
                 raise RefusedError(f"pull: keys not held by this server: {bad[:5]}", code="bad_key")
+        _pull_codec(msg)
         if self.consistency.asynchronous:
             clock = protocol.field(msg, "clock", int, self.gate.clocks[worker])
             self.reads.append(_Read(peer, msg, clock, keys))
@@ -467,6 +470,9 @@ class Server:
             tensors = store.packed
         else:
             tensors = [store.views[store.position[k]] for k in keys]
+        codec = _pull_codec(msg)
+        if not codec.lossless:  # a cast: new tensors, half the bytes
+            tensors = [codec.encode(t)[0] for t in tensors]
         tracker = self.listener.send(
             peer,
             Message("ok", id=msg.id, body={"version": store.version, **extra}, tensors=tensors),
@@ -527,6 +533,32 @@ class Server:
             )
         except PSLMError as exc:
             log.debug("could not say goodbye to the scheduler: %s", exc)
+
+
+PULL_CODECS = ("none", "bf16", "fp16")
+
+
+def _decoded(msg: Message, store: ShardStore) -> list[Any]:
+    """A push's pieces, decoded by the codec it names (``codec``; default none)."""
+    codec = get_codec(protocol.field(msg, "codec", str, "none"))
+    sizes = [t.numel() for t in store.packed]
+    if len(msg.tensors) != len(sizes) * codec.parts:
+        raise RefusedError(
+            f"push has {len(msg.tensors)} tensors; {len(sizes)} pieces in {codec.name} take "
+            f"{len(sizes) * codec.parts}",
+            code="bad_shape",
+        )
+    if codec.lossless:
+        return list(msg.tensors)
+    n = codec.parts
+    return [codec.decode(msg.tensors[i * n : (i + 1) * n], size) for i, size in enumerate(sizes)]
+
+
+def _pull_codec(msg: Message) -> Codec:
+    name = protocol.field(msg, "pull_codec", str, "none")
+    if name not in PULL_CODECS:
+        raise RefusedError(f"pulls take {', '.join(PULL_CODECS)}, not {name!r}", code="bad_codec")
+    return get_codec(name)
 
 
 def shard_file(rank: int, num_servers: int) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from pslm.errors import ConfigError
 from pslm.lm.model import PRESETS, GPTConfig
 from pslm.lm.tokenizer import KINDS
+from pslm.ps.client import check_codecs
 from pslm.ps.consistency import Consistency
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
 
@@ -231,6 +232,11 @@ class ClusterSection:
     """Server processes."""
     consistency: str = "bsp"
     """``bsp``, ``ssp:S`` (bounded staleness S) or ``asp`` (see pslm.ps.consistency)."""
+    push_codec: str = "none"
+    """Gradient compression: none, bf16, fp16, int8 or topk:RATIO (lossy ones with error
+    feedback)."""
+    pull_codec: str = "none"
+    """Parameter compression on pulls: none, bf16 or fp16."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0
@@ -244,6 +250,7 @@ class ClusterSection:
         if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
             raise ConfigError("need timeout > 0 and 0 < heartbeat_interval < heartbeat_timeout")
         self.consistency = str(Consistency.parse(self.consistency))
+        self.push_codec = check_codecs(self.push_codec, self.pull_codec)
 
 
 SECTIONS = {

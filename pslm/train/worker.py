@@ -130,7 +130,13 @@ class TrainLoop:
         laid out for the wire (on a GPU: CPU mirrors of them, since the PS speaks CPU)."""
         cpu = {n: p.detach().cpu() for n, p in self.params.items()}
         # every worker now holds worker 0's values
-        self.client.init(cpu, self.optimizer, consistency=self.consistency)
+        self.client.init(
+            cpu,
+            self.optimizer,
+            consistency=self.consistency,
+            push_codec=self.cfg.cluster.push_codec,
+            pull_codec=self.cfg.cluster.pull_codec,
+        )
         on_gpu = self.device.type != "cpu"
         self.host = self.client.allocate(pin_memory=on_gpu)
         grads = self.client.allocate(pin_memory=on_gpu)

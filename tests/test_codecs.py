@@ -1,0 +1,94 @@
+"""Compression codecs: stated errors, error feedback, malformed input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pslm.errors import ConfigError, ProtocolError
+from pslm.wire.codecs import ErrorFeedback, get_codec
+from pslm.wire.message import Message, decode, encode
+
+vectors = st.integers(1, 3000).flatmap(
+    lambda n: st.integers(0, 2**31 - 1).map(
+        lambda seed: torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 10
+    )
+)
+
+
+def _wire(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return decode(encode(Message("x", tensors=parts))).tensors  # as a peer receives them
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors)
+def test_casts_round_to_the_format(x: torch.Tensor) -> None:
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        codec = get_codec(name)
+        parts = codec.encode(x)
+        assert parts[0].dtype == dtype and parts[0].nbytes == x.nbytes // 2
+        assert torch.equal(codec.decode(_wire(parts), x.numel()), x.to(dtype).float())
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors)
+def test_int8_error_is_within_a_510th_of_the_range(x: torch.Tensor) -> None:
+    codec = get_codec("int8")
+    parts = codec.encode(x)
+    y = codec.decode(_wire(parts), x.numel())
+    span = float(x.max() - x.min())
+    assert float((y - x).abs().max()) <= span / 510 * (1 + 1e-4) + 1e-6
+    assert sum(p.nbytes for p in parts) == x.numel() + 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors, st.sampled_from([0.001, 0.01, 0.1, 1.0]))
+def test_topk_keeps_the_largest_entries_exactly(x: torch.Tensor, ratio: float) -> None:
+    codec = get_codec(f"topk:{ratio}")
+    y = codec.decode(_wire(codec.encode(x)), x.numel())
+    k = math.ceil(ratio * x.numel())
+    kept = y != 0
+    assert int(kept.sum()) <= k and torch.equal(y[kept], x[kept])
+    threshold = x.abs().topk(k).values.min()
+    assert bool((x.abs()[~kept] <= threshold).all())
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "int8", "bf16"])
+def test_error_feedback_loses_no_gradient_mass(spec: str) -> None:
+    ef = ErrorFeedback(get_codec(spec))
+    gen = torch.Generator().manual_seed(0)
+    produced = torch.zeros(500, dtype=torch.float64)
+    applied = torch.zeros(500, dtype=torch.float64)
+    for _ in range(50):
+        g = torch.randn(500, generator=gen)
+        produced += g.double()
+        applied += ef.codec.decode(ef.encode("k", g), 500).double()
+    residual = ef.residual.get("k", torch.zeros(500)).double()
+    torch.testing.assert_close(applied + residual, produced, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "spec, parts, fragment",
+    [
+        ("none", [torch.zeros(3, dtype=torch.int64)], "float"),
+        ("bf16", [torch.zeros(4)], "bfloat16"),
+        ("int8", [torch.zeros(4, dtype=torch.uint8)], "expected 2 tensors"),
+        ("int8", [torch.zeros(4, dtype=torch.uint8), torch.tensor([0.0, math.inf])], "finite"),
+        ("topk:0.5", [torch.tensor([7], dtype=torch.int32), torch.ones(1)], "out of range"),
+        ("topk:0.5", [torch.tensor([-1], dtype=torch.int32), torch.ones(1)], "out of range"),
+        ("topk:0.5", [torch.tensor([1, 2], dtype=torch.int32), torch.ones(1)], "matching"),
+    ],
+)
+def test_malformed_parts_are_refused(spec, parts, fragment) -> None:
+    with pytest.raises(ProtocolError, match=fragment):
+        get_codec(spec).decode(parts, 4)
+
+
+@pytest.mark.parametrize("spec", ["zip", "topk:", "topk:0", "topk:2", "topk:x"])
+def test_unknown_codecs(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        get_codec(spec)
