@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, help="context length in tokens")
     s.add_argument("--workers", type=int, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, help="server processes (default 2)")
-    s.add_argument("--consistency", help="bsp (default), ssp:S (staleness bound S) or asp")
+    s.add_argument("--consistency", help="bsp (default), ssp:S, asp or local:H")
     s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
     s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
     s.add_argument(

@@ -13,6 +13,9 @@ worker's gradient (clipped by the norm the worker computed for it, at the learni
 clock); a read by a worker at clock c waits in the staleness gate until every worker has pushed
 at least c - s times (never, under ASP). Every reply says the staleness the read saw.
 
+local:H: the workers run their own optimizer and push every H steps the change of their
+parameters; rounds are gated as under BSP and the mean change is added to the parameters.
+
 Clipping is exact across shards: each server sends its part of the squared norm of the mean
 gradient to every other server (``norm`` notices) and all of them add the parts in server-rank
 order, so every server computes the same global norm and the same factor that
@@ -131,6 +134,11 @@ class Server:
         self.reads: list[_Read] = []
         self.staleness_seen: dict[int, int] = {}
         """How many reads saw each staleness (logged at exit)."""
+
+    @property
+    def local(self) -> bool:
+        """Local SGD: pushes carry parameter changes, averaged in, no server optimizer."""
+        return self.consistency.kind == "local"
 
     @property
     def rank(self) -> int:
@@ -426,7 +434,7 @@ class Server:
             clock.grads, clock.factor = store.reduce(
                 [clock.pushes[w] for w in sorted(clock.pushes)]
             )
-            if store.optimizer.clip_norm > 0:
+            if store.optimizer.clip_norm > 0 and not self.local:
                 sq = store.sq_norm(clock.grads) * clock.factor**2
                 clock.norms[self.me.rank] = sq
                 note = Message(
@@ -435,14 +443,17 @@ class Server:
                 for conn in self.peers.values():
                     conn.send(note)
         multiplier = clock.factor
-        if store.optimizer.clip_norm > 0:
+        if store.optimizer.clip_norm > 0 and not self.local:
             if len(clock.norms) < self.me.num_servers:
                 return
             total = sum(clock.norms[s] for s in range(self.me.num_servers))
             multiplier *= clip_coef(total, store.optimizer.clip_norm)
         self._make_params_writable()
         try:
-            store.apply(clock.grads, multiplier)
+            if self.local:  # the pushes are parameter changes: average them in
+                store.add_delta(clock.grads, multiplier)
+            else:
+                store.apply(clock.grads, multiplier)
         except Exception as exc:  # never leave a clock half-applied: refuse it whole
             log.exception("update for clock %d failed", store.version)
             self._abandon_clock(f"the update for clock {store.version} failed: {exc!r}")

@@ -138,6 +138,12 @@ class ShardStore:
         os.replace(tmp, path)
         return path.stat().st_size
 
+    def add_delta(self, deltas: Sequence[torch.Tensor], multiplier: float = 1.0) -> None:
+        """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""
+        for view, delta in zip(self.views, deltas, strict=True):
+            view.add_(delta, alpha=multiplier)
+        self.version += 1
+
     def reduce(
         self, pushes: Sequence[tuple[float, Sequence[torch.Tensor]]]
     ) -> tuple[list[torch.Tensor], float]:

@@ -231,7 +231,8 @@ class ClusterSection:
     servers: int = 2
     """Server processes."""
     consistency: str = "bsp"
-    """``bsp``, ``ssp:S`` (bounded staleness S) or ``asp`` (see pslm.ps.consistency)."""
+    """``bsp``, ``ssp:S`` (bounded staleness S), ``asp`` or ``local:H`` (local SGD, averaging
+    every H steps); see pslm.ps.consistency."""
     push_codec: str = "none"
     """Gradient compression: none, bf16, fp16, int8 or topk:RATIO (lossy ones with error
     feedback)."""

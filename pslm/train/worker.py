@@ -19,7 +19,7 @@ import torch
 from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
 from pslm.lm.model import GPT
-from pslm.ps.client import PSClient
+from pslm.ps.client import Completion, PSClient
 from pslm.ps.consistency import Consistency
 from pslm.train.config import TrainConfig
 
@@ -55,6 +55,9 @@ class TrainLoop:
         self.optimizer = cfg.optim.optimizer(t.steps)
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
+        self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
+        self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
+        self.round = 0  # averagings so far (local SGD's clock)
         self.params = dict(self.model.named_parameters())
         on_cpu = self.device.type == "cpu"
         # the PS speaks CPU tensors: on a GPU, gradients and parameters go through CPU mirrors
@@ -83,20 +86,25 @@ class TrainLoop:
         steps = self.cfg.train.steps
         tokens_per_step = self.cfg.train.batch_size * self.model_config.block_size
         start = time.perf_counter()
+        t = self.cfg.train
         for step in range(steps):
+            last = step == steps - 1
+            evaluate = (step + 1) % t.eval_interval == 0 or last
+            checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
             t0 = time.perf_counter()
             loss = self._forward_backward(step)
             t1 = time.perf_counter()
-            done = self.client.wait(
-                self.client.push_pull(
-                    self._grads(),
-                    self.host,
-                    clock=step,
-                    weight=self.rows[1] - self.rows[0],
-                    scalars={"loss": loss},
-                )
-            )
-            self._load_host_params()
+            if self.local is None:
+                done = self._exchange(self._grads(), step, loss)
+            else:  # local SGD: own steps; every H (and before evaluating) average the changes
+                self._local_step(step)
+                period = self.consistency.period
+                if (step + 1) % period == 0 or evaluate or checkpoint:
+                    done = self._exchange(self._deltas(), self.round, loss)
+                    self.round += 1
+                    self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
+                else:
+                    done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
             t2 = time.perf_counter()
             record: dict[str, Any] = {
                 "step": step,
@@ -113,17 +121,64 @@ class TrainLoop:
                 "bytes_pushed": done.bytes_sent,
                 "bytes_pulled": done.bytes_received,
             }
-            last = step == steps - 1
-            if (step + 1) % self.cfg.train.eval_interval == 0 or last:
+            if evaluate:
                 record["val_loss"] = round(self._evaluate(step), 6)
-            if (step + 1) % self.cfg.train.checkpoint_interval == 0 or last:
+            if checkpoint:
                 self._checkpoint(step, done.version, record)
             self._log(record)
+
+    def _exchange(self, grads: dict[str, torch.Tensor], clock: int, loss: float) -> Completion:
+        """Push ``grads`` for ``clock`` and load the parameters that come back."""
+        done = self.client.wait(
+            self.client.push_pull(
+                grads,
+                self.host,
+                clock=clock,
+                weight=self.rows[1] - self.rows[0],
+                scalars={"loss": loss},
+            )
+        )
+        self._load_host_params()
+        return done
+
+    def _local_step(self, step: int) -> None:
+        """One step of this worker's own optimizer (local SGD)."""
+        assert self.local is not None
+        if self.optimizer.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.optimizer.clip_norm)
+        for group in self.local.param_groups:
+            group["lr"] = self.optimizer.lr_at(step)
+        self.local.step()
+
+    def _deltas(self) -> dict[str, torch.Tensor]:
+        """How far local steps moved the parameters since the last averaging, in the gradient
+        buffers (which are laid out for the wire)."""
+        with torch.no_grad():
+            for n, p in self.params.items():
+                assert p.grad is not None
+                torch.sub(p, self.anchor[n], out=p.grad)
+        return self._grads()
 
     def _staleness(self, seen: int) -> int:
         """The largest staleness this worker's reads have seen so far."""
         self.staleness_max = max(self.staleness_max, seen)
         return self.staleness_max
+
+    def _local_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer local SGD runs on the worker: the run's, with the same groups."""
+        o = self.optimizer
+        decay = [p for p in self.params.values() if p.dim() >= 2]
+        rest = [p for p in self.params.values() if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]
+        if o.name == "sgd":
+            return torch.optim.SGD(
+                groups, lr=o.lr, momentum=o.momentum, dampening=o.dampening, nesterov=o.nesterov
+            )
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
     def _init_parameters(self) -> None:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
@@ -149,6 +204,12 @@ class TrainLoop:
                     p.data = self.host[n]
                     p.grad = grads[n]
         self.host_grads = grads if on_gpu else None
+        if self.consistency.kind == "local":
+            for p in self.params.values():  # gradient buffers exist from the start
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.local = self._local_optimizer()
+            self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
     def _forward_backward(self, step: int) -> float:
         lo, hi = self.rows
