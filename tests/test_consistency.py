@@ -83,6 +83,9 @@ def test_ssp_bound_holds_with_a_worker_three_times_slower(setup, bound: int) -> 
     # never past it, by its own account and by every server's
     assert max(r["staleness"] for r in recs) == bound == recs[-1]["staleness_max"]
     assert max(_server_staleness(run)) == bound
+    hists = [r["staleness_hist"] for r in recs if "staleness_hist" in r]
+    assert len(hists) == 4 and sum(sum(h.values()) for h in hists) == 40
+    assert max(int(k) for h in hists for k in h) == bound
 
 
 def test_asp_never_waits_and_its_staleness_grows(setup) -> None:

@@ -55,6 +55,7 @@ class TrainLoop:
         self.optimizer = cfg.optim.optimizer(t.steps)
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
+        self.staleness_hist: dict[int, int] = {}
         self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
         self.round = 0  # averagings so far (local SGD's clock)
@@ -123,6 +124,11 @@ class TrainLoop:
             }
             if evaluate:
                 record["val_loss"] = round(self._evaluate(step), 6)
+                # staleness -> reads, since the previous evaluation
+                record["staleness_hist"] = {
+                    str(k): v for k, v in sorted(self.staleness_hist.items())
+                }
+                self.staleness_hist = {}
             if checkpoint:
                 self._checkpoint(step, done.version, record)
             self._log(record)
@@ -160,8 +166,10 @@ class TrainLoop:
         return self._grads()
 
     def _staleness(self, seen: int) -> int:
-        """The largest staleness this worker's reads have seen so far."""
+        """The largest staleness this worker's reads have seen so far (and count it for the
+        interval's histogram)."""
         self.staleness_max = max(self.staleness_max, seen)
+        self.staleness_hist[seen] = self.staleness_hist.get(seen, 0) + 1
         return self.staleness_max
 
     def _local_optimizer(self) -> torch.optim.Optimizer:
