@@ -122,8 +122,8 @@ class TrainLoop:
                 "bytes_pushed": done.bytes_sent,
                 "bytes_pulled": done.bytes_received,
             }
-            if evaluate:
-                record["val_loss"] = round(self._evaluate(step), 6)
+            if evaluate and (self._shared_eval(last) or self.client.rank == 0):
+                record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
                 # staleness -> reads, since the previous evaluation
                 record["staleness_hist"] = {
                     str(k): v for k, v in sorted(self.staleness_hist.items())
@@ -251,18 +251,28 @@ class TrainLoop:
                     p.copy_(self.host[n], non_blocking=True)
 
     @torch.no_grad()
-    def _evaluate(self, step: int) -> float:
-        """Mean validation loss over ``eval_iters`` fixed batches, shared out among workers."""
+    def _shared_eval(self, last: bool) -> bool:
+        """Whether all workers evaluate together at a barrier. Under SSP and ASP a barrier
+        would undo the asynchrony, so worker 0 evaluates its own view alone, except at the end,
+        when every worker is done and the result counts the same samples as under BSP."""
+        return last or not self.consistency.asynchronous
+
+    def _evaluate(self, step: int, *, shared: bool = True) -> float:
+        """Mean validation loss over ``eval_iters`` fixed batches, shared out among workers
+        (or all on this worker when not ``shared``)."""
         self.model.eval()
         total, count = 0.0, 0
         block = self.model_config.block_size
-        for i in range(self.client.rank, self.cfg.train.eval_iters, self.client.num_workers):
+        rank, stride = (self.client.rank, self.client.num_workers) if shared else (0, 1)
+        for i in range(rank, self.cfg.train.eval_iters, stride):
             x, y = get_batch(self.val_tokens, self.val_batches.offsets(i, stream=1), block)
             _, loss = self.model(x.to(self.device), y.to(self.device))
             assert loss is not None
             total += float(loss.item())
             count += 1
         self.model.train()
+        if not shared:
+            return total / count
         sums = self.client.barrier(f"eval-{step}", {"loss": total, "n": count})
         return sums["loss"] / sums["n"]
 
