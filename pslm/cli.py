@@ -197,7 +197,11 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_demo)
 
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
-    s.add_argument("name", choices=["transport", "ps", "train", "quality"], help="which benchmark")
+    s.add_argument(
+        "name",
+        choices=["transport", "ps", "train", "quality", "consistency"],
+        help="which benchmark",
+    )
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.add_argument("--quick", action="store_true", help="fewer repetitions (for smoke tests)")
     s.set_defaults(func=_bench)

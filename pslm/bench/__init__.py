@@ -17,6 +17,7 @@ BENCHES = {
     "ps": "pslm.bench.ps",
     "train": "pslm.bench.train",
     "quality": "pslm.bench.quality",
+    "consistency": "pslm.bench.consistency",
 }
 
 

@@ -56,6 +56,7 @@ class TrainLoop:
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
         self.staleness_hist: dict[int, int] = {}
+        self.paused = 0.0  # seconds spent evaluating and checkpointing, not training
         self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
         self.round = 0  # averagings so far (local SGD's clock)
@@ -110,6 +111,7 @@ class TrainLoop:
             record: dict[str, Any] = {
                 "step": step,
                 "time": round(t2 - start, 4),
+                "train_time": round(t2 - start - self.paused, 4),
                 "loss": round(done.scalars.get("loss", loss), 6),
                 "lr": self.optimizer.lr_at(step),
                 "tokens_per_s": round(tokens_per_step / (t2 - t0), 1),
@@ -122,6 +124,7 @@ class TrainLoop:
                 "bytes_pushed": done.bytes_sent,
                 "bytes_pulled": done.bytes_received,
             }
+            pause = time.perf_counter()
             if evaluate and (self._shared_eval(last) or self.client.rank == 0):
                 record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
                 # staleness -> reads, since the previous evaluation
@@ -131,6 +134,10 @@ class TrainLoop:
                 self.staleness_hist = {}
             if checkpoint:
                 self._checkpoint(step, done.version, record)
+            self.paused += time.perf_counter() - pause
+            if last:  # every worker is done by now (the last evaluation met them all)
+                record["end_time"] = round(time.perf_counter() - start, 4)
+                record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
             self._log(record)
 
     def _exchange(self, grads: dict[str, torch.Tensor], clock: int, loss: float) -> Completion:

@@ -1,0 +1,182 @@
+"""``pslm bench consistency``: BSP, SSP, ASP and local SGD, with and without compression, under
+stragglers, on the same model and data.
+
+Character-level tiny Shakespeare, GPT 4x4x128, block 64, global batch 12, 2 workers + 2
+servers, AdamW as in ``configs/shakespeare-char.toml`` but ``steps`` steps. For each straggler
+scenario (none; transient ``0.1:5``; persistent ``1:2``), each consistency model and each
+codec (none; bf16 both ways; top-k 1% on pushes) one run reports: tokens/s, bytes per step
+(worker 0's pushes + pulls), exposed communication per step (worker 0's median ``comm_s``),
+validation loss at the end (every run has then seen the same samples), validation loss at a
+fixed training time (half of that scenario's BSP run), and the time to reach BSP's final
+validation loss as a fraction of BSP's time. Times leave out evaluating (under SSP/ASP worker 0
+evaluates alone). Plots of validation loss against training time go to ``PSLM_BENCH_PLOTS``
+(default ``bench-results/``).
+
+Environment: ``PSLM_SHAKESPEARE`` (the text; default ../shared/data/tinyshakespeare.txt),
+``PSLM_BENCH_STEPS`` (default 400).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pslm.errors import ConfigError
+from pslm.lm.corpus import load_corpus
+from pslm.lm.data import PreparedData, prepare
+from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.train.config import TrainConfig
+
+MODES = ("bsp", "ssp:1", "ssp:3", "asp", "local:4")
+CODECS = {"none": ("none", "none"), "bf16": ("bf16", "bf16"), "topk1%": ("topk:0.01", "none")}
+SCENARIOS = {"none": ("", ""), "transient": ("", "0.1:5"), "persistent": ("1:2", "")}
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    text = Path(os.environ.get("PSLM_SHAKESPEARE", "../shared/data/tinyshakespeare.txt"))
+    if not text.exists():
+        raise ConfigError(f"no tiny Shakespeare at {text}; set PSLM_SHAKESPEARE")
+    steps = 40 if quick else int(os.environ.get("PSLM_BENCH_STEPS", "400"))
+    data = prepare(load_corpus(str(text)), tokenizer="char", val_fraction=0.1)
+    modes = ("bsp", "asp") if quick else MODES
+    codecs = {"none": CODECS["none"]} if quick else CODECS
+    scenarios = {"transient": SCENARIOS["transient"]} if quick else SCENARIOS
+    rows = []
+    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for scenario, (slow, straggle) in scenarios.items():
+        runs = {}
+        for mode in modes:
+            for codec, (push, pull) in codecs.items():
+                recs = _run(data, steps, mode, push, pull, slow, straggle)
+                runs[(mode, codec)] = recs
+                if codec == "none":
+                    curves.setdefault(scenario, {})[mode] = _curve(recs)
+        rows.extend(_rows(scenario, runs))
+    plots = _plot(curves, Path(os.environ.get("PSLM_BENCH_PLOTS", "bench-results")))
+    return {"bench": "consistency", "steps": steps, "rows": rows, "plots": plots}
+
+
+def _run(
+    data: PreparedData, steps: int, mode: str, push: str, pull: str, slow: str, straggle: str
+) -> list[dict[str, Any]]:
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {
+                "preset": "small",
+                "n_layer": 4,
+                "n_head": 4,
+                "n_embd": 128,
+                "block_size": 64,
+                "bias": False,
+            },
+            "data": {"tokenizer": "char"},
+            "optim": {
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "warmup_steps": min(100, steps // 10),
+                "betas": [0.9, 0.99],
+                "weight_decay": 0.1,
+                "clip_norm": 1.0,
+            },
+            "train": {
+                "steps": steps,
+                "batch_size": 12,
+                "eval_interval": max(1, steps // 16),
+                "eval_iters": 20,
+                "checkpoint_interval": steps,
+                "sample_tokens": 0,
+                "slow_worker": slow,
+                "straggle": straggle,
+                "seed": 1337,
+            },
+            "cluster": {
+                "workers": 2,
+                "servers": 2,
+                "consistency": mode,
+                "push_codec": push,
+                "pull_codec": pull,
+            },
+        }
+    ).resolved()
+    with tempfile.TemporaryDirectory(prefix="pslm-consistency-") as tmp:
+        launch = LaunchConfig(
+            num_servers=2,
+            num_workers=2,
+            worker="pslm.train.worker:run",
+            run_dir=tmp,
+            worker_args={"config": cfg.to_dict(), "run_dir": tmp, "data_path": str(data.path)},
+        )
+        with LocalCluster(launch) as cluster:
+            cluster.wait(timeout=3600)
+        return [json.loads(ln) for ln in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _curve(recs: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(training time, validation loss) of worker 0's evaluations, the time spent evaluating
+    left out (under SSP/ASP worker 0 evaluates alone); the last at the run's end."""
+    points = [(r["train_time"], r["val_loss"]) for r in recs if "val_loss" in r]
+    points[-1] = (_end(recs), points[-1][1])
+    return points
+
+
+def _end(recs: list[dict[str, Any]]) -> float:
+    """When the whole run was done (all workers), in training time."""
+    last = recs[-1]
+    return float(last["end_train_time"]) if "end_train_time" in last else float(last["time"])
+
+
+def _rows(scenario: str, runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    base = runs[("bsp", "none")]
+    base_time = _end(base)
+    target = base[-1]["val_loss"]
+    rows = []
+    for (mode, codec), recs in runs.items():
+        curve = _curve(recs)
+        tokens = len(recs) * 12 * 64
+        at_half = [v for t, v in curve if t <= base_time / 2]
+        reached = next((t for t, v in curve if v <= target), None)
+        rows.append(
+            {
+                "scenario": scenario,
+                "mode": mode,
+                "codec": codec,
+                "tokens_per_s": round(tokens / _end(recs)),
+                "bytes_per_step": round(
+                    statistics.mean(r["bytes_pushed"] + r["bytes_pulled"] for r in recs)
+                ),
+                "comm_ms": round(statistics.median(r["comm_s"] for r in recs) * 1e3, 2),
+                "val_loss_end": recs[-1]["val_loss"],
+                "val_loss_at_half_bsp_time": at_half[-1] if at_half else None,
+                "time_to_bsp_loss_vs_bsp": round(reached / base_time, 3) if reached else None,
+                "staleness_max": recs[-1]["staleness_max"],
+            }
+        )
+    return rows
+
+
+def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for scenario, by_mode in curves.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for mode, points in by_mode.items():
+            ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=mode)
+        ax.set_xlabel("training time (s), evaluations left out")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"tiny Shakespeare, 2 workers, stragglers: {scenario}")
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"consistency-{scenario}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
