@@ -90,6 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
     s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
     s.add_argument(
+        "--overlap",
+        action="store_const",
+        const=True,
+        help="push gradients during backward; the next forward waits per layer",
+    )
+    s.add_argument(
+        "--untie-embeddings",
+        action="store_const",
+        const=False,
+        dest="tie_embeddings",
+        help="a separate output head; the embedding travels by rows (sparse)",
+    )
+    s.add_argument(
         "--slow-worker",
         metavar="RANK:FACTOR",
         help="experiment: that worker computes FACTOR times slower",
@@ -328,7 +341,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else TrainConfig()
     flags = {
         "data": {"name": args.data, "tokenizer": args.tokenizer},
-        "model": {"preset": args.model, "block_size": args.block_size},
+        "model": {
+            "preset": args.model,
+            "block_size": args.block_size,
+            "tie_embeddings": args.tie_embeddings,
+        },
         "train": {
             "slow_worker": args.slow_worker,
             "straggle": args.straggle,
@@ -343,6 +360,7 @@ def _train(args: argparse.Namespace) -> int:
             "consistency": args.consistency,
             "push_codec": args.push_codec,
             "pull_codec": args.pull_codec,
+            "overlap": args.overlap,
         },
     }
     if args.block_size is not None and args.block_size < 1:

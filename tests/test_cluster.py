@@ -36,12 +36,18 @@ SGD = OptimizerConfig(
 ADAM = OptimizerConfig(name="adam", lr=3e-3, weight_decay=1e-3, clip_norm=0.5)
 
 
-def reference(kind: str, cfg: OptimizerConfig) -> tuple[dict[str, torch.Tensor], list[float]]:
+def reference(
+    kind: str, cfg: OptimizerConfig, *, rows: bool = False
+) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One process, plain torch.optim + clip_grad_norm_, on the same global batches: the final
-    parameters and the loss of every step."""
+    parameters and the loss of every step. ``rows``: the token embedding takes SparseAdam
+    with the rows of the batch's tokens."""
     model = make_model(kind, SEED)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    emb = model.tok.weight if rows else None
+    dense = [p for p in model.parameters() if p is not emb]
+    decay = [p for p in dense if p.dim() >= 2]
+    rest = [p for p in dense if p.dim() < 2]
+    sparse = torch.optim.SparseAdam([emb], lr=cfg.lr, betas=cfg.betas) if emb is not None else None
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": rest, "weight_decay": 0.0},
@@ -57,7 +63,7 @@ def reference(kind: str, cfg: OptimizerConfig) -> tuple[dict[str, torch.Tensor],
     losses = []
     for step in range(STEPS):
         x, y = global_batch(kind, SEED, step, BATCH)
-        opt.zero_grad()
+        model.zero_grad()  # the sparse optimizer's parameter too
         loss = loss_of(kind, model, x, y)
         loss.backward()
         losses.append(loss.item())
@@ -66,25 +72,40 @@ def reference(kind: str, cfg: OptimizerConfig) -> tuple[dict[str, torch.Tensor],
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         opt.step()
+        if sparse is not None and emb is not None and emb.grad is not None:
+            touched = x.unique()
+            emb.grad = torch.sparse_coo_tensor(
+                touched[None], emb.grad[touched], emb.shape, check_invariants=True
+            )
+            sparse.param_groups[0]["lr"] = cfg.lr_at(step)
+            sparse.step()
     return {n: p.detach() for n, p in model.named_parameters()}, losses
 
 
 @pytest.mark.parametrize(
-    "kind, cfg, split",
+    "kind, cfg, how",
     [
-        ("mlp", ADAMW, False),
-        ("mlp", SGD, True),
-        ("mlp", ADAM, False),
-        ("transformer", ADAMW, False),
+        ("mlp", ADAMW, ""),
+        ("mlp", SGD, "split"),
+        ("mlp", ADAM, ""),
+        ("transformer", ADAMW, ""),
+        ("transformer", ADAMW, "overlap"),
+        ("transformer", ADAMW, "rows"),
+        ("transformer", ADAM, "rows+overlap"),
     ],
     ids=[
         "mlp-adamw-clip",
         "mlp-sgd-nesterov-clip-push-then-pull",
         "mlp-adam-clip",
         "transformer-adamw-clip",
+        "transformer-adamw-clip-in-parts",
+        "transformer-adamw-clip-sparse-rows",
+        "transformer-adam-clip-sparse-rows-in-parts",
     ],
 )
-def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, split) -> None:
+def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, how) -> None:
+    split = how == "split"
+    rows = "rows" in how
     args = {
         "kind": kind,
         "optimizer": cfg.to_dict(),
@@ -93,13 +114,15 @@ def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, sp
         "seed": SEED,
         "out": str(tmp_path),
         "split_push_pull": split,
+        "overlap": "overlap" in how,
+        "rows": rows,
     }
     lc = launch_config(
         tmp_path, num_servers=2, num_workers=2, worker="tests.workers:train", worker_args=args
     )
     with LocalCluster(lc) as cluster:
         cluster.wait(timeout=120)
-    want, want_losses = reference(kind, cfg)
+    want, want_losses = reference(kind, cfg, rows=rows)
     got = [load_file(str(tmp_path / f"params-{r}.safetensors")) for r in range(2)]
     logs = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in range(2)]
     assert logs[0]["sum"] == logs[1]["sum"] == {"rank": 3.0}  # barrier values: 1 + 2
@@ -247,11 +270,46 @@ def test_compressed_pushes_and_pulls(one_worker_cluster) -> None:
     expected = w - grad  # up to int8's step on the way in and bf16 rounding on the way out
     assert float((out["w"] - expected).abs().max()) <= span / 510 + 0.01 * float(w.abs().max())
     assert torch.equal(out["w"], out["w"].bfloat16().float())  # came as bf16
-    # the residual int8 dropped is kept here and sent with the next push
-    assert client.feedback.residual and client.feedback.residual["0/0"].abs().max() > 0
+    # the residual int8 dropped (per chunk: its scale is per chunk) is kept for the next push
+    assert client.feedback.residual and client.feedback.residual["k0"].abs().max() > 0
     with pytest.raises(RefusedError, match="pulls take"):
         msg_body = {"worker": 0, "min_version": 0, "pull_codec": "int8"}
         from pslm.wire.message import Message
 
         client.channel.request("server-0", Message("pull", body=msg_body))
+    client.close()
+
+
+def test_push_parts_are_checked_and_a_refused_part_changes_nothing(one_worker_cluster) -> None:
+    from pslm.wire.message import Message
+
+    client = _client(one_worker_cluster)
+    w = torch.randn(8, 8)
+    client.init({"w": w, "b": torch.zeros(8)}, OptimizerConfig(name="sgd", lr=1.0))
+    ks = client.keyspace
+    server = {ks.tensors[c.tensor].name: c.server for c in ks.chunks}
+    assert server["w"] != server["b"]  # largest first, least loaded: one each
+
+    def part(name: str, keys: list[int], tensors: list[torch.Tensor], final: bool) -> None:
+        body = client.push_header(0, 1.0, reply_params=False)
+        body.update(keys=keys, final=final)
+        client.channel.request(
+            f"server-{server[name]}", Message("push", body=body, tensors=tensors)
+        )
+
+    key = {ks.tensors[c.tensor].name: c.key for c in ks.chunks}
+    with pytest.raises(RefusedError, match="not a dense chunk of this server"):
+        part("w", [key["b"]], [torch.ones(8)], final=False)
+    with pytest.raises(RefusedError, match="push has 0 tensors"):
+        part("w", [key["w"]], [], final=False)
+    part("w", [key["w"]], [torch.ones(64)], final=False)
+    with pytest.raises(RefusedError, match="repeats chunks"):
+        part("w", [key["w"]], [torch.ones(64)], final=True)
+    with pytest.raises(RefusedError, match="leaves 1 chunks missing"):
+        part("b", [], [], final=True)
+    part("w", [], [], final=True)  # the end of the push on w's server: applied
+    part("b", [key["b"]], [torch.full((8,), 2.0)], final=True)
+    out = {"w": torch.zeros(8, 8), "b": torch.ones(8)}
+    assert client.wait(client.pull(out, version=1)).version == 1
+    assert torch.equal(out["w"], w - 1.0) and torch.equal(out["b"], torch.full((8,), -2.0))
     client.close()

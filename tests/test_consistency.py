@@ -74,9 +74,10 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "corpus": root / "story.txt", "config": root / "tiny.toml"}
 
 
-@pytest.mark.parametrize("bound", [0, 1, 3])
-def test_ssp_bound_holds_with_a_worker_three_times_slower(setup, bound: int) -> None:
-    run = _train(setup, f"ssp{bound}", "--consistency", f"ssp:{bound}", "--slow-worker", "1:3")
+@pytest.mark.parametrize("bound, overlap", [(0, False), (1, False), (3, False), (1, True)])
+def test_ssp_bound_holds_with_a_worker_three_times_slower(setup, bound: int, overlap) -> None:
+    flags = ["--consistency", f"ssp:{bound}", "--slow-worker", "1:3"]
+    run = _train(setup, f"ssp{bound}-{overlap}", *flags, *(["--overlap"] if overlap else []))
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 40
     # worker 0 is the fast one: its reads run ahead of the slow worker up to the bound, and

@@ -10,7 +10,7 @@ import torch
 from pslm.errors import ConfigError, RefusedError
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
-from pslm.ps.shard import ShardStore, clip_coef
+from pslm.ps.shard import RowGrad, ShardStore, clip_coef
 
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "ln": (3,)}
 
@@ -234,3 +234,78 @@ def test_relocated_parameters_leave_the_old_memory_alone() -> None:
 def test_non_finite_settings_are_refused(field: str) -> None:
     with pytest.raises(ConfigError, match="finite"):
         OptimizerConfig.from_dict({field: float("nan")})
+
+
+def _row_grads(ks: KeySpace, server: int, rows: torch.Tensor, values: torch.Tensor) -> list:
+    """A push to ``server`` of rows of the row tensor "emb" (and zeros for dense chunks)."""
+    out: list = []
+    for c in ks.shard(server):
+        spec = ks.tensors[c.tensor]
+        if not spec.rows:
+            out.append(torch.zeros(c.length))
+            continue
+        first, n = c.offset // spec.row_width, c.length // spec.row_width
+        mine = (rows >= first) & (rows < first + n)
+        out.append(RowGrad(rows[mine] - first, values[mine]))
+    return out
+
+
+def test_row_chunks_update_like_sparse_adam() -> None:
+    """Two pushes of overlapping rows, meaned, clipped-like scaled, over 2 shards: the same
+    parameters and moments as torch.optim.SparseAdam given the mean gradient's rows."""
+    cfg = OptimizerConfig(name="adamw", lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(10, 4, generator=gen)
+    # 3 rows (48 bytes) per chunk: chunks of rows 0-2, 3-5, 6-8, 9
+    ks = KeySpace.build([("w", (4, 4)), ("emb", (10, 4))], 2, chunk_bytes=48, rows=["emb"])
+    assert [c.length for c in ks.chunks if ks.tensors[c.tensor].rows] == [12, 12, 12, 4]
+    assert not ks.tensors[1].decay
+    stores = [ShardStore(ks, s, cfg) for s in range(2)]
+    for s, store in enumerate(stores):
+        values = _slices(ks, s, {"w": torch.zeros(4, 4), "emb": init})
+        for view, v in zip(store.views, values, strict=True):
+            view.copy_(v)
+    emb = torch.nn.Parameter(init.clone())
+    ref = torch.optim.SparseAdam([emb], lr=cfg.lr, betas=cfg.betas)
+    for step in range(6):
+        a_rows = torch.tensor(sorted({0, 4, 9, step}))
+        b_rows = torch.tensor(sorted({4, 5, (3 * step) % 10}))
+        a, b = (
+            torch.randn(len(a_rows), 4, generator=gen),
+            torch.randn(len(b_rows), 4, generator=gen),
+        )
+        for s, store in enumerate(stores):
+            pushes = [(1.0, _row_grads(ks, s, a_rows, a)), (1.0, _row_grads(ks, s, b_rows, b))]
+            grads, factor = store.reduce(pushes)
+            store.apply(grads, factor * 0.7)
+        dense = torch.zeros(10, 4)
+        dense.index_add_(0, a_rows, a)
+        dense.index_add_(0, b_rows, b)
+        rows = torch.cat([a_rows, b_rows]).unique()
+        g = dense[rows] * 0.5 * 0.7
+        emb.grad = torch.sparse_coo_tensor(rows[None], g, (10, 4), check_invariants=True)
+        ref.step()
+        got = _gather(ks, stores)["emb"]
+        torch.testing.assert_close(got, emb.detach(), rtol=1e-6, atol=1e-7)
+    untouched = torch.tensor(sorted(set(range(10)) - {0, 4, 5, 9, 1, 2, 3, 6, 8}))
+    assert torch.equal(_gather(ks, stores)["emb"][untouched], init[untouched])  # row 7
+    state = ref.state[emb]
+    for name in ("exp_avg", "exp_avg_sq"):
+        got = torch.empty(10, 4)
+        for s, store in enumerate(stores):
+            for c, view in zip(ks.shard(s), store.state_views[name], strict=True):
+                if ks.tensors[c.tensor].rows:
+                    got.view(-1)[c.offset : c.offset + c.length] = view
+        torch.testing.assert_close(got, state[name], rtol=1e-6, atol=1e-8)
+
+
+def test_row_pushes_are_checked() -> None:
+    ks = KeySpace.build([("emb", (10, 4))], 1, chunk_bytes=48, rows=["emb"])
+    store = ShardStore(ks, 0, OptimizerConfig(name="adam"))
+    for bad in ([3, 1], [0, 0], [-1], [3]):  # unsorted, repeated, negative, past the chunk end
+        with pytest.raises(RefusedError, match="sorted unique"):
+            store.row_grad(torch.tensor(bad), torch.zeros(len(bad) * 4), 1)
+    with pytest.raises(RefusedError, match="need 8 float values"):
+        store.row_grad(torch.tensor([0, 1]), torch.zeros(7), 0)
+    with pytest.raises(ConfigError, match="lazy"):
+        ShardStore(ks, 0, OptimizerConfig(name="sgd"))

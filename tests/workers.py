@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pslm.ps.client import PSClient
+from pslm.ps.exchange import BucketPlan, Exchange
 from pslm.ps.optim import OptimizerConfig
 from tests.models import global_batch, loss_of, make_model
 
@@ -24,12 +25,19 @@ def train(
     seed: int,
     out: str,
     split_push_pull: bool = False,
+    overlap: bool = False,
+    rows: bool = False,
 ) -> None:
-    """BSP training on this worker's slice of each global batch; saves the final parameters."""
+    """BSP training on this worker's slice of each global batch; saves the final parameters.
+
+    ``overlap``: each step's exchange goes in parts (``pslm.ps.exchange``), bucket by bucket.
+    ``rows``: the token embedding ``tok.weight`` is a row tensor.
+    """
     model = make_model(kind, seed + client.rank)  # only worker 0's init may matter
     params = dict(model.named_parameters())
     data = {n: p.data for n, p in params.items()}
-    client.init(data, OptimizerConfig.from_dict(optimizer))
+    client.init(data, OptimizerConfig.from_dict(optimizer), rows=["tok.weight"] if rows else [])
+    plan = BucketPlan(client, list(reversed(list(params))), bucket_bytes=4096)
     lo = client.rank * batch // client.num_workers
     hi = (client.rank + 1) * batch // client.num_workers
     losses = []
@@ -39,17 +47,37 @@ def train(
         loss = loss_of(kind, model, x[lo:hi], y[lo:hi])
         loss.backward()
         grads = {n: p.grad for n, p in params.items()}
-        if split_push_pull:
+        selection = None
+        if rows:  # the rows this slice touched, and those the next step's slice reads
+            upcoming = global_batch(kind, seed, step + 1, batch)[0][lo:hi]
+            selection = {"tok.weight": (x[lo:hi].unique(), upcoming.unique())}
+        if overlap:
+            ex = Exchange(client, plan, clock=step, out=data, weight=hi - lo, rows=selection)
+            for b in range(len(plan) - 1):  # as backward would: the last bucket with finish
+                ex.push(b, grads)
+            ex.finish(grads, scalars={"loss": loss.item()})
+            for b in reversed(range(len(plan))):  # as the next forward would
+                ex.wait(b)
+            done = ex.complete()
+            losses.append(done.scalars["loss"])
+        elif split_push_pull:
             client.wait(client.push(grads, clock=step, weight=hi - lo))
             done = client.wait(client.pull(data, version=step + 1))
         else:
             done = client.wait(
                 client.push_pull(
-                    grads, data, clock=step, weight=hi - lo, scalars={"loss": loss.item()}
+                    grads,
+                    data,
+                    clock=step,
+                    weight=hi - lo,
+                    scalars={"loss": loss.item()},
+                    rows=selection,
                 )
             )
             losses.append(done.scalars["loss"])
         assert done.version == step + 1, (done.version, step)
+    if rows:  # only the rows of the next batch came back: now every row
+        client.wait(client.pull({"tok.weight": data["tok.weight"]}, version=steps))
     total = client.barrier("sum", {"rank": client.rank + 1.0})
     save_file(
         {n: t.contiguous() for n, t in data.items()},

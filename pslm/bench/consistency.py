@@ -3,9 +3,10 @@ stragglers, on the same model and data.
 
 Character-level tiny Shakespeare, GPT 4x4x128, block 64, global batch 12, 2 workers + 2
 servers, AdamW as in ``configs/shakespeare-char.toml`` but ``steps`` steps. For each straggler
-scenario (none; transient ``0.1:5``; persistent ``1:2``), each consistency model and each
-codec (none; bf16 both ways; top-k 1% on pushes) one run reports: tokens/s, bytes per step
-(worker 0's pushes + pulls), exposed communication per step (worker 0's median ``comm_s``),
+scenario (none; transient ``0.1:5``; persistent ``1:2``), each consistency model (BSP also
+with overlap) and each codec (none; bf16 both ways; top-k 1% on pushes) one run reports:
+tokens/s, bytes per step (worker 0's pushes + pulls), exposed communication per step (worker
+0's median ``comm_s``),
 validation loss at the end (every run has then seen the same samples), validation loss at a
 fixed training time (half of that scenario's BSP run), and the time to reach BSP's final
 validation loss as a fraction of BSP's time. Times leave out evaluating (under SSP/ASP worker 0
@@ -31,7 +32,7 @@ from pslm.lm.data import PreparedData, prepare
 from pslm.ps.launch import LaunchConfig, LocalCluster
 from pslm.train.config import TrainConfig
 
-MODES = ("bsp", "ssp:1", "ssp:3", "asp", "local:4")
+MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")
 CODECS = {"none": ("none", "none"), "bf16": ("bf16", "bf16"), "topk1%": ("topk:0.01", "none")}
 SCENARIOS = {"none": ("", ""), "transient": ("", "0.1:5"), "persistent": ("1:2", "")}
 
@@ -42,7 +43,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         raise ConfigError(f"no tiny Shakespeare at {text}; set PSLM_SHAKESPEARE")
     steps = 40 if quick else int(os.environ.get("PSLM_BENCH_STEPS", "400"))
     data = prepare(load_corpus(str(text)), tokenizer="char", val_fraction=0.1)
-    modes = ("bsp", "asp") if quick else MODES
+    modes = ("bsp", "bsp+overlap", "asp") if quick else MODES
     codecs = {"none": CODECS["none"]} if quick else CODECS
     scenarios = {"transient": SCENARIOS["transient"]} if quick else SCENARIOS
     rows = []
@@ -63,6 +64,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
 def _run(
     data: PreparedData, steps: int, mode: str, push: str, pull: str, slow: str, straggle: str
 ) -> list[dict[str, Any]]:
+    consistency, _, overlap = mode.partition("+")
     cfg = TrainConfig.from_dict(
         {
             "model": {
@@ -96,9 +98,10 @@ def _run(
             "cluster": {
                 "workers": 2,
                 "servers": 2,
-                "consistency": mode,
+                "consistency": consistency,
                 "push_codec": push,
                 "pull_codec": pull,
+                "overlap": overlap == "overlap",
             },
         }
     ).resolved()

@@ -6,10 +6,13 @@ depend on the text). Three contenders, each one thread per process:
 
 - single: one plain PyTorch process, batch 12 (``torch.optim.AdamW(fused=True)``);
 - ddp: ``DistributedDataParallel`` over gloo, 2 processes, 12 sequences each;
-- pslm: ``pslm train``'s own worker loop, 2 workers + 1 server, BSP, 12 sequences each.
+- pslm: ``pslm train``'s own worker loop, 2 workers + 1 server, BSP, 12 sequences each;
+- pslm overlap: the same with ``cluster.overlap`` (pushes during backward, per-module waits in
+  the next forward).
 
 tokens/s counts the tokens of the steps after a warm-up; the ideal for 2 workers is twice the
-single process. The three run in turn, ``rounds`` times; medians.
+single process. For pslm also the median exposed communication per step (``comm_s``), and how
+much of it overlap hides. The four run in turn, ``rounds`` times; medians.
 """
 
 from __future__ import annotations
@@ -44,20 +47,31 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="pslm-bench-train-") as tmp:
         data = _synthetic_data(Path(tmp) / "data")
-        got: dict[str, list[float]] = {"single": [], "ddp": [], "pslm": []}
+        got: dict[str, list[float]] = {"single": [], "ddp": [], "pslm": [], "overlap": []}
+        comm: dict[str, list[float]] = {"pslm": [], "overlap": []}
         for r in range(rounds):
             got["single"].append(_single(data, steps))
             got["ddp"].append(_ddp(data, steps))
-            got["pslm"].append(_pslm(data, steps, Path(tmp) / f"run{r}"))
-    single, ddp, ps = (statistics.median(got[k]) for k in ("single", "ddp", "pslm"))
+            for name in ("pslm", "overlap"):
+                tps, c = _pslm(data, steps, Path(tmp) / f"{name}{r}", overlap=name == "overlap")
+                got[name].append(tps)
+                comm[name].append(c)
+    single, ddp, ps, ov = (statistics.median(got[k]) for k in ("single", "ddp", "pslm", "overlap"))
+    comm_plain, comm_overlap = (statistics.median(comm[k]) for k in ("pslm", "overlap"))
     return {
         "bench": "train",
         "single_tokens_per_s": round(single),
         "ddp_tokens_per_s": round(ddp),
         "pslm_tokens_per_s": round(ps),
+        "pslm_overlap_tokens_per_s": round(ov),
         "pslm_vs_ddp": round(ps / ddp, 3),
+        "pslm_overlap_vs_ddp": round(ov / ddp, 3),
         "pslm_vs_ideal": round(ps / (2 * single), 3),
+        "pslm_overlap_vs_ideal": round(ov / (2 * single), 3),
         "ddp_vs_ideal": round(ddp / (2 * single), 3),
+        "pslm_comm_ms": round(comm_plain * 1e3, 2),
+        "pslm_overlap_comm_ms": round(comm_overlap * 1e3, 2),
+        "overlap_hides": round(1 - comm_overlap / comm_plain, 3),
         "rounds": {k: [round(v) for v in vs] for k, vs in got.items()},
         "steps": steps,
     }
@@ -176,7 +190,10 @@ def _ddp_main(rank: int, port: int, data_path: str, steps: int) -> None:
         print(json.dumps({"tokens_per_s": steps * 2 * PER_WORKER * BLOCK / seconds}))
 
 
-def _pslm(data: PreparedData, steps: int, run_dir: Path) -> float:
+def _pslm(
+    data: PreparedData, steps: int, run_dir: Path, *, overlap: bool = False
+) -> tuple[float, float]:
+    """tokens/s over ``steps`` steps after warm-up, and the median exposed communication."""
     total = WARMUP + steps + 1
     cfg = TrainConfig.from_dict(
         {
@@ -197,7 +214,7 @@ def _pslm(data: PreparedData, steps: int, run_dir: Path) -> float:
                 "checkpoint_interval": total,
                 "sample_tokens": 0,
             },
-            "cluster": {"workers": 2, "servers": 1},
+            "cluster": {"workers": 2, "servers": 1, "overlap": overlap},
         }
     )
     run_dir.mkdir(parents=True)
@@ -213,7 +230,8 @@ def _pslm(data: PreparedData, steps: int, run_dir: Path) -> float:
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the last step also evaluates and checkpoints: time the steps before it
     first, last = recs[WARMUP - 1], recs[WARMUP - 1 + steps]
-    return steps * 2 * PER_WORKER * BLOCK / (last["time"] - first["time"])
+    comm = statistics.median(r["comm_s"] for r in recs[WARMUP : WARMUP + steps])
+    return steps * 2 * PER_WORKER * BLOCK / (last["time"] - first["time"]), comm
 
 
 def _run_python(code: str) -> str:

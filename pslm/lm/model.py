@@ -7,7 +7,8 @@
 
 Token and position embeddings, pre-LayerNorm transformer blocks with causal self-attention
 (``scaled_dot_product_attention``) and a GELU MLP, a final LayerNorm, and an output head that
-shares its weight with the token embedding; GPT-2 initialisation. Nothing here knows about
+shares its weight with the token embedding (unless ``tie_embeddings`` is off); GPT-2
+initialisation. Nothing here knows about
 parameter servers or processes: the training loop adapts between them.
 """
 
@@ -49,6 +50,9 @@ class GPTConfig:
     """Dropout probability in training (0 keeps runs reproducible across worker counts)."""
     bias: bool = True
     """Biases in linear layers and LayerNorms."""
+    tie_embeddings: bool = True
+    """The output head shares its weight with the token embedding (GPT-2); untied, the
+    embedding is only read row by row, one row per input token."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -191,7 +195,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = Transformer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (one parameter)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying (one parameter)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by depth

@@ -18,10 +18,10 @@ A PSClient is not thread-safe: use it from the thread that made it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -94,19 +94,37 @@ class Completion(NamedTuple):
     updates the values may miss)."""
 
 
-class _Slot(NamedTuple):
+class Slot(NamedTuple):
     """Where one chunk lives in the caller's tensors."""
 
     key: int
     name: str
     offset: int
     length: int
+    width: int = 0
+    """Row chunks: elements per row (0: a dense chunk)."""
+
+    def rows_in(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of sorted global ``rows`` that fall in this row chunk."""
+        first = self.offset // self.width
+        lo, hi = torch.searchsorted(rows, torch.tensor([first, first + self.length // self.width]))
+        return rows[int(lo) : int(hi)]
+
+
+@dataclass(slots=True)
+class Expect:
+    """What a reply from one server carries, in order: the dense pieces (``pieces``), whole
+    chunks (``slots``), then the wanted rows of row chunks (``rows``: slot, global rows)."""
+
+    pieces: bool = False
+    slots: list[Slot] = field(default_factory=list)
+    rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Request:
     ids: dict[int, int]  # request id -> server rank
-    slots: dict[int, list[_Slot]]  # server rank -> where each reply tensor goes
+    expect: dict[int, Expect]  # request id -> what its reply carries
     out: Mapping[str, torch.Tensor] | None
     sent: int = 0  # tensor bytes
 
@@ -169,7 +187,7 @@ class PSClient:
         self._clipped = False
         self.feedback = ErrorFeedback(get_codec("none"))
         self.pull_codec = "none"
-        self._layout: list[list[_Slot]] = []
+        self._layout: list[list[Slot]] = []
         self._requests: dict[int, _Request] = {}
         self._next_ts = 1
         self._closed = False
@@ -186,6 +204,12 @@ class PSClient:
     def num_servers(self) -> int:
         return self.me.num_servers
 
+    @property
+    def clips_each_push(self) -> bool:
+        """SSP/ASP with clipping: every push carries its own squared norm and is clipped by
+        it."""
+        return self.consistency.asynchronous and self._clipped
+
     # --- setup ------------------------------------------------------------------------------
 
     def init(
@@ -198,11 +222,15 @@ class PSClient:
         consistency: Consistency = BSP,
         push_codec: str = "none",
         pull_codec: str = "none",
+        rows: Sequence[str] = (),
     ) -> None:
         """Declare the parameters and give the servers their initial values, optimizer and
         consistency model. ``push_codec`` compresses gradients (none, bf16, fp16, int8,
         topk:RATIO; lossy ones with error feedback kept here), ``pull_codec`` parameters (none,
-        bf16, fp16).
+        bf16, fp16). The tensors named in ``rows`` (e.g. an untied token embedding) are row
+        tensors: pushes carry only the rows a step touched and bring back only the rows the
+        next step needs (``push_pull``'s ``rows``), and the servers update them with lazy
+        Adam, as ``torch.optim.SparseAdam``.
 
         Every worker calls it with tensors of the same names and shapes, in the same order;
         worker 0's values become the parameters, and on return every worker's ``tensors`` hold
@@ -217,7 +245,10 @@ class PSClient:
             self.num_servers,
             chunk_bytes=chunk_bytes,
             decay_1d=decay_1d,
+            rows=rows,
         )
+        if rows and consistency.kind == "local":
+            raise ConfigError("row tensors need bsp, ssp or asp: local SGD pushes whole tensors")
         self._check_alive()
         self.channel.request(
             "scheduler",
@@ -225,7 +256,11 @@ class PSClient:
         )
         self.keyspace = ks
         self._layout = [
-            [_Slot(c.key, ks.tensors[c.tensor].name, c.offset, c.length) for c in ks.shard(s)]
+            [
+                Slot(c.key, t.name, c.offset, c.length, t.row_width if t.rows else 0)
+                for c in ks.shard(s)
+                for t in [ks.tensors[c.tensor]]
+            ]
             for s in range(self.num_servers)
         ]
         if self.rank == 0:
@@ -239,7 +274,7 @@ class PSClient:
             ids = [
                 self.channel.send(
                     f"server-{s}",
-                    Message("init", body=body, tensors=self._pack(tensors, s)),
+                    Message("init", body=body, tensors=self._pack_all(tensors, s)),
                 )
                 for s in range(self.num_servers)
             ]
@@ -316,15 +351,16 @@ class PSClient:
         *,
         weight: float = 1.0,
         scalars: Mapping[str, float] | None = None,
+        rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> int:
         """Send gradients for ``clock`` to every server; returns a timestamp for ``wait``.
 
         Returns without waiting; the gradient tensors must not be modified until ``wait``
         returns. ``weight`` (e.g. this worker's number of samples) weights the mean across
         workers, and the mean of ``scalars`` (e.g. the loss) that ``push_pull`` returns.
-        Needs every tensor given to ``init``.
+        Needs every tensor given to ``init``; for row tensors, ``rows`` as in ``push_pull``.
         """
-        return self._push(grads, clock, weight, scalars, out=None)
+        return self._push(grads, clock, weight, scalars, out=None, rows=rows)
 
     def pull(
         self, out: Mapping[str, torch.Tensor], *, version: int = 0, clock: int | None = None
@@ -338,12 +374,13 @@ class PSClient:
         """
         self._check(out, "pull", full=False)
         ids: dict[int, int] = {}
-        slots: dict[int, list[_Slot]] = {}
+        expect: dict[int, Expect] = {}
         for s in range(self.num_servers):
             mine = [slot for slot in self._layout[s] if slot.name in out]
             if not mine:
                 continue
-            keys = None if len(mine) == len(self._layout[s]) else [slot.key for slot in mine]
+            everything = len(mine) == len(self._layout[s])
+            keys = None if everything else [slot.key for slot in mine]
             body: dict[str, object] = {
                 "worker": self.rank,
                 "min_version": version,
@@ -352,9 +389,11 @@ class PSClient:
             }
             if clock is not None:
                 body["clock"] = clock
-            ids[self.channel.send(f"server-{s}", Message("pull", body=body))] = s
-            slots[s] = mine
-        return self._track(_Request(ids, slots, out))
+            rid = self.channel.send(f"server-{s}", Message("pull", body=body))
+            ids[rid] = s
+            rows = self._layout[s][self._n_dense(s) :]
+            expect[rid] = Expect(pieces=True, slots=rows) if everything else Expect(slots=mine)
+        return self._track(_Request(ids, expect, out))
 
     def push_pull(
         self,
@@ -364,12 +403,16 @@ class PSClient:
         *,
         weight: float = 1.0,
         scalars: Mapping[str, float] | None = None,
+        rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> int:
         """``push`` for ``clock``, and get back the parameters after that update, in one
         exchange per server. ``out`` must hold every tensor; it is filled by ``wait``, whose
-        result also carries each of ``scalars`` averaged over the workers (weighted)."""
+        result also carries each of ``scalars`` averaged over the workers (weighted).
+
+        ``rows`` gives, for each row tensor, (rows pushed, rows wanted back): only those rows
+        of its gradient travel, and only the wanted rows of ``out`` are filled."""
         self._check(out, "push_pull", full=True)
-        return self._push(grads, clock, weight, scalars, out=out)
+        return self._push(grads, clock, weight, scalars, out=out, rows=rows)
 
     def wait(self, ts: int, timeout: float | None = None) -> Completion:
         """Block until request ``ts`` is complete; return what the servers said.
@@ -382,7 +425,7 @@ class PSClient:
 
         def scatter(rid: int, reply: Message) -> None:  # as each server's reply arrives
             if out is not None:
-                self._scatter(reply, req.ids[rid], req.slots[req.ids[rid]], out)
+                self.scatter(reply, req.ids[rid], req.expect[rid], out)
 
         replies = self.channel.wait(req.ids, timeout, on_reply=scatter)
         version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
@@ -438,36 +481,123 @@ class PSClient:
         weight: float,
         scalars: Mapping[str, float] | None,
         out: Mapping[str, torch.Tensor] | None,
+        rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> int:
         self._check(grads, "push", full=True)
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
-        body: dict[str, object] = {
-            "worker": self.rank,
-            "clock": clock,
-            "weight": float(weight),
-            "reply_params": out is not None,
-            "codec": self.feedback.codec.name,
-            "pull_codec": self.pull_codec,
-        }
-        if self.consistency.asynchronous and self._clipped:  # each push clipped by its own norm
-            body["sq_norm"] = sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
-        ids = {}
+        wanted = self.row_selection(rows)
+        body = self.push_header(clock, weight, reply_params=out is not None)
+        if self.clips_each_push:
+            body["sq_norm"] = sq_norm(grads)
+        ids: dict[int, int] = {}
+        expect: dict[int, Expect] = {}
         sent = 0
         for s in range(self.num_servers):
             # server 0 alone averages the scalars: one is enough
-            extra = (
+            extra: dict[str, Any] = (
                 {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
             )
-            pieces = [
-                part
-                for i, piece in enumerate(self._pack(grads, s))
-                for part in self.feedback.encode(f"{s}/{i}", piece.reshape(-1))
-            ]
-            sent += sum(t.numel() * t.element_size() for t in pieces)
-            msg = Message("push", body={**body, **extra}, tensors=pieces)
-            ids[self.channel.send(f"server-{s}", msg)] = s
-        return self._track(_Request(ids, {s: self._layout[s] for s in ids.values()}, out, sent))
+            tensors = self._encode_dense(grads, s)
+            row_slots = self._layout[s][self._n_dense(s) :]
+            row_tensors, row_expect = self.encode_rows(grads, row_slots, wanted)
+            if row_slots:
+                extra["row_keys"] = [slot.key for slot in row_slots]
+            tensors += row_tensors
+            sent += sum(t.numel() * t.element_size() for t in tensors)
+            rid = self.channel.send(
+                f"server-{s}", Message("push", body={**body, **extra}, tensors=tensors)
+            )
+            ids[rid] = s
+            expect[rid] = Expect(pieces=True, rows=row_expect)
+        return self._track(_Request(ids, expect, out, sent))
+
+    def push_header(self, clock: int, weight: float, *, reply_params: bool) -> dict[str, Any]:
+        """The body fields every push message of this worker carries."""
+        return {
+            "worker": self.rank,
+            "clock": clock,
+            "weight": float(weight),
+            "reply_params": reply_params,
+            "codec": self.feedback.codec.name,
+            "pull_codec": self.pull_codec,
+        }
+
+    def row_selection(
+        self, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(rows pushed, rows wanted) of every row tensor, as sorted unique int64 tensors;
+        ConfigError if one is missing or out of range."""
+        assert self.keyspace is not None
+        out = {}
+        for t in self.keyspace.row_tensors():
+            if rows is None or t.name not in rows:
+                raise ConfigError(f"push: row tensor {t.name!r} needs its rows (rows=...)")
+            pushed, wanted = (torch.unique(torch.as_tensor(r).long()) for r in rows[t.name])
+            for r in (pushed, wanted):
+                if r.dim() != 1 or (r.numel() and not 0 <= int(r[0]) <= int(r[-1]) < t.shape[0]):
+                    raise ConfigError(f"push: rows of {t.name!r} must lie in [0, {t.shape[0]})")
+            out[t.name] = (pushed, wanted)
+        if rows and (unknown := set(rows) - set(out)):
+            raise ConfigError(f"push: {sorted(unknown)} are not row tensors")
+        return out
+
+    def _encode_dense(self, grads: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+        """All of ``server``'s dense chunks of ``grads`` as a push carries them: in pieces for
+        elementwise codecs, else one chunk at a time (``pslm.ps.parts``)."""
+        if not self.feedback.codec.elementwise:
+            return self.encode_chunks(grads, self._layout[server][: self._n_dense(server)])
+        return [
+            part
+            for i, piece in enumerate(self._pack(grads, server))
+            for part in self.feedback.encode(f"{server}/{i}", piece.reshape(-1))
+        ]
+
+    def encode_chunks(
+        self, grads: Mapping[str, torch.Tensor], slots: Sequence[Slot]
+    ) -> list[torch.Tensor]:
+        """Dense chunks ``slots`` of ``grads``, one at a time, through the push codec."""
+        return [
+            part
+            for slot in slots
+            for part in self.feedback.encode(
+                f"k{slot.key}",
+                grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length],
+            )
+        ]
+
+    def encode_rows(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        slots: Sequence[Slot],
+        wanted: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[list[torch.Tensor], list[tuple[Slot, torch.Tensor]]]:
+        """The tensors of row chunks ``slots`` in a push (rows, values, rows wanted, numbered
+        within the chunk), and where the wanted rows go (global rows) when they come back."""
+        tensors: list[torch.Tensor] = []
+        expect = []
+        for slot in slots:
+            pushed, want = (slot.rows_in(r) for r in wanted[slot.name])
+            first = slot.offset // slot.width
+            values = grads[slot.name].reshape(-1, slot.width).index_select(0, pushed)
+            # row numbers within the chunk fit int32: half the overhead of int64
+            local = (pushed - first).int(), (want - first).int()
+            tensors += [local[0], values.float().reshape(-1), local[1]]
+            expect.append((slot, want))
+        return tensors, expect
+
+    def slots(self, server: int) -> list[Slot]:
+        """Where each of ``server``'s chunks lives in the caller's tensors, in shard order."""
+        return self._layout[server]
+
+    def check_tensors(self, tensors: Mapping[str, torch.Tensor], what: str, *, full: bool) -> None:
+        """ConfigError unless ``tensors`` match what was given to ``init`` (all of them if
+        ``full``)."""
+        self._check(tensors, what, full=full)
+
+    def _n_dense(self, server: int) -> int:
+        assert self.keyspace is not None
+        return self.keyspace.dense(server)
 
     def _track(self, req: _Request) -> int:
         ts = self._next_ts
@@ -475,9 +605,16 @@ class PSClient:
         self._requests[ts] = req
         return ts
 
+    def _pack_all(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+        """All of ``server``'s chunks of ``tensors``: the dense pieces, then each row chunk."""
+        rows = self._layout[server][self._n_dense(server) :]
+        return self._pack(tensors, server) + [
+            tensors[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in rows
+        ]
+
     def _pack(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
-        """``server``'s chunks of ``tensors`` as message pieces (``KeySpace.pieces``): a lone
-        chunk is a view, runs of small chunks are copied into one new buffer."""
+        """``server``'s dense chunks of ``tensors`` as message pieces (``KeySpace.pieces``): a
+        lone chunk is a view, runs of small chunks are copied into one new buffer."""
         assert self.keyspace is not None
         flat = {n: t.reshape(-1) for n, t in tensors.items()}
         slots = self._layout[server]
@@ -489,26 +626,40 @@ class PSClient:
             out.append(run if run is not None else torch.cat(views))
         return out
 
-    def _scatter(
-        self, reply: Message, server: int, slots: list[_Slot], out: Mapping[str, torch.Tensor]
+    def scatter(
+        self, reply: Message, server: int, expect: Expect, out: Mapping[str, torch.Tensor]
     ) -> None:
-        """Copy a pull reply into ``out``: pieces for a whole shard, else one tensor a chunk."""
+        """Copy a reply into ``out``: its dense pieces, whole chunks, then rows."""
         assert self.keyspace is not None
-        whole = len(slots) == len(self._layout[server])
-        groups = self.keyspace.pieces(server) if whole else [(i, i + 1) for i in range(len(slots))]
-        if len(reply.tensors) != len(groups):
-            raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {len(groups)}")
-        for t, (lo, hi) in zip(reply.tensors, groups, strict=True):
-            run = slots[lo:hi]
-            if t.dim() != 1 or t.numel() != sum(s.length for s in run):
-                raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
-            views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
-            span = _adjacent(views)
-            if span is not None:
-                span.copy_(t)
-                continue
-            for view, part in zip(views, t.split([s.length for s in run]), strict=True):
-                view.copy_(part)
+        pieces = self.keyspace.pieces(server) if expect.pieces else []
+        n = len(pieces) + len(expect.slots) + len(expect.rows)
+        if len(reply.tensors) != n:
+            raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {n}")
+        tensors = iter(reply.tensors)
+        layout = self._layout[server]
+        # the finite lists first: zip stops on them before taking from the iterator
+        for (lo, hi), t in zip(pieces, tensors, strict=False):
+            self._copy_run(t, layout[lo:hi], out)
+        for slot, t in zip(expect.slots, tensors, strict=False):
+            self._copy_run(t, [slot], out)
+        for (slot, rows), t in zip(expect.rows, tensors, strict=False):
+            if t.dim() != 1 or t.numel() != len(rows) * slot.width:
+                raise ProtocolError(f"reply rows for {slot.name!r} have the wrong size")
+            dest = out[slot.name].view(-1, slot.width)
+            dest.index_copy_(0, rows, t.view(-1, slot.width).to(dest.dtype))
+
+    @staticmethod
+    def _copy_run(t: torch.Tensor, run: list[Slot], out: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``t``, the values of the chunks ``run`` back to back, into ``out``."""
+        if t.dim() != 1 or t.numel() != sum(s.length for s in run):
+            raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
+        views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
+        span = _adjacent(views)
+        if span is not None:
+            span.copy_(t)
+            return
+        for view, part in zip(views, t.split([s.length for s in run]), strict=True):
+            view.copy_(part)
 
     def _check(self, tensors: Mapping[str, torch.Tensor], what: str, *, full: bool) -> None:
         self._check_alive()
@@ -539,3 +690,9 @@ class PSClient:
             raise ClusterError("this client is closed")
         if self.heartbeat.lost.is_set():
             raise ClusterError(f"lost contact with the scheduler at {self.cfg.scheduler}")
+
+
+def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
+    """The squared norm of all of ``grads``: fp32 norms per tensor, squared and summed in
+    float64 in the mapping's order (what SSP/ASP clip each push by)."""
+    return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())

@@ -11,11 +11,17 @@ How the assignment is made (deterministic, documented because clients and server
 2. Chunks are taken largest first (ties: lower key first) and each goes to the server with the
    least bytes so far (ties: lower server rank). This is Graham's greedy list scheduling: the
    busiest server ends within one chunk of the mean load.
-3. On each server, chunks whose tensor takes weight decay come first, then the rest, each group
-   in key order; that is the order of the server's flat buffer and of every message to it.
-4. On the wire, a server's chunks travel as pieces: a chunk of SMALL_CHUNK bytes or more is a
-   piece of its own; runs of smaller chunks are packed into pieces of up to PIECE_BYTES. Each
-   piece is one frame, so a model of many small tensors costs a few frames, not hundreds.
+3. On each server, chunks whose tensor takes weight decay come first, then the other dense
+   chunks, then the chunks of row tensors, each group in key order; that is the order of the
+   server's flat buffer and of every message to it.
+4. On the wire, a server's dense chunks travel as pieces: a chunk of SMALL_CHUNK bytes or more
+   is a piece of its own; runs of smaller chunks are packed into pieces of up to PIECE_BYTES.
+   Each piece is one frame, so a model of many small tensors costs a few frames, not hundreds.
+
+Row tensors (``rows``, e.g. an untied token embedding) are pushed and pulled by rows: a step
+touches only the rows of the tokens in its batch. Their chunks hold whole rows (chunk_bytes
+rounded down to a multiple of the row, at least one row), take no weight decay, and travel one
+chunk at a time, never in pieces.
 
 Parameters live as fp32 on the servers, so a chunk of ``chunk_bytes`` holds chunk_bytes / 4
 elements. By default tensors with two or more dimensions take weight decay and 1-D tensors
@@ -52,10 +58,17 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     decay: bool
+    rows: bool = False
+    """Pushed and pulled by rows of ``shape[0]`` (a sparse embedding); never decayed."""
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def row_width(self) -> int:
+        """Elements per row (for row tensors)."""
+        return math.prod(self.shape[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +97,16 @@ class KeySpace:
         buckets: list[list[Chunk]] = [[] for _ in range(num_servers)]
         for c in self.chunks:
             buckets[c.server].append(c)
-        self._shards = [
-            sorted(b, key=lambda c: (not self.tensors[c.tensor].decay, c.key)) for b in buckets
+        self._shards = [sorted(b, key=self._shard_order) for b in buckets]
+        self._dense = [sum(not self.tensors[c.tensor].rows for c in b) for b in self._shards]
+        self._pieces = [
+            pack_pieces([c.length for c in shard[:n]])
+            for shard, n in zip(self._shards, self._dense, strict=True)
         ]
-        self._pieces = [pack_pieces([c.length for c in shard]) for shard in self._shards]
+
+    def _shard_order(self, c: Chunk) -> tuple[bool, bool, int]:
+        t = self.tensors[c.tensor]
+        return (t.rows, not t.decay, c.key)
 
     @classmethod
     def build(
@@ -97,15 +116,24 @@ class KeySpace:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         decay_1d: bool = False,
+        rows: Iterable[str] = (),
     ) -> KeySpace:
         """A key space for ``(name, shape)`` pairs, in the order given.
 
-        ``decay_1d`` makes 1-D tensors take weight decay too.
+        ``decay_1d`` makes 1-D tensors take weight decay too; the tensors named in ``rows``
+        (two or more dimensions) are row tensors.
         """
+        row_names = set(rows)
         specs = []
         for name, shape in named_shapes:
             shape = tuple(int(d) for d in shape)
-            specs.append(TensorSpec(name, shape, decay=decay_1d or len(shape) >= 2))
+            by_rows = name in row_names
+            if by_rows and len(shape) < 2:
+                raise ConfigError(f"row tensor {name!r} needs two or more dimensions")
+            decay = not by_rows and (decay_1d or len(shape) >= 2)
+            specs.append(TensorSpec(name, shape, decay=decay, rows=by_rows))
+        if unknown := row_names - {s.name for s in specs}:
+            raise ConfigError(f"row tensors not in the key space: {sorted(unknown)}")
         return cls(specs, num_servers, chunk_bytes)
 
     def shard(self, server: int) -> list[Chunk]:
@@ -113,8 +141,17 @@ class KeySpace:
         return self._shards[server]
 
     def pieces(self, server: int) -> list[tuple[int, int]]:
-        """How ``server``'s chunks travel: ranges [lo, hi) of positions in ``shard(server)``."""
+        """How ``server``'s dense chunks travel: ranges [lo, hi) of positions in
+        ``shard(server)``."""
         return self._pieces[server]
+
+    def dense(self, server: int) -> int:
+        """How many of ``server``'s chunks are dense: they come first in ``shard(server)``,
+        the chunks of row tensors after them."""
+        return self._dense[server]
+
+    def row_tensors(self) -> list[TensorSpec]:
+        return [t for t in self.tensors if t.rows]
 
     def loads(self) -> list[int]:
         """Bytes held by each server."""
@@ -127,7 +164,7 @@ class KeySpace:
     def to_dict(self) -> dict[str, Any]:
         """A msgpack-able description from which ``from_dict`` rebuilds the same key space."""
         return {
-            "tensors": [[t.name, list(t.shape), t.decay] for t in self.tensors],
+            "tensors": [[t.name, list(t.shape), t.decay, t.rows] for t in self.tensors],
             "num_servers": self.num_servers,
             "chunk_bytes": self.chunk_bytes,
         }
@@ -136,10 +173,7 @@ class KeySpace:
     def from_dict(cls, d: Any) -> KeySpace:
         """Rebuild from ``to_dict`` output received from a peer; ConfigError if malformed."""
         try:
-            specs = [
-                TensorSpec(_str(name), tuple(_dims(shape)), _bool(decay))
-                for name, shape, decay in d["tensors"]
-            ]
+            specs = [_spec(entry) for entry in d["tensors"]]
             return cls(specs, _int(d["num_servers"]), _int(d["chunk_bytes"]))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
@@ -156,8 +190,8 @@ class KeySpace:
         for a, b in zip(self.tensors, other.tensors, strict=False):
             if a != b:
                 return (
-                    f"tensor {a.name!r} {list(a.shape)} decay={a.decay} vs "
-                    f"{b.name!r} {list(b.shape)} decay={b.decay}"
+                    f"tensor {a.name!r} {list(a.shape)} decay={a.decay} rows={a.rows} vs "
+                    f"{b.name!r} {list(b.shape)} decay={b.decay} rows={b.rows}"
                 )
         if len(self.tensors) != len(other.tensors):
             return f"{len(self.tensors)} tensors vs {len(other.tensors)}"
@@ -182,8 +216,10 @@ def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) ->
         seen.add(t.name)
         if any(d < 0 for d in t.shape) or t.numel == 0:
             raise ConfigError(f"tensor {t.name!r} has shape {list(t.shape)}: no elements")
+        if t.rows and (len(t.shape) < 2 or t.decay):
+            raise ConfigError(f"row tensor {t.name!r} needs 2+ dimensions and no weight decay")
     chunk_elems = chunk_bytes // PARAM_BYTES
-    if sum(-(-t.numel // chunk_elems) for t in tensors) > MAX_CHUNKS:
+    if sum(-(-t.numel // _chunk_elems(t, chunk_elems)) for t in tensors) > MAX_CHUNKS:
         raise ConfigError(f"more than {MAX_CHUNKS} chunks: raise chunk_bytes ({chunk_bytes})")
 
 
@@ -206,12 +242,20 @@ def pack_pieces(lengths: Sequence[int]) -> list[tuple[int, int]]:
     return pieces
 
 
+def _chunk_elems(t: TensorSpec, chunk_elems: int) -> int:
+    """Elements per chunk of ``t``: whole rows for row tensors."""
+    if not t.rows:
+        return chunk_elems
+    return max(1, chunk_elems // t.row_width) * t.row_width
+
+
 def _cut(tensors: Sequence[TensorSpec], chunk_elems: int) -> list[tuple[int, int, int]]:
     """(tensor index, offset, length) of every chunk, in key order."""
     return [
-        (i, off, min(chunk_elems, t.numel - off))
+        (i, off, min(n, t.numel - off))
         for i, t in enumerate(tensors)
-        for off in range(0, t.numel, chunk_elems)
+        for n in [_chunk_elems(t, chunk_elems)]
+        for off in range(0, t.numel, n)
     ]
 
 
@@ -227,6 +271,14 @@ def _assign(pieces: list[tuple[int, int, int]], num_servers: int) -> tuple[Chunk
         Chunk(key=k, tensor=t, offset=off, length=n, server=server_of[k])
         for k, (t, off, n) in enumerate(pieces)
     )
+
+
+def _spec(entry: Any) -> TensorSpec:
+    """[name, shape, decay] or [name, shape, decay, rows] (rows: False when absent)."""
+    if not isinstance(entry, list) or len(entry) not in (3, 4):
+        raise TypeError("a tensor is [name, shape, decay, rows]")
+    rows = _bool(entry[3]) if len(entry) == 4 else False
+    return TensorSpec(_str(entry[0]), tuple(_dims(entry[1])), _bool(entry[2]), rows)
 
 
 def _str(v: Any) -> str:

@@ -22,15 +22,21 @@ Notices from the scheduler:
     shutdown   {} (to servers)
 
 To a server (from workers):
-    init       {worker, keyspace, optimizer} + initial values, one tensor per piece ->
+    init       {worker, keyspace, optimizer, consistency} + initial values, one tensor per
+               piece and one per row chunk ->
                {version}; idempotent for the same key space and optimizer
     push       {worker, clock, weight, reply_params, scalars: {name: number}, codec,
-               pull_codec, sq_norm (SSP/ASP with clipping)} + gradients,
-               one tensor per piece (``KeySpace.pieces``) -> {version} at once, or, with
-               reply_params, the parameters after the update (as ``pull``) with {scalars:
-               each one's weighted mean over the workers, held_s: seconds the push waited}
-    pull       {worker, min_version, keys (null: all)} -> {version} + one tensor per piece
-               (all) or per key; answered once the server's version >= min_version
+               pull_codec, sq_norm (SSP/ASP with clipping), keys, row_keys, final, priority}
+               + gradients (``pslm.ps.parts``: all dense chunks as pieces, or the chunks
+               ``keys`` one by one; then rows of the row chunks ``row_keys``) -> {version} at
+               once, or, with reply_params, the same chunks' values after the update (rows: the
+               rows asked for) with {scalars: each one's weighted mean over the workers,
+               held_s: seconds the push waited}. A worker's push for a clock may come in parts
+               (overlap); it is applied once every chunk and the ``final`` part have arrived,
+               and replies go out in increasing ``priority``.
+    pull       {worker, min_version, clock, keys (null: all)} -> {version} + one tensor per
+               piece and one per row chunk (all) or one per key; answered once the server's
+               version >= min_version (BSP) or the staleness gate lets ``clock`` read
     save       {worker, path, version} -> {file, bytes}: the shard (parameters, optimizer
                state) written into the existing directory ``path``; refused unless the
                server is at ``version``

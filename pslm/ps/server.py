@@ -43,7 +43,8 @@ from pslm.ps.consistency import Consistency, StalenessGate
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
-from pslm.ps.shard import ShardStore, clip_coef
+from pslm.ps.parts import PendingPush, Reply, Selection, decode_part
+from pslm.ps.shard import Grad, ShardStore, clip_coef
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
@@ -89,7 +90,7 @@ class _Read:
     msg: Message
     clock: int
     """The reader's clock: it reads once every worker is within the bound of it."""
-    keys: list[int] | None
+    selection: Selection
     scalars: dict[str, float] | None = None
 
 
@@ -97,8 +98,8 @@ class _Read:
 class Clock:
     """What the server gathers for the clock it is about to apply."""
 
-    pushes: dict[int, tuple[float, list[Any]]] = field(default_factory=dict)
-    grads: list[Any] | None = None
+    pushes: dict[int, tuple[float, list[Grad]]] = field(default_factory=dict)
+    grads: list[Grad] | None = None
     factor: float = 1.0
     """grads * factor is the mean gradient."""
     norms: dict[int, float] = field(default_factory=dict)
@@ -125,8 +126,9 @@ class Server:
         self.store: ShardStore | None = None
         self.clock = Clock()
         self.future_norms: dict[int, float] = {}  # norms for version + 1, from faster peers
-        self.after_update: list[tuple[bytes, Message]] = []  # push-and-pull requests
-        self.parked: list[tuple[bytes, Message, int, list[int] | None]] = []
+        self.incoming: dict[int, PendingPush] = {}  # pushes whose parts are still arriving
+        self.after_update: list[Reply] = []  # push parts waiting for the update
+        self.parked: list[tuple[bytes, Message, int, Selection]] = []
         self.trackers: list[zmq.MessageTracker] = []
         self.stopping = False
         self.consistency = Consistency()
@@ -275,6 +277,7 @@ class Server:
         return msg.reply(version=store.version)
 
     def _push(self, peer: bytes, msg: Message) -> None:
+        """A push, or one part of it (``pslm.ps.parts``); applied once complete."""
         store = self._store()
         worker = self._worker(msg)
         clock = protocol.field(msg, "clock", int)
@@ -283,10 +286,34 @@ class Server:
         if not (weight > 0 and math.isfinite(weight)):
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
         _pull_codec(msg)  # refuse a bad one now, not after the update
-        grads = store.unpack(_decoded(msg, store), "push")
         scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
+        self._check_clock(worker, clock)
+        part = decode_part(msg, store)
+        pending = self.incoming.get(worker) or PendingPush.start(clock, weight, store)
+        pending.check(part)
+        if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
+            if pending.sq_norm is None and part.sq_norm is None:
+                raise ProtocolError("push: sq_norm is needed with clipping under SSP/ASP")
+        pending.add(part, scalars)
+        if with_params:
+            pending.replies.append(Reply(part.priority, peer, msg, part.reply))
+        else:
+            self.listener.send(peer, msg.reply(version=store.version))
+        self.incoming[worker] = pending
+        if part.final:
+            del self.incoming[worker]
+            self._complete(worker, pending)
+
+    def _check_clock(self, worker: int, clock: int) -> None:
+        """Refuse a push for any clock but the one this worker's push is due for."""
+        store = self._store()
         if self.consistency.asynchronous:
-            self._push_now(peer, msg, worker, clock, grads, scalars, with_params)
+            expected = self.gate.clocks[worker]
+            if clock != expected:
+                raise RefusedError(
+                    f"push for clock {clock} from worker {worker}: expected clock {expected}",
+                    code="duplicate" if clock < expected else "bad_clock",
+                )
             return
         if clock != store.version:
             when = "after the server applied it" if clock < store.version else "too early"
@@ -299,13 +326,17 @@ class Server:
             raise RefusedError(
                 f"worker {worker} already pushed for clock {clock}", code="duplicate"
             )
-        self.clock.pushes[worker] = (weight, grads)
-        self.clock.scalars[worker] = scalars
+
+    def _complete(self, worker: int, push: PendingPush) -> None:
+        """Every part of a worker's push has arrived: apply it (SSP/ASP) or count it in."""
+        replies = sorted(push.replies, key=lambda r: r.priority)
+        if self.consistency.asynchronous:
+            self._push_now(worker, push, replies)
+            return
+        self.clock.pushes[worker] = (push.weight, push.complete_grads)
+        self.clock.scalars[worker] = push.scalars
         self.clock.arrived[worker] = time.monotonic()
-        if with_params:
-            self.after_update.append((peer, msg))
-        else:
-            self.listener.send(peer, msg.reply(version=store.version))
+        self.after_update.extend(replies)
         self._advance()
 
     def _pull(self, peer: bytes, msg: Message) -> None:
@@ -314,13 +345,18 @@ class Server:
         min_version = protocol.field(msg, "min_version", int, 0)
         keys = protocol.field(msg, "keys", (list, type(None)), None)
         if keys is not None:
-            bad = [k for k in keys if not isinstance(k, int) or k not in store.position]
+            bad = [
+                k
+                for k in keys
+                if not isinstance(k, int) or isinstance(k, bool) or k not in store.position
+            ]
             if bad or len(keys) > len(store.chunks):
                 raise RefusedError(f"pull: keys not held by this server: {bad[:5]}", code="bad_key")
+        selection = Selection.of_pull(store, keys)
         _pull_codec(msg)
         if self.consistency.asynchronous:
             clock = protocol.field(msg, "clock", int, self.gate.clocks[worker])
-            self.reads.append(_Read(peer, msg, clock, keys))
+            self.reads.append(_Read(peer, msg, clock, selection))
             self._release_reads()
             return
         if min_version > store.version + 1:
@@ -330,9 +366,9 @@ class Server:
                 code="bad_clock",
             )
         if min_version <= store.version:
-            self._send_params(peer, msg, keys)
+            self._send_params(peer, msg, selection)
         else:
-            self.parked.append((peer, msg, min_version, keys))
+            self.parked.append((peer, msg, min_version, selection))
 
     def _norm(self, msg: Message) -> None:
         assert self.me is not None
@@ -375,37 +411,20 @@ class Server:
 
     # --- SSP and ASP: every push is an update ----------------------------------------------
 
-    def _push_now(
-        self,
-        peer: bytes,
-        msg: Message,
-        worker: int,
-        clock: int,
-        grads: list[Any],
-        scalars: dict[str, float],
-        with_params: bool,
-    ) -> None:
+    def _push_now(self, worker: int, push: PendingPush, replies: list[Reply]) -> None:
         """Apply one worker's push at once, then answer it (with parameters: once the gate
         lets the worker read at its next clock)."""
         store = self._store()
-        expected = self.gate.clocks[worker]
-        if clock != expected:
-            raise RefusedError(
-                f"push for clock {clock} from worker {worker}: expected clock {expected}",
-                code="duplicate" if clock < expected else "bad_clock",
-            )
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
         if store.optimizer.clip_norm > 0:
-            sq = float(protocol.field(msg, "sq_norm", (int, float)))
-            multiplier = clip_coef(sq, store.optimizer.clip_norm)
-        fp32, _ = store.reduce([(1.0, grads)])  # half-precision pushes become fp32
+            assert push.sq_norm is not None  # checked when the final part arrived
+            multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
+        fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
         self._make_params_writable()
-        store.apply(fp32, multiplier, step=clock)
+        store.apply(fp32, multiplier, step=push.clock)
         self.gate.advance(worker)
-        if with_params:
-            self.reads.append(_Read(peer, msg, clock + 1, None, scalars))
-        else:
-            self.listener.send(peer, msg.reply(version=store.version))
+        for r in replies:
+            self.reads.append(_Read(r.peer, r.msg, push.clock + 1, r.selection, push.scalars))
         self._release_reads()
 
     def _release_reads(self) -> None:
@@ -420,7 +439,7 @@ class Server:
             extra: dict[str, Any] = {"staleness": staleness}
             if read.scalars is not None:
                 extra["scalars"] = read.scalars
-            self._send_params(read.peer, read.msg, read.keys, **extra)
+            self._send_params(read.peer, read.msg, read.selection, **extra)
 
     # --- BSP --------------------------------------------------------------------------------
 
@@ -463,24 +482,21 @@ class Server:
         replies, self.after_update = self.after_update, []
         scalars = _mean_scalars(clock)
         now = time.monotonic()
-        for peer, msg in replies:
-            held = now - clock.arrived[int(msg.body["worker"])]
-            self._send_params(peer, msg, None, scalars=scalars, held_s=round(held, 6))
+        for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
+            held = now - clock.arrived[int(r.msg.body["worker"])]
+            self._send_params(r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6))
         parked, self.parked = self.parked, []
-        for peer, msg, min_version, keys in parked:
+        for peer, msg, min_version, selection in parked:
             if min_version <= store.version:
-                self._send_params(peer, msg, keys)
+                self._send_params(peer, msg, selection)
             else:
-                self.parked.append((peer, msg, min_version, keys))
+                self.parked.append((peer, msg, min_version, selection))
 
     def _send_params(
-        self, peer: bytes, msg: Message, keys: list[int] | None, **extra: object
+        self, peer: bytes, msg: Message, selection: Selection, **extra: object
     ) -> None:
         store = self._store()
-        if keys is None:
-            tensors = store.packed
-        else:
-            tensors = [store.views[store.position[k]] for k in keys]
+        tensors = selection.tensors(store)
         codec = _pull_codec(msg)
         if not codec.lossless:  # a cast: new tensors, half the bytes
             tensors = [codec.encode(t)[0] for t in tensors]
@@ -514,8 +530,8 @@ class Server:
 
     def _abandon_clock(self, reason: str) -> None:
         """Refuse every request waiting on this clock and forget its pushes."""
-        for peer, msg in self.after_update:
-            self.listener.send(peer, protocol.error(msg, "update_failed", reason))
+        for r in self.after_update:
+            self.listener.send(r.peer, protocol.error(r.msg, "update_failed", reason))
         self.after_update = []
         self.clock = Clock()
 
@@ -547,22 +563,6 @@ class Server:
 
 
 PULL_CODECS = ("none", "bf16", "fp16")
-
-
-def _decoded(msg: Message, store: ShardStore) -> list[Any]:
-    """A push's pieces, decoded by the codec it names (``codec``; default none)."""
-    codec = get_codec(protocol.field(msg, "codec", str, "none"))
-    sizes = [t.numel() for t in store.packed]
-    if len(msg.tensors) != len(sizes) * codec.parts:
-        raise RefusedError(
-            f"push has {len(msg.tensors)} tensors; {len(sizes)} pieces in {codec.name} take "
-            f"{len(sizes) * codec.parts}",
-            code="bad_shape",
-        )
-    if codec.lossless:
-        return list(msg.tensors)
-    n = codec.parts
-    return [codec.decode(msg.tensors[i * n : (i + 1) * n], size) for i, size in enumerate(sizes)]
 
 
 def _pull_codec(msg: Message) -> Codec:

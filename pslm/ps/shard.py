@@ -10,6 +10,10 @@ The mean's factor and the clipping coefficient are not applied in separate passe
 optimizer kernels divide by them as they read each gradient (their ``grad_scale``), which saves
 two passes over the shard's memory.
 
+Row tensors (``KeySpace``: an untied embedding) are pushed as ``RowGrad``s, the rows a batch
+touched and their gradients, and updated lazily with SparseAdam's rule: only those rows'
+parameters and moments change, each chunk's step counter advancing every update.
+
 The store knows tensors and keys, never models. It does no I/O and takes no locks: the server's
 request loop owns it. Every list of per-chunk tensors is in the shard order of
 ``KeySpace.shard``.
@@ -22,15 +26,29 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
 
-from pslm.errors import RefusedError
+from pslm.errors import ConfigError, RefusedError
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig, build_rule
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RowGrad(NamedTuple):
+    """The gradient of some rows of a row chunk."""
+
+    rows: torch.Tensor
+    """Row numbers within the chunk: int64, sorted, unique."""
+    values: torch.Tensor
+    """Their gradients, (len(rows), row width) fp32."""
+
+
+Grad = torch.Tensor | RowGrad
+"""A chunk's gradient: the whole chunk (dense, 1-D) or some of its rows (row chunks)."""
 
 
 def clip_coef(sq_norm: float, max_norm: float) -> float:
@@ -50,12 +68,17 @@ class ShardStore:
         self.chunks = keyspace.shard(server)
         self.lengths = [c.length for c in self.chunks]
         self.position = {c.key: i for i, c in enumerate(self.chunks)}
+        self.n_dense = keyspace.dense(server)
+        """Dense chunks come first; the chunks of row tensors follow them."""
+        self.widths = [keyspace.tensors[c.tensor].row_width for c in self.chunks]
         n = sum(self.lengths)
         self.params = torch.empty(0)
         self.views: list[torch.Tensor] = []
         self.packed: list[torch.Tensor] = []
         self._bind(torch.zeros(n, dtype=torch.float32))
         self.n_decay = sum(1 for c in self.chunks if keyspace.tensors[c.tensor].decay)
+        if keyspace.row_tensors() and optimizer.name == "sgd":
+            raise ConfigError("row tensors are updated with (lazy) Adam: use adam or adamw")
         self.rule = build_rule(optimizer)
         self.state = {name: torch.zeros(n) for name in self.rule.state_names}
         self.state_views = {k: list(v.split(self.lengths)) for k, v in self.state.items()}
@@ -76,15 +99,16 @@ class ShardStore:
         for length in self.lengths:
             starts.append(starts[-1] + length)
         pieces = self.keyspace.pieces(self.server)
-        # what a message carries: views of the flat buffer, one per piece
+        # what a message carries: views of the flat buffer, one per piece, then the row chunks
         self.packed = [params[starts[lo] : starts[hi]] for lo, hi in pieces]
+        self.packed += self.views[self.n_dense :]
 
     @property
     def numel(self) -> int:
         return self.params.numel()
 
     def unpack(self, pieces: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
-        """One view per chunk (shard order) of ``pieces``, the tensors of a message.
+        """One view per dense chunk (shard order) of ``pieces``, the tensors of a message.
 
         Refused unless there is one 1-D float tensor per piece (``KeySpace.pieces``) of the
         piece's size; nothing is copied.
@@ -93,28 +117,86 @@ class ShardStore:
         if len(pieces) != len(layout):
             raise RefusedError(
                 f"{what} has {len(pieces)} tensors, server {self.server} takes {len(layout)} "
-                f"pieces ({len(self.chunks)} chunks)",
+                f"pieces ({self.n_dense} dense chunks)",
                 code="bad_shape",
             )
         views: list[torch.Tensor] = []
         for i, (t, (lo, hi)) in enumerate(zip(pieces, layout, strict=True)):
-            n = sum(self.lengths[lo:hi])
-            if t.dtype not in GRAD_DTYPES or t.dim() != 1 or t.numel() != n:
-                names = sorted({self._name(k) for k in range(lo, hi)})
-                raise RefusedError(
-                    f"{what} tensor {i} (chunks of {', '.join(map(repr, names[:3]))}) is "
-                    f"{t.dtype} {list(t.shape)}, expected a float tensor of shape [{n}]",
-                    code="bad_shape",
-                )
+            self.check_chunk(t, lo, what, length=sum(self.lengths[lo:hi]), tensor=i)
             views.extend(t.split(self.lengths[lo:hi]) if hi - lo > 1 else [t])
         return views
+
+    def check_chunk(
+        self, t: torch.Tensor, position: int, what: str, *, length: int = 0, tensor: int = 0
+    ) -> None:
+        """Refuse ``t`` unless it is a 1-D float tensor of the chunk's (or ``length``)
+        elements."""
+        n = length or self.lengths[position]
+        if t.dtype not in GRAD_DTYPES or t.dim() != 1 or t.numel() != n:
+            raise RefusedError(
+                f"{what} tensor {tensor} (for {self._name(position)!r}) is "
+                f"{t.dtype} {list(t.shape)}, expected a float tensor of shape [{n}]",
+                code="bad_shape",
+            )
+
+    def check_rows(self, rows: torch.Tensor, position: int, what: str) -> torch.Tensor:
+        """``rows`` as int64 row numbers of the row chunk at ``position``; refused unless a
+        1-D integer tensor of sorted, unique rows within the chunk."""
+        if position < self.n_dense:
+            raise RefusedError(f"{what}: {self._name(position)!r} is not a row tensor")
+        n_rows = self.lengths[position] // self.widths[position]
+        ok = rows.dtype in (torch.int32, torch.int64) and rows.dim() == 1
+        if ok and rows.numel():
+            r = rows.long()
+            ok = int(r[0]) >= 0 and int(r[-1]) < n_rows and bool((r[1:] > r[:-1]).all())
+        if not ok:
+            raise RefusedError(
+                f"{what}: rows of {self._name(position)!r} must be sorted unique integers in "
+                f"[0, {n_rows})",
+                code="bad_shape",
+            )
+        return rows.long()
+
+    def row_grad(self, rows: torch.Tensor, values: torch.Tensor, position: int) -> RowGrad:
+        """A RowGrad of checked ``rows`` and ``values`` (refused unless they match)."""
+        r = self.check_rows(rows, position, "push")
+        w = self.widths[position]
+        if values.dtype not in GRAD_DTYPES or values.dim() != 1 or values.numel() != len(r) * w:
+            raise RefusedError(
+                f"push: {len(r)} rows of {self._name(position)!r} need {len(r) * w} float "
+                f"values, got {values.dtype} {list(values.shape)}",
+                code="bad_shape",
+            )
+        return RowGrad(r, values.view(len(r), w).float())
+
+    def rows_of(self, position: int, rows: torch.Tensor) -> torch.Tensor:
+        """The current values of ``rows`` (checked) of the row chunk at ``position``, 1-D."""
+        r = self.check_rows(rows, position, "pull")
+        w = self.widths[position]
+        return self.views[position].view(-1, w).index_select(0, r).view(-1)
 
     def _name(self, position: int) -> str:
         return self.keyspace.tensors[self.chunks[position].tensor].name
 
+    def unpack_all(self, tensors: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """One view per chunk of a message carrying the whole shard: the dense pieces, then
+        each row chunk whole (``packed``)."""
+        n_pieces = len(self.keyspace.pieces(self.server))
+        if len(tensors) != n_pieces + len(self.chunks) - self.n_dense:
+            raise RefusedError(
+                f"{what} has {len(tensors)} tensors, server {self.server} takes "
+                f"{n_pieces + len(self.chunks) - self.n_dense}",
+                code="bad_shape",
+            )
+        views = self.unpack(tensors[:n_pieces], what)
+        for i, t in enumerate(tensors[n_pieces:]):
+            self.check_chunk(t, self.n_dense + i, what, tensor=n_pieces + i)
+            views.append(t)
+        return views
+
     def load(self, values: Sequence[torch.Tensor]) -> None:
-        """Set the parameters from the pieces of an init message (checked first)."""
-        for view, v in zip(self.views, self.unpack(values, "init"), strict=True):
+        """Set the parameters from the tensors of an init message (checked first)."""
+        for view, v in zip(self.views, self.unpack_all(values, "init"), strict=True):
             view.copy_(v)
 
     def save(self, path: Path) -> int:
@@ -138,31 +220,52 @@ class ShardStore:
         os.replace(tmp, path)
         return path.stat().st_size
 
-    def add_delta(self, deltas: Sequence[torch.Tensor], multiplier: float = 1.0) -> None:
+    def add_delta(self, deltas: Sequence[Grad], multiplier: float = 1.0) -> None:
         """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""
         for view, delta in zip(self.views, deltas, strict=True):
-            view.add_(delta, alpha=multiplier)
+            view.add_(_dense(delta), alpha=multiplier)
         self.version += 1
 
-    def reduce(
-        self, pushes: Sequence[tuple[float, Sequence[torch.Tensor]]]
-    ) -> tuple[list[torch.Tensor], float]:
+    def reduce(self, pushes: Sequence[tuple[float, Sequence[Grad]]]) -> tuple[list[Grad], float]:
         """The weighted sum of the pushes' gradients per chunk, and the factor that makes it the
         weighted mean.
 
-        ``pushes`` are (weight, per-chunk tensors), in a fixed order (worker rank), so the sum
-        is the same from run to run. A single fp32 push is used as it is, without a copy.
+        ``pushes`` are (weight, per-chunk gradients), in a fixed order (worker rank), so the
+        sum is the same from run to run. A single fp32 push is used as it is, without a copy.
         Equal weights sum the gradients unweighted (factor 1/W), so two equal pushes give
-        exactly (a + b) * 0.5.
+        exactly (a + b) * 0.5. Row chunks sum over the union of the rows pushed.
         """
-        (w0, g0), rest = pushes[0], pushes[1:]
+        w0 = pushes[0][0]
         equal = all(w == w0 for w, _ in pushes)
         factor = 1.0 / len(pushes) if equal else 1.0 / sum(w for w, _ in pushes)
+        rows: list[Grad] = [
+            self._reduce_rows([(w, _rows(g[k])) for w, g in pushes], k, equal)
+            for k in range(self.n_dense, len(self.chunks))
+        ]
+        dense = [(w, [_dense(x) for x in g[: self.n_dense]]) for w, g in pushes]
+        return [*self._reduce_dense(dense, equal), *rows], factor
+
+    def _reduce_rows(self, grads: list[tuple[float, RowGrad]], k: int, equal: bool) -> RowGrad:
+        if len(grads) == 1:
+            return grads[0][1]
+        union = torch.cat([g.rows for _, g in grads]).unique(sorted=True)
+        acc = torch.zeros(len(union), self.widths[k])
+        for w, g in grads:
+            acc.index_add_(
+                0, torch.searchsorted(union, g.rows), g.values, alpha=1.0 if equal else w
+            )
+        return RowGrad(union, acc)
+
+    def _reduce_dense(
+        self, pushes: list[tuple[float, list[torch.Tensor]]], equal: bool
+    ) -> list[torch.Tensor]:
+        (w0, g0), rest = pushes[0], pushes[1:]
         if not rest and all(g.dtype == torch.float32 for g in g0):
-            return list(g0), factor
-        if self._grad.numel() != self.numel:
-            self._grad = torch.empty(self.numel)
-        out = list(self._grad.split(self.lengths))
+            return list(g0)
+        n = sum(self.lengths[: self.n_dense])
+        if self._grad.numel() != n:
+            self._grad = torch.empty(n)
+        out = list(self._grad.split(self.lengths[: self.n_dense]))
         fp32 = all(g.dtype == torch.float32 for _, push in pushes for g in push)
         for k, acc in enumerate(out):
             if equal and rest and fp32:  # one pass for the common case
@@ -175,23 +278,30 @@ class ShardStore:
                 others = rest
             for w, g in others:
                 acc.add_(g[k], alpha=1.0 if equal else w)
-        return out, factor
+        return out
 
     @staticmethod
-    def sq_norm(grads: Sequence[torch.Tensor]) -> float:
+    def sq_norm(grads: Sequence[Grad]) -> float:
         """Sum of squares of ``grads``: fp32 norms per chunk (as ``clip_grad_norm_`` takes per
         tensor, so a huge gradient overflows to inf the same way), squared and summed in
         float64."""
-        return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads)
+        return sum(
+            float(torch.linalg.vector_norm(g.values if isinstance(g, RowGrad) else g)) ** 2
+            for g in grads
+        )
 
     def apply(
-        self, grads: Sequence[torch.Tensor], multiplier: float = 1.0, step: int | None = None
+        self, grads: Sequence[Grad], multiplier: float = 1.0, step: int | None = None
     ) -> None:
         """One optimizer step with ``grads * multiplier`` at the schedule's learning rate for
         ``step`` (default: the version, as under BSP; asynchronous updates give the pushing
         worker's clock). The kernels overwrite ``grads`` with the multiplied values.
         """
         lr = self.optimizer.lr_at(self.version if step is None else step)
+        for k in range(self.n_dense, len(self.chunks)):
+            g = grads[k]
+            assert isinstance(g, RowGrad)
+            self._lazy_adam(k, g, multiplier, lr)
         # the kernels divide by grad_scale; a 0 multiplier (clipping an infinite norm) zeroes
         # finite gradients, as clip_grad_norm_'s factor of 0 does
         scale = (
@@ -200,12 +310,12 @@ class ShardStore:
             else torch.tensor(1.0 / multiplier if multiplier else math.inf)
         )
         d = self.n_decay
-        for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, len(self.chunks), 0.0)):
+        for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, self.n_dense, 0.0)):
             if lo == hi:
                 continue
             self.rule.step(
                 self.views[lo:hi],
-                list(grads[lo:hi]),
+                [_dense(g) for g in grads[lo:hi]],
                 {k: v[lo:hi] for k, v in self.state_views.items()},
                 self.steps[lo:hi],
                 lr=lr,
@@ -213,3 +323,36 @@ class ShardStore:
                 grad_scale=scale,
             )
         self.version += 1
+
+    def _lazy_adam(self, k: int, grad: RowGrad, multiplier: float, lr: float) -> None:
+        """SparseAdam's update of the rows in ``grad`` of row chunk ``k`` (its formula, step for
+        step: moments and parameters of other rows stay as they are)."""
+        step = self.steps[k]
+        step.add_(1)
+        if not len(grad.rows):
+            return
+        beta1, beta2 = self.optimizer.betas
+        w = self.widths[k]
+        rows, g = grad.rows, grad.values if multiplier == 1.0 else grad.values * multiplier
+        exp_avg = self.state_views["exp_avg"][k].view(-1, w)
+        exp_avg_sq = self.state_views["exp_avg_sq"][k].view(-1, w)
+        old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+        avg_update = g.sub(old_avg).mul_(1 - beta1)
+        exp_avg.index_add_(0, rows, avg_update)
+        sq_update = g.pow(2).sub_(old_sq).mul_(1 - beta2)
+        exp_avg_sq.index_add_(0, rows, sq_update)
+        numer = avg_update.add_(old_avg)
+        denom = sq_update.add_(old_sq).sqrt_().add_(self.optimizer.eps)
+        n = float(step)
+        step_size = lr * math.sqrt(1 - beta2**n) / (1 - beta1**n)
+        self.views[k].view(-1, w).index_add_(0, rows, -step_size * numer.div_(denom))
+
+
+def _dense(g: Grad) -> torch.Tensor:
+    assert isinstance(g, torch.Tensor), "a row gradient where a dense chunk belongs"
+    return g
+
+
+def _rows(g: Grad) -> RowGrad:
+    assert isinstance(g, RowGrad), "a dense gradient where a row chunk belongs"
+    return g

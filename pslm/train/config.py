@@ -43,6 +43,10 @@ class ModelSection:
     """Dropout in training; 0 keeps results independent of the number of workers."""
     bias: bool = True
     """Biases in linear layers and LayerNorms."""
+    tie_embeddings: bool = True
+    """Share the output head's weight with the token embedding. Untied, the embedding is a row
+    tensor on the parameter servers (except under local:H): workers push and pull only the rows
+    of their batch's tokens, and the servers update it with lazy Adam (SparseAdam)."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -75,6 +79,7 @@ class ModelSection:
             vocab_size=vocab_size,
             dropout=self.dropout,
             bias=self.bias,
+            tie_embeddings=self.tie_embeddings,
             **{k: v for k, v in sizes.items() if v},
         )
 
@@ -238,6 +243,13 @@ class ClusterSection:
     feedback)."""
     pull_codec: str = "none"
     """Parameter compression on pulls: none, bf16 or fp16."""
+    overlap: bool = False
+    """Push gradients while backward still runs (in buckets, last layers first) and let the
+    next forward pass wait for each layer's new values only when it reaches that layer.
+    Changes when bytes travel, not what is computed. CPU workers; not under local:H, whose
+    exchanges are rare."""
+    bucket_bytes: int = 1 << 20
+    """With overlap: gradients travel in buckets of about this many bytes."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0
@@ -248,6 +260,8 @@ class ClusterSection:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.servers < 1:
             raise ConfigError("need at least one worker and one server")
+        if self.bucket_bytes < 1:
+            raise ConfigError(f"cluster.bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
             raise ConfigError("need timeout > 0 and 0 < heartbeat_interval < heartbeat_timeout")
         self.consistency = str(Consistency.parse(self.consistency))
@@ -276,11 +290,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.optim.optimizer(self.train.steps)  # raises ConfigError for a bad combination
+        if self.cluster.overlap and self.train.device != "cpu":
+            raise ConfigError("cluster.overlap runs on CPU workers only (device = cpu)")
+        if self.row_embeddings and self.optim.name == "sgd":
+            raise ConfigError(
+                "untied embeddings are updated with lazy Adam on the servers: use adam or adamw"
+            )
         if self.train.batch_size < self.cluster.workers:
             raise ConfigError(
                 f"batch size {self.train.batch_size} is smaller than "
                 f"{self.cluster.workers} workers: every worker needs a row"
             )
+
+    @property
+    def row_embeddings(self) -> bool:
+        """Whether the token embedding travels by rows (untied, and not under local SGD)."""
+        return not self.model.tie_embeddings and not self.cluster.consistency.startswith("local")
 
     def resolved(self) -> TrainConfig:
         """This configuration with every derived value spelled out, as a run records it."""

@@ -22,6 +22,7 @@ from pslm.lm.model import GPT
 from pslm.ps.client import Completion, PSClient
 from pslm.ps.consistency import Consistency
 from pslm.train.config import TrainConfig
+from pslm.train.overlap import Overlap
 
 
 def run(client: PSClient, *, config: dict[str, Any], run_dir: str, data_path: str) -> None:
@@ -58,6 +59,11 @@ class TrainLoop:
         self.staleness_hist: dict[int, int] = {}
         self.paused = 0.0  # seconds spent evaluating and checkpointing, not training
         self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
+        self.overlap: Overlap | None = None
+        self.computed: dict[int, tuple[float, float]] = {}  # overlap: step -> compute_s, loss
+        self.inputs = torch.zeros(0, dtype=torch.long)  # the last batch's inputs
+        self.row_name = "transformer.wte.weight" if cfg.row_embeddings else None
+        """The token embedding, when it travels by rows."""
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
         self.round = 0  # averagings so far (local SGD's clock)
         self.params = dict(self.model.named_parameters())
@@ -86,59 +92,130 @@ class TrainLoop:
     def _train(self) -> None:
         self._init_parameters()
         steps = self.cfg.train.steps
-        tokens_per_step = self.cfg.train.batch_size * self.model_config.block_size
         start = time.perf_counter()
         t = self.cfg.train
         for step in range(steps):
             last = step == steps - 1
             evaluate = (step + 1) % t.eval_interval == 0 or last
             checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
+            extra = t.slowdown(self.client.rank, step, self.client.num_workers)
             t0 = time.perf_counter()
-            loss = self._forward_backward(step)
-            t1 = time.perf_counter()
-            if self.local is None:
-                done = self._exchange(self._grads(), step, loss)
-            else:  # local SGD: own steps; every H (and before evaluating) average the changes
-                self._local_step(step)
-                period = self.consistency.period
-                if (step + 1) % period == 0 or evaluate or checkpoint:
-                    done = self._exchange(self._deltas(), self.round, loss)
-                    self.round += 1
-                    self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
-                else:
-                    done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
-            t2 = time.perf_counter()
-            record: dict[str, Any] = {
-                "step": step,
-                "time": round(t2 - start, 4),
-                "train_time": round(t2 - start - self.paused, 4),
-                "loss": round(done.scalars.get("loss", loss), 6),
-                "lr": self.optimizer.lr_at(step),
-                "tokens_per_s": round(tokens_per_step / (t2 - t0), 1),
-                "compute_s": round(t1 - t0, 5),
-                "comm_s": round(t2 - t1, 5),
-                "wait_s": round(done.held_s, 5),
-                "version": done.version,
-                "staleness": done.staleness,
-                "staleness_max": self._staleness(done.staleness),
-                "bytes_pushed": done.bytes_sent,
-                "bytes_pulled": done.bytes_received,
-            }
-            pause = time.perf_counter()
-            if evaluate and (self._shared_eval(last) or self.client.rank == 0):
-                record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
-                # staleness -> reads, since the previous evaluation
-                record["staleness_hist"] = {
-                    str(k): v for k, v in sorted(self.staleness_hist.items())
-                }
-                self.staleness_hist = {}
-            if checkpoint:
-                self._checkpoint(step, done.version, record)
-            self.paused += time.perf_counter() - pause
-            if last:  # every worker is done by now (the last evaluation met them all)
-                record["end_time"] = round(time.perf_counter() - start, 4)
-                record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
-            self._log(record)
+            if self.overlap is not None:
+                done, record = self._overlapped_step(step, extra, evaluate or checkpoint, start)
+                if not record:
+                    continue  # its values come back during the next forward pass
+            else:
+                loss = self._forward_backward(step, extra)
+                t1 = time.perf_counter()
+                if self.local is None:
+                    done = self._exchange(self._grads(), step, loss)
+                else:  # local SGD: own steps; every H (and before evaluating) average changes
+                    self._local_step(step)
+                    if (step + 1) % self.consistency.period == 0 or evaluate or checkpoint:
+                        done = self._exchange(self._deltas(), self.round, loss)
+                        self.round += 1
+                        self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
+                    else:
+                        done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
+                comm = time.perf_counter() - t1
+                record = self._record(step, done, t1 - t0, comm, loss, start)
+            self._after_step(step, done, record, evaluate, checkpoint, last, start)
+
+    def _overlapped_step(
+        self, step: int, extra: float, due: bool, start: float
+    ) -> tuple[Completion, dict[str, Any]]:
+        """One step with overlap: forward (waiting per module for the last step's values),
+        backward (pushing per bucket). Returns this step's completion and record when it is
+        ``due`` for an evaluation or a checkpoint, else an empty record: the step is logged
+        once its values have come back, during the next step's forward pass."""
+        assert self.overlap is not None
+        overlap = self.overlap
+        t0 = time.perf_counter()
+        overlap.begin_step(extra)
+        x, y = self._batch(step)
+        _, loss_t = self.model(x, y)
+        assert loss_t is not None
+        if extra:  # an experiment's straggler: its forward pass takes longer too
+            time.sleep(extra * (time.perf_counter() - t0 - overlap.step_comm))
+        self._log_settled(overlap.settle(), start)
+        self.model.zero_grad(set_to_none=False)
+        overlap.start(step, self.rows[1] - self.rows[0], self._row_selection(step, x))
+        loss_t.backward()
+        loss = float(loss_t.item())
+        t1 = time.perf_counter()
+        self.computed[step] = (t1 - t0 - overlap.step_comm, loss)
+        overlap.finish({"loss": loss})
+        if not due:
+            return Completion(0, {}, 0.0, 0, 0), {}
+        settled = overlap.settle()
+        assert settled is not None
+        return settled[1], self._settled_record(settled, start)
+
+    def _log_settled(self, settled: tuple[int, Completion, float] | None, start: float) -> None:
+        if settled is not None:
+            self._log(self._settled_record(settled, start))
+
+    def _settled_record(
+        self, settled: tuple[int, Completion, float], start: float
+    ) -> dict[str, Any]:
+        step, done, comm = settled
+        compute, loss = self.computed.pop(step)
+        return self._record(step, done, compute, comm, loss, start)
+
+    def _after_step(
+        self,
+        step: int,
+        done: Completion,
+        record: dict[str, Any],
+        evaluate: bool,
+        checkpoint: bool,
+        last: bool,
+        start: float,
+    ) -> None:
+        """Evaluate and checkpoint when due, then log the step."""
+        pause = time.perf_counter()
+        if (evaluate or checkpoint) and self.row_name:
+            self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's
+        if evaluate and (self._shared_eval(last) or self.client.rank == 0):
+            record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
+            # staleness -> reads, since the previous evaluation
+            record["staleness_hist"] = {str(k): v for k, v in sorted(self.staleness_hist.items())}
+            self.staleness_hist = {}
+        if checkpoint:
+            self._checkpoint(step, done.version, record)
+        self.paused += time.perf_counter() - pause
+        if last:  # every worker is done by now (the last evaluation met them all)
+            record["end_time"] = round(time.perf_counter() - start, 4)
+            record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
+        self._log(record)
+
+    def _record(
+        self,
+        step: int,
+        done: Completion,
+        compute_s: float,
+        comm_s: float,
+        loss: float,
+        start: float,
+    ) -> dict[str, Any]:
+        now = time.perf_counter()
+        tokens = self.cfg.train.batch_size * self.model_config.block_size
+        return {
+            "step": step,
+            "time": round(now - start, 4),
+            "train_time": round(now - start - self.paused, 4),
+            "loss": round(done.scalars.get("loss", loss), 6),
+            "lr": self.optimizer.lr_at(step),
+            "tokens_per_s": round(tokens / (compute_s + comm_s), 1),
+            "compute_s": round(compute_s, 5),
+            "comm_s": round(comm_s, 5),
+            "wait_s": round(done.held_s, 5),
+            "version": done.version,
+            "staleness": done.staleness,
+            "staleness_max": self._staleness(done.staleness),
+            "bytes_pushed": done.bytes_sent,
+            "bytes_pulled": done.bytes_received,
+        }
 
     def _exchange(self, grads: dict[str, torch.Tensor], clock: int, loss: float) -> Completion:
         """Push ``grads`` for ``clock`` and load the parameters that come back."""
@@ -149,6 +226,7 @@ class TrainLoop:
                 clock=clock,
                 weight=self.rows[1] - self.rows[0],
                 scalars={"loss": loss},
+                rows=self._row_selection(clock, self.inputs),
             )
         )
         self._load_host_params()
@@ -206,6 +284,7 @@ class TrainLoop:
             consistency=self.consistency,
             push_codec=self.cfg.cluster.push_codec,
             pull_codec=self.cfg.cluster.pull_codec,
+            rows=[self.row_name] if self.row_name else [],
         )
         on_gpu = self.device.type != "cpu"
         self.host = self.client.allocate(pin_memory=on_gpu)
@@ -219,6 +298,14 @@ class TrainLoop:
                     p.data = self.host[n]
                     p.grad = grads[n]
         self.host_grads = grads if on_gpu else None
+        if self.cfg.cluster.overlap and self.consistency.kind != "local":
+            self.overlap = Overlap(
+                self.model,
+                self.client,
+                self.params,
+                self.host,
+                bucket_bytes=self.cfg.cluster.bucket_bytes,
+            )
         if self.consistency.kind == "local":
             for p in self.params.values():  # gradient buffers exist from the start
                 if p.grad is None:
@@ -226,21 +313,46 @@ class TrainLoop:
             self.local = self._local_optimizer()
             self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
 
-    def _forward_backward(self, step: int) -> float:
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's rows of the global batch of ``step``: inputs and targets."""
         lo, hi = self.rows
         x, y = get_batch(
             self.train_tokens, self.batches.offsets(step)[lo:hi], self.model_config.block_size
         )
+        return x.to(self.device), y.to(self.device)
+
+    def _forward_backward(self, step: int, extra: float) -> float:
         start = time.perf_counter()
+        x, y = self._batch(step)
+        self.inputs = x
         self.model.zero_grad(set_to_none=False)
-        _, loss = self.model(x.to(self.device), y.to(self.device))
+        _, loss = self.model(x, y)
         assert loss is not None
         loss.backward()
         value = float(loss.item())
-        extra = self.cfg.train.slowdown(self.client.rank, step, self.client.num_workers)
         if extra:  # an experiment's straggler: idle as long as the slower compute would take
             time.sleep(extra * (time.perf_counter() - start))
         return value
+
+    def _row_selection(
+        self, step: int, x: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """With untied embeddings: the embedding rows this step pushes (its batch's tokens) and
+        the rows the next step reads (the next batch's tokens), to come back after the update."""
+        if self.row_name is None:
+            return None
+        if step + 1 < self.cfg.train.steps:
+            upcoming = self._batch(step + 1)[0].unique()
+        else:
+            upcoming = torch.zeros(0, dtype=torch.long)
+        return {self.row_name: (x.unique().cpu(), upcoming.cpu())}
+
+    def _pull_all_rows(self, version: int, clock: int) -> None:
+        """Bring every embedding row up to date (for evaluating and writing the model)."""
+        assert self.row_name is not None
+        out = {self.row_name: self.host[self.row_name]}
+        self.client.wait(self.client.pull(out, version=version, clock=clock))
+        self._load_host_params()
 
     def _grads(self) -> dict[str, torch.Tensor]:
         grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}

@@ -7,9 +7,10 @@
     parts = ef.encode("server-0/piece-3", grad)  # adds last step's residual, keeps the new one
 
 Stated errors (per element): ``bf16``/``fp16`` round to the nearest value of the format;
-``int8`` maps [min, max] onto 256 levels, error <= (max - min) / 510; ``topk:R`` sends the
-ceil(R * n) entries of largest magnitude exactly and drops the rest, which error feedback
-carries into the next step, so no gradient mass is lost over steps.
+``int8`` maps [min, max] of each chunk onto 256 levels, error <= (max - min) / 510;
+``topk:R`` sends the ceil(R * n) entries of largest magnitude of each chunk exactly and drops
+the rest, which error feedback carries into the next step, so no gradient mass is lost over
+steps.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Codec:
     parts = 1
     """Tensors on the wire per encoded tensor."""
     lossless = True
+    elementwise = True
+    """Each value is encoded on its own, so a run of chunks may be encoded as one tensor."""
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x]
@@ -73,6 +76,7 @@ class Int8(Codec):
     name = "int8"
     parts = 2
     lossless = False
+    elementwise = False  # one scale per encoded tensor: per chunk
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         lo, hi = (x.min(), x.max()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
@@ -97,6 +101,7 @@ class TopK(Codec):
 
     parts = 2
     lossless = False
+    elementwise = False  # the k largest of each encoded tensor: per chunk
 
     def __init__(self, ratio: float):
         if not 0.0 < ratio <= 1.0:

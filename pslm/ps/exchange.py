@@ -1,0 +1,217 @@
+"""One step's push and pull in parts, overlapped with backward and the next forward pass.
+
+    plan = BucketPlan(client, order, bucket_bytes=1 << 20)   # tensors, in backward's order
+    ex = Exchange(client, plan, clock=step, out=params, weight=rows)
+    ex.push(b, grads)          # from a gradient hook, once bucket b's gradients are final
+    ex.finish(grads, scalars={"loss": loss})    # after backward: what is left, and the end
+    ex.wait(b)                 # before the next forward uses bucket b: its new values are in out
+    done = ex.complete()       # everything arrived: a Completion, as PSClient.wait returns
+
+Buckets group tensors in the order backward produces their gradients (last layers first), up
+to ``bucket_bytes`` each, like DDP's buckets. ``push`` sends a bucket's chunks to each server
+that holds some of them, as one part of this worker's push for ``clock`` (``pslm.ps.parts``);
+each server answers each part after the update with those chunks' new values, the bucket the
+next forward pass needs first (the one pushed last) first. The result is the same as one
+``PSClient.push_pull``: the same gradients reach the same update, only sooner.
+
+``push`` and ``finish`` return at once; ``wait`` and ``complete`` block, each at most the
+client's timeout (RequestTimeout). Not thread-safe, like the client: use it from the thread
+that runs backward (on CPU, autograd runs gradient hooks in that thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pslm.errors import ClusterError, ConfigError
+from pslm.ps.client import Completion, Expect, PSClient, Slot, sq_norm
+from pslm.wire.message import Message
+
+
+@dataclass(slots=True)
+class Bucket:
+    """Tensors whose gradients travel together."""
+
+    names: list[str]
+    priority: int
+    """Replies go out in increasing priority: the next forward pass needs bucket 0 last."""
+    dense: dict[int, list[Slot]] = field(default_factory=dict)
+    """Server -> the bucket's dense chunks on it, in shard order."""
+    rows: dict[int, list[Slot]] = field(default_factory=dict)
+    """Server -> the bucket's row chunks on it."""
+
+
+class BucketPlan:
+    """Tensors cut into buckets, in the order backward produces their gradients."""
+
+    def __init__(self, client: PSClient, order: Sequence[str], bucket_bytes: int = 1 << 20):
+        ks = client.keyspace
+        if ks is None:
+            raise ClusterError("plan buckets after init")
+        if sorted(order) != sorted(t.name for t in ks.tensors):
+            raise ConfigError("the bucket order must name every tensor given to init once")
+        if bucket_bytes < 1:
+            raise ConfigError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name in order:
+            if size >= bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += ks.tensors[ks.index[name]].numel * 4
+        self.buckets = [Bucket(g, len(groups) - 1 - b) for b, g in enumerate(groups)]
+        self.bucket_of = {n: b for b, g in enumerate(groups) for n in g}
+        for s in range(client.num_servers):
+            for slot in client.slots(s):
+                bucket = self.buckets[self.bucket_of[slot.name]]
+                (bucket.rows if slot.width else bucket.dense).setdefault(s, []).append(slot)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+
+@dataclass(slots=True)
+class _Sent:
+    server: int
+    expect: Expect
+    params: bool
+    """Whether the reply carries parameters (and so the version after the update)."""
+
+
+class Exchange:
+    """One worker's push for one clock, in parts, and the new values coming back in parts."""
+
+    def __init__(
+        self,
+        client: PSClient,
+        plan: BucketPlan,
+        *,
+        clock: int,
+        out: Mapping[str, torch.Tensor],
+        weight: float = 1.0,
+        rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        client.check_tensors(out, "exchange", full=True)
+        if not weight > 0:
+            raise ConfigError(f"push weight must be positive, got {weight}")
+        self.client = client
+        self.plan = plan
+        self.clock = clock
+        self.out = out
+        self.weight = weight
+        self.wanted = client.row_selection(rows)
+        self.pushed = [False] * len(plan)
+        self.requests: list[list[int]] = [[] for _ in plan.buckets]  # bucket -> request ids
+        self.sent: dict[int, _Sent] = {}
+        self.replies: dict[int, Message] = {}
+        self.finished = False
+        self.bytes_sent = 0
+
+    def push(self, bucket: int, grads: Mapping[str, torch.Tensor]) -> None:
+        """Send ``bucket``'s gradients (final: not modified until ``complete``). At once."""
+        if self.pushed[bucket] or self.finished:
+            raise ClusterError(f"bucket {bucket} of clock {self.clock} was already pushed")
+        self.pushed[bucket] = True
+        for s in range(self.client.num_servers):
+            self._send(s, [bucket], grads, final=False)
+
+    def finish(
+        self, grads: Mapping[str, torch.Tensor], scalars: Mapping[str, float] | None = None
+    ) -> None:
+        """Push every bucket not pushed yet, and end this worker's push on every server (with
+        ``scalars``, averaged over the workers as in ``push_pull``). At once."""
+        if self.finished:
+            raise ClusterError(f"the push for clock {self.clock} is already finished")
+        self.client.check_tensors(grads, "push", full=True)
+        rest = [b for b, done in enumerate(self.pushed) if not done]
+        extra: dict[str, Any] = {}
+        if self.client.clips_each_push:
+            extra["sq_norm"] = sq_norm(grads)  # the whole push is clipped by its own norm
+        for s in range(self.client.num_servers):
+            mine = dict(extra)
+            if scalars and s == 0:  # server 0 alone averages the scalars
+                mine["scalars"] = {k: float(v) for k, v in scalars.items()}
+            self._send(s, rest, grads, final=True, extra=mine)
+        self.pushed = [True] * len(self.plan)
+        self.finished = True
+
+    def wait(self, bucket: int) -> None:
+        """Block until ``bucket``'s new values are in ``out`` (RequestTimeout after the
+        client's timeout)."""
+        todo = [i for i in self.requests[bucket] if i not in self.replies]
+        if todo:
+            self._collect(todo)
+
+    def complete(self) -> Completion:
+        """Block until every reply is in; what the servers said, as ``PSClient.wait``."""
+        if not self.finished:
+            raise ClusterError(f"complete before finish (clock {self.clock})")
+        todo = [i for i in self.sent if i not in self.replies]
+        if todo:
+            self._collect(todo)
+        with_params = [r for i, r in self.replies.items() if self.sent[i].params]
+        version = min((int(r.body.get("version", 0)) for r in with_params), default=0)
+        scalars: dict[str, float] = {}
+        for r in self.replies.values():
+            raw = r.body.get("scalars")
+            if isinstance(raw, dict):
+                scalars.update({str(k): float(v) for k, v in raw.items()})
+        return Completion(
+            version,
+            scalars,
+            max((float(r.body.get("held_s", 0.0)) for r in self.replies.values()), default=0.0),
+            self.bytes_sent,
+            sum(t.numel() * t.element_size() for r in self.replies.values() for t in r.tensors),
+            max((int(r.body.get("staleness", 0)) for r in self.replies.values()), default=0),
+        )
+
+    def _send(
+        self,
+        server: int,
+        buckets: list[int],
+        grads: Mapping[str, torch.Tensor],
+        *,
+        final: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        mine = [
+            b
+            for b in buckets
+            if server in self.plan.buckets[b].dense or server in self.plan.buckets[b].rows
+        ]
+        if not mine and not final:
+            return
+        dense = [slot for b in mine for slot in self.plan.buckets[b].dense.get(server, [])]
+        row_slots = [slot for b in mine for slot in self.plan.buckets[b].rows.get(server, [])]
+        tensors = self.client.encode_chunks(grads, dense)
+        row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
+        params = bool(mine)
+        body = self.client.push_header(self.clock, self.weight, reply_params=params)
+        body.update(
+            keys=[slot.key for slot in dense],
+            row_keys=[slot.key for slot in row_slots],
+            final=final,
+            priority=min((self.plan.buckets[b].priority for b in mine), default=0),
+            **(extra or {}),
+        )
+        tensors += row_tensors
+        rid = self.client.channel.send(
+            f"server-{server}", Message("push", body=body, tensors=tensors)
+        )
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        self.sent[rid] = _Sent(server, Expect(slots=dense, rows=row_expect), params)
+        for b in mine:
+            self.requests[b].append(rid)
+
+    def _collect(self, ids: list[int]) -> None:
+        def scatter(rid: int, reply: Message) -> None:
+            sent = self.sent[rid]
+            if sent.params:
+                self.client.scatter(reply, sent.server, sent.expect, self.out)
+
+        self.replies.update(self.client.channel.wait(ids, on_reply=scatter))

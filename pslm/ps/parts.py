@@ -1,0 +1,200 @@
+"""What a push message carries, checked and decoded, and what a reply selects.
+
+    part = decode_part(msg, store)          # ProtocolError / RefusedError if malformed
+    pending = PendingPush.start(clock, weight, store)
+    pending.check(part); pending.add(part)  # check first: a refused part changes nothing
+    if pending.complete: ...                # every chunk arrived and the final part with them
+    Selection.of_pull(store, keys).tensors(store)   # what a reply carries
+
+A worker's push for one clock reaches a server as one message, or as several parts when it
+overlaps pushing with backward (``pslm.ps.exchange``): each part carries some chunks, the last
+one says ``final``. The server applies the push once every chunk has arrived. A part that asks
+for parameters back (``reply_params``) is answered after the update with the same chunks,
+replies going out in increasing ``priority`` (the order the next forward pass needs them).
+
+Tensors of a push, in order:
+- dense chunks: without ``keys``, all of the server's dense chunks, as pieces
+  (``KeySpace.pieces``) for elementwise codecs (none, bf16, fp16) and as one chunk at a time
+  for the others (int8, top-k: their scale or selection is per chunk); with ``keys``, those
+  chunks one at a time. Each chunk or piece takes ``codec.parts`` tensors.
+- then for every key in ``row_keys`` (row tensors): the rows pushed (int32 or int64, sorted,
+  unique, numbered within the chunk), their gradients (fp32, rows x width, flat) and the rows
+  wanted back after the update (int32 or int64, sorted, unique).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pslm.errors import ProtocolError, RefusedError
+from pslm.ps import protocol
+from pslm.ps.shard import Grad, ShardStore
+from pslm.wire.codecs import get_codec
+from pslm.wire.message import Message
+
+ROW_TENSORS = 3
+"""Tensors per row chunk in a push: rows, values, rows wanted back."""
+
+
+@dataclass(slots=True)
+class Selection:
+    """The chunks a reply carries: the dense pieces, whole chunks by position, rows of row
+    chunks."""
+
+    pieces: bool = False
+    """All dense chunks, as pieces."""
+    positions: list[int] = field(default_factory=list)
+    """Whole chunks (shard positions), one tensor each."""
+    rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(position, rows) of row chunks: those rows' values, one tensor each."""
+
+    @classmethod
+    def of_pull(cls, store: ShardStore, keys: list[int] | None) -> Selection:
+        """A pull: everything (dense pieces, then every row chunk whole), or ``keys`` whole."""
+        if keys is None:
+            return cls(True, list(range(store.n_dense, len(store.chunks))))
+        return cls(False, [store.position[k] for k in keys])
+
+    def tensors(self, store: ShardStore) -> list[torch.Tensor]:
+        """Views of the current parameters (rows: a gathered copy)."""
+        n_pieces = len(store.keyspace.pieces(store.server))
+        out = list(store.packed[:n_pieces]) if self.pieces else []
+        out += [store.views[p] for p in self.positions]
+        out += [store.rows_of(p, rows) for p, rows in self.rows]
+        return out
+
+
+@dataclass(slots=True)
+class Part:
+    """One push message, decoded: per-chunk gradients by shard position."""
+
+    positions: list[int]
+    grads: list[Grad]
+    reply: Selection
+    """What a reply with parameters would carry: the same chunks, and the wanted rows."""
+    final: bool
+    priority: int
+    sq_norm: float | None
+    """The worker's squared gradient norm (SSP/ASP with clipping; final parts)."""
+
+
+def decode_part(msg: Message, store: ShardStore) -> Part:
+    """Check and decode a push message's tensors; nothing is copied that need not be."""
+    keys = protocol.field(msg, "keys", (list, type(None)), None)
+    row_keys = protocol.field(msg, "row_keys", list, [])
+    final = protocol.field(msg, "final", bool, True)
+    priority = protocol.field(msg, "priority", int, 0)
+    raw_sq = protocol.field(msg, "sq_norm", (int, float, type(None)), None)
+    codec = get_codec(protocol.field(msg, "codec", str, "none"))
+    dense_pos = list(range(store.n_dense)) if keys is None else _positions(keys, store, dense=True)
+    row_pos = _positions(row_keys, store, dense=False)
+    whole = keys is None and codec.elementwise
+    n_units = len(store.keyspace.pieces(store.server)) if whole else len(dense_pos)
+    n_dense = n_units * codec.parts
+    if len(msg.tensors) != n_dense + ROW_TENSORS * len(row_pos):
+        raise RefusedError(
+            f"push has {len(msg.tensors)} tensors; {n_units} "
+            f"{'pieces' if whole else 'chunks'} in {codec.name} and {len(row_pos)} row chunks "
+            f"take {n_dense + ROW_TENSORS * len(row_pos)}",
+            code="bad_shape",
+        )
+    t = msg.tensors
+    n = codec.parts
+    if whole:
+        sizes = [x.numel() for x in store.packed[:n_units]]
+        pieces = (
+            t[:n_dense]  # checked by unpack
+            if codec.lossless
+            else [codec.decode(t[i * n : (i + 1) * n], size) for i, size in enumerate(sizes)]
+        )
+        grads: list[Grad] = list(store.unpack(pieces, "push"))
+    else:
+        grads = []
+        for i, pos in enumerate(dense_pos):
+            part = t[i * n : (i + 1) * n]
+            g = part[0] if codec.lossless else codec.decode(part, store.lengths[pos])
+            store.check_chunk(g, pos, "push", tensor=i)
+            grads.append(g)
+    reply = Selection(pieces=keys is None, positions=[] if keys is None else dense_pos)
+    for j, pos in enumerate(row_pos):
+        rows, values, want = t[n_dense + ROW_TENSORS * j : n_dense + ROW_TENSORS * (j + 1)]
+        grads.append(store.row_grad(rows, values, pos))
+        reply.rows.append((pos, store.check_rows(want, pos, "push")))
+    sq = None if raw_sq is None else float(raw_sq)
+    if sq is not None and not sq >= 0:  # nan or negative
+        raise ProtocolError(f"push: sq_norm must be >= 0, got {sq}")
+    return Part(dense_pos + row_pos, grads, reply, final, priority, sq)
+
+
+def _positions(keys: list[Any], store: ShardStore, *, dense: bool) -> list[int]:
+    """Shard positions of ``keys``; refused unless unique keys of this server's dense (or row)
+    chunks."""
+    if len(keys) > len(store.chunks) or len(set(map(repr, keys))) != len(keys):
+        raise RefusedError("push: keys must be unique keys of this server", code="bad_key")
+    out = []
+    for k in keys:
+        pos = store.position.get(k) if isinstance(k, int) and not isinstance(k, bool) else None
+        if pos is None or (pos < store.n_dense) != dense:
+            kind = "dense" if dense else "row"
+            raise RefusedError(
+                f"push: key {k!r} is not a {kind} chunk of this server", code="bad_key"
+            )
+        out.append(pos)
+    return out
+
+
+@dataclass(slots=True)
+class Reply:
+    """A push part waiting for the update, to be answered with its chunks' new values."""
+
+    priority: int
+    peer: bytes
+    msg: Message
+    selection: Selection
+
+
+@dataclass(slots=True)
+class PendingPush:
+    """One worker's push for one clock while its parts arrive."""
+
+    clock: int
+    weight: float
+    grads: list[Grad | None]
+    missing: int
+    scalars: dict[str, float] = field(default_factory=dict)
+    sq_norm: float | None = None
+    replies: list[Reply] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, clock: int, weight: float, store: ShardStore) -> PendingPush:
+        n = len(store.chunks)
+        return cls(clock, weight, [None] * n, n)
+
+    def check(self, part: Part) -> None:
+        """Refuse a part that repeats a chunk, or a final part that leaves chunks missing."""
+        if any(self.grads[p] is not None for p in part.positions):
+            raise RefusedError(
+                f"push for clock {self.clock} repeats chunks already pushed", code="duplicate"
+            )
+        if part.final and self.missing > len(part.positions):
+            raise RefusedError(
+                f"the final part of the push for clock {self.clock} leaves "
+                f"{self.missing - len(part.positions)} chunks missing",
+                code="bad_shape",
+            )
+
+    def add(self, part: Part, scalars: dict[str, float]) -> None:
+        for p, g in zip(part.positions, part.grads, strict=True):
+            self.grads[p] = g
+        self.missing -= len(part.positions)
+        self.scalars.update(scalars)
+        if part.sq_norm is not None:
+            self.sq_norm = part.sq_norm
+
+    @property
+    def complete_grads(self) -> list[Grad]:
+        assert self.missing == 0 and all(g is not None for g in self.grads)
+        return self.grads  # type: ignore[return-value]
