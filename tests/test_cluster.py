@@ -313,3 +313,29 @@ def test_push_parts_are_checked_and_a_refused_part_changes_nothing(one_worker_cl
     assert client.wait(client.pull(out, version=1)).version == 1
     assert torch.equal(out["w"], w - 1.0) and torch.equal(out["b"], torch.full((8,), -2.0))
     client.close()
+
+
+def test_a_run_of_consecutive_chunks_travels_as_one_tensor(one_worker_cluster) -> None:
+    from pslm.wire.message import Message
+
+    client = _client(one_worker_cluster)
+    start = {n: torch.full((4, 4), float(i)) for i, n in enumerate("abcd")}
+    client.init(start, OptimizerConfig(name="sgd", lr=1.0))
+    ks = client.keyspace
+    held = {s: [ks.tensors[c.tensor].name for c in ks.shard(s)] for s in range(2)}
+    assert held == {0: ["a", "c"], 1: ["b", "d"]}  # largest first, least loaded, lower key
+
+    def part(server: int, keys: list[int], runs: list[int], tensors: list[torch.Tensor]):
+        body = client.push_header(0, 1.0, reply_params=True)
+        body.update(keys=keys, runs=runs, final=True)
+        msg = Message("push", body=body, tensors=tensors)
+        return client.channel.request(f"server-{server}", msg)
+
+    with pytest.raises(RefusedError, match="consecutive"):
+        part(0, [2, 0], [2], [torch.ones(32)])  # c, a: not in shard order
+    with pytest.raises(RefusedError, match="adding up"):
+        part(0, [0, 2], [1], [torch.ones(16)])
+    reply = part(0, [0, 2], [2], [torch.ones(32)])  # a and c in one tensor, back in one
+    assert [t.shape for t in reply.tensors] == [torch.Size([32])]
+    assert torch.equal(reply.tensors[0], torch.cat([start["a"] - 1, start["c"] - 1]).view(-1))
+    client.close()

@@ -103,6 +103,8 @@ class Slot(NamedTuple):
     length: int
     width: int = 0
     """Row chunks: elements per row (0: a dense chunk)."""
+    position: int = 0
+    """Where the chunk stands in its server's shard order."""
 
     def rows_in(self, rows: torch.Tensor) -> torch.Tensor:
         """The rows of sorted global ``rows`` that fall in this row chunk."""
@@ -113,11 +115,12 @@ class Slot(NamedTuple):
 
 @dataclass(slots=True)
 class Expect:
-    """What a reply from one server carries, in order: the dense pieces (``pieces``), whole
-    chunks (``slots``), then the wanted rows of row chunks (``rows``: slot, global rows)."""
+    """What a reply from one server carries, in order: the dense pieces (``pieces``), runs of
+    whole chunks (``runs``, one tensor each), then the wanted rows of row chunks (``rows``:
+    slot, global rows)."""
 
     pieces: bool = False
-    slots: list[Slot] = field(default_factory=list)
+    runs: list[list[Slot]] = field(default_factory=list)
     rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
 
 
@@ -257,8 +260,8 @@ class PSClient:
         self.keyspace = ks
         self._layout = [
             [
-                Slot(c.key, t.name, c.offset, c.length, t.row_width if t.rows else 0)
-                for c in ks.shard(s)
+                Slot(c.key, t.name, c.offset, c.length, t.row_width if t.rows else 0, i)
+                for i, c in enumerate(ks.shard(s))
                 for t in [ks.tensors[c.tensor]]
             ]
             for s in range(self.num_servers)
@@ -392,7 +395,11 @@ class PSClient:
             rid = self.channel.send(f"server-{s}", Message("pull", body=body))
             ids[rid] = s
             rows = self._layout[s][self._n_dense(s) :]
-            expect[rid] = Expect(pieces=True, slots=rows) if everything else Expect(slots=mine)
+            expect[rid] = (
+                Expect(pieces=True, runs=[[r] for r in rows])
+                if everything
+                else Expect(runs=[[m] for m in mine])
+            )
         return self._track(_Request(ids, expect, out))
 
     def push_pull(
@@ -557,14 +564,39 @@ class PSClient:
         self, grads: Mapping[str, torch.Tensor], slots: Sequence[Slot]
     ) -> list[torch.Tensor]:
         """Dense chunks ``slots`` of ``grads``, one at a time, through the push codec."""
-        return [
-            part
-            for slot in slots
-            for part in self.feedback.encode(
-                f"k{slot.key}",
-                grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length],
+        return self.encode_runs(grads, [[slot] for slot in slots])
+
+    def encode_runs(
+        self, grads: Mapping[str, torch.Tensor], runs: Sequence[Sequence[Slot]]
+    ) -> list[torch.Tensor]:
+        """Runs of dense chunks of ``grads``, a run a tensor, through the push codec."""
+        out = []
+        for run in runs:
+            views = [grads[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
+            span = _adjacent(views)
+            out += self.feedback.encode(
+                f"k{run[0].key}", span if span is not None else torch.cat(views)
             )
-        ]
+        return out
+
+    def runs_of(self, slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
+        """``slots`` (one server's, in shard order) in runs: consecutive positions whose
+        gradients lie back to back in memory travel as one tensor (elementwise codecs)."""
+        runs: list[list[Slot]] = []
+        for slot in slots:
+            if (
+                runs
+                and self.feedback.codec.elementwise
+                and slot.position == runs[-1][-1].position + 1
+            ):
+                prev = runs[-1][-1]
+                a = grads[prev.name].reshape(-1)[prev.offset : prev.offset + prev.length]
+                b = grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length]
+                if _adjacent([a, b]) is not None:
+                    runs[-1].append(slot)
+                    continue
+            runs.append([slot])
+        return runs
 
     def encode_rows(
         self,
@@ -632,7 +664,7 @@ class PSClient:
         """Copy a reply into ``out``: its dense pieces, whole chunks, then rows."""
         assert self.keyspace is not None
         pieces = self.keyspace.pieces(server) if expect.pieces else []
-        n = len(pieces) + len(expect.slots) + len(expect.rows)
+        n = len(pieces) + len(expect.runs) + len(expect.rows)
         if len(reply.tensors) != n:
             raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {n}")
         tensors = iter(reply.tensors)
@@ -640,8 +672,8 @@ class PSClient:
         # the finite lists first: zip stops on them before taking from the iterator
         for (lo, hi), t in zip(pieces, tensors, strict=False):
             self._copy_run(t, layout[lo:hi], out)
-        for slot, t in zip(expect.slots, tensors, strict=False):
-            self._copy_run(t, [slot], out)
+        for run, t in zip(expect.runs, tensors, strict=False):
+            self._copy_run(t, run, out)
         for (slot, rows), t in zip(expect.rows, tensors, strict=False):
             if t.dim() != 1 or t.numel() != len(rows) * slot.width:
                 raise ProtocolError(f"reply rows for {slot.name!r} have the wrong size")

@@ -71,8 +71,28 @@ class BucketPlan:
                 bucket = self.buckets[self.bucket_of[slot.name]]
                 (bucket.rows if slot.width else bucket.dense).setdefault(s, []).append(slot)
 
+        self._runs: dict[tuple[int, tuple[int, ...]], tuple[list[list[Slot]], list[int]]] = {}
+
     def __len__(self) -> int:
         return len(self.buckets)
+
+    def runs(
+        self,
+        client: PSClient,
+        server: int,
+        buckets: tuple[int, ...],
+        dense: list[Slot],
+        grads: Mapping[str, torch.Tensor],
+    ) -> list[list[Slot]]:
+        """``dense`` (the chunks of ``buckets`` on ``server``) in runs that travel as one
+        tensor each; worked out once while the gradients stay where they are."""
+        # runs depend on where the gradients lie: the same addresses, the same runs
+        where = [grads[slot.name].data_ptr() for slot in dense]
+        cached = self._runs.get((server, buckets))
+        if cached is None or cached[1] != where:
+            cached = (client.runs_of(dense, grads), where)
+            self._runs[(server, buckets)] = cached
+        return cached[0]
 
 
 @dataclass(slots=True)
@@ -186,14 +206,19 @@ class Exchange:
         ]
         if not mine and not final:
             return
-        dense = [slot for b in mine for slot in self.plan.buckets[b].dense.get(server, [])]
+        dense = sorted(
+            (slot for b in mine for slot in self.plan.buckets[b].dense.get(server, [])),
+            key=lambda slot: slot.position,
+        )
+        runs = self.plan.runs(self.client, server, tuple(mine), dense, grads)
         row_slots = [slot for b in mine for slot in self.plan.buckets[b].rows.get(server, [])]
-        tensors = self.client.encode_chunks(grads, dense)
+        tensors = self.client.encode_runs(grads, runs)
         row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
         params = bool(mine)
         body = self.client.push_header(self.clock, self.weight, reply_params=params)
         body.update(
             keys=[slot.key for slot in dense],
+            runs=[len(run) for run in runs],
             row_keys=[slot.key for slot in row_slots],
             final=final,
             priority=min((self.plan.buckets[b].priority for b in mine), default=0),
@@ -204,7 +229,7 @@ class Exchange:
             f"server-{server}", Message("push", body=body, tensors=tensors)
         )
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        self.sent[rid] = _Sent(server, Expect(slots=dense, rows=row_expect), params)
+        self.sent[rid] = _Sent(server, Expect(runs=runs, rows=row_expect), params)
         for b in mine:
             self.requests[b].append(rid)
 

@@ -16,7 +16,10 @@ Tensors of a push, in order:
 - dense chunks: without ``keys``, all of the server's dense chunks, as pieces
   (``KeySpace.pieces``) for elementwise codecs (none, bf16, fp16) and as one chunk at a time
   for the others (int8, top-k: their scale or selection is per chunk); with ``keys``, those
-  chunks one at a time. Each chunk or piece takes ``codec.parts`` tensors.
+  chunks in runs: ``runs`` gives how many consecutive keys each tensor carries (default: one
+  each), and the chunks of a run lie at consecutive positions of the server's shard, so that
+  a run is one tensor each way (elementwise codecs only). Each chunk, run or piece takes
+  ``codec.parts`` tensors.
 - then for every key in ``row_keys`` (row tensors): the rows pushed (int32 or int64, sorted,
   unique, numbered within the chunk), their gradients (fp32, rows x width, flat) and the rows
   wanted back after the update (int32 or int64, sorted, unique).
@@ -32,7 +35,7 @@ import torch
 from pslm.errors import ProtocolError, RefusedError
 from pslm.ps import protocol
 from pslm.ps.shard import Grad, ShardStore
-from pslm.wire.codecs import get_codec
+from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import Message
 
 ROW_TENSORS = 3
@@ -46,8 +49,8 @@ class Selection:
 
     pieces: bool = False
     """All dense chunks, as pieces."""
-    positions: list[int] = field(default_factory=list)
-    """Whole chunks (shard positions), one tensor each."""
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    """Runs of whole chunks (shard positions [lo, hi)), one tensor each."""
     rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     """(position, rows) of row chunks: those rows' values, one tensor each."""
 
@@ -55,14 +58,14 @@ class Selection:
     def of_pull(cls, store: ShardStore, keys: list[int] | None) -> Selection:
         """A pull: everything (dense pieces, then every row chunk whole), or ``keys`` whole."""
         if keys is None:
-            return cls(True, list(range(store.n_dense, len(store.chunks))))
-        return cls(False, [store.position[k] for k in keys])
+            return cls(True, [(p, p + 1) for p in range(store.n_dense, len(store.chunks))])
+        return cls(False, [(store.position[k], store.position[k] + 1) for k in keys])
 
     def tensors(self, store: ShardStore) -> list[torch.Tensor]:
         """Views of the current parameters (rows: a gathered copy)."""
         n_pieces = len(store.keyspace.pieces(store.server))
         out = list(store.packed[:n_pieces]) if self.pieces else []
-        out += [store.views[p] for p in self.positions]
+        out += [store.span(lo, hi) for lo, hi in self.spans]
         out += [store.rows_of(p, rows) for p, rows in self.rows]
         return out
 
@@ -92,7 +95,9 @@ def decode_part(msg: Message, store: ShardStore) -> Part:
     dense_pos = list(range(store.n_dense)) if keys is None else _positions(keys, store, dense=True)
     row_pos = _positions(row_keys, store, dense=False)
     whole = keys is None and codec.elementwise
-    n_units = len(store.keyspace.pieces(store.server)) if whole else len(dense_pos)
+    # what each group of codec.parts tensors carries: pieces, or runs of chunks
+    spans = [(p, p + 1) for p in dense_pos] if keys is None else _spans(msg, dense_pos, codec)
+    n_units = len(store.keyspace.pieces(store.server)) if whole else len(spans)
     n_dense = n_units * codec.parts
     if len(msg.tensors) != n_dense + ROW_TENSORS * len(row_pos):
         raise RefusedError(
@@ -113,12 +118,13 @@ def decode_part(msg: Message, store: ShardStore) -> Part:
         grads: list[Grad] = list(store.unpack(pieces, "push"))
     else:
         grads = []
-        for i, pos in enumerate(dense_pos):
+        for i, (lo, hi) in enumerate(spans):
             part = t[i * n : (i + 1) * n]
-            g = part[0] if codec.lossless else codec.decode(part, store.lengths[pos])
-            store.check_chunk(g, pos, "push", tensor=i)
-            grads.append(g)
-    reply = Selection(pieces=keys is None, positions=[] if keys is None else dense_pos)
+            length = store.starts[hi] - store.starts[lo]
+            g = part[0] if codec.lossless else codec.decode(part, length)
+            store.check_chunk(g, lo, "push", length=length, tensor=i)
+            grads.extend(g.split(store.lengths[lo:hi]) if hi - lo > 1 else [g])
+    reply = Selection(pieces=keys is None, spans=[] if keys is None else spans)
     for j, pos in enumerate(row_pos):
         rows, values, want = t[n_dense + ROW_TENSORS * j : n_dense + ROW_TENSORS * (j + 1)]
         grads.append(store.row_grad(rows, values, pos))
@@ -127,6 +133,30 @@ def decode_part(msg: Message, store: ShardStore) -> Part:
     if sq is not None and not sq >= 0:  # nan or negative
         raise ProtocolError(f"push: sq_norm must be >= 0, got {sq}")
     return Part(dense_pos + row_pos, grads, reply, final, priority, sq)
+
+
+def _spans(msg: Message, positions: list[int], codec: Codec) -> list[tuple[int, int]]:
+    """The runs of a keyed part as [lo, hi) shard positions; refused unless each run's chunks
+    are consecutive (and runs longer than one chunk go with an elementwise codec)."""
+    runs = protocol.field(msg, "runs", list, None)
+    if runs is None:
+        return [(p, p + 1) for p in positions]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in runs) or sum(
+        runs
+    ) != len(positions):
+        raise RefusedError(
+            "push: runs must be positive counts adding up to the keys", code="bad_key"
+        )
+    if not codec.elementwise and len(runs) != len(positions):
+        raise RefusedError("push: chunk codecs take one chunk a tensor", code="bad_key")
+    spans, i = [], 0
+    for r in runs:
+        run = positions[i : i + r]
+        if run != list(range(run[0], run[0] + r)):
+            raise RefusedError("push: a run's chunks must be consecutive", code="bad_key")
+        spans.append((run[0], run[0] + r))
+        i += r
+    return spans
 
 
 def _positions(keys: list[Any], store: ShardStore, *, dense: bool) -> list[int]:

@@ -98,6 +98,8 @@ class ShardStore:
         starts = [0]
         for length in self.lengths:
             starts.append(starts[-1] + length)
+        self.starts = starts
+        """Where each chunk begins in the flat buffer (and where the last one ends)."""
         pieces = self.keyspace.pieces(self.server)
         # what a message carries: views of the flat buffer, one per piece, then the row chunks
         self.packed = [params[starts[lo] : starts[hi]] for lo, hi in pieces]
@@ -156,6 +158,10 @@ class ShardStore:
                 code="bad_shape",
             )
         return rows.long()
+
+    def span(self, lo: int, hi: int) -> torch.Tensor:
+        """The parameters of chunks [lo, hi) (consecutive positions): one view."""
+        return self.params[self.starts[lo] : self.starts[hi]]
 
     def row_grad(self, rows: torch.Tensor, values: torch.Tensor, position: int) -> RowGrad:
         """A RowGrad of checked ``rows`` and ``values`` (refused unless they match)."""
