@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pslm.errors import ConfigError, PSLMError
@@ -116,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed of the initial model and the batch order")
     s.add_argument("--device", help="cpu (default) or cuda[:N]")
     s.add_argument("--run-dir", help="run directory (default runs/<corpus>-<date>-<time>)")
+    s.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue that run from its newest checkpoint (takes no other option)",
+    )
     s.set_defaults(func=_train)
 
     s = sub.add_parser("generate", help="generate text from a trained run")
@@ -336,7 +342,15 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from pslm.train.config import TrainConfig, load_config
-    from pslm.train.run import train
+    from pslm.train.run import resume, train
+
+    if args.resume:
+        extra = [k for k, v in vars(args).items() if v is not None and k not in _NOT_OPTIONS]
+        if extra:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+            raise ConfigError(f"--resume continues a run as it was set up; drop {names}")
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        return resume(Path(args.resume))
 
     cfg = load_config(args.config) if args.config else TrainConfig()
     flags = {
@@ -372,6 +386,9 @@ def _train(args: argparse.Namespace) -> int:
     _check_device(cfg.train.device)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     return train(cfg)
+
+
+_NOT_OPTIONS = {"command", "func", "resume"}
 
 
 def _check_device(device: str) -> None:

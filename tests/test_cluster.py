@@ -290,9 +290,11 @@ def test_push_parts_are_checked_and_a_refused_part_changes_nothing(one_worker_cl
     server = {ks.tensors[c.tensor].name: c.server for c in ks.chunks}
     assert server["w"] != server["b"]  # largest first, least loaded: one each
 
+    seqs = iter(range(100))
+
     def part(name: str, keys: list[int], tensors: list[torch.Tensor], final: bool) -> None:
         body = client.push_header(0, 1.0, reply_params=False)
-        body.update(keys=keys, final=final)
+        body.update(keys=keys, final=final, seq=next(seqs))  # each part a new one
         client.channel.request(
             f"server-{server[name]}", Message("push", body=body, tensors=tensors)
         )
@@ -338,4 +340,58 @@ def test_a_run_of_consecutive_chunks_travels_as_one_tensor(one_worker_cluster) -
     reply = part(0, [0, 2], [2], [torch.ones(32)])  # a and c in one tensor, back in one
     assert [t.shape for t in reply.tensors] == [torch.Size([32])]
     assert torch.equal(reply.tensors[0], torch.cat([start["a"] - 1, start["c"] - 1]).view(-1))
+    client.close()
+
+
+def test_pushes_sent_twice_are_applied_once(one_worker_cluster) -> None:
+    """A client may send a push again (after a timeout): the server answers it as it answered
+    the first time and does not apply it twice; parts likewise."""
+    from pslm.ps.exchange import BucketPlan, Exchange
+    from pslm.wire.message import Message
+
+    client = _client(one_worker_cluster)
+    w = torch.randn(8, 8)
+    client.init({"w": w, "b": torch.zeros(8)}, OptimizerConfig(name="sgd", lr=1.0))
+    grads = {"w": torch.ones(8, 8), "b": torch.ones(8)}
+    out = {"w": torch.zeros(8, 8), "b": torch.zeros(8)}
+    client.wait(client.push_pull(grads, out, clock=0, scalars={"loss": 2.0}))
+    sent: list[Message] = []
+    original = client.channel.send
+
+    def record(name: str, msg: Message) -> int:
+        sent.append(msg)
+        return original(name, msg)
+
+    client.channel.send = record  # type: ignore[method-assign]
+    done = client.wait(client.push_pull(grads, out, clock=1, scalars={"loss": 1.0}))
+    client.channel.send = original  # type: ignore[method-assign]
+    assert done.version == 2 and torch.equal(out["w"], w - 1 - 1)  # SGD, lr 1, gradient 1
+    for s, msg in enumerate(sent):  # the same messages again: the values they asked for
+        again = client.channel.request(
+            f"server-{s}", Message("push", body=msg.body, tensors=msg.tensors)
+        )
+        assert again.body["version"] == 2 and len(again.tensors) == len(msg.tensors)
+        assert again.body["scalars"] == {"loss": 1.0} or s != 0
+    first = Message("push", body={**sent[0].body, "clock": 0}, tensors=sent[0].tensors)
+    with pytest.raises(RefusedError, match="applied long ago"):
+        client.channel.request("server-0", first)
+    acked = client.channel.request(
+        "server-0",
+        Message("push", body={**first.body, "reply_params": False}, tensors=first.tensors),
+    )
+    assert acked.body["duplicate"] and acked.body["version"] == 2
+    # a part sent twice within a clock
+    plan = BucketPlan(client, ["b", "w"], bucket_bytes=1)
+    ex = Exchange(client, plan, clock=2, out=out)
+    sent.clear()
+    client.channel.send = record  # type: ignore[method-assign]
+    ex.push(0, grads)
+    client.channel.send = original  # type: ignore[method-assign]
+    (part,) = sent
+    server = 0 if part.body["keys"] == [c.key for c in client.keyspace.shard(0)] else 1
+    client.channel.send(f"server-{server}", Message("push", body=part.body, tensors=part.tensors))
+    ex.finish(grads)
+    assert ex.complete().version == 3
+    client.wait(client.pull(out, version=3))
+    assert torch.equal(out["w"], w - 1 - 1 - 1) and torch.equal(out["b"], torch.full((8,), -3.0))
     client.close()

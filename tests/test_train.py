@@ -261,13 +261,13 @@ def _wait_for(predicate, what: str, within: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _pids(run: Path) -> list[int]:
+def _pids(run: Path, nodes: int = 4) -> list[int]:
     try:
         doc = json.loads((run / "cluster.json").read_text())
     except (OSError, ValueError):
         return []
     pids = [n["pid"] for n in doc["nodes"]]
-    return [doc["scheduler"]["pid"], *pids] if len(pids) == 4 else []
+    return [doc["scheduler"]["pid"], *pids] if len(pids) == nodes else []
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill-group"])

@@ -226,6 +226,8 @@ class PSClient:
         push_codec: str = "none",
         pull_codec: str = "none",
         rows: Sequence[str] = (),
+        restore: str = "",
+        clock: int = 0,
     ) -> None:
         """Declare the parameters and give the servers their initial values, optimizer and
         consistency model. ``push_codec`` compresses gradients (none, bf16, fp16, int8,
@@ -238,6 +240,10 @@ class PSClient:
         Every worker calls it with tensors of the same names and shapes, in the same order;
         worker 0's values become the parameters, and on return every worker's ``tensors`` hold
         them. Blocks until all workers have called it.
+
+        ``restore`` (a checkpoint directory the servers can read) makes each server load its
+        shard from there instead (parameters, optimizer state, version), and ``clock`` is the
+        step every worker resumes at; ``tensors`` then receive the restored values.
         """
         self.consistency = consistency
         self._clipped = optimizer.clip_norm > 0
@@ -273,18 +279,24 @@ class PSClient:
                 "keyspace": ks.to_dict(),
                 "optimizer": optimizer.to_dict(),
                 "consistency": consistency.to_dict(),
+                "restore": restore,
+                "clock": clock,
             }
             ids = [
                 self.channel.send(
                     f"server-{s}",
-                    Message("init", body=body, tensors=self._pack_all(tensors, s)),
+                    Message(
+                        "init",
+                        body=body,
+                        tensors=[] if restore else self._pack_all(tensors, s),
+                    ),
                 )
                 for s in range(self.num_servers)
             ]
             self.channel.wait(ids)
         self.barrier("pslm.init")
-        if self.rank != 0:
-            self.wait(self.pull(tensors, version=0))
+        if self.rank != 0 or restore:
+            self.wait(self.pull(tensors, version=0, clock=clock))
 
     def allocate(self, *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """New zeroed fp32 tensors, one per name given to ``init``, laid out for the wire.

@@ -131,6 +131,7 @@ class Exchange:
         self.replies: dict[int, Message] = {}
         self.finished = False
         self.bytes_sent = 0
+        self.seq = [0] * client.num_servers  # each part's number: a part sent again is known
 
     def push(self, bucket: int, grads: Mapping[str, torch.Tensor]) -> None:
         """Send ``bucket``'s gradients (final: not modified until ``complete``). At once."""
@@ -221,10 +222,12 @@ class Exchange:
             runs=[len(run) for run in runs],
             row_keys=[slot.key for slot in row_slots],
             final=final,
+            seq=self.seq[server],
             priority=min((self.plan.buckets[b].priority for b in mine), default=0),
             **(extra or {}),
         )
         tensors += row_tensors
+        self.seq[server] += 1
         rid = self.client.channel.send(
             f"server-{server}", Message("push", body=body, tensors=tensors)
         )

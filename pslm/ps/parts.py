@@ -197,6 +197,8 @@ class PendingPush:
     scalars: dict[str, float] = field(default_factory=dict)
     sq_norm: float | None = None
     replies: list[Reply] = field(default_factory=list)
+    seqs: set[int] = field(default_factory=set)
+    """The ``seq`` of every part taken (a part sent again is recognised by it)."""
 
     @classmethod
     def start(cls, clock: int, weight: float, store: ShardStore) -> PendingPush:

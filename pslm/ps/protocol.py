@@ -22,9 +22,11 @@ Notices from the scheduler:
     shutdown   {} (to servers)
 
 To a server (from workers):
-    init       {worker, keyspace, optimizer, consistency} + initial values, one tensor per
-               piece and one per row chunk ->
-               {version}; idempotent for the same key space and optimizer
+    init       {worker, keyspace, optimizer, consistency, restore, clock} + initial values,
+               one tensor per piece and one per row chunk (none with ``restore``: the
+               directory of a checkpoint whose shard file the server loads instead) ->
+               {version}; idempotent for the same key space and optimizer; ``clock``: where
+               every worker's clock starts (a resumed run)
     push       {worker, clock, weight, reply_params, scalars: {name: number}, codec,
                pull_codec, sq_norm (SSP/ASP with clipping), keys, row_keys, final, priority}
                + gradients (``pslm.ps.parts``: all dense chunks as pieces, or the chunks

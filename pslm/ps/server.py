@@ -43,7 +43,7 @@ from pslm.ps.consistency import Consistency, StalenessGate
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
-from pslm.ps.parts import PendingPush, Reply, Selection, decode_part
+from pslm.ps.parts import Part, PendingPush, Reply, Selection, decode_part
 from pslm.ps.shard import Grad, ShardStore, clip_coef
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
@@ -134,6 +134,8 @@ class Server:
         self.consistency = Consistency()
         self.gate = StalenessGate(0, 0)
         self.reads: list[_Read] = []
+        self.last_scalars: dict[str, float] = {}
+        """The last clock's mean scalars (for a replayed push that asks for them)."""
         self.staleness_seen: dict[int, int] = {}
         """How many reads saw each staleness (logged at exit)."""
 
@@ -263,16 +265,29 @@ class Server:
                 )
             return msg.reply(version=self.store.version)
         store = ShardStore(ks, self.me.rank, opt)
-        store.load(msg.tensors)
+        restore = protocol.field(msg, "restore", str, "")
+        clock = protocol.field(msg, "clock", int, 0)
+        if clock < 0:
+            raise ProtocolError(f"init: clock must be >= 0, got {clock}")
+        if restore:  # a checkpoint's shard, not the values in the message
+            if msg.tensors:
+                raise ProtocolError("init: restore takes no tensors")
+            path = Path(restore) / shard_file(self.me.rank, self.me.num_servers)
+            store.restore(path)
+            log.info("restored version %d from %s", store.version, path)
+        else:
+            store.load(msg.tensors)
         self.store = store
         self.consistency = mode
         self.gate = StalenessGate(self.me.num_workers, mode.bound)
+        self.gate.clocks = [clock] * self.me.num_workers  # every worker resumes at ``clock``
         log.info(
-            "initialised: %d chunks, %d parameters, %s, %s",
+            "initialised: %d chunks, %d parameters, %s, %s, version %d",
             len(store.chunks),
             store.numel,
             opt.name,
             mode,
+            store.version,
         )
         return msg.reply(version=store.version)
 
@@ -287,14 +302,18 @@ class Server:
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
         _pull_codec(msg)  # refuse a bad one now, not after the update
         scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
-        self._check_clock(worker, clock)
+        seq = protocol.field(msg, "seq", int, 0)
         part = decode_part(msg, store)
+        if self._replayed(peer, msg, worker, clock, seq, part):
+            return
+        self._check_clock(worker, clock)
         pending = self.incoming.get(worker) or PendingPush.start(clock, weight, store)
         pending.check(part)
         if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
             if pending.sq_norm is None and part.sq_norm is None:
                 raise ProtocolError("push: sq_norm is needed with clipping under SSP/ASP")
         pending.add(part, scalars)
+        pending.seqs.add(seq)
         if with_params:
             pending.replies.append(Reply(part.priority, peer, msg, part.reply))
         else:
@@ -303,6 +322,48 @@ class Server:
         if part.final:
             del self.incoming[worker]
             self._complete(worker, pending)
+
+    def _replayed(
+        self, peer: bytes, msg: Message, worker: int, clock: int, seq: int, part: Part
+    ) -> bool:
+        """Answer a message of a push this server has already taken - a client retrying after
+        a timeout, or a replay - without taking it again (exactly once). False if new."""
+        store = self._store()
+        with_params = bool(msg.body.get("reply_params"))
+        due = self.gate.clocks[worker] if self.consistency.asynchronous else store.version
+        pending = self.incoming.get(worker)
+        if clock < due:  # applied already
+            if not with_params:
+                self.listener.send(peer, msg.reply(version=store.version, duplicate=True))
+            elif self.consistency.asynchronous:  # what a read at the next clock sees
+                self.reads.append(_Read(peer, msg, clock + 1, part.reply))
+                self._release_reads()
+            elif clock == store.version - 1:  # the values after that update are these
+                self._send_params(peer, msg, part.reply, scalars=self.last_scalars, held_s=0.0)
+            else:
+                raise RefusedError(
+                    f"push for clock {clock} from worker {worker} was applied long ago; the "
+                    f"server is at version {store.version}",
+                    code="stale",
+                )
+        elif not self.consistency.asynchronous and worker in self.clock.pushes:
+            if clock != store.version:
+                return False  # too early: refused as such
+            self._hold_or_ack(peer, msg, part, self.after_update)  # waits with the others
+        elif pending is not None and pending.clock == clock and seq in pending.seqs:
+            self._hold_or_ack(peer, msg, part, pending.replies)
+        else:
+            return False
+        log.info(
+            "worker %d's push for clock %d (part %d) again: not applied twice", worker, clock, seq
+        )
+        return True
+
+    def _hold_or_ack(self, peer: bytes, msg: Message, part: Part, replies: list[Reply]) -> None:
+        if msg.body.get("reply_params"):
+            replies.append(Reply(part.priority, peer, msg, part.reply))
+        else:
+            self.listener.send(peer, msg.reply(version=self._store().version, duplicate=True))
 
     def _check_clock(self, worker: int, clock: int) -> None:
         """Refuse a push for any clock but the one this worker's push is due for."""
@@ -480,7 +541,7 @@ class Server:
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
         replies, self.after_update = self.after_update, []
-        scalars = _mean_scalars(clock)
+        scalars = self.last_scalars = _mean_scalars(clock)
         now = time.monotonic()
         for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
             held = now - clock.arrived[int(r.msg.body["worker"])]

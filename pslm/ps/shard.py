@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pslm.errors import ConfigError, RefusedError
@@ -225,6 +226,41 @@ class ShardStore:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path.stat().st_size
+
+    def restore(self, path: Path) -> None:
+        """Load what ``save`` wrote: parameters, optimizer state, step counters, version.
+
+        ConfigError (nothing changed) unless the file holds this server's shard of the same
+        key space, saved with an optimizer of the same kind (its settings may differ: they
+        are the ones given now).
+        """
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise ConfigError(f"cannot read shard {path}: {exc}") from None
+        try:
+            saved_ks = KeySpace.from_dict(json.loads(meta["keyspace"]))
+            saved_opt = json.loads(meta["optimizer"])
+            server, version = int(meta["server"]), int(meta["version"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ConfigError(f"shard {path} has no usable metadata: {exc!r}") from None
+        if saved_ks.fingerprint() != self.keyspace.fingerprint() or server != self.server:
+            raise ConfigError(f"shard {path} is not server {self.server}'s shard of this model")
+        if not isinstance(saved_opt, dict) or saved_opt.get("name") != self.optimizer.name:
+            raise ConfigError(f"shard {path} was trained with another optimizer")
+        want = {"params": (self.numel,), "steps": (len(self.chunks),)}
+        want.update({f"state.{k}": (self.numel,) for k in self.state})
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if got != want or any(t.dtype != torch.float32 for t in tensors.values()):
+            raise ConfigError(f"shard {path} holds {got}, expected fp32 tensors {want}")
+        self.params.copy_(tensors["params"])
+        for step, saved in zip(self.steps, tensors["steps"], strict=True):
+            step.fill_(saved)
+        for k, buf in self.state.items():
+            buf.copy_(tensors[f"state.{k}"])
+        self.version = version
 
     def add_delta(self, deltas: Sequence[Grad], multiplier: float = 1.0) -> None:
         """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""

@@ -20,8 +20,28 @@ import torch
 from pslm.errors import ConfigError
 from pslm.lm.checkpoint import load_model
 from pslm.lm.corpus import load_corpus
-from pslm.lm.data import GlobalBatches, get_batch, prepare
-from pslm.train.config import load_config
+from pslm.lm.data import GlobalBatches, PreparedData, get_batch, prepare
+from pslm.train.config import TrainConfig, load_config
+
+
+def run_data(run: Path, cfg: TrainConfig, consequence: str) -> PreparedData:
+    """The token files a run trained on, rebuilt from its ``data.json`` (or taken from the
+    cache); ConfigError, ending with ``consequence``, if its corpus changed since."""
+    try:
+        record = json.loads((run / "data.json").read_text())
+        source, fingerprint = str(record["source"]), str(record["fingerprint"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{run} has no readable data.json ({exc})") from None
+    corpus = load_corpus(source)
+    if corpus.fingerprint != fingerprint:
+        raise ConfigError(f"the corpus at {source} changed since {run} was trained; {consequence}")
+    return prepare(
+        corpus,
+        tokenizer=cfg.data.tokenizer,
+        vocab_size=cfg.data.vocab_size,
+        val_fraction=cfg.data.val_fraction,
+        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
+    )
 
 
 def evaluate_run(
@@ -35,25 +55,7 @@ def evaluate_run(
         raise ConfigError(f"no run directory at {run}")
     model, _, meta = load_model(run, checkpoint)
     cfg = load_config(run / "config.toml")
-    try:
-        record = json.loads((run / "data.json").read_text())
-        source, fingerprint = str(record["source"]), str(record["fingerprint"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{run} has no readable data.json ({exc})") from None
-    corpus = load_corpus(source)
-    if corpus.fingerprint != fingerprint:
-        raise ConfigError(
-            f"the corpus at {source} changed since {run} was trained; its validation split "
-            "cannot be rebuilt"
-        )
-    data = prepare(
-        corpus,
-        tokenizer=cfg.data.tokenizer,
-        vocab_size=cfg.data.vocab_size,
-        val_fraction=cfg.data.val_fraction,
-        cache_dir=Path(cfg.data.cache_dir) if cfg.data.cache_dir else None,
-    )
-    val = data.tokens("val")
+    val = run_data(run, cfg, "its validation split cannot be rebuilt").tokens("val")
     block = model.config.block_size
     batches = GlobalBatches(
         len(val), block_size=block, batch_size=cfg.train.batch_size, seed=cfg.train.seed

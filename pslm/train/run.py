@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -29,7 +30,8 @@ from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
 from pslm.lm.model import GPT
 from pslm.ps.launch import LaunchConfig, LocalCluster
-from pslm.train.config import TrainConfig, dump_toml
+from pslm.train.config import TrainConfig, dump_toml, load_config
+from pslm.train.evaluate import run_data
 
 console = Console(highlight=False)
 
@@ -63,9 +65,50 @@ def train(cfg: TrainConfig) -> int:
         "prepared": str(data.path),
     }
     (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
+    _describe(cfg, data, corpus.name)
+    return _launch(cfg, data, run_dir, started, resume=None)
+
+
+def resume(run_dir: Path) -> int:
+    """Continue a run from its newest complete checkpoint: the same configuration, steps,
+    schedule and data order. Returns the exit code (raises on failure)."""
+    started = time.perf_counter()
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"no run to resume at {run_dir} (it has no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+    try:
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        step, version, rounds = int(meta["step"]), int(meta["version"]), int(meta.get("round", 0))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"checkpoint {checkpoint} is corrupt: bad meta.json ({exc})") from None
+    if step >= cfg.train.steps:
+        raise ConfigError(f"{run_dir} is complete ({step} of {cfg.train.steps} steps)")
+    if meta.get("servers") != cfg.cluster.servers or meta.get("workers") != cfg.cluster.workers:
+        raise ConfigError(f"checkpoint {checkpoint} was written by another cluster shape")
+    data = run_data(run_dir, cfg, "the run cannot continue on the same data")
+    for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a checkpoint cut short
+        shutil.rmtree(stale, ignore_errors=True)
+    kept = _truncate_metrics(run_dir / "metrics.jsonl", step)
+    console.print(f"[bold]pslm train --resume[/] {run_dir} from {checkpoint.name}")
+    _describe(cfg, data, Path(cfg.data.name).name)
+    args = {
+        "checkpoint": str(checkpoint.resolve()),
+        "step": step,
+        "version": version,
+        "round": rounds,
+        "time": float(kept[-1]["time"]) if kept else 0.0,
+    }
+    return _launch(cfg, data, run_dir, started, resume=args, seen=len(kept))
+
+
+def _describe(cfg: TrainConfig, data: PreparedData, corpus: str) -> None:
+    model_cfg = cfg.model.gpt(data.vocab_size)
     n_params = GPT(model_cfg).num_params()
     console.print(
-        f"data: {corpus.name}, {data.meta['documents']} documents, "
+        f"data: {corpus}, {data.meta['documents']} documents, "
         f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens "
         f"({cfg.data.tokenizer}, vocab {data.vocab_size})\n"
         f"model: {cfg.model.preset} {model_cfg.n_layer}x{model_cfg.n_head}x{model_cfg.n_embd}, "
@@ -73,11 +116,22 @@ def train(cfg: TrainConfig) -> int:
         f"cluster: {cfg.cluster.servers} servers, {cfg.cluster.workers} workers, "
         f"{cfg.cluster.consistency}; {cfg.train.steps} steps of {cfg.train.batch_size} sequences"
     )
+
+
+def _launch(
+    cfg: TrainConfig,
+    data: PreparedData,
+    run_dir: Path,
+    started: float,
+    resume: dict[str, Any] | None,
+    seen: int = 0,
+) -> int:
+    args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)}
     launch = LaunchConfig(
         num_servers=cfg.cluster.servers,
         num_workers=cfg.cluster.workers,
         worker="pslm.train.worker:run",
-        worker_args={"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)},
+        worker_args={**args, "resume": resume},
         run_dir=str(run_dir),
         timeout=cfg.cluster.timeout,
         heartbeat_interval=cfg.cluster.heartbeat_interval,
@@ -86,13 +140,24 @@ def train(cfg: TrainConfig) -> int:
     )
     try:
         with LocalCluster(launch) as cluster:
-            _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps)
+            _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps, seen)
     except KeyboardInterrupt:
         last = latest_checkpoint(run_dir)
         console.print(f"\ninterrupted; every process stopped. Last checkpoint: {last or 'none'}")
         raise
     _summary(run_dir, cfg, time.perf_counter() - started)
     return 0
+
+
+def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the records of the steps before ``step`` (a resumed run writes the rest again);
+    returns them."""
+    kept = [json.loads(ln) for ln in _read_lines(path)]
+    kept = [r for r in kept if r["step"] < step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept
 
 
 def _new_run_dir(cfg: TrainConfig, corpus: str) -> Path:
@@ -121,17 +186,17 @@ def _check_data(data: PreparedData, block_size: int) -> None:
             )
 
 
-def _follow(cluster: LocalCluster, metrics: Path, steps: int) -> None:
-    """Show a progress bar fed by metrics.jsonl until the cluster is done."""
+def _follow(cluster: LocalCluster, metrics: Path, steps: int, seen: int = 0) -> None:
+    """Show a progress bar fed by metrics.jsonl (after its first ``seen`` lines) until the
+    cluster is done."""
     columns = (
         TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
         BarColumn(),
         TextColumn("{task.fields[status]}"),
         TimeRemainingColumn(),
     )
-    seen = 0
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("train", total=steps, status="starting")
+        task = bar.add_task("train", total=steps, status="starting", completed=seen)
         rate = None
         while not cluster.poll():
             seen, rate = _advance(bar, task, metrics, seen, rate)

@@ -25,17 +25,33 @@ from pslm.train.config import TrainConfig
 from pslm.train.overlap import Overlap
 
 
-def run(client: PSClient, *, config: dict[str, Any], run_dir: str, data_path: str) -> None:
-    """Worker entry point (``function(client, **args)`` for the launcher)."""
+def run(
+    client: PSClient,
+    *,
+    config: dict[str, Any],
+    run_dir: str,
+    data_path: str,
+    resume: dict[str, Any] | None = None,
+) -> None:
+    """Worker entry point (``function(client, **args)`` for the launcher). ``resume``: the
+    checkpoint to continue from and where it stands (``step``, ``round``, ``time``)."""
     meta = json.loads((Path(data_path) / "meta.json").read_text())
-    TrainLoop(
-        client, TrainConfig.from_dict(config), Path(run_dir), PreparedData(Path(data_path), meta)
-    ).run()
+    data = PreparedData(Path(data_path), meta)
+    TrainLoop(client, TrainConfig.from_dict(config), Path(run_dir), data, resume).run()
 
 
 class TrainLoop:
-    def __init__(self, client: PSClient, cfg: TrainConfig, run_dir: Path, data: PreparedData):
+    def __init__(
+        self,
+        client: PSClient,
+        cfg: TrainConfig,
+        run_dir: Path,
+        data: PreparedData,
+        resume: dict[str, Any] | None = None,
+    ):
         self.client = client
+        self.resume = resume or {}
+        self.first_step = int(self.resume.get("step", 0))
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = torch.device(cfg.train.device)
@@ -65,7 +81,7 @@ class TrainLoop:
         self.row_name = "transformer.wte.weight" if cfg.row_embeddings else None
         """The token embedding, when it travels by rows."""
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
-        self.round = 0  # averagings so far (local SGD's clock)
+        self.round = int(self.resume.get("round", 0))  # averagings so far (local SGD's clock)
         self.params = dict(self.model.named_parameters())
         on_cpu = self.device.type == "cpu"
         # the PS speaks CPU tensors: on a GPU, gradients and parameters go through CPU mirrors
@@ -92,9 +108,10 @@ class TrainLoop:
     def _train(self) -> None:
         self._init_parameters()
         steps = self.cfg.train.steps
-        start = time.perf_counter()
+        start = time.perf_counter() - float(self.resume.get("time", 0.0))
         t = self.cfg.train
-        for step in range(steps):
+        for step in range(self.first_step, steps):
+            self._seed(step)
             last = step == steps - 1
             evaluate = (step + 1) % t.eval_interval == 0 or last
             checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
@@ -285,6 +302,8 @@ class TrainLoop:
             push_codec=self.cfg.cluster.push_codec,
             pull_codec=self.cfg.cluster.pull_codec,
             rows=[self.row_name] if self.row_name else [],
+            restore=str(self.resume.get("checkpoint", "")),
+            clock=self.round if self.consistency.kind == "local" else self.first_step,
         )
         on_gpu = self.device.type != "cpu"
         self.host = self.client.allocate(pin_memory=on_gpu)
@@ -312,6 +331,12 @@ class TrainLoop:
                     p.grad = torch.zeros_like(p)
             self.local = self._local_optimizer()
             self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+
+    def _seed(self, step: int) -> None:
+        """Random numbers (dropout) from the seed, the step and the rank alone, so that a
+        resumed run draws what the uninterrupted one drew."""
+        w, r = self.client.num_workers, self.client.rank
+        torch.manual_seed((self.cfg.train.seed * 1_000_003 + step) * w + r)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's rows of the global batch of ``step``: inputs and targets."""
@@ -431,6 +456,8 @@ class TrainLoop:
             "seed": self.cfg.train.seed,
             "loss": record["loss"],
             "val_loss": record.get("val_loss"),
+            "round": self.round,
+            "time": record["time"],
             "optimizer": self.optimizer.to_dict(),
             "workers": self.client.num_workers,
             "servers": self.client.num_servers,
