@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
         help="push gradients during backward; the next forward waits per layer",
     )
     s.add_argument(
+        "--secure",
+        action="store_const",
+        const=True,
+        help="encrypt all traffic (ZeroMQ CURVE); nodes always prove a per-run secret",
+    )
+    s.add_argument(
         "--untie-embeddings",
         action="store_const",
         const=False,
@@ -169,6 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--address-file", help="write the bound address to this file")
     _heartbeat_args(s)
+    _security_args(s)
     s.add_argument(
         "--startup-timeout",
         type=float,
@@ -191,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         "[PSLM_ADVERTISE, default: the bound address]",
     )
     _rank_timeout_args(s, timeout=30.0)
+    _security_args(s)
     s.set_defaults(func=_server)
 
     s = sub.add_parser("run-worker", help="run a Python function as a worker of a cluster")
@@ -206,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         default=EnvDefault("PSLM_WORKER_ARGS", str, "{}"),
         help="keyword arguments as a JSON object [PSLM_WORKER_ARGS]",
     )
+    _security_args(s)
     s.set_defaults(func=_run_worker)
 
     s = sub.add_parser("demo", help="train a small MLP on a local parameter-server cluster")
@@ -265,10 +274,54 @@ def _heartbeat_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _role_setup(role: str, *, threads: bool = True) -> None:
+def _security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--secret-file",
+        default=EnvDefault("PSLM_SECRET_FILE", str, None),
+        help="file holding the cluster secret [PSLM_SECRET_FILE, or the secret itself in "
+        "PSLM_SECRET]; without one, anyone who reaches the ports can join",
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        default=EnvDefault("PSLM_SECURE", boolean, False),
+        help="encrypt all traffic (ZeroMQ CURVE, keys from the secret) [PSLM_SECURE=1]",
+    )
+
+
+def boolean(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no", ""):
+        return False
+    raise ValueError(raw)
+
+
+def _security(args: argparse.Namespace) -> Any:
+    """The cluster secret from PSLM_SECRET or --secret-file, as a Security (None: no secret)."""
+    from pslm.wire.auth import Security
+
+    secret = os.environ.get("PSLM_SECRET", "")
+    if args.secret_file:
+        try:
+            secret = Path(args.secret_file).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the secret file {args.secret_file}: {exc.strerror}"
+            ) from None
+    if not secret.strip():
+        if args.secure:
+            raise ConfigError("--secure needs a cluster secret (PSLM_SECRET or --secret-file)")
+        return None
+    return Security.from_secret(secret, encrypt=bool(args.secure))
+
+
+def _role_setup(role: str, args: argparse.Namespace, *, threads: bool = True) -> None:
     from pslm.ps.launch import supervise_self
+    from pslm.wire import auth
     from pslm.wire.transport import tune_allocator
 
+    security = _security(args)
     supervise_self()
     tune_allocator()
     logging.basicConfig(
@@ -276,6 +329,12 @@ def _role_setup(role: str, *, threads: bool = True) -> None:
         format=f"%(asctime)s {role} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    auth.install(security)
+    bind = str(getattr(args, "bind", "") or "")
+    if security is None and bind and not bind.removeprefix("tcp://").startswith("127."):
+        logging.getLogger("pslm").warning(
+            "listening on %s without a cluster secret: anyone who reaches it can join", bind
+        )
     n = _env("PSLM_THREADS", int, None)
     if threads and n:
         import torch
@@ -302,7 +361,7 @@ def _scheduler(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         startup_timeout=args.startup_timeout,
     )
-    _role_setup("scheduler", threads=False)
+    _role_setup("scheduler", args, threads=False)
     return Scheduler(cfg).run()
 
 
@@ -316,7 +375,7 @@ def _server(args: argparse.Namespace) -> int:
         rank=args.rank,
         timeout=args.timeout,
     )
-    _role_setup("server")
+    _role_setup("server", args)
     return Server(cfg).run()
 
 
@@ -335,7 +394,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         rank=args.rank,
         timeout=args.timeout,
     )
-    _role_setup("worker")
+    _role_setup("worker", args)
     run_worker(args.target, cfg, kwargs)
     return 0
 
@@ -375,6 +434,7 @@ def _train(args: argparse.Namespace) -> int:
             "push_codec": args.push_codec,
             "pull_codec": args.pull_codec,
             "overlap": args.overlap,
+            "secure": args.secure,
         },
     }
     if args.block_size is not None and args.block_size < 1:

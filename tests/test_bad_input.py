@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pslm.ps.client import ClientConfig, PSClient
 from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig
+from pslm.wire import auth
 from pslm.wire.message import Message, decode, encode
 from tests.conftest import launch_config
 
@@ -103,9 +104,12 @@ def _probe(sock: zmq.Socket, frames: list[bytes], check: Message) -> None:
 def _fuzz(address: str, ops: list[str], check: Message) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    security = auth.current()
+    assert security is not None  # the launcher made up a secret and installed it here
+    security.present(sock)  # an insider gone mad: outsiders do not get this far
     sock.connect(address)
 
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(messages(ops))
     def fuzz(frames: list[bytes]) -> None:
         _probe(sock, frames, check)

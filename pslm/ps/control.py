@@ -20,7 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from pslm.errors import ProtocolError, PSLMError
+from pslm.errors import ProtocolError, PSLMError, RequestTimeout
+from pslm.wire import auth
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
 
@@ -54,7 +55,12 @@ def register(channel: Channel, *, role: str, rank: int, address: str, timeout: f
         "pid": os.getpid(),
         "host": socket.gethostname(),
     }
-    reply = channel.request("scheduler", Message("register", body=body), timeout)
+    try:
+        reply = channel.request("scheduler", Message("register", body=body), timeout)
+    except RequestTimeout as exc:
+        if auth.current() is None:
+            raise
+        raise RequestTimeout(f"{exc} (a scheduler refuses a wrong cluster secret)") from None
     try:
         b = reply.body
         return Membership(

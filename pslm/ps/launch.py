@@ -23,6 +23,7 @@ import importlib
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pslm.errors import ConfigError, LaunchError
+from pslm.wire import auth
+from pslm.wire.auth import Security
 
 if TYPE_CHECKING:
     from pslm.ps.client import ClientConfig
@@ -72,6 +75,11 @@ class LaunchConfig:
     """Seconds between SIGTERM and SIGKILL when stopping children."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every child."""
+    secret: str = ""
+    """The cluster secret every node must prove (``pslm.wire.auth``); empty: a fresh random
+    one for this cluster, known to the launcher and its children only."""
+    secure: bool = False
+    """Encrypt all traffic (ZeroMQ CURVE, keys derived from the secret)."""
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or self.num_workers < 1:
@@ -120,6 +128,7 @@ class LocalCluster:
     def __init__(self, cfg: LaunchConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        self.secret = cfg.secret or secrets.token_urlsafe(32)
         self.children: list[Child] = []
         self.scheduler_address = ""
 
@@ -143,6 +152,8 @@ class LocalCluster:
     def start(self) -> None:
         """Start the scheduler, then the servers and the worker processes."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # this process talks to the cluster too (tests, tools): it proves the same secret
+        auth.install(Security.from_secret(self.secret, encrypt=self.cfg.secure))
         addr_file = self.run_dir / "scheduler.addr"
         addr_file.unlink(missing_ok=True)
         cfg = self.cfg
@@ -268,7 +279,10 @@ class LocalCluster:
             **self.cfg.env,
             **(env or {}),
             PARENT_ENV: str(os.getpid()),
+            "PSLM_SECRET": self.secret,  # the environment: readable by this user alone
+            "PSLM_SECURE": "1" if self.cfg.secure else "0",
         }
+        child_env.pop("PSLM_SECRET_FILE", None)
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pslm", *args],

@@ -250,6 +250,9 @@ class ClusterSection:
     exchanges are rare."""
     bucket_bytes: int = 1 << 20
     """With overlap: gradients travel in buckets of about this many bytes."""
+    secure: bool = False
+    """Encrypt all traffic (ZeroMQ CURVE). Either way every node must prove the cluster's
+    secret, which the launcher makes up for each run."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0

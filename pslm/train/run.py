@@ -137,6 +137,7 @@ def _launch(
         heartbeat_interval=cfg.cluster.heartbeat_interval,
         heartbeat_timeout=cfg.cluster.heartbeat_timeout,
         threads_per_worker=cfg.train.threads,
+        secure=cfg.cluster.secure,
     )
     try:
         with LocalCluster(launch) as cluster:

@@ -9,9 +9,10 @@
     rid = channel.send("server-0", Message("pull"))  # returns at once
     replies = channel.wait([rid])                   # blocks until replied or RequestTimeout
 
-The transport knows bytes and peers, never keys or models. Messages are ``message.Message``;
-every ZeroMQ error is mapped to a pslm error here. Sockets are not thread-safe: a Listener or a
-Channel belongs to the thread that made it.
+The transport knows bytes and peers, never keys or models. With a cluster secret installed
+(``pslm.wire.auth``), listeners admit only peers that prove it and connections prove it.
+Messages are ``message.Message``; every ZeroMQ error is mapped to a pslm error here. Sockets
+are not thread-safe: a Listener or a Channel belongs to the thread that made it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import zmq
 
 from pslm.errors import ProtocolError, RefusedError, RequestTimeout, TransportError
+from pslm.wire import auth
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, MAX_FRAME, Message, decode, encode
 
 log = logging.getLogger("pslm.wire")
@@ -52,12 +54,18 @@ class Listener:
         self.max_bytes = max_bytes
         self.socket = _socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone peers are dropped
+        security = auth.current()
+        if security is not None:  # only peers that prove the cluster secret get through
+            security.serve(self.socket)
         try:
             self.socket.bind(bind)
         except zmq.ZMQError as exc:
             self.socket.close()
             raise TransportError(f"cannot listen on {bind}: {exc}") from exc
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.watch = None if security is None else auth.HandshakeWatch(self.socket, self.address)
+        if self.watch is not None:
+            self.watch.start()
 
     def recv(self) -> tuple[bytes, Message]:
         """The next (peer, message). Raises ProtocolError (with ``.sender``) for a bad message."""
@@ -84,6 +92,8 @@ class Listener:
         return out if track else None
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
         self.socket.close()
 
 
@@ -94,6 +104,9 @@ class Connection:
         self.address = address
         self.socket = _socket(zmq.DEALER)
         self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout * 1000)))
+        security = auth.current()
+        if security is not None:
+            security.present(self.socket)
         try:
             self.socket.connect(address)
         except zmq.ZMQError as exc:
