@@ -9,7 +9,9 @@
     │   └── RequestTimeout (TimeoutError)
     │                              no reply within the configured time; nothing hangs forever
     ├── ClusterError               membership went wrong: registration refused, the scheduler
-    │                              lost, a model declared differently by two workers
+    │   │                          lost, a model declared differently by two workers
+    │   └── Interrupted            a wait gave way to something more urgent (a lease changed);
+    │                              the request is still pending and can be waited for again
     └── LaunchError                a process started by the local launcher failed
 
 Third-party errors are converted at the boundary (``raise TransportError(...) from exc``), so
@@ -61,3 +63,7 @@ class ClusterError(PSLMError):
 
 class LaunchError(PSLMError):
     """A process started by the local launcher exited unexpectedly or could not start."""
+
+
+class Interrupted(ClusterError):
+    """A wait returned early because its ``interrupt`` said so; the request is still pending."""

@@ -12,7 +12,10 @@ Raw, two baselines with S plain pyzmq processes:
 - echo: N bytes sent, each peer answers with as many bytes from a buffer of its own (zero-copy):
   the same traffic as a push_pull, with nothing done to it; throughput = 2N / time.
 
-Medians over repetitions, the three measured in turn in one run; ratios are pslm / raw.
+pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CURVE: every byte
+encrypted), to show what encryption costs.
+
+Medians over repetitions, the four measured in turn in one run; ratios are pslm / raw.
 """
 
 from __future__ import annotations
@@ -61,14 +64,19 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     reps = 5 if quick else 40
     rows = []
     for servers in (1, 2):
-        with _Receivers(servers) as raw, _Cluster(servers) as ps:
+        with (
+            _Receivers(servers) as raw,
+            _Cluster(servers) as ps,
+            _Cluster(servers, secure=True) as secure,
+        ):
             for label, nbytes in SIZES.items():
                 n = reps if nbytes < (16 << 20) else max(3, reps // 2)
-                one_way, echo, step = _in_turn(
+                one_way, echo, step, secure_step = _in_turn(
                     [
                         raw.prepare(nbytes, echo=False),
                         raw.prepare(nbytes, echo=True),
                         ps.prepare(nbytes),
+                        secure.prepare(nbytes),
                     ],
                     n,
                 )
@@ -76,6 +84,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                     "one_way": nbytes / one_way / 1e9,
                     "echo": 2 * nbytes / echo / 1e9,
                     "pslm": 2 * nbytes / step / 1e9,
+                    "secure": 2 * nbytes / secure_step / 1e9,
                 }
                 rows.append(
                     {
@@ -85,6 +94,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "raw_echo_GBps": round(gbps["echo"], 3),
                         "pslm_GBps": round(gbps["pslm"], 3),
                         "pslm_step_ms": round(step * 1e3, 2),
+                        "pslm_secure_GBps": round(gbps["secure"], 3),
+                        "secure_vs_pslm": round(gbps["secure"] / gbps["pslm"], 3),
                         "vs_one_way": round(gbps["pslm"] / gbps["one_way"], 3),
                         "vs_echo": round(gbps["pslm"] / gbps["echo"], 3),
                     }
@@ -175,8 +186,9 @@ class _Cluster:
     on exit.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, *, secure: bool = False):
         self.n = n
+        self.secure = secure
         self.tmp = tempfile.TemporaryDirectory(prefix="pslm-bench-")
         self.cluster: LocalCluster | None = None
         self.client: PSClient | None = None
@@ -187,7 +199,11 @@ class _Cluster:
     def prepare(self, nbytes: int) -> Any:
         self._stop()
         cfg = LaunchConfig(
-            num_servers=self.n, num_workers=1, worker=None, run_dir=f"{self.tmp.name}/{nbytes}"
+            num_servers=self.n,
+            num_workers=1,
+            worker=None,
+            run_dir=f"{self.tmp.name}/{nbytes}",
+            secure=self.secure,
         )
         self.cluster = LocalCluster(cfg).__enter__()
         client = self.client = PSClient(ClientConfig(scheduler=self.cluster.scheduler_address))

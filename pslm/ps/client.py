@@ -18,14 +18,14 @@ A PSClient is not thread-safe: use it from the thread that made it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NamedTuple
 
 import torch
 
-from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
@@ -92,6 +92,38 @@ class Completion(NamedTuple):
     staleness: int = 0
     """SSP/ASP reads: how many steps behind this worker the slowest worker was (the most
     updates the values may miss)."""
+    trained_by: tuple[int, ...] = ()
+    """BSP push_pull: the worker whose push of each share the update took, by share."""
+
+
+class Leases(NamedTuple):
+    """Who holds each share (``pslm.ps.leases``), as the scheduler sent it."""
+
+    version: int
+    holders: tuple[int, ...]
+    """Share -> the worker holding it (-1: nobody)."""
+    starts: dict[int, int]
+    """Share -> the first clock its holder pushes it (shares that moved)."""
+    moving: dict[int, int]
+    """Share -> the worker it goes to once its holder releases it."""
+    stop: bool = False
+    """The cluster is shutting down."""
+
+    def mine(self, rank: int) -> list[int]:
+        return [s for s, w in enumerate(self.holders) if w == rank]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Leases:
+        try:
+            return cls(
+                int(body["version"]),
+                tuple(int(w) for w in body["holders"]),
+                {int(s): int(c) for s, c in body["starts"].items()},
+                {int(s): int(w) for s, w in body["moving"].items()},
+                bool(body.get("stop", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed leases from the scheduler: {exc!r}") from None
 
 
 class Slot(NamedTuple):
@@ -208,6 +240,33 @@ class PSClient:
         return self.me.num_servers
 
     @property
+    def late(self) -> bool:
+        """Whether this worker joined a running cluster (in place of a dead one)."""
+        return self.me.late
+
+    @property
+    def lease_version(self) -> int:
+        """The version of the share leases the scheduler last reported (via heartbeats):
+        when it changes, ``leases()`` tells what changed. Cheap; any thread."""
+        return self.heartbeat.lease_version
+
+    def leases(self) -> Leases:
+        """Who holds each share of the global batch now (``pslm.ps.leases``). Blocks for one
+        round trip to the scheduler."""
+        self._check_alive()
+        reply = self.channel.request("scheduler", Message("leases", body={"node": self.me.node_id}))
+        return Leases.from_body(reply.body)
+
+    def release(self, share: int, clock: int) -> Leases:
+        """Let ``share`` go to the worker it is moving to, which pushes it from ``clock`` (this
+        worker pushed it up to ``clock`` - 1). Blocks for one round trip."""
+        self._check_alive()
+        body = {"node": self.me.node_id, "share": share, "clock": clock}
+        return Leases.from_body(
+            self.channel.request("scheduler", Message("release", body=body)).body
+        )
+
+    @property
     def clips_each_push(self) -> bool:
         """SSP/ASP with clipping: every push carries its own squared norm and is clipped by
         it."""
@@ -244,6 +303,9 @@ class PSClient:
         ``restore`` (a checkpoint directory the servers can read) makes each server load its
         shard from there instead (parameters, optimizer state, version), and ``clock`` is the
         step every worker resumes at; ``tensors`` then receive the restored values.
+
+        A worker that joined late (``late``) only declares the model here: the servers run
+        already, and it pulls the parameters of the clock where its share starts.
         """
         self.consistency = consistency
         self._clipped = optimizer.clip_norm > 0
@@ -272,6 +334,8 @@ class PSClient:
             ]
             for s in range(self.num_servers)
         ]
+        if self.late:  # the servers hold the parameters already; pull them at the clock to start
+            return
         if self.rank == 0:
             self._check(tensors, "init", full=True)
             body = {
@@ -367,6 +431,7 @@ class PSClient:
         weight: float = 1.0,
         scalars: Mapping[str, float] | None = None,
         rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        share: int | None = None,
     ) -> int:
         """Send gradients for ``clock`` to every server; returns a timestamp for ``wait``.
 
@@ -374,8 +439,10 @@ class PSClient:
         returns. ``weight`` (e.g. this worker's number of samples) weights the mean across
         workers, and the mean of ``scalars`` (e.g. the loss) that ``push_pull`` returns.
         Needs every tensor given to ``init``; for row tensors, ``rows`` as in ``push_pull``.
+        ``share``: the part of each global batch these gradients are for (default: this
+        worker's rank); under BSP a clock's update waits for every share, whoever pushes it.
         """
-        return self._push(grads, clock, weight, scalars, out=None, rows=rows)
+        return self._push(grads, clock, weight, scalars, out=None, rows=rows, share=share)
 
     def pull(
         self, out: Mapping[str, torch.Tensor], *, version: int = 0, clock: int | None = None
@@ -423,6 +490,7 @@ class PSClient:
         weight: float = 1.0,
         scalars: Mapping[str, float] | None = None,
         rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        share: int | None = None,
     ) -> int:
         """``push`` for ``clock``, and get back the parameters after that update, in one
         exchange per server. ``out`` must hold every tensor; it is filled by ``wait``, whose
@@ -431,27 +499,38 @@ class PSClient:
         ``rows`` gives, for each row tensor, (rows pushed, rows wanted back): only those rows
         of its gradient travel, and only the wanted rows of ``out`` are filled."""
         self._check(out, "push_pull", full=True)
-        return self._push(grads, clock, weight, scalars, out=out, rows=rows)
+        return self._push(grads, clock, weight, scalars, out=out, rows=rows, share=share)
 
-    def wait(self, ts: int, timeout: float | None = None) -> Completion:
+    def wait(
+        self,
+        ts: int,
+        timeout: float | None = None,
+        *,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> Completion:
         """Block until request ``ts`` is complete; return what the servers said.
 
-        Raises RequestTimeout after ``timeout`` seconds (default: the client's), RefusedError
-        if a server refused the request.
+        The values it fetched change in ``out`` all at once, when every server has answered:
+        never half of them. Raises RequestTimeout after ``timeout`` seconds (default: the
+        client's), RefusedError if a server refused the request, and Interrupted when
+        ``interrupt()`` (asked every 0.1 s) says True: then nothing has changed yet and
+        ``wait(ts)`` may be called again.
         """
         req = self._requests.pop(ts)
-        out = req.out
-
-        def scatter(rid: int, reply: Message) -> None:  # as each server's reply arrives
-            if out is not None:
-                self.scatter(reply, req.ids[rid], req.expect[rid], out)
-
-        replies = self.channel.wait(req.ids, timeout, on_reply=scatter)
+        try:
+            replies = self.channel.wait(req.ids, timeout, interrupt=interrupt)
+        except Interrupted:
+            self._requests[ts] = req
+            raise
+        if req.out is not None:
+            for rid, reply in replies.items():
+                self.scatter(reply, req.ids[rid], req.expect[rid], req.out)
         version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
         scalars: dict[str, float] = {}
         held = 0.0
         received = 0
         staleness = 0
+        by: tuple[int, ...] = ()
         for r in replies.values():
             staleness = max(staleness, int(r.body.get("staleness", 0)))
             raw = r.body.get("scalars")
@@ -459,7 +538,9 @@ class PSClient:
                 scalars.update({str(k): float(v) for k, v in raw.items()})
             held = max(held, float(r.body.get("held_s", 0.0)))
             received += sum(t.numel() * t.element_size() for t in r.tensors)
-        return Completion(version, scalars, held, req.sent, received, staleness)
+            if not by and isinstance(r.body.get("by"), list):
+                by = tuple(int(w) for w in r.body["by"])
+        return Completion(version, scalars, held, req.sent, received, staleness, by)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -469,6 +550,9 @@ class PSClient:
         The servers shut down once every worker has closed.
         """
         if self._closed:
+            return
+        if self.heartbeat.stop_requested.is_set() or self.heartbeat.lost.is_set():
+            self._disconnect()  # the cluster is stopping (or gone): nothing to wait for
             return
         try:
             self.channel.request("scheduler", Message("finalize", body={"node": self.me.node_id}))
@@ -501,12 +585,13 @@ class PSClient:
         scalars: Mapping[str, float] | None,
         out: Mapping[str, torch.Tensor] | None,
         rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        share: int | None = None,
     ) -> int:
         self._check(grads, "push", full=True)
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
         wanted = self.row_selection(rows)
-        body = self.push_header(clock, weight, reply_params=out is not None)
+        body = self.push_header(clock, weight, reply_params=out is not None, share=share)
         if self.clips_each_push:
             body["sq_norm"] = sq_norm(grads)
         ids: dict[int, int] = {}
@@ -531,10 +616,15 @@ class PSClient:
             expect[rid] = Expect(pieces=True, rows=row_expect)
         return self._track(_Request(ids, expect, out, sent))
 
-    def push_header(self, clock: int, weight: float, *, reply_params: bool) -> dict[str, Any]:
+    def push_header(
+        self, clock: int, weight: float, *, reply_params: bool, share: int | None = None
+    ) -> dict[str, Any]:
         """The body fields every push message of this worker carries."""
+        if share is not None and not 0 <= share < self.num_workers:
+            raise ConfigError(f"share must lie in [0, {self.num_workers}), got {share}")
         return {
             "worker": self.rank,
+            "share": self.rank if share is None else share,
             "clock": clock,
             "weight": float(weight),
             "reply_params": reply_params,

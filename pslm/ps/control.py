@@ -40,6 +40,8 @@ class Membership:
     """Server addresses, by rank."""
     heartbeat_interval: float
     heartbeat_timeout: float
+    late: bool = False
+    """Joined a running cluster (in place of a dead worker): it waits for a share."""
 
 
 def register(channel: Channel, *, role: str, rank: int, address: str, timeout: float) -> Membership:
@@ -71,6 +73,7 @@ def register(channel: Channel, *, role: str, rank: int, address: str, timeout: f
             servers=tuple(str(a) for a in b["servers"]),
             heartbeat_interval=float(b["heartbeat_interval"]),
             heartbeat_timeout=float(b["heartbeat_timeout"]),
+            late=bool(b.get("late", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed register reply from the scheduler: {exc!r}") from None
@@ -92,6 +95,8 @@ class Heartbeat(threading.Thread):
         self.lost_after = lost_after
         self.lost = threading.Event()
         self.stop_requested = threading.Event()
+        self.lease_version = 0
+        """The version of the share leases the scheduler last reported."""
         self._quit = threading.Event()
 
     def run(self) -> None:
@@ -109,6 +114,9 @@ class Heartbeat(threading.Thread):
                     self.lost.clear()
                     if reply.body.get("stop"):
                         self.stop_requested.set()
+                    version = reply.body.get("leases")
+                    if isinstance(version, int) and not isinstance(version, bool):
+                        self.lease_version = version  # one assignment: safe to read anywhere
                 except PSLMError as exc:
                     if time.monotonic() - last_ack > self.lost_after and not self.lost.is_set():
                         log.error("scheduler silent for %.1f s: %s", self.lost_after, exc)

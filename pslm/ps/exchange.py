@@ -115,6 +115,7 @@ class Exchange:
         out: Mapping[str, torch.Tensor],
         weight: float = 1.0,
         rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        share: int | None = None,
     ):
         client.check_tensors(out, "exchange", full=True)
         if not weight > 0:
@@ -124,6 +125,7 @@ class Exchange:
         self.clock = clock
         self.out = out
         self.weight = weight
+        self.share = share
         self.wanted = client.row_selection(rows)
         self.pushed = [False] * len(plan)
         self.requests: list[list[int]] = [[] for _ in plan.buckets]  # bucket -> request ids
@@ -216,7 +218,9 @@ class Exchange:
         tensors = self.client.encode_runs(grads, runs)
         row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
         params = bool(mine)
-        body = self.client.push_header(self.clock, self.weight, reply_params=params)
+        body = self.client.push_header(
+            self.clock, self.weight, reply_params=params, share=self.share
+        )
         body.update(
             keys=[slot.key for slot in dense],
             runs=[len(run) for run in runs],

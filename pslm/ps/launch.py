@@ -80,6 +80,9 @@ class LaunchConfig:
     one for this cluster, known to the launcher and its children only."""
     secure: bool = False
     """Encrypt all traffic (ZeroMQ CURVE, keys derived from the secret)."""
+    restarts: int = 0
+    """How many times in all a worker process that dies is started again (it rejoins in
+    place of the dead one); 0: a dead worker fails the job."""
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or self.num_workers < 1:
@@ -92,6 +95,8 @@ class LaunchConfig:
             raise ConfigError(f"worker_args must be JSON-serialisable: {exc}") from None
         if self.threads_per_worker < 1:
             raise ConfigError("threads_per_worker must be >= 1")
+        if self.restarts < 0:
+            raise ConfigError("restarts must be >= 0")
 
 
 @dataclass(slots=True)
@@ -100,6 +105,8 @@ class Child:
     rank: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -129,6 +136,9 @@ class LocalCluster:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.secret = cfg.secret or secrets.token_urlsafe(32)
+        self.restarts_left = cfg.restarts
+        self.restarted = 0
+        self.lost: list[Child] = []  # workers that died with no restarts left
         self.children: list[Child] = []
         self.scheduler_address = ""
 
@@ -255,18 +265,39 @@ class LocalCluster:
                 c.proc.wait()
 
     def _check_children(self) -> None:
-        for c in self.children:
+        for i, c in enumerate(self.children):
             code = c.proc.poll()
-            if code is not None and code != 0:
-                self.stop()
-                raise c.failure(code)
+            if code is None or code == 0:
+                continue
+            if c.role == "worker" and self.restarts_left > 0:
+                self.restarts_left -= 1
+                self.restarted += 1
+                log.warning("%s exited with code %d; starting it again", c.name, code)
+                self.children[i] = self._spawn(c.role, c.rank, c.args, c.env, again=True)
+                continue
+            if (
+                c.role == "worker"
+                and self.cfg.restarts
+                and any(w.proc.poll() is None for w in self._job() if w is not c)
+            ):  # no restarts left: the others train its share to the end
+                log.warning("%s exited with code %d; the others train its share", c.name, code)
+                self.lost.append(self.children.pop(i))
+                return self._check_children()
+            self.stop()
+            raise c.failure(code)
 
     def _job(self) -> list[Child]:
         workers = [c for c in self.children if c.role == "worker"]
         return workers or [c for c in self.children if c.role == "scheduler"]
 
     def _spawn(
-        self, role: str, rank: int, args: list[str], env: dict[str, str] | None = None
+        self,
+        role: str,
+        rank: int,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        again: bool = False,
     ) -> Child:
         log_path = (
             self.run_dir
@@ -283,7 +314,7 @@ class LocalCluster:
             "PSLM_SECURE": "1" if self.cfg.secure else "0",
         }
         child_env.pop("PSLM_SECRET_FILE", None)
-        with open(log_path, "wb") as logf:
+        with open(log_path, "ab" if again else "wb") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pslm", *args],
                 stdin=subprocess.DEVNULL,
@@ -292,8 +323,9 @@ class LocalCluster:
                 env=child_env,
                 process_group=0,
             )
-        child = Child(role, rank, proc, log_path)
-        self.children.append(child)
+        child = Child(role, rank, proc, log_path, args, dict(env or {}))
+        if not again:
+            self.children.append(child)
         return child
 
     def _await_address(self, sched: Child, addr_file: Path) -> str:

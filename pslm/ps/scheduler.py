@@ -5,9 +5,12 @@
 
 It waits until ``num_servers`` servers and ``num_workers`` workers have registered, then answers
 every registration with the node's rank and the server addresses. From then on it records
-heartbeats (a node silent for ``heartbeat_timeout`` is marked dead in ``cluster.json``; what to
-do about it is the business of fault tolerance), runs barriers, keeps the key space the workers
-declared, and shuts the servers down once every worker has finalized. Ops: ``protocol``.
+heartbeats (a node silent for ``heartbeat_timeout`` is dead, in ``cluster.json``), runs
+barriers, keeps the key space the workers declared, and shuts the servers down once every
+worker has finalized. It also keeps the leases of the shares of every global batch
+(``pslm.ps.leases``): a dead worker's shares go to live workers at once, and a worker that
+registers late - a dead one restarted - takes the dead one's rank and gets a share back at a
+clock boundary. Ops: ``protocol``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from pslm.errors import ClusterError, ConfigError, ProtocolError
 from pslm.ps import protocol
 from pslm.ps.keyspace import KeySpace
+from pslm.ps.leases import ShareLeases
 from pslm.wire.message import Message
 from pslm.wire.transport import Listener, Poller, tcp_address
 
@@ -83,6 +87,10 @@ class NodeRecord:
     def id(self) -> str:
         return f"{self.role}-{self.rank}"
 
+    @property
+    def live(self) -> bool:
+        return self.state == "alive"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -99,6 +107,9 @@ class NodeRecord:
 @dataclass(slots=True)
 class Barrier:
     group: str
+    members: set[str] = field(default_factory=set)
+    """Who must arrive: the group's live nodes when the barrier began (workers: those holding
+    shares), less those that die meanwhile."""
     waiting: dict[str, Message] = field(default_factory=dict)  # node id -> request
     peers: dict[str, bytes] = field(default_factory=dict)
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # node id -> values
@@ -126,6 +137,9 @@ class Scheduler:
         self.joining: list[tuple[NodeRecord, Message]] = []
         self.barriers: dict[str, Barrier] = {}
         self.finalizing: dict[str, tuple[bytes, Message]] = {}
+        self.leases = ShareLeases(cfg.num_workers)
+        self.parked: list[tuple[NodeRecord, Message]] = []  # late workers awaiting a rank
+        self.told_stop: set[str] = set()  # nodes that heard the cluster is stopping
         self.keyspace: KeySpace | None = None
         self.declared_by = ""
         self.started = time.monotonic()
@@ -154,6 +168,8 @@ class Scheduler:
             "leave": self._leave,
             "shutdown": self._shutdown,
             "status": self._status,
+            "leases": self._leases,
+            "release": self._release,
         }
         try:
             while not self._done():
@@ -193,7 +209,7 @@ class Scheduler:
         role = protocol.field(msg, "role", str)
         if role not in protocol.ROLES:
             raise ProtocolError(f"register: role must be one of {protocol.ROLES}, got {role!r}")
-        if self.complete:
+        if self.complete and role != "worker":
             raise ClusterError(
                 f"the cluster is complete ({self.cfg.num_servers} servers, "
                 f"{self.cfg.num_workers} workers); a {role} cannot join it"
@@ -214,6 +230,8 @@ class Scheduler:
                 tcp_address(node.address)
             except ValueError as exc:
                 raise ProtocolError(f"register: {exc}") from None
+        if self.complete:
+            return self._join(node, msg)
         taken = [n for n, _ in self.joining if n.role == role]
         if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
             raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
@@ -234,27 +252,108 @@ class Scheduler:
             free = sorted(set(range(self._size(role))) - {n.requested_rank for n in members})
             for n in members:
                 n.rank = n.requested_rank if n.requested_rank >= 0 else free.pop(0)
-        servers = sorted((n for n, _ in self.joining if n.role == "server"), key=lambda n: n.rank)
-        for node, msg in self.joining:
+        for node, _ in self.joining:
             node.state = "alive"
             node.last_seen = time.monotonic()
             self.nodes[node.id] = node
-            self.listener.send(
-                node.peer,
-                msg.reply(
-                    id=node.id,
-                    rank=node.rank,
-                    num_workers=self.cfg.num_workers,
-                    num_servers=self.cfg.num_servers,
-                    servers=[s.address for s in servers],
-                    heartbeat_interval=self.cfg.heartbeat_interval,
-                    heartbeat_timeout=self.cfg.heartbeat_timeout,
-                ),
-            )
+        for node, msg in self.joining:
+            self.listener.send(node.peer, self._membership(node, msg))
         self.joining = []
         self.complete = True
         self._write_cluster()
         log.info("cluster complete: %s", ", ".join(sorted(self.nodes)))
+
+    def _membership(self, node: NodeRecord, msg: Message, *, late: bool = False) -> Message:
+        servers = sorted(
+            (n for n in self.nodes.values() if n.role == "server"), key=lambda n: n.rank
+        )
+        return msg.reply(
+            id=node.id,
+            rank=node.rank,
+            num_workers=self.cfg.num_workers,
+            num_servers=self.cfg.num_servers,
+            servers=[s.address for s in servers],
+            heartbeat_interval=self.cfg.heartbeat_interval,
+            heartbeat_timeout=self.cfg.heartbeat_timeout,
+            late=late,
+        )
+
+    # --- workers that come and go -----------------------------------------------------------
+
+    def _join(self, node: NodeRecord, msg: Message) -> Message | None:
+        """A worker registering after the start takes the rank of a dead one (the one it asks
+        for, if any); answered once such a rank is free."""
+        workers = [n for n in self.nodes.values() if n.role == "worker"]
+        wanted = [n for n in workers if node.requested_rank in (-1, n.rank)]
+        for old in wanted:
+            if old.live and old.host == socket.gethostname() and not _pid_alive(old.pid):
+                self._worker_died(old, "its process is gone and a new one took its rank")
+        free = [n for n in wanted if n.state == "dead"]
+        if free:
+            self._admit(node, msg, free[0].rank)
+        elif node.requested_rank < 0 and not any(n.live for n in wanted):
+            raise ClusterError("every worker of the cluster has finished; nothing to join")
+        elif node.requested_rank < 0 and all(n.live for n in workers):
+            raise ClusterError(
+                f"the cluster has its {self.cfg.num_workers} workers; a worker can join only "
+                "in place of a dead one"
+            )
+        else:
+            self.parked.append((node, msg))
+            log.info("a worker asks for rank %d, still alive: it waits", node.requested_rank)
+        return None
+
+    def _admit(self, node: NodeRecord, msg: Message, rank: int) -> None:
+        node.rank = rank
+        node.state = "alive"
+        node.last_seen = time.monotonic()
+        self.nodes[node.id] = node
+        self.listener.send(node.peer, self._membership(node, msg, late=True))
+        log.info("%s joined late (pid %d)", node.id, node.pid)
+        self._rebalance()
+        self._write_cluster()
+
+    def _worker_died(self, node: NodeRecord, why: str) -> None:
+        node.state = "dead"
+        log.warning("%s is dead: %s", node.id, why)
+        live = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
+        for share, taker in self.leases.orphan(node.rank, live):
+            log.warning("share %d of every batch: worker-%d -> worker-%d", share, node.rank, taker)
+        for name in list(self.barriers):
+            self.barriers[name].members.discard(node.id)
+            self._release_barrier(name)
+        self._finish_if_done()
+        parked, self.parked = self.parked, []
+        for late, msg in parked:
+            if late.requested_rank in (-1, node.rank) and node.state == "dead":
+                self._admit(late, msg, node.rank)
+            else:
+                self.parked.append((late, msg))
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        idle = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
+        for share, joiner in self.leases.rebalance(idle):
+            log.info("share %d will move to worker-%d at a clock boundary", share, joiner)
+
+    def _leases(self, peer: bytes, msg: Message) -> Message:
+        node = self._node(msg)
+        stopping = self.stopping_since is not None
+        if stopping:
+            self.told_stop.add(node.id)
+        return msg.reply(**self.leases.to_dict(), stop=stopping)
+
+    def _release(self, peer: bytes, msg: Message) -> Message:
+        node = self._node(msg)
+        share = protocol.field(msg, "share", int)
+        clock = protocol.field(msg, "clock", int)
+        try:
+            taker = self.leases.release(share, node.rank, clock)
+        except ValueError as exc:
+            raise ClusterError(f"release: {exc}") from None
+        log.info("share %d: worker-%d -> worker-%d from clock %d", share, node.rank, taker, clock)
+        self._write_cluster()
+        return msg.reply(**self.leases.to_dict())
 
     def _node(self, msg: Message) -> NodeRecord:
         node_id = protocol.field(msg, "node", str)
@@ -267,11 +366,14 @@ class Scheduler:
         node = self._node(msg)
         node.last_seen = time.monotonic()
         node.last_heartbeat = time.time()
+        if self.stopping_since is not None:
+            self.told_stop.add(node.id)
         if node.state == "dead":
             node.state = "alive"
             log.warning("%s is back", node.id)
+            self._rebalance()
             self._write_cluster()
-        return msg.reply(stop=self.stopping_since is not None)
+        return msg.reply(stop=self.stopping_since is not None, leases=self.leases.version)
 
     def _check_health(self) -> None:
         now = time.monotonic()
@@ -291,11 +393,15 @@ class Scheduler:
             self.stopping_since = now
             return
         changed = False
-        for node in self.nodes.values():
+        for node in list(self.nodes.values()):
             if node.state == "alive" and now - node.last_seen > self.cfg.heartbeat_timeout:
-                node.state = "dead"
+                silent = f"missed heartbeats for {now - node.last_seen:.1f} s"
+                if node.role == "worker":
+                    self._worker_died(node, silent)
+                else:
+                    node.state = "dead"
+                    log.warning("%s %s: dead", node.id, silent)
                 changed = True
-                log.warning("%s missed heartbeats for %.1f s: dead", node.id, now - node.last_seen)
         if changed:
             self._write_cluster()
 
@@ -309,19 +415,31 @@ class Scheduler:
             raise ProtocolError(f"barrier: group must be one of {protocol.GROUPS}")
         if not self._in_group(node, group):
             raise ClusterError(f"{node.id} is not in barrier group {group!r}")
-        barrier = self.barriers.setdefault(name, Barrier(group))
+        if name not in self.barriers:
+            members = {n.id for n in self.nodes.values() if n.live and self._in_group(n, group)}
+            if group == "workers":  # a worker waiting for a share trains nothing yet
+                members = {m for m in members if self.leases.held_by(self.nodes[m].rank)}
+            self.barriers[name] = Barrier(group, members | {node.id})
+        barrier = self.barriers[name]
         if barrier.group != group:
             raise ClusterError(f"barrier {name!r} is for {barrier.group}, not {group}")
         barrier.values[node.id] = _values(protocol.field(msg, "values", dict, {}))
         barrier.waiting[node.id] = msg
         barrier.peers[node.id] = peer
-        members = [n for n in self.nodes.values() if self._in_group(n, group)]
-        if all(n.id in barrier.waiting for n in members):
-            sums = barrier.sums(members)
-            for node_id, req in barrier.waiting.items():
-                self.listener.send(barrier.peers[node_id], req.reply(values=sums))
-            del self.barriers[name]
+        barrier.members.add(node.id)
+        self._release_barrier(name)
         return None
+
+    def _release_barrier(self, name: str) -> None:
+        """Answer a barrier whose members have all arrived (the dead excused)."""
+        barrier = self.barriers[name]
+        if not barrier.members <= set(barrier.waiting):
+            return
+        arrived = [self.nodes[m] for m in barrier.waiting if m in self.nodes]
+        sums = barrier.sums(arrived)
+        for node_id, req in barrier.waiting.items():
+            self.listener.send(barrier.peers[node_id], req.reply(values=sums))
+        del self.barriers[name]
 
     @staticmethod
     def _in_group(node: NodeRecord, group: str) -> bool:
@@ -366,12 +484,24 @@ class Scheduler:
         if node.role != "worker":
             raise ClusterError("only workers finalize")
         self.finalizing[node.id] = (peer, msg)
-        if len(self.finalizing) == self.cfg.num_workers:
-            for node_id, (p, req) in self.finalizing.items():
-                self.nodes[node_id].state = "exited"
-                self.listener.send(p, req.reply())
-            self._stop("every worker finalized")
+        self._finish_if_done()
         return None
+
+    def _finish_if_done(self) -> None:
+        """Stop the cluster once every live worker that holds shares has finalized."""
+        if not self.finalizing or self.stopping_since is not None:
+            return
+        holders = {
+            n.id
+            for n in self.nodes.values()
+            if n.role == "worker" and n.live and self.leases.held_by(n.rank)
+        }
+        if not holders <= set(self.finalizing):
+            return
+        for node_id, (p, req) in self.finalizing.items():
+            self.nodes[node_id].state = "exited"
+            self.listener.send(p, req.reply())
+        self._stop("every worker finalized")
 
     def _leave(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
@@ -398,7 +528,12 @@ class Scheduler:
         if self.stopping_since is None:
             return False
         servers = [n for n in self.nodes.values() if n.role == "server"]
-        if all(n.state in ("exited", "dead") for n in servers):
+        waiting = [  # live workers without shares, until they heard of the stop
+            n
+            for n in self.nodes.values()
+            if n.role == "worker" and n.live and n.id not in self.told_stop
+        ]
+        if all(n.state in ("exited", "dead") for n in servers) and not waiting:
             return True
         if time.monotonic() - self.stopping_since > self.cfg.shutdown_timeout:
             log.warning("servers did not leave within %g s", self.cfg.shutdown_timeout)
@@ -418,6 +553,7 @@ class Scheduler:
             "num_servers": self.cfg.num_servers,
             "state": "stopping" if self.stopping_since is not None else "running",
             "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
+            "leases": self.leases.to_dict(),
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
@@ -438,6 +574,21 @@ def _values(raw: dict[str, Any]) -> dict[str, float]:
             raise ProtocolError("barrier: values map names to numbers")
         out[name] = float(value)
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (and is no zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def _write_atomic(path: Path, text: str) -> None:

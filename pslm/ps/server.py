@@ -3,10 +3,12 @@
     cfg = ServerConfig(scheduler="tcp://127.0.0.1:9000")
     Server(cfg).run()        # blocks until the scheduler shuts the cluster down; exit code
 
-BSP (DESIGN.md): the update for clock c is applied once every worker's push for clock c has
-arrived: the weighted mean of the gradients (summed in worker-rank order, so runs repeat
-exactly), global-norm clipping, one optimizer step; the version becomes c + 1. A pull asking for
-``min_version`` is answered once the version reaches it.
+BSP (DESIGN.md): the update for clock c is applied once every share's push for clock c has
+arrived: the weighted mean of the gradients (summed in share order, so runs repeat exactly),
+global-norm clipping, one optimizer step; the version becomes c + 1. A pull asking for
+``min_version`` is answered once the version reaches it. A share is a part of every global
+batch: share r is worker r's, until the scheduler leases it to another worker (its worker
+died); the server does not care who pushes a share, only that each is taken once a clock.
 
 SSP and ASP (``consistency``): each push is applied on arrival as one optimizer step with that
 worker's gradient (clipped by the norm the worker computed for it, at the learning rate of its
@@ -105,6 +107,8 @@ class Clock:
     norms: dict[int, float] = field(default_factory=dict)
     scalars: dict[int, dict[str, float]] = field(default_factory=dict)
     arrived: dict[int, float] = field(default_factory=dict)
+    pushed_by: dict[int, int] = field(default_factory=dict)
+    """Share -> the worker whose push of it was taken."""
 
 
 MAX_SCALARS = 64
@@ -295,6 +299,7 @@ class Server:
         """A push, or one part of it (``pslm.ps.parts``); applied once complete."""
         store = self._store()
         worker = self._worker(msg)
+        share = self._share(msg, worker)
         clock = protocol.field(msg, "clock", int)
         weight = float(protocol.field(msg, "weight", (int, float), 1.0))
         with_params = protocol.field(msg, "reply_params", bool, False)
@@ -304,10 +309,10 @@ class Server:
         scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
         seq = protocol.field(msg, "seq", int, 0)
         part = decode_part(msg, store)
-        if self._replayed(peer, msg, worker, clock, seq, part):
+        if self._replayed(peer, msg, share, clock, seq, part):
             return
-        self._check_clock(worker, clock)
-        pending = self.incoming.get(worker) or PendingPush.start(clock, weight, store)
+        self._check_clock(share, clock)
+        pending = self.incoming.get(share) or PendingPush.start(clock, weight, store)
         pending.check(part)
         if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
             if pending.sq_norm is None and part.sq_norm is None:
@@ -318,20 +323,21 @@ class Server:
             pending.replies.append(Reply(part.priority, peer, msg, part.reply))
         else:
             self.listener.send(peer, msg.reply(version=store.version))
-        self.incoming[worker] = pending
+        self.incoming[share] = pending
         if part.final:
-            del self.incoming[worker]
-            self._complete(worker, pending)
+            del self.incoming[share]
+            self._complete(share, worker, pending)
 
     def _replayed(
-        self, peer: bytes, msg: Message, worker: int, clock: int, seq: int, part: Part
+        self, peer: bytes, msg: Message, share: int, clock: int, seq: int, part: Part
     ) -> bool:
         """Answer a message of a push this server has already taken - a client retrying after
-        a timeout, or a replay - without taking it again (exactly once). False if new."""
+        a timeout, a replay, or the new holder of a dead worker's share pushing what that
+        worker had pushed - without taking it again (exactly once). False if new."""
         store = self._store()
         with_params = bool(msg.body.get("reply_params"))
-        due = self.gate.clocks[worker] if self.consistency.asynchronous else store.version
-        pending = self.incoming.get(worker)
+        due = self.gate.clocks[share] if self.consistency.asynchronous else store.version
+        pending = self.incoming.get(share)
         if clock < due:  # applied already
             if not with_params:
                 self.listener.send(peer, msg.reply(version=store.version, duplicate=True))
@@ -342,11 +348,11 @@ class Server:
                 self._send_params(peer, msg, part.reply, scalars=self.last_scalars, held_s=0.0)
             else:
                 raise RefusedError(
-                    f"push for clock {clock} from worker {worker} was applied long ago; the "
+                    f"push of share {share} for clock {clock} was applied long ago; the "
                     f"server is at version {store.version}",
                     code="stale",
                 )
-        elif not self.consistency.asynchronous and worker in self.clock.pushes:
+        elif not self.consistency.asynchronous and share in self.clock.pushes:
             if clock != store.version:
                 return False  # too early: refused as such
             self._hold_or_ack(peer, msg, part, self.after_update)  # waits with the others
@@ -354,9 +360,7 @@ class Server:
             self._hold_or_ack(peer, msg, part, pending.replies)
         else:
             return False
-        log.info(
-            "worker %d's push for clock %d (part %d) again: not applied twice", worker, clock, seq
-        )
+        log.info("share %d's push for clock %d (part %d) again: not taken twice", share, clock, seq)
         return True
 
     def _hold_or_ack(self, peer: bytes, msg: Message, part: Part, replies: list[Reply]) -> None:
@@ -365,38 +369,37 @@ class Server:
         else:
             self.listener.send(peer, msg.reply(version=self._store().version, duplicate=True))
 
-    def _check_clock(self, worker: int, clock: int) -> None:
-        """Refuse a push for any clock but the one this worker's push is due for."""
+    def _check_clock(self, share: int, clock: int) -> None:
+        """Refuse a push for any clock but the one this share's push is due for."""
         store = self._store()
         if self.consistency.asynchronous:
-            expected = self.gate.clocks[worker]
+            expected = self.gate.clocks[share]
             if clock != expected:
                 raise RefusedError(
-                    f"push for clock {clock} from worker {worker}: expected clock {expected}",
+                    f"push of share {share} for clock {clock}: expected clock {expected}",
                     code="duplicate" if clock < expected else "bad_clock",
                 )
             return
         if clock != store.version:
             when = "after the server applied it" if clock < store.version else "too early"
             raise RefusedError(
-                f"push for clock {clock} from worker {worker} arrived {when}; "
+                f"push of share {share} for clock {clock} arrived {when}; "
                 f"the server is at version {store.version}",
                 code="bad_clock",
             )
-        if worker in self.clock.pushes:
-            raise RefusedError(
-                f"worker {worker} already pushed for clock {clock}", code="duplicate"
-            )
+        if share in self.clock.pushes:
+            raise RefusedError(f"share {share} was pushed for clock {clock}", code="duplicate")
 
-    def _complete(self, worker: int, push: PendingPush) -> None:
-        """Every part of a worker's push has arrived: apply it (SSP/ASP) or count it in."""
+    def _complete(self, share: int, worker: int, push: PendingPush) -> None:
+        """Every part of a share's push has arrived: apply it (SSP/ASP) or count it in."""
         replies = sorted(push.replies, key=lambda r: r.priority)
         if self.consistency.asynchronous:
-            self._push_now(worker, push, replies)
+            self._push_now(share, push, replies)
             return
-        self.clock.pushes[worker] = (push.weight, push.complete_grads)
-        self.clock.scalars[worker] = push.scalars
-        self.clock.arrived[worker] = time.monotonic()
+        self.clock.pushes[share] = (push.weight, push.complete_grads)
+        self.clock.scalars[share] = push.scalars
+        self.clock.arrived[share] = time.monotonic()
+        self.clock.pushed_by[share] = worker
         self.after_update.extend(replies)
         self._advance()
 
@@ -472,9 +475,9 @@ class Server:
 
     # --- SSP and ASP: every push is an update ----------------------------------------------
 
-    def _push_now(self, worker: int, push: PendingPush, replies: list[Reply]) -> None:
-        """Apply one worker's push at once, then answer it (with parameters: once the gate
-        lets the worker read at its next clock)."""
+    def _push_now(self, share: int, push: PendingPush, replies: list[Reply]) -> None:
+        """Apply one share's push at once, then answer it (with parameters: once the gate
+        lets its pusher read at the next clock)."""
         store = self._store()
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
         if store.optimizer.clip_norm > 0:
@@ -483,7 +486,7 @@ class Server:
         fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
         self._make_params_writable()
         store.apply(fp32, multiplier, step=push.clock)
-        self.gate.advance(worker)
+        self.gate.advance(share)
         for r in replies:
             self.reads.append(_Read(r.peer, r.msg, push.clock + 1, r.selection, push.scalars))
         self._release_reads()
@@ -543,9 +546,12 @@ class Server:
         replies, self.after_update = self.after_update, []
         scalars = self.last_scalars = _mean_scalars(clock)
         now = time.monotonic()
+        by = [clock.pushed_by[s] for s in range(self.me.num_workers)]
         for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
-            held = now - clock.arrived[int(r.msg.body["worker"])]
-            self._send_params(r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6))
+            held = now - clock.arrived[int(r.msg.body.get("share", r.msg.body["worker"]))]
+            self._send_params(
+                r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6), by=by
+            )
         parked, self.parked = self.parked, []
         for peer, msg, min_version, selection in parked:
             if min_version <= store.version:
@@ -605,6 +611,14 @@ class Server:
             )
         return self.store
 
+    def _share(self, msg: Message, worker: int) -> int:
+        """The share a push is for (default: the pushing worker's own)."""
+        assert self.me is not None
+        share = protocol.field(msg, "share", int, worker)
+        if not 0 <= share < self.me.num_workers:
+            raise ProtocolError(f"{msg.op}: share {share} is not in [0, {self.me.num_workers})")
+        return share
+
     def _worker(self, msg: Message) -> int:
         assert self.me is not None
         worker = protocol.field(msg, "worker", int)
@@ -653,8 +667,8 @@ def _scalars(raw: dict[str, Any]) -> dict[str, float]:
 
 
 def _mean_scalars(clock: Clock) -> dict[str, float]:
-    """Each scalar's mean over the workers that sent it, weighted by their push weights, in
-    worker-rank order (the same sum every run)."""
+    """Each scalar's mean over the shares that sent it, weighted by their push weights, in
+    share order (the same sum every run)."""
     sums: dict[str, list[float]] = {}
     for worker in sorted(clock.scalars):
         weight = clock.pushes[worker][0]

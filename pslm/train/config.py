@@ -253,6 +253,11 @@ class ClusterSection:
     secure: bool = False
     """Encrypt all traffic (ZeroMQ CURVE). Either way every node must prove the cluster's
     secret, which the launcher makes up for each run."""
+    worker_restarts: int = 3
+    """BSP: how many times in all the launcher starts a dead worker again; meanwhile the
+    others train its share of every batch, and it gets one back when it rejoins. Other
+    consistency models, or overlap, cannot hand a dead worker's share over: a dead worker
+    fails the run."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0
@@ -263,6 +268,8 @@ class ClusterSection:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.servers < 1:
             raise ConfigError("need at least one worker and one server")
+        if self.worker_restarts < 0:
+            raise ConfigError(f"cluster.worker_restarts must be >= 0, got {self.worker_restarts}")
         if self.bucket_bytes < 1:
             raise ConfigError(f"cluster.bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
@@ -304,6 +311,11 @@ class TrainConfig:
                 f"batch size {self.train.batch_size} is smaller than "
                 f"{self.cluster.workers} workers: every worker needs a row"
             )
+
+    @property
+    def recovers_workers(self) -> bool:
+        """Whether a dead worker's shares can go to the others (BSP without overlap)."""
+        return self.cluster.consistency == "bsp" and not self.cluster.overlap
 
     @property
     def row_embeddings(self) -> bool:

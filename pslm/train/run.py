@@ -138,6 +138,7 @@ def _launch(
         heartbeat_timeout=cfg.cluster.heartbeat_timeout,
         threads_per_worker=cfg.train.threads,
         secure=cfg.cluster.secure,
+        restarts=cfg.cluster.worker_restarts if cfg.recovers_workers else 0,
     )
     try:
         with LocalCluster(launch) as cluster:

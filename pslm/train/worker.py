@@ -9,13 +9,16 @@ also writes ``metrics.jsonl`` and the checkpoints; all workers share the evaluat
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from pslm.errors import Interrupted
 from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
 from pslm.lm.model import GPT
@@ -23,6 +26,9 @@ from pslm.ps.client import Completion, PSClient
 from pslm.ps.consistency import Consistency
 from pslm.train.config import TrainConfig
 from pslm.train.overlap import Overlap
+from pslm.train.shares import ShareKeeper
+
+log = logging.getLogger("pslm.worker")
 
 
 def run(
@@ -68,7 +74,7 @@ class TrainLoop:
         self.val_batches = GlobalBatches(
             len(self.val_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
         )
-        self.rows = worker_slice(client.rank, client.num_workers, t.batch_size)
+        self.keeper = ShareKeeper(client)
         self.optimizer = cfg.optim.optimizer(t.steps)
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
@@ -95,48 +101,149 @@ class TrainLoop:
             else {n: torch.empty_like(p, device="cpu").pin_memory() for n, p in self.params.items()}
         )
         self.metrics: TextIO | None = None
+        self.logged = -1  # the last step in metrics.jsonl
+        # share holders, as last recorded (a late worker records what it found)
+        self.holders = [] if client.late else list(range(client.num_workers))
+        self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
 
     def run(self) -> None:
-        if self.client.rank == 0:
-            self.metrics = (self.run_dir / "metrics.jsonl").open("a")
         try:
             self._train()
         finally:
             if self.metrics is not None:
                 self.metrics.close()
 
+    def _rows(self, share: int) -> tuple[int, int]:
+        """The rows of every global batch that make up ``share``."""
+        return worker_slice(share, self.keeper.num_shares, self.cfg.train.batch_size)
+
+    def _weight(self, share: int) -> int:
+        lo, hi = self._rows(share)
+        return hi - lo
+
     def _train(self) -> None:
         self._init_parameters()
         steps = self.cfg.train.steps
         start = time.perf_counter() - float(self.resume.get("time", 0.0))
         t = self.cfg.train
-        for step in range(self.first_step, steps):
+        step = self.first_step
+        while step < steps:
+            shares = self.keeper.at_boundary(step)
+            if not shares:  # late, or thought dead: wait for a share, then start where it does
+                step = self._rejoin()
+                continue
             self._seed(step)
             last = step == steps - 1
             evaluate = (step + 1) % t.eval_interval == 0 or last
             checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
             extra = t.slowdown(self.client.rank, step, self.client.num_workers)
             t0 = time.perf_counter()
-            if self.overlap is not None:
+            if self.overlap is not None and shares == [self.client.rank]:
                 done, record = self._overlapped_step(step, extra, evaluate or checkpoint, start)
+                step += 1
                 if not record:
                     continue  # its values come back during the next forward pass
             else:
-                loss = self._forward_backward(step, extra)
-                t1 = time.perf_counter()
+                if self.overlap is not None:
+                    self._log_settled(self.overlap.settle(), start)
                 if self.local is None:
-                    done = self._exchange(self._grads(), step, loss)
+                    loss, done, t1 = self._train_shares(step, shares, extra)
                 else:  # local SGD: own steps; every H (and before evaluating) average changes
+                    loss = self._forward_backward(step, extra, shares[0])
+                    t1 = time.perf_counter()
                     self._local_step(step)
                     if (step + 1) % self.consistency.period == 0 or evaluate or checkpoint:
-                        done = self._exchange(self._deltas(), self.round, loss)
+                        done = self._exchange(self._deltas(), self.round, loss, shares[0])
                         self.round += 1
                         self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
                     else:
                         done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
                 comm = time.perf_counter() - t1
                 record = self._record(step, done, t1 - t0, comm, loss, start)
-            self._after_step(step, done, record, evaluate, checkpoint, last, start)
+                step += 1
+            self._after_step(step - 1, done, record, evaluate, checkpoint, last, start)
+
+    def _train_shares(
+        self, step: int, shares: list[int], extra: float
+    ) -> tuple[float, Completion, float]:
+        """Train every share this worker holds for ``step`` and exchange: the shares before the
+        last are pushed on their own (acknowledged before the gradients are reused), the last
+        one with push_pull. A dead worker's share given to this worker meanwhile is computed
+        and pushed while the reply is awaited (the parameters are still those of ``step``).
+        Returns (loss of the last share, completion, when the computing ended)."""
+        for share in shares[:-1]:
+            loss = self._forward_backward(step, extra, share)
+            self._push_share(self._grads(), step, share, loss)
+        share = shares[-1]
+        loss = self._forward_backward(step, extra, share)
+        t1 = time.perf_counter()
+        ts = self.client.push_pull(
+            self._grads(),
+            self.host,
+            clock=step,
+            weight=self._weight(share),
+            scalars={"loss": loss},
+            rows=self._row_selection(step, self.inputs),
+            share=share,
+        )
+        pushed = list(shares)
+        while True:
+            try:
+                done = self.client.wait(ts, interrupt=self.keeper.changed)
+                break
+            except Interrupted:
+                for orphan in self.keeper.taken_over(pushed):
+                    grads, orphan_loss = self._gradients(step, orphan)
+                    self._push_share(grads, step, orphan, orphan_loss)
+                    pushed.append(orphan)
+        self._load_host_params()
+        return loss, done, t1
+
+    def _push_share(
+        self, grads: dict[str, torch.Tensor], step: int, share: int, loss: float
+    ) -> None:
+        """Push one share's gradients for ``step`` and wait for the servers to have them."""
+        x = self._batch(step, share)[0]
+        self.client.wait(
+            self.client.push(
+                grads,
+                clock=step,
+                weight=self._weight(share),
+                scalars={"loss": loss},
+                rows=self._row_selection(step, x, share),
+                share=share,
+            )
+        )
+
+    def _gradients(self, step: int, share: int) -> tuple[dict[str, torch.Tensor], float]:
+        """``share``'s gradients at ``step`` in new tensors (the gradient buffers may still be
+        on their way to the servers)."""
+        x, y = self._batch(step, share)
+        _, loss = self.model(x, y)
+        assert loss is not None
+        names = list(self.params)
+        grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
+        out = {
+            n: (g if g is not None else torch.zeros_like(self.params[n])).detach().cpu()
+            for n, g in zip(names, grads, strict=True)
+        }
+        return out, float(loss.item())
+
+    def _rejoin(self) -> int:
+        """Wait for a share (a worker that joined late or lost its shares); pull the values
+        of the clock it starts at and return that clock."""
+        got, clock = self.keeper.await_share(self.cfg.cluster.timeout)
+        if not got:  # the job ended before a share came
+            return self.cfg.train.steps
+        # a released share starts at its clock: the servers wait there for its push. Shares
+        # nobody held (every worker had died) start where the servers stand
+        done = self.client.wait(self.client.pull(self.host, version=clock or 0))
+        clock = done.version if clock is None else clock
+        self._load_host_params()
+        log.info(
+            "worker %d starts at step %d, shares %s", self.client.rank, clock, self.keeper.mine
+        )
+        return clock
 
     def _overlapped_step(
         self, step: int, extra: float, due: bool, start: float
@@ -149,14 +256,15 @@ class TrainLoop:
         overlap = self.overlap
         t0 = time.perf_counter()
         overlap.begin_step(extra)
-        x, y = self._batch(step)
+        share = self.client.rank
+        x, y = self._batch(step, share)
         _, loss_t = self.model(x, y)
         assert loss_t is not None
         if extra:  # an experiment's straggler: its forward pass takes longer too
             time.sleep(extra * (time.perf_counter() - t0 - overlap.step_comm))
         self._log_settled(overlap.settle(), start)
         self.model.zero_grad(set_to_none=False)
-        overlap.start(step, self.rows[1] - self.rows[0], self._row_selection(step, x))
+        overlap.start(step, self._weight(share), self._row_selection(step, x))
         loss_t.backward()
         loss = float(loss_t.item())
         t1 = time.perf_counter()
@@ -193,7 +301,7 @@ class TrainLoop:
         pause = time.perf_counter()
         if (evaluate or checkpoint) and self.row_name:
             self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's
-        if evaluate and (self._shared_eval(last) or self.client.rank == 0):
+        if evaluate and (self._shared_eval(last) or self.keeper.leader):
             record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
             # staleness -> reads, since the previous evaluation
             record["staleness_hist"] = {str(k): v for k, v in sorted(self.staleness_hist.items())}
@@ -205,6 +313,15 @@ class TrainLoop:
             record["end_time"] = round(time.perf_counter() - start, 4)
             record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
         self._log(record)
+
+    def _lease_change(self) -> dict[str, Any]:
+        """``{"leases": holders}`` when the holders of the shares changed since the last
+        record (a worker died or rejoined), else nothing."""
+        holders = list(self.keeper.leases.holders)
+        if holders == self.holders:
+            return {}
+        self.holders = holders
+        return {"leases": holders}
 
     def _record(
         self,
@@ -232,18 +349,23 @@ class TrainLoop:
             "staleness_max": self._staleness(done.staleness),
             "bytes_pushed": done.bytes_sent,
             "bytes_pulled": done.bytes_received,
+            "trained_by": list(done.trained_by),
+            **self._lease_change(),
         }
 
-    def _exchange(self, grads: dict[str, torch.Tensor], clock: int, loss: float) -> Completion:
+    def _exchange(
+        self, grads: dict[str, torch.Tensor], clock: int, loss: float, share: int
+    ) -> Completion:
         """Push ``grads`` for ``clock`` and load the parameters that come back."""
         done = self.client.wait(
             self.client.push_pull(
                 grads,
                 self.host,
                 clock=clock,
-                weight=self.rows[1] - self.rows[0],
+                weight=self._weight(share),
                 scalars={"loss": loss},
                 rows=self._row_selection(clock, self.inputs),
+                share=share,
             )
         )
         self._load_host_params()
@@ -338,17 +460,17 @@ class TrainLoop:
         w, r = self.client.num_workers, self.client.rank
         torch.manual_seed((self.cfg.train.seed * 1_000_003 + step) * w + r)
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This worker's rows of the global batch of ``step``: inputs and targets."""
-        lo, hi = self.rows
+    def _batch(self, step: int, share: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``share``'s rows of the global batch of ``step``: inputs and targets."""
+        lo, hi = self._rows(share)
         x, y = get_batch(
             self.train_tokens, self.batches.offsets(step)[lo:hi], self.model_config.block_size
         )
         return x.to(self.device), y.to(self.device)
 
-    def _forward_backward(self, step: int, extra: float) -> float:
+    def _forward_backward(self, step: int, extra: float, share: int) -> float:
         start = time.perf_counter()
-        x, y = self._batch(step)
+        x, y = self._batch(step, share)
         self.inputs = x
         self.model.zero_grad(set_to_none=False)
         _, loss = self.model(x, y)
@@ -360,14 +482,15 @@ class TrainLoop:
         return value
 
     def _row_selection(
-        self, step: int, x: torch.Tensor
+        self, step: int, x: torch.Tensor, share: int | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """With untied embeddings: the embedding rows this step pushes (its batch's tokens) and
         the rows the next step reads (the next batch's tokens), to come back after the update."""
         if self.row_name is None:
             return None
         if step + 1 < self.cfg.train.steps:
-            upcoming = self._batch(step + 1)[0].unique()
+            mine = self.keeper.mine if share is None else [share]
+            upcoming = torch.cat([self._batch(step + 1, s)[0].reshape(-1) for s in mine]).unique()
         else:
             upcoming = torch.zeros(0, dtype=torch.long)
         return {self.row_name: (x.unique().cpu(), upcoming.cpu())}
@@ -407,8 +530,11 @@ class TrainLoop:
         self.model.eval()
         total, count = 0.0, 0
         block = self.model_config.block_size
-        rank, stride = (self.client.rank, self.client.num_workers) if shared else (0, 1)
-        for i in range(rank, self.cfg.train.eval_iters, stride):
+        n = self.keeper.num_shares
+        mine = set(self.keeper.mine)
+        for i in range(self.cfg.train.eval_iters):
+            if shared and i % n not in mine:  # each share's batches, by whoever holds it
+                continue
             x, y = get_batch(self.val_tokens, self.val_batches.offsets(i, stream=1), block)
             _, loss = self.model(x.to(self.device), y.to(self.device))
             assert loss is not None
@@ -429,12 +555,12 @@ class TrainLoop:
         """
         if self.consistency.asynchronous:
             self.client.barrier(f"checkpoint-{step}")
-            if self.client.rank == 0:
+            if self.keeper.leader:
                 version = self.client.wait(self.client.pull(self.host, clock=step + 1)).version
                 self._load_host_params()
                 self._write_and_publish(step, version, record)
             self.client.barrier(f"checkpointed-{step}")
-        elif self.client.rank == 0:
+        elif self.keeper.leader:
             self._write_and_publish(step, version, record)
 
     def _write_and_publish(self, step: int, version: int, record: dict[str, Any]) -> None:
@@ -465,6 +591,22 @@ class TrainLoop:
         write_model(tmp, self.model, meta)
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+        """Keep the record; the leader (holder of share 0) appends it to metrics.jsonl, with
+        the records a leader that died did not write."""
+        self.recent.append(record)
+        if not self.keeper.leader:
+            if self.metrics is not None:  # share 0 went back to a restarted worker 0
+                self.metrics.close()
+                self.metrics = None
+            return
+        if self.metrics is None:
+            path = self.run_dir / "metrics.jsonl"
+            if path.exists():
+                lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}")]
+                self.logged = json.loads(lines[-1])["step"] if lines else -1
+            self.metrics = path.open("a")
+        for r in self.recent:
+            if r["step"] > self.logged:
+                self.metrics.write(json.dumps(r) + "\n")
+                self.logged = r["step"]
+        self.metrics.flush()

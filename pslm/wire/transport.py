@@ -25,11 +25,20 @@ from typing import Any
 
 import zmq
 
-from pslm.errors import ProtocolError, RefusedError, RequestTimeout, TransportError
+from pslm.errors import (
+    Interrupted,
+    ProtocolError,
+    RefusedError,
+    RequestTimeout,
+    TransportError,
+)
 from pslm.wire import auth
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, MAX_FRAME, Message, decode, encode
 
 log = logging.getLogger("pslm.wire")
+
+INTERRUPT_EVERY = 0.1
+"""Seconds between two questions to a wait's ``interrupt``."""
 
 
 def context() -> zmq.Context[Any]:
@@ -201,17 +210,21 @@ class Channel:
         ids: Iterable[int],
         timeout: float | None = None,
         on_reply: Callable[[int, Message], None] | None = None,
+        interrupt: Callable[[], bool] | None = None,
     ) -> dict[int, Message]:
         """The replies to ``ids``; blocks at most ``timeout`` (default: the channel's).
 
         ``on_reply(id, reply)`` is called for each successful reply as soon as it arrives, so
-        its work overlaps with the replies still on their way.
+        its work overlaps with the replies still on their way. ``interrupt`` is asked about
+        every INTERRUPT_EVERY seconds; when it says True, Interrupted is raised and the
+        requests stay pending, to be waited for again (their deadline starts anew).
         """
         ids = list(ids)
         names = {i: self._pending.get(i, "?") for i in ids}
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         done: set[int] = set()
+        forget = True
         try:
             while True:
                 for i in ids:
@@ -225,12 +238,17 @@ class Channel:
                 if left <= 0:
                     peers = sorted({names[i] for i in ids if i not in done})
                     raise RequestTimeout(f"no reply from {', '.join(peers)} within {limit:g} s")
+                if interrupt is not None:
+                    if interrupt():
+                        forget = False
+                        raise Interrupted("the wait was interrupted; the requests are pending")
+                    left = min(left, INTERRUPT_EVERY)
                 for conn in self._poller.poll(left):
                     assert isinstance(conn, Connection)
                     self._take(conn)
             replies = {i: self._replies[i] for i in ids}
         finally:
-            for i in ids:  # forget them either way; late replies are dropped in _take
+            for i in ids if forget else ():  # late replies are dropped in _take
                 self._pending.pop(i, None)
                 self._replies.pop(i, None)
         for i, reply in replies.items():

@@ -1,0 +1,116 @@
+"""Who trains which share of every global batch: the scheduler's leases.
+
+    leases = ShareLeases(num_shares=4)          # share r -> worker r
+    leases.orphan(dead=1, live=[0, 2, 3])       # worker 1 died: its share to a live holder
+    leases.rebalance(joiners=[1])               # worker 1 is back: a share will move to it
+    leases.release(share=1, worker=2, clock=57) # its holder lets it go before clock 57
+    leases.held_by(2)                           # [2]
+
+Every global batch is cut into as many shares as the job started with workers; share r is
+worker r's until that worker dies. Then the live worker with the fewest shares takes it over
+at once and pushes it from the clock it is working on, so no step misses any part of its batch
+(servers take one push per share and clock, so a share pushed twice counts once). A worker that
+(re)joins gets a share back by a transfer: its holder finishes a clock, releases the share
+from the next one, and the joiner starts there. ``version`` changes with every change, so
+that workers can tell cheaply (from heartbeat replies) when to look again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NOBODY = -1
+
+
+class ShareLeases:
+    """Share -> holder, the clock from which a transferred share's new holder pushes it, and
+    the transfers waiting for a release."""
+
+    def __init__(self, num_shares: int):
+        self.holders = list(range(num_shares))
+        self.starts: dict[int, int] = {}
+        """Share -> the first clock its current holder pushes (after a transfer)."""
+        self.moving: dict[int, int] = {}
+        """Share -> the worker it moves to once its holder releases it."""
+        self.version = 0
+
+    def held_by(self, worker: int) -> list[int]:
+        return [s for s, w in enumerate(self.holders) if w == worker]
+
+    def orphan(self, dead: int, live: list[int]) -> list[tuple[int, int]]:
+        """Give the shares of ``dead`` to the ``live`` workers that hold shares (fewest
+        first, then lowest rank); returns (share, new holder) pairs."""
+        moved = []
+        self.moving = {s: w for s, w in self.moving.items() if w != dead}
+        holders = [w for w in live if w != dead and self.held_by(w)]
+        for share in self.held_by(dead):
+            if not holders:
+                self.holders[share] = NOBODY
+                moved.append((share, NOBODY))
+                continue
+            taker = min(holders, key=lambda w: (len(self.held_by(w)), w))
+            self.holders[share] = taker
+            self.starts.pop(share, None)  # from whatever clock the taker is at
+            self.moving.pop(share, None)
+            moved.append((share, taker))
+        if moved:
+            self.version += 1
+        return moved
+
+    def rebalance(self, joiners: list[int]) -> list[tuple[int, int]]:
+        """Find a share for each worker in ``joiners`` that holds none and awaits none; returns
+        (share, joiner) pairs. A share nobody holds goes to it at once; otherwise a share of a
+        worker holding two or more (its own first) moves once its holder releases it."""
+        queued = []
+        for joiner in joiners:
+            if self.held_by(joiner) or joiner in self.moving.values():
+                continue
+            share = self._share_for(joiner)
+            if share is None:
+                continue
+            if self.holders[share] == NOBODY:  # nobody to release it
+                self.holders[share] = joiner
+                self.starts.pop(share, None)
+            else:
+                self.moving[share] = joiner
+            queued.append((share, joiner))
+        if queued:
+            self.version += 1
+        return queued
+
+    def _share_for(self, joiner: int) -> int | None:
+        free = [s for s, w in enumerate(self.holders) if w == NOBODY]
+        if free:
+            return free[0]
+        spare = [
+            s
+            for s, w in enumerate(self.holders)
+            if s not in self.moving and len(self.held_by(w)) > 1
+        ]
+        if not spare:
+            return None
+        if joiner in spare:
+            return joiner
+        return max(spare, key=lambda s: (len(self.held_by(self.holders[s])), -s))
+
+    def release(self, share: int, worker: int, clock: int) -> int:
+        """``worker`` lets ``share`` go: it pushed it up to ``clock`` - 1. Returns the new
+        holder, who pushes it from ``clock``. ValueError if the release does not fit."""
+        if not 0 <= share < len(self.holders) or self.holders[share] != worker:
+            raise ValueError(f"worker {worker} does not hold share {share}")
+        if share not in self.moving:
+            raise ValueError(f"share {share} is not moving")
+        if clock < 0:
+            raise ValueError(f"clock must be >= 0, got {clock}")
+        self.holders[share] = self.moving.pop(share)
+        self.starts[share] = clock
+        self.version += 1
+        return self.holders[share]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "holders": list(self.holders),
+            "starts": {str(s): c for s, c in self.starts.items()},
+            "moving": {str(s): w for s, w in self.moving.items()},
+        }

@@ -1,0 +1,107 @@
+"""Worker failures under BSP: kill -9 a worker mid-run; the others take its share of every
+batch, the launcher starts it again, it rejoins, and nothing is lost or trained twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pslm.ps.leases import NOBODY, ShareLeases
+from tests.conftest import REPO
+from tests.test_train import CONFIG, _story, _wait_for, metrics, pslm
+
+STEPS = 60
+
+
+def test_leases_hand_a_dead_workers_share_over_and_back() -> None:
+    leases = ShareLeases(3)
+    assert leases.orphan(dead=1, live=[0, 2]) == [(1, 0)] and leases.holders == [0, 0, 2]
+    assert leases.orphan(dead=2, live=[0]) == [(2, 0)] and leases.held_by(0) == [0, 1, 2]
+    assert leases.rebalance([1, 2]) == [(1, 1), (2, 2)]  # their own shares, once released
+    assert leases.moving == {1: 1, 2: 2} and leases.holders == [0, 0, 0]
+    version = leases.version
+    assert leases.release(1, worker=0, clock=17) == 1
+    assert leases.holders == [0, 1, 0] and leases.starts == {1: 17}
+    assert leases.version > version
+    with pytest.raises(ValueError, match="does not hold"):
+        leases.release(2, worker=1, clock=18)
+    assert leases.orphan(dead=0, live=[1, 2]) == [(0, 1), (2, 1)]  # 2 was moving to 2: dead
+    assert leases.orphan(dead=1, live=[2]) == [(0, NOBODY), (1, NOBODY), (2, NOBODY)]
+    assert leases.rebalance([2]) == [(0, 2)] and leases.holders[0] == 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("failures")
+    (root / "story.txt").write_text(_story())
+    config = CONFIG.replace("steps = 30", f"steps = {STEPS}")
+    config += "\n[cluster]\nheartbeat_timeout = 2.0\nheartbeat_interval = 0.5\n"
+    (root / "tiny.toml").write_text(config)
+    return {"root": root, "corpus": root / "story.txt", "config": root / "tiny.toml"}
+
+
+def _worker_pid(run: Path, rank: int) -> int:
+    try:
+        doc = json.loads((run / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    for n in doc["nodes"]:
+        if n["id"] == f"worker-{rank}" and n["state"] == "alive":
+            return int(n["pid"])
+    return 0
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker-1", "worker-0-the-leader"])
+def test_a_killed_worker_loses_nothing_and_rejoins(setup, victim: int) -> None:
+    args = ["train", "--config", setup["config"], "--data", setup["corpus"]]
+    whole = setup["root"] / f"whole-{victim}"
+    res = pslm(*args, "--run-dir", whole)
+    assert res.returncode == 0, res.stderr
+    run = setup["root"] / f"killed-{victim}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *map(str, args), "--run-dir", str(run)]
+        + ["--slow-worker", f"{1 - victim}:30"],  # slow enough to be killed midway
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = _wait_for(lambda: _worker_pid(run, victim), "the worker")
+        _wait_for(
+            lambda: len(metrics(run)) >= 15 if (run / "metrics.jsonl").exists() else 0, "steps"
+        )
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    recs, want = metrics(run), metrics(whole)
+    assert [r["step"] for r in recs] == list(range(STEPS))  # every step logged once
+    for a, b in zip(recs, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert len(a["trained_by"]) == 2  # each share of each batch taken exactly once
+    helped = [r["step"] for r in recs if r["trained_by"] != [0, 1]]
+    assert helped, "the other worker never trained the dead one's share"
+    assert recs[-1]["trained_by"] == [0, 1]  # the restarted worker got its share back
+    changes = [r["leases"] for r in recs if "leases" in r]
+    assert changes[0] == [1 - victim] * 2 and changes[-1] == [0, 1]  # recorded as they came
+    final = [
+        load_file(str(r / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+        for r in (run, whole)
+    ]
+    for name, t in final[1].items():
+        torch.testing.assert_close(final[0][name], t, rtol=1e-5, atol=1e-7)
+    log = (run / "logs" / "scheduler.log").read_text()
+    assert f"worker-{victim} is dead" in log and f"worker-{victim} joined late" in log
+    cluster = json.loads((run / "cluster.json").read_text())
+    assert cluster["leases"]["holders"] == [0, 1]
