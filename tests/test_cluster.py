@@ -271,7 +271,7 @@ def test_compressed_pushes_and_pulls(one_worker_cluster) -> None:
     assert float((out["w"] - expected).abs().max()) <= span / 510 + 0.01 * float(w.abs().max())
     assert torch.equal(out["w"], out["w"].bfloat16().float())  # came as bf16
     # the residual int8 dropped (per chunk: its scale is per chunk) is kept for the next push
-    assert client.feedback.residual and client.feedback.residual["k0"].abs().max() > 0
+    assert client.feedback.residual and client.feedback.residual["0/k0"].abs().max() > 0
     with pytest.raises(RefusedError, match="pulls take"):
         msg_body = {"worker": 0, "min_version": 0, "pull_codec": "int8"}
         from pslm.wire.message import Message

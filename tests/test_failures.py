@@ -34,8 +34,10 @@ def test_leases_hand_a_dead_workers_share_over_and_back() -> None:
     with pytest.raises(ValueError, match="does not hold"):
         leases.release(2, worker=1, clock=18)
     assert leases.orphan(dead=0, live=[1, 2]) == [(0, 1), (2, 1)]  # 2 was moving to 2: dead
-    assert leases.orphan(dead=1, live=[2]) == [(0, NOBODY), (1, NOBODY), (2, NOBODY)]
-    assert leases.rebalance([2]) == [(0, 2)] and leases.holders[0] == 2
+    # worker 2 holds nothing yet: still, it is alive
+    assert leases.orphan(dead=1, live=[2]) == [(0, 2), (1, 2), (2, 2)]
+    assert leases.orphan(dead=2, live=[]) == [(0, NOBODY), (1, NOBODY), (2, NOBODY)]
+    assert leases.rebalance([0, 1]) == [(0, 0), (1, 1), (2, 0)]  # nobody's: all given out
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ BENCHES = {
     "train": "pslm.bench.train",
     "quality": "pslm.bench.quality",
     "consistency": "pslm.bench.consistency",
+    "recovery": "pslm.bench.recovery",
 }
 
 

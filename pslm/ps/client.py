@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -29,6 +29,8 @@ from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
+from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, sq_norm
+from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
 from pslm.wire.codecs import ErrorFeedback, get_codec
 from pslm.wire.message import Message
@@ -96,92 +98,12 @@ class Completion(NamedTuple):
     """BSP push_pull: the worker whose push of each share the update took, by share."""
 
 
-class Leases(NamedTuple):
-    """Who holds each share (``pslm.ps.leases``), as the scheduler sent it."""
-
-    version: int
-    holders: tuple[int, ...]
-    """Share -> the worker holding it (-1: nobody)."""
-    starts: dict[int, int]
-    """Share -> the first clock its holder pushes it (shares that moved)."""
-    moving: dict[int, int]
-    """Share -> the worker it goes to once its holder releases it."""
-    stop: bool = False
-    """The cluster is shutting down."""
-
-    def mine(self, rank: int) -> list[int]:
-        return [s for s, w in enumerate(self.holders) if w == rank]
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> Leases:
-        try:
-            return cls(
-                int(body["version"]),
-                tuple(int(w) for w in body["holders"]),
-                {int(s): int(c) for s, c in body["starts"].items()},
-                {int(s): int(w) for s, w in body["moving"].items()},
-                bool(body.get("stop", False)),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ProtocolError(f"malformed leases from the scheduler: {exc!r}") from None
-
-
-class Slot(NamedTuple):
-    """Where one chunk lives in the caller's tensors."""
-
-    key: int
-    name: str
-    offset: int
-    length: int
-    width: int = 0
-    """Row chunks: elements per row (0: a dense chunk)."""
-    position: int = 0
-    """Where the chunk stands in its server's shard order."""
-
-    def rows_in(self, rows: torch.Tensor) -> torch.Tensor:
-        """The rows of sorted global ``rows`` that fall in this row chunk."""
-        first = self.offset // self.width
-        lo, hi = torch.searchsorted(rows, torch.tensor([first, first + self.length // self.width]))
-        return rows[int(lo) : int(hi)]
-
-
-@dataclass(slots=True)
-class Expect:
-    """What a reply from one server carries, in order: the dense pieces (``pieces``), runs of
-    whole chunks (``runs``, one tensor each), then the wanted rows of row chunks (``rows``:
-    slot, global rows)."""
-
-    pieces: bool = False
-    runs: list[list[Slot]] = field(default_factory=list)
-    rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
-
-
 @dataclass(slots=True)
 class _Request:
     ids: dict[int, int]  # request id -> server rank
     expect: dict[int, Expect]  # request id -> what its reply carries
     out: Mapping[str, torch.Tensor] | None
     sent: int = 0  # tensor bytes
-
-
-def _adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
-    """One tensor spanning ``views`` if they lie back to back in one storage, else None."""
-    if len(views) == 1:
-        return views[0]
-    first = views[0]
-    storage = first.untyped_storage()
-    size = first.element_size()
-    end = first.data_ptr() + first.numel() * size
-    for v in views[1:]:
-        if v.dtype != first.dtype or v.untyped_storage().data_ptr() != storage.data_ptr():
-            return None
-        if v.data_ptr() != end:
-            return None
-        end += v.numel() * size
-    n = (end - first.data_ptr()) // size
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        storage, first.storage_offset(), (n,), (1,)
-    )
 
 
 class PSClient:
@@ -522,7 +444,9 @@ class PSClient:
         except Interrupted:
             self._requests[ts] = req
             raise
-        if req.out is not None:
+        if req.out is not None:  # every reply checked before any is copied: all or nothing
+            for rid, reply in replies.items():
+                self.scatter(reply, req.ids[rid], req.expect[rid], req.out, check_only=True)
             for rid, reply in replies.items():
                 self.scatter(reply, req.ids[rid], req.expect[rid], req.out)
         version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
@@ -602,7 +526,7 @@ class PSClient:
             extra: dict[str, Any] = (
                 {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
             )
-            tensors = self._encode_dense(grads, s)
+            tensors = self._encode_dense(grads, s, body["share"])
             row_slots = self._layout[s][self._n_dense(s) :]
             row_tensors, row_expect = self.encode_rows(grads, row_slots, wanted)
             if row_slots:
@@ -651,54 +575,40 @@ class PSClient:
             raise ConfigError(f"push: {sorted(unknown)} are not row tensors")
         return out
 
-    def _encode_dense(self, grads: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
+    def _encode_dense(
+        self, grads: Mapping[str, torch.Tensor], server: int, share: int
+    ) -> list[torch.Tensor]:
         """All of ``server``'s dense chunks of ``grads`` as a push carries them: in pieces for
-        elementwise codecs, else one chunk at a time (``pslm.ps.parts``)."""
+        elementwise codecs, else one chunk at a time (``pslm.ps.parts``). Lossy codecs keep
+        their residual per share and piece (or chunk)."""
         if not self.feedback.codec.elementwise:
-            return self.encode_chunks(grads, self._layout[server][: self._n_dense(server)])
+            slots = self._layout[server][: self._n_dense(server)]
+            return self.encode_runs(grads, [[slot] for slot in slots], share)
         return [
             part
             for i, piece in enumerate(self._pack(grads, server))
-            for part in self.feedback.encode(f"{server}/{i}", piece.reshape(-1))
+            for part in self.feedback.encode(f"{share}/{server}/{i}", piece.reshape(-1))
         ]
 
-    def encode_chunks(
-        self, grads: Mapping[str, torch.Tensor], slots: Sequence[Slot]
-    ) -> list[torch.Tensor]:
-        """Dense chunks ``slots`` of ``grads``, one at a time, through the push codec."""
-        return self.encode_runs(grads, [[slot] for slot in slots])
-
     def encode_runs(
-        self, grads: Mapping[str, torch.Tensor], runs: Sequence[Sequence[Slot]]
+        self, grads: Mapping[str, torch.Tensor], runs: Sequence[Sequence[Slot]], share: int
     ) -> list[torch.Tensor]:
         """Runs of dense chunks of ``grads``, a run a tensor, through the push codec."""
         out = []
         for run in runs:
             views = [grads[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
-            span = _adjacent(views)
+            span = adjacent(views)
             out += self.feedback.encode(
-                f"k{run[0].key}", span if span is not None else torch.cat(views)
+                f"{share}/k{run[0].key}", span if span is not None else torch.cat(views)
             )
         return out
 
     def runs_of(self, slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
-        """``slots`` (one server's, in shard order) in runs: consecutive positions whose
-        gradients lie back to back in memory travel as one tensor (elementwise codecs)."""
-        runs: list[list[Slot]] = []
-        for slot in slots:
-            if (
-                runs
-                and self.feedback.codec.elementwise
-                and slot.position == runs[-1][-1].position + 1
-            ):
-                prev = runs[-1][-1]
-                a = grads[prev.name].reshape(-1)[prev.offset : prev.offset + prev.length]
-                b = grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length]
-                if _adjacent([a, b]) is not None:
-                    runs[-1].append(slot)
-                    continue
-            runs.append([slot])
-        return runs
+        """``slots`` (one server's, in shard order) in runs that travel as one tensor each
+        (``pslm.ps.layout.runs_of``; single chunks for codecs that are not elementwise)."""
+        if not self.feedback.codec.elementwise:
+            return [[slot] for slot in slots]
+        return runs_of(slots, grads)
 
     def encode_rows(
         self,
@@ -755,15 +665,22 @@ class PSClient:
         out = []
         for lo, hi in self.keyspace.pieces(server):
             views = [flat[s.name][s.offset : s.offset + s.length] for s in slots[lo:hi]]
-            run = _adjacent(views)
+            run = adjacent(views)
             # a fresh buffer when copying: zmq may still be sending an earlier one
             out.append(run if run is not None else torch.cat(views))
         return out
 
     def scatter(
-        self, reply: Message, server: int, expect: Expect, out: Mapping[str, torch.Tensor]
+        self,
+        reply: Message,
+        server: int,
+        expect: Expect,
+        out: Mapping[str, torch.Tensor],
+        *,
+        check_only: bool = False,
     ) -> None:
-        """Copy a reply into ``out``: its dense pieces, whole chunks, then rows."""
+        """Copy a reply into ``out``: its dense pieces, whole chunks, then rows (ProtocolError
+        if a tensor has the wrong size; ``check_only``: check, copy nothing)."""
         assert self.keyspace is not None
         pieces = self.keyspace.pieces(server) if expect.pieces else []
         n = len(pieces) + len(expect.runs) + len(expect.rows)
@@ -773,27 +690,15 @@ class PSClient:
         layout = self._layout[server]
         # the finite lists first: zip stops on them before taking from the iterator
         for (lo, hi), t in zip(pieces, tensors, strict=False):
-            self._copy_run(t, layout[lo:hi], out)
+            copy_run(t, layout[lo:hi], out, check_only)
         for run, t in zip(expect.runs, tensors, strict=False):
-            self._copy_run(t, run, out)
+            copy_run(t, run, out, check_only)
         for (slot, rows), t in zip(expect.rows, tensors, strict=False):
             if t.dim() != 1 or t.numel() != len(rows) * slot.width:
                 raise ProtocolError(f"reply rows for {slot.name!r} have the wrong size")
-            dest = out[slot.name].view(-1, slot.width)
-            dest.index_copy_(0, rows, t.view(-1, slot.width).to(dest.dtype))
-
-    @staticmethod
-    def _copy_run(t: torch.Tensor, run: list[Slot], out: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``t``, the values of the chunks ``run`` back to back, into ``out``."""
-        if t.dim() != 1 or t.numel() != sum(s.length for s in run):
-            raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
-        views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
-        span = _adjacent(views)
-        if span is not None:
-            span.copy_(t)
-            return
-        for view, part in zip(views, t.split([s.length for s in run]), strict=True):
-            view.copy_(part)
+            if not check_only:
+                dest = out[slot.name].view(-1, slot.width)
+                dest.index_copy_(0, rows, t.view(-1, slot.width).to(dest.dtype))
 
     def _check(self, tensors: Mapping[str, torch.Tensor], what: str, *, full: bool) -> None:
         self._check_alive()
@@ -824,9 +729,3 @@ class PSClient:
             raise ClusterError("this client is closed")
         if self.heartbeat.lost.is_set():
             raise ClusterError(f"lost contact with the scheduler at {self.cfg.scheduler}")
-
-
-def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
-    """The squared norm of all of ``grads``: fp32 norms per tensor, squared and summed in
-    float64 in the mapping's order (what SSP/ASP clip each push by)."""
-    return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from pslm.errors import ClusterError, ConfigError
-from pslm.ps.client import Completion, Expect, PSClient, Slot, sq_norm
+from pslm.ps.client import Completion, PSClient
+from pslm.ps.layout import Expect, Slot, sq_norm
 from pslm.wire.message import Message
 
 
@@ -215,7 +216,8 @@ class Exchange:
         )
         runs = self.plan.runs(self.client, server, tuple(mine), dense, grads)
         row_slots = [slot for b in mine for slot in self.plan.buckets[b].rows.get(server, [])]
-        tensors = self.client.encode_runs(grads, runs)
+        share = self.client.rank if self.share is None else self.share
+        tensors = self.client.encode_runs(grads, runs, share)
         row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
         params = bool(mine)
         body = self.client.push_header(

@@ -17,7 +17,9 @@ that workers can tell cheaply (from heartbeat replies) when to look again.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
+
+from pslm.errors import ProtocolError
 
 NOBODY = -1
 
@@ -39,10 +41,12 @@ class ShareLeases:
 
     def orphan(self, dead: int, live: list[int]) -> list[tuple[int, int]]:
         """Give the shares of ``dead`` to the ``live`` workers that hold shares (fewest
-        first, then lowest rank); returns (share, new holder) pairs."""
+        first, then lowest rank) - or, if none does, to the other live workers; returns
+        (share, new holder) pairs."""
         moved = []
         self.moving = {s: w for s, w in self.moving.items() if w != dead}
-        holders = [w for w in live if w != dead and self.held_by(w)]
+        others = [w for w in live if w != dead]
+        holders = [w for w in others if self.held_by(w)] or others
         for share in self.held_by(dead):
             if not holders:
                 self.holders[share] = NOBODY
@@ -59,29 +63,30 @@ class ShareLeases:
 
     def rebalance(self, joiners: list[int]) -> list[tuple[int, int]]:
         """Find a share for each worker in ``joiners`` that holds none and awaits none; returns
-        (share, joiner) pairs. A share nobody holds goes to it at once; otherwise a share of a
-        worker holding two or more (its own first) moves once its holder releases it."""
+        (share, joiner) pairs. Shares nobody holds go to them at once, all of them; otherwise
+        a share of a worker holding two or more (its own first) moves once its holder
+        releases it."""
         queued = []
+        idle = [j for j in joiners if not self.held_by(j) and j not in self.moving.values()]
+        free = [s for s, w in enumerate(self.holders) if w == NOBODY]
+        for i, share in enumerate(free if idle else []):  # nobody to release them
+            self.holders[share] = idle[i % len(idle)]
+            self.starts.pop(share, None)
+            queued.append((share, self.holders[share]))
         for joiner in joiners:
             if self.held_by(joiner) or joiner in self.moving.values():
                 continue
-            share = self._share_for(joiner)
-            if share is None:
-                continue
-            if self.holders[share] == NOBODY:  # nobody to release it
-                self.holders[share] = joiner
-                self.starts.pop(share, None)
-            else:
-                self.moving[share] = joiner
-            queued.append((share, joiner))
+            spare = self._spare_for(joiner)
+            if spare is not None:
+                self.moving[spare] = joiner
+                queued.append((spare, joiner))
         if queued:
             self.version += 1
         return queued
 
-    def _share_for(self, joiner: int) -> int | None:
-        free = [s for s, w in enumerate(self.holders) if w == NOBODY]
-        if free:
-            return free[0]
+    def _spare_for(self, joiner: int) -> int | None:
+        """A share that can move to ``joiner``: of a worker holding two or more, its own
+        first, else one of the busiest holder's."""
         spare = [
             s
             for s, w in enumerate(self.holders)
@@ -114,3 +119,33 @@ class ShareLeases:
             "starts": {str(s): c for s, c in self.starts.items()},
             "moving": {str(s): w for s, w in self.moving.items()},
         }
+
+
+class Leases(NamedTuple):
+    """Who holds each share (``pslm.ps.leases``), as the scheduler sent it."""
+
+    version: int
+    holders: tuple[int, ...]
+    """Share -> the worker holding it (-1: nobody)."""
+    starts: dict[int, int]
+    """Share -> the first clock its holder pushes it (shares that moved)."""
+    moving: dict[int, int]
+    """Share -> the worker it goes to once its holder releases it."""
+    stop: bool = False
+    """The cluster is shutting down."""
+
+    def mine(self, rank: int) -> list[int]:
+        return [s for s, w in enumerate(self.holders) if w == rank]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Leases:
+        try:
+            return cls(
+                int(body["version"]),
+                tuple(int(w) for w in body["holders"]),
+                {int(s): int(c) for s, c in body["starts"].items()},
+                {int(s): int(w) for s, w in body["moving"].items()},
+                bool(body.get("stop", False)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed leases from the scheduler: {exc!r}") from None

@@ -124,6 +124,8 @@ class Barrier:
 
 
 MAX_VALUES = 64
+RELEASED_KEPT = 64
+"""Released barriers whose sums are kept, for a member that arrives after the release."""
 
 
 class Scheduler:
@@ -140,6 +142,7 @@ class Scheduler:
         self.leases = ShareLeases(cfg.num_workers)
         self.parked: list[tuple[NodeRecord, Message]] = []  # late workers awaiting a rank
         self.told_stop: set[str] = set()  # nodes that heard the cluster is stopping
+        self.released: dict[str, dict[str, float]] = {}  # the last barriers' sums, by name
         self.keyspace: KeySpace | None = None
         self.declared_by = ""
         self.started = time.monotonic()
@@ -288,7 +291,8 @@ class Scheduler:
         for old in wanted:
             if old.live and old.host == socket.gethostname() and not _pid_alive(old.pid):
                 self._worker_died(old, "its process is gone and a new one took its rank")
-        free = [n for n in wanted if n.state == "dead"]
+        # dead ranks nobody took over yet (a parked worker may just have)
+        free = [n for n in wanted if n.state == "dead" and self.nodes.get(n.id) is n]
         if free:
             self._admit(node, msg, free[0].rank)
         elif node.requested_rank < 0 and not any(n.live for n in wanted):
@@ -324,8 +328,8 @@ class Scheduler:
             self._release_barrier(name)
         self._finish_if_done()
         parked, self.parked = self.parked, []
-        for late, msg in parked:
-            if late.requested_rank in (-1, node.rank) and node.state == "dead":
+        for late, msg in parked:  # one of them takes the rank
+            if late.requested_rank in (-1, node.rank) and self.nodes.get(node.id) is node:
                 self._admit(late, msg, node.rank)
             else:
                 self.parked.append((late, msg))
@@ -411,6 +415,8 @@ class Scheduler:
         node = self._node(msg)
         name = protocol.field(msg, "name", str)
         group = protocol.field(msg, "group", str, "all")
+        if name in self.released:  # a latecomer (it was thought dead): the answer it missed
+            return msg.reply(values=self.released[name])
         if group not in protocol.GROUPS:
             raise ProtocolError(f"barrier: group must be one of {protocol.GROUPS}")
         if not self._in_group(node, group):
@@ -440,6 +446,9 @@ class Scheduler:
         for node_id, req in barrier.waiting.items():
             self.listener.send(barrier.peers[node_id], req.reply(values=sums))
         del self.barriers[name]
+        self.released[name] = sums
+        while len(self.released) > RELEASED_KEPT:
+            del self.released[next(iter(self.released))]
 
     @staticmethod
     def _in_group(node: NodeRecord, group: str) -> bool:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import time
 
-from pslm.errors import ClusterError
-from pslm.ps.client import Leases, PSClient
+from pslm.errors import ClusterError, RefusedError
+from pslm.ps.client import PSClient
+from pslm.ps.leases import Leases
 
 log = logging.getLogger("pslm.shares")
 
@@ -25,8 +26,12 @@ POLL = 0.2
 
 
 class ShareKeeper:
-    def __init__(self, client: PSClient):
+    """``follow`` False (the run cannot hand shares over: SSP, ASP, local SGD, overlap): the
+    worker trains its own share, whatever the scheduler says."""
+
+    def __init__(self, client: PSClient, *, follow: bool = True):
         self.client = client
+        self.follow = follow
         self.leases = Leases(
             0,
             tuple(range(client.num_workers)),
@@ -46,7 +51,7 @@ class ShareKeeper:
 
     def changed(self) -> bool:
         """Whether the scheduler has changed the leases since this worker last looked."""
-        return self.client.lease_version != self.leases.version
+        return self.follow and self.client.lease_version != self.leases.version
 
     def refresh(self) -> Leases:
         self.leases = self.client.leases()
@@ -61,8 +66,12 @@ class ShareKeeper:
         if self.changed():
             self.refresh()
         for share in [s for s in self.leases.mine(self.client.rank) if s in self.leases.moving]:
-            self.leases = self.client.release(share, clock)
-            log.info("released share %d from clock %d", share, clock)
+            try:
+                self.leases = self.client.release(share, clock)
+                log.info("released share %d from clock %d", share, clock)
+            except RefusedError as exc:  # the move was called off meanwhile: look again
+                log.info("share %d stays: %s", share, exc)
+                self.refresh()
         self.mine = self.leases.mine(self.client.rank)
         return list(self.mine)
 

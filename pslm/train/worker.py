@@ -74,7 +74,7 @@ class TrainLoop:
         self.val_batches = GlobalBatches(
             len(self.val_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
         )
-        self.keeper = ShareKeeper(client)
+        self.keeper = ShareKeeper(client, follow=cfg.recovers_workers)
         self.optimizer = cfg.optim.optimizer(t.steps)
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
@@ -127,11 +127,16 @@ class TrainLoop:
         start = time.perf_counter() - float(self.resume.get("time", 0.0))
         t = self.cfg.train
         step = self.first_step
+        held: list[int] = []
         while step < steps:
             shares = self.keeper.at_boundary(step)
             if not shares:  # late, or thought dead: wait for a share, then start where it does
                 step = self._rejoin()
+                held = list(self.keeper.mine)
                 continue
+            if self.row_name and set(shares) - set(held) and held:
+                self._pull_all_rows(step, step)  # a new share's batch reads other rows
+            held = shares
             self._seed(step)
             last = step == steps - 1
             evaluate = (step + 1) % t.eval_interval == 0 or last
@@ -192,7 +197,10 @@ class TrainLoop:
                 done = self.client.wait(ts, interrupt=self.keeper.changed)
                 break
             except Interrupted:
-                for orphan in self.keeper.taken_over(pushed):
+                orphans = self.keeper.taken_over(pushed)
+                if orphans and self.row_name:  # the servers wait at ``step``: its rows
+                    self._pull_all_rows(step, step)
+                for orphan in orphans:
                     grads, orphan_loss = self._gradients(step, orphan)
                     self._push_share(grads, step, orphan, orphan_loss)
                     pushed.append(orphan)
@@ -297,7 +305,10 @@ class TrainLoop:
         last: bool,
         start: float,
     ) -> None:
-        """Evaluate and checkpoint when due, then log the step."""
+        """Evaluate and checkpoint when due, then log the step. A worker whose shares went
+        to others meanwhile (it was thought dead) does neither: it trains nothing now."""
+        if not self.keeper.mine:
+            evaluate = checkpoint = False
         pause = time.perf_counter()
         if (evaluate or checkpoint) and self.row_name:
             self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's

@@ -1,0 +1,109 @@
+"""Where a server's chunks live in a worker's tensors, and how they travel.
+
+    slot = Slot(key, name, offset, length)          # one chunk of one named tensor
+    span = adjacent(views)                          # one view over back-to-back views, or None
+    runs = runs_of(slots, grads)                    # chunks that can travel as one tensor
+    copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
+
+The client (``pslm.ps.client``) keeps one list of Slots per server, in the server's shard
+order; messages carry pieces, runs or single chunks of them (``pslm.ps.parts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from pslm.errors import ProtocolError
+
+
+class Slot(NamedTuple):
+    """Where one chunk lives in the caller's tensors."""
+
+    key: int
+    name: str
+    offset: int
+    length: int
+    width: int = 0
+    """Row chunks: elements per row (0: a dense chunk)."""
+    position: int = 0
+    """Where the chunk stands in its server's shard order."""
+
+    def rows_in(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of sorted global ``rows`` that fall in this row chunk."""
+        first = self.offset // self.width
+        lo, hi = torch.searchsorted(rows, torch.tensor([first, first + self.length // self.width]))
+        return rows[int(lo) : int(hi)]
+
+
+@dataclass(slots=True)
+class Expect:
+    """What a reply from one server carries, in order: the dense pieces (``pieces``), runs of
+    whole chunks (``runs``, one tensor each), then the wanted rows of row chunks (``rows``:
+    slot, global rows)."""
+
+    pieces: bool = False
+    runs: list[list[Slot]] = field(default_factory=list)
+    rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
+
+
+def adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor spanning ``views`` if they lie back to back in one storage, else None."""
+    if len(views) == 1:
+        return views[0]
+    first = views[0]
+    storage = first.untyped_storage()
+    size = first.element_size()
+    end = first.data_ptr() + first.numel() * size
+    for v in views[1:]:
+        if v.dtype != first.dtype or v.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+        if v.data_ptr() != end:
+            return None
+        end += v.numel() * size
+    n = (end - first.data_ptr()) // size
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, first.storage_offset(), (n,), (1,)
+    )
+
+
+def runs_of(slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
+    """``slots`` (one server's, in shard order) in runs: consecutive positions whose
+    gradients lie back to back in memory travel as one tensor."""
+    runs: list[list[Slot]] = []
+    for slot in slots:
+        if runs and slot.position == runs[-1][-1].position + 1:
+            prev = runs[-1][-1]
+            a = grads[prev.name].reshape(-1)[prev.offset : prev.offset + prev.length]
+            b = grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length]
+            if adjacent([a, b]) is not None:
+                runs[-1].append(slot)
+                continue
+        runs.append([slot])
+    return runs
+
+
+def copy_run(
+    t: torch.Tensor, run: list[Slot], out: Mapping[str, torch.Tensor], check_only: bool
+) -> None:
+    """Copy ``t``, the values of the chunks ``run`` back to back, into ``out``."""
+    if t.dim() != 1 or t.numel() != sum(s.length for s in run):
+        raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
+    if check_only:
+        return
+    views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
+    span = adjacent(views)
+    if span is not None:
+        span.copy_(t)
+        return
+    for view, part in zip(views, t.split([s.length for s in run]), strict=True):
+        view.copy_(part)
+
+
+def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
+    """The squared norm of all of ``grads``: fp32 norms per tensor, squared and summed in
+    float64 in the mapping's order (what SSP/ASP clip each push by)."""
+    return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
