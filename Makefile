@@ -36,6 +36,7 @@ bench: setup
 	$(VENV)/bin/pslm bench transport
 	$(VENV)/bin/pslm bench ps
 	$(VENV)/bin/pslm bench train
+	$(VENV)/bin/pslm bench recovery
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

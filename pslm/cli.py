@@ -227,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
     s.add_argument(
         "name",
-        choices=["transport", "ps", "train", "quality", "consistency", "recovery"],
+        choices=["transport", "ps", "train", "quality", "consistency", "recovery", "overlap"],
         help="which benchmark",
     )
     s.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -19,6 +19,7 @@ BENCHES = {
     "quality": "pslm.bench.quality",
     "consistency": "pslm.bench.consistency",
     "recovery": "pslm.bench.recovery",
+    "overlap": "pslm.bench.overlap",
 }
 
 

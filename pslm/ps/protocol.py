@@ -5,15 +5,22 @@ Every message is a ``pslm.wire.Message``; ``id`` 0 marks a notice (no reply expe
 To the scheduler (from any node unless said otherwise):
     register   {role, rank (-1: any), address, pid, host}
                -> {id, rank, num_workers, num_servers, servers: [address by rank],
-                   heartbeat_interval, heartbeat_timeout}; sent once the cluster is complete
-    heartbeat  {node} -> {stop: bool}
+                   heartbeat_interval, heartbeat_timeout, late}; sent once the cluster is
+               complete. A worker registering later takes a dead worker's rank (``late``)
+    heartbeat  {node} -> {stop: bool, leases: version of the share leases}
     barrier    {node, name, group: workers|servers|all, values: {name: number}}
-               -> {values: each summed over the group} once the whole group arrived
+               -> {values: each summed over the group} once every member arrived: the
+               group's live nodes when it began (workers: those holding shares), less the
+               dead; a member arriving after the release gets the same answer
     declare    {node, keyspace} (workers) -> {fingerprint}; refused if it differs from the
                key space declared first
     keyspace   {} -> {keyspace}
-    finalize   {node} (workers) -> {} once every worker finalized; the servers are then told
-               to shut down
+    leases     {node} -> {version, holders: [worker by share], starts: {share: clock},
+               moving: {share: worker}, stop}
+    release    {node, share, clock} (the holder of a moving share) -> the new leases; the
+               share's new holder pushes it from ``clock``
+    finalize   {node} (workers) -> {} once every live worker holding shares finalized; the
+               servers are then told to shut down
     leave      {node} (servers, on exit) -> {}
     shutdown   {} -> {}; stops the whole cluster
     status     {} -> {nodes: [...], num_workers, num_servers, keyspace}
@@ -27,15 +34,19 @@ To a server (from workers):
                directory of a checkpoint whose shard file the server loads instead) ->
                {version}; idempotent for the same key space and optimizer; ``clock``: where
                every worker's clock starts (a resumed run)
-    push       {worker, clock, weight, reply_params, scalars: {name: number}, codec,
-               pull_codec, sq_norm (SSP/ASP with clipping), keys, row_keys, final, priority}
+    push       {worker, share, clock, seq, weight, reply_params, scalars: {name: number},
+               codec, pull_codec, sq_norm (SSP/ASP with clipping), keys, runs, row_keys,
+               final, priority}
                + gradients (``pslm.ps.parts``: all dense chunks as pieces, or the chunks
                ``keys`` one by one; then rows of the row chunks ``row_keys``) -> {version} at
                once, or, with reply_params, the same chunks' values after the update (rows: the
                rows asked for) with {scalars: each one's weighted mean over the workers,
                held_s: seconds the push waited}. A worker's push for a clock may come in parts
                (overlap); it is applied once every chunk and the ``final`` part have arrived,
-               and replies go out in increasing ``priority``.
+               and replies go out in increasing ``priority``. Pushes are keyed by ``share``
+               (default: the worker's rank), and a message of a (share, clock, seq) taken
+               already is answered as the first was, never applied twice (BSP replies carry
+               ``by``: the worker whose push of each share the update took).
     pull       {worker, min_version, clock, keys (null: all)} -> {version} + one tensor per
                piece and one per row chunk (all) or one per key; answered once the server's
                version >= min_version (BSP) or the staleness gate lets ``clock`` read

@@ -91,7 +91,7 @@ def resume(run_dir: Path) -> int:
     data = run_data(run_dir, cfg, "the run cannot continue on the same data")
     for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a checkpoint cut short
         shutil.rmtree(stale, ignore_errors=True)
-    kept = _truncate_metrics(run_dir / "metrics.jsonl", step)
+    kept = _truncate_metrics(run_dir / "metrics.jsonl", step, meta.get("record"))
     console.print(f"[bold]pslm train --resume[/] {run_dir} from {checkpoint.name}")
     _describe(cfg, data, Path(cfg.data.name).name)
     args = {
@@ -151,11 +151,18 @@ def _launch(
     return 0
 
 
-def _truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the records of the steps before ``step`` (a resumed run writes the rest again);
-    returns them."""
+def _truncate_metrics(path: Path, step: int, last: Any) -> list[dict[str, Any]]:
+    """Keep the records of the steps before ``step`` (a resumed run writes the rest again),
+    completed by ``last``, the checkpoint's copy of the record of step ``step - 1`` (a kill can
+    come after the checkpoint and before its line); returns them."""
     kept = [json.loads(ln) for ln in _read_lines(path)]
     kept = [r for r in kept if r["step"] < step]
+    if (
+        isinstance(last, dict)
+        and last.get("step") == step - 1
+        and (not kept or kept[-1]["step"] < step - 1)
+    ):
+        kept.append(last)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

@@ -598,6 +598,9 @@ class TrainLoop:
             "optimizer": self.optimizer.to_dict(),
             "workers": self.client.num_workers,
             "servers": self.client.num_servers,
+            # the step's metrics line, for a resume after a kill that came between the
+            # checkpoint and the line
+            "record": record,
         }
         write_model(tmp, self.model, meta)
 
