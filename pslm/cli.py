@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, help="server processes (default 2)")
     s.add_argument("--consistency", help="bsp (default), ssp:S, asp or local:H")
+    s.add_argument(
+        "--replicas",
+        type=int,
+        choices=[0, 1],
+        help="a backup server per shard (default: 1 with two or more servers, no overlap)",
+    )
     s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
     s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
     s.add_argument(
@@ -161,7 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         "--num-servers",
         type=int,
         default=EnvDefault("PSLM_NUM_SERVERS", int, None),
-        help="servers to wait for [PSLM_NUM_SERVERS]",
+        help="servers (shards) to wait for [PSLM_NUM_SERVERS]",
+    )
+    s.add_argument(
+        "--replicas",
+        type=int,
+        choices=[0, 1],
+        default=EnvDefault("PSLM_REPLICAS", int, 0),
+        help="backups per shard: server ranks from --num-servers on are backups "
+        "[PSLM_REPLICAS, default 0]",
     )
     s.add_argument(
         "--bind",
@@ -360,6 +374,7 @@ def _scheduler(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         startup_timeout=args.startup_timeout,
+        replicas=args.replicas,
     )
     _role_setup("scheduler", args, threads=False)
     return Scheduler(cfg).run()
@@ -435,6 +450,7 @@ def _train(args: argparse.Namespace) -> int:
             "pull_codec": args.pull_codec,
             "overlap": args.overlap,
             "secure": args.secure,
+            "replicas": args.replicas,
         },
     }
     if args.block_size is not None and args.block_size < 1:

@@ -107,3 +107,72 @@ def test_a_killed_worker_loses_nothing_and_rejoins(setup, victim: int) -> None:
     assert f"worker-{victim} is dead" in log and f"worker-{victim} joined late" in log
     cluster = json.loads((run / "cluster.json").read_text())
     assert cluster["leases"]["holders"] == [0, 1]
+
+
+def _shard_server(run: Path, shard: int) -> int:
+    """The pid of the server of ``shard`` once every shard has its backup; else 0."""
+    try:
+        doc = json.loads((run / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not doc.get("shards") or not all(s["primary"] and s["backup"] for s in doc["shards"]):
+        return 0
+    primary = doc["shards"][shard]["primary"]
+    return next(
+        (int(n["pid"]) for n in doc["nodes"] if n["id"] == primary and n["state"] == "alive"), 0
+    )
+
+
+def test_a_killed_server_loses_nothing_its_backup_takes_over(setup) -> None:
+    """kill -9 the server of shard 0: its backup serves the shard from the version the
+    workers last saw, the workers send it what the dead one left unanswered, the restarted
+    process becomes the new backup, and the run ends as an undisturbed one, bit for bit."""
+    args = ["train", "--config", setup["config"], "--data", setup["corpus"]]
+    whole = setup["root"] / "whole-server"
+    res = pslm(*args, "--run-dir", whole)
+    assert res.returncode == 0, res.stderr
+    run = setup["root"] / "killed-server"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *map(str, args), "--run-dir", str(run)]
+        + ["--slow-worker", "1:30"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = _wait_for(lambda: _shard_server(run, 0), "the servers and their backups")
+        _wait_for(
+            lambda: len(metrics(run)) >= 15 if (run / "metrics.jsonl").exists() else 0, "steps"
+        )
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    recs, want = metrics(run), metrics(whole)
+    assert [r["step"] for r in recs] == list(range(STEPS))
+    for a, b in zip(recs, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    final = [
+        load_file(str(r / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+        for r in (run, whole)
+    ]
+    for name, t in final[1].items():
+        torch.testing.assert_close(final[0][name], t, rtol=1e-5, atol=1e-7)
+    shards = [
+        load_file(str(r / "checkpoints" / f"step_{STEPS:07d}" / "shard-000-of-002.safetensors"))
+        for r in (run, whole)
+    ]
+    for name, t in shards[1].items():  # the optimizer state went over too
+        torch.testing.assert_close(shards[0][name], t, rtol=1e-5, atol=1e-7)
+    sched = (run / "logs" / "scheduler.log").read_text()
+    assert "server-0 is dead" in sched and "shard 0: its backup server-2 serves it now" in sched
+    assert "server-0 joined as the backup of shard 0" in sched
+    back = (run / "logs" / "server-0.log").read_text()
+    assert "took shard 0 at version" in back.split("backup of shard 0")[-1]  # rebuilt
+    workers = "".join((run / "logs" / f"worker-{r}.log").read_text() for r in (0, 1))
+    assert "shard 0 is served by" in workers
+    cluster = json.loads((run / "cluster.json").read_text())
+    assert cluster["shards"][0]["primary"] == "server-2"

@@ -62,7 +62,7 @@ def test_a_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(
         start_new_session=True,
     )
     try:
-        pids = _wait_for(lambda: _pids(run, nodes=2 + workers), "the cluster")
+        pids = _wait_for(lambda: _pids(run, nodes=4 + workers), "the cluster")
         _wait_for(lambda: (run / "checkpoints" / "step_0000020").exists(), "a checkpoint")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

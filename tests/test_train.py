@@ -103,6 +103,8 @@ def test_run_directory_holds_what_design_promises(run) -> None:
     assert sorted(n["id"] for n in cluster["nodes"]) == [
         "server-0",
         "server-1",
+        "server-2",  # the backups
+        "server-3",
         "worker-0",
         "worker-1",
     ]
@@ -261,7 +263,8 @@ def _wait_for(predicate, what: str, within: float = 120.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _pids(run: Path, nodes: int = 4) -> list[int]:
+def _pids(run: Path, nodes: int = 6) -> list[int]:
+    """The pids of the scheduler and the ``nodes`` nodes (2 servers have 2 backups)."""
     try:
         doc = json.loads((run / "cluster.json").read_text())
     except (OSError, ValueError):

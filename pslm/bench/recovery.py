@@ -1,14 +1,18 @@
-"""``pslm bench recovery``: how long the death of a worker stalls training.
+"""``pslm bench recovery``: how long the death of a worker or a server stalls training, and
+what keeping a backup of every shard costs.
 
-``pslm train`` runs the tiny model under BSP (2 servers, 2 workers, the default heartbeats: 1 s
-interval, 5 s timeout) on a synthetic text. Once it is under way, worker 1 is killed with
-SIGKILL; the time from the kill to the next step the cluster completes (a new line in
-``metrics.jsonl``) is measured, and again after every rejoin, ``kills`` times. The other
-worker takes the dead one's share as soon as the scheduler knows it is dead: when the
-launcher's new process takes its rank (its predecessor's pid is gone) or after the heartbeat
-timeout, whichever comes first. Goal: at most the heartbeat timeout + 2 s.
+``pslm train`` runs the tiny model under BSP (2 servers with a backup each, 2 workers, the
+default heartbeats: 1 s interval, 5 s timeout) on a synthetic text. Once it is under way, a
+node is killed with SIGKILL; the time from the kill to the next step the cluster completes (a
+new line in ``metrics.jsonl``) is measured, and again once the cluster is whole, ``kills``
+times: first worker 1, then the server of shard 0 or 1 in turn (its backup takes over; the
+launcher's new process becomes the shard's new backup). The scheduler knows of a death when
+the launcher's new process takes the dead one's rank (its predecessor's pid is gone) or after
+the heartbeat timeout, whichever comes first. Goal: at most the heartbeat timeout + 2 s.
 
-Server failures are not measured: servers cannot fail yet without failing the run.
+Replication cost: ``pslm bench train``'s pslm contender (GPT 4x4x128, 2 workers) with 2
+servers, without and with backups, in turn, ``rounds`` times; medians. Goal: backups cost at
+most 15% of tokens/s.
 """
 
 from __future__ import annotations
@@ -39,12 +43,27 @@ checkpoint_interval = 1000000
 sample_tokens = 0
 [cluster]
 worker_restarts = {kills}
+server_restarts = {kills}
 """
 HEARTBEAT_TIMEOUT = 5.0
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:
     kills = 2 if quick else 5
+    stalls = {role: _stalls(role, kills) for role in ("worker", "server")}
+    cost = _replication_cost(quick)
+    out: dict[str, Any] = {"bench": "recovery", "heartbeat_timeout_s": HEARTBEAT_TIMEOUT}
+    for role, times in stalls.items():
+        median = statistics.median(times)
+        out[f"{role}_kill_to_next_step_s"] = [round(t, 2) for t in times]
+        out[f"{role}_median_s"] = round(median, 2)
+        out[f"{role}_met"] = median <= HEARTBEAT_TIMEOUT + 2.0
+    out["goal_s"] = HEARTBEAT_TIMEOUT + 2.0
+    out.update(cost)
+    return out
+
+
+def _stalls(role: str, kills: int) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="pslm-recovery-") as tmp:
         root = Path(tmp)
         rng = random.Random(0)
@@ -62,7 +81,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             start_new_session=True,
         )
         try:
-            stalls = [_kill_and_time(run_dir) for _ in range(kills)]
+            return [_kill_and_time(run_dir, role, k % 2) for k in range(kills)]
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -70,30 +89,46 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    median = statistics.median(stalls)
+
+
+def _replication_cost(quick: bool) -> dict[str, Any]:
+    from pslm.bench import train as bt  # torch: only here
+
+    steps = 30 if quick else 150
+    rounds = 1 if quick else 3
+    got: dict[int, list[float]] = {0: [], 1: []}
+    with tempfile.TemporaryDirectory(prefix="pslm-bench-replicas-") as tmp:
+        data = bt._synthetic_data(Path(tmp) / "data")
+        for r in range(rounds):
+            for replicas in got:
+                tps, _ = bt._pslm(
+                    data, steps, Path(tmp) / f"r{replicas}-{r}", servers=2, replicas=replicas
+                )
+                got[replicas].append(tps)
+    plain, backed = (statistics.median(got[k]) for k in (0, 1))
     return {
-        "bench": "recovery",
-        "worker_kill_to_next_step_s": [round(s, 2) for s in stalls],
-        "worker_median_s": round(median, 2),
-        "heartbeat_timeout_s": HEARTBEAT_TIMEOUT,
-        "goal_s": HEARTBEAT_TIMEOUT + 2.0,
-        "met": median <= HEARTBEAT_TIMEOUT + 2.0,
+        "no_backups_tokens_per_s": round(plain),
+        "backups_tokens_per_s": round(backed),
+        "backups_cost": round(1 - backed / plain, 3),
+        "backups_cost_met": 1 - backed / plain <= 0.15,
+        "backup_rounds": {str(k): [round(v) for v in vs] for k, vs in got.items()},
+        "backup_steps": steps,
     }
 
 
-def _kill_and_time(run_dir: Path, within: float = 180.0) -> float:
-    """Wait until both workers train, kill worker 1, and time the next completed step."""
+def _kill_and_time(run_dir: Path, role: str, shard: int, within: float = 180.0) -> float:
+    """Wait until the cluster is whole, kill worker 1 or the server of ``shard``, and time
+    the next completed step."""
     deadline = time.monotonic() + within
     pid = 0
     while time.monotonic() < deadline:
-        pid = _both_training(run_dir)
+        pid = _whole(run_dir, role, shard)
         if pid:
             break
         time.sleep(0.1)
     if not pid:
         raise RuntimeError("the cluster did not get going")
-    seen = _lines(run_dir)
-    time.sleep(1.0)  # some steps with both workers
+    time.sleep(1.0)  # some steps with every node (a new backup has its copy by then)
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     seen = _lines(run_dir)
@@ -104,15 +139,20 @@ def _kill_and_time(run_dir: Path, within: float = 180.0) -> float:
     raise RuntimeError("no step completed after the kill")
 
 
-def _both_training(run_dir: Path) -> int:
-    """Worker 1's pid once it holds its share again and steps advance; else 0."""
+def _whole(run_dir: Path, role: str, shard: int) -> int:
+    """Once both workers hold their shares, every shard has its server and its backup, and
+    steps advance: the pid of the node to kill (worker 1, or the server of ``shard``)."""
     try:
         doc = json.loads((run_dir / "cluster.json").read_text())
     except (OSError, ValueError):
         return 0
     if doc.get("leases", {}).get("holders") != [0, 1] or doc.get("leases", {}).get("moving"):
         return 0
-    node = next((n for n in doc["nodes"] if n["id"] == "worker-1" and n["state"] == "alive"), None)
+    shards = doc.get("shards", [])
+    if not shards or not all(s["primary"] and s["backup"] for s in shards):
+        return 0
+    victim = "worker-1" if role == "worker" else shards[shard]["primary"]
+    node = next((n for n in doc["nodes"] if n["id"] == victim and n["state"] == "alive"), None)
     return int(node["pid"]) if node is not None and _lines(run_dir) > 0 else 0
 
 

@@ -191,7 +191,13 @@ def _ddp_main(rank: int, port: int, data_path: str, steps: int) -> None:
 
 
 def _pslm(
-    data: PreparedData, steps: int, run_dir: Path, *, overlap: bool = False
+    data: PreparedData,
+    steps: int,
+    run_dir: Path,
+    *,
+    overlap: bool = False,
+    servers: int = 1,
+    replicas: int = 0,
 ) -> tuple[float, float]:
     """tokens/s over ``steps`` steps after warm-up, and the median exposed communication."""
     total = WARMUP + steps + 1
@@ -214,12 +220,18 @@ def _pslm(
                 "checkpoint_interval": total,
                 "sample_tokens": 0,
             },
-            "cluster": {"workers": 2, "servers": 1, "overlap": overlap},
+            "cluster": {
+                "workers": 2,
+                "servers": servers,
+                "overlap": overlap,
+                "replicas": replicas,
+            },
         }
     )
     run_dir.mkdir(parents=True)
     launch = LaunchConfig(
-        num_servers=1,
+        num_servers=servers,
+        replicas=replicas,
         num_workers=2,
         worker="pslm.train.worker:run",
         run_dir=str(run_dir),

@@ -148,6 +148,11 @@ class PSClient:
         self._requests: dict[int, _Request] = {}
         self._next_ts = 1
         self._closed = False
+        self.servers = list(self.me.servers)
+        """Where each shard is served now (it moves when a server dies and its backup takes
+        over: ``follow_servers``)."""
+        self._table = -1
+        self.channel.watch = self.follow_servers
 
     @property
     def rank(self) -> int:
@@ -187,6 +192,20 @@ class PSClient:
         return Leases.from_body(
             self.channel.request("scheduler", Message("release", body=body)).body
         )
+
+    def follow_servers(self) -> None:
+        """Send to a shard's new server (its promoted backup) from now on, and send it again
+        every request its old server left unanswered; the servers take duplicates as such.
+        Cheap (the table comes with the heartbeats); called while waiting and before sends."""
+        table = self.heartbeat.table
+        if table is None or table.version == self._table:
+            return
+        self._table = table.version
+        for s, addr in enumerate(table.servers):
+            if addr and addr != self.servers[s]:
+                self.servers[s] = addr
+                again = self.channel.reroute(f"server-{s}", addr)
+                log.warning("shard %d is served by %s now; %d requests sent again", s, addr, again)
 
     @property
     def clips_each_push(self) -> bool:
@@ -512,6 +531,7 @@ class PSClient:
         share: int | None = None,
     ) -> int:
         self._check(grads, "push", full=True)
+        self.follow_servers()
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
         wanted = self.row_selection(rows)

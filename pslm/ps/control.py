@@ -41,7 +41,14 @@ class Membership:
     heartbeat_interval: float
     heartbeat_timeout: float
     late: bool = False
-    """Joined a running cluster (in place of a dead worker): it waits for a share."""
+    """Joined a running cluster (in place of a dead node): a worker waits for a share, a
+    server starts as a backup."""
+    shard: int = -1
+    """Servers: the shard this one serves (as primary) or keeps a copy of (as backup)."""
+    primary: bool = True
+    """Servers: whether it serves ``shard`` (else it is the shard's backup)."""
+    backups: tuple[str, ...] = ()
+    """Backup server addresses, by shard ("" where a shard has none)."""
 
 
 def register(channel: Channel, *, role: str, rank: int, address: str, timeout: float) -> Membership:
@@ -74,9 +81,38 @@ def register(channel: Channel, *, role: str, rank: int, address: str, timeout: f
             heartbeat_interval=float(b["heartbeat_interval"]),
             heartbeat_timeout=float(b["heartbeat_timeout"]),
             late=bool(b.get("late", False)),
+            shard=int(b.get("shard", -1)),
+            primary=bool(b.get("primary", True)),
+            backups=tuple(str(a) for a in b.get("backups", ())),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed register reply from the scheduler: {exc!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """The shard table: which server serves each shard and which keeps its backup. Its
+    ``version`` grows with every change (a backup promoted, a new backup)."""
+
+    version: int
+    servers: tuple[str, ...]
+    """Address of each shard's primary."""
+    backups: tuple[str, ...]
+    """Address of each shard's backup, "" where there is none."""
+
+    @classmethod
+    def from_body(cls, body: dict[str, object]) -> Table | None:
+        """The table a heartbeat reply carries, or None if it carries none (or a bad one)."""
+        version, servers, backups = body.get("table"), body.get("servers"), body.get("backups")
+        if not isinstance(version, int) or isinstance(version, bool):
+            return None
+        if not isinstance(servers, list) or not isinstance(backups, list):
+            return None
+        if len(servers) != len(backups) or not all(
+            isinstance(a, str) for a in [*servers, *backups]
+        ):
+            return None
+        return cls(version, tuple(servers), tuple(backups))
 
 
 class Heartbeat(threading.Thread):
@@ -97,6 +133,8 @@ class Heartbeat(threading.Thread):
         self.stop_requested = threading.Event()
         self.lease_version = 0
         """The version of the share leases the scheduler last reported."""
+        self.table: Table | None = None
+        """Where each shard is served and backed up, as the scheduler last reported."""
         self._quit = threading.Event()
 
     def run(self) -> None:
@@ -117,6 +155,9 @@ class Heartbeat(threading.Thread):
                     version = reply.body.get("leases")
                     if isinstance(version, int) and not isinstance(version, bool):
                         self.lease_version = version  # one assignment: safe to read anywhere
+                    table = Table.from_body(reply.body)
+                    if table is not None:
+                        self.table = table  # likewise
                 except PSLMError as exc:
                     if time.monotonic() - last_ack > self.lost_after and not self.lost.is_set():
                         log.error("scheduler silent for %.1f s: %s", self.lost_after, exc)

@@ -83,6 +83,11 @@ class LaunchConfig:
     restarts: int = 0
     """How many times in all a worker process that dies is started again (it rejoins in
     place of the dead one); 0: a dead worker fails the job."""
+    replicas: int = 0
+    """Backups per shard (0 or 1), each a server process of its own (``pslm.ps.server``).
+    With backups a dead server is started again (up to ``server_restarts`` times in all)
+    and becomes a backup; without, a dead server fails the job."""
+    server_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or self.num_workers < 1:
@@ -95,8 +100,10 @@ class LaunchConfig:
             raise ConfigError(f"worker_args must be JSON-serialisable: {exc}") from None
         if self.threads_per_worker < 1:
             raise ConfigError("threads_per_worker must be >= 1")
-        if self.restarts < 0:
+        if self.restarts < 0 or self.server_restarts < 0:
             raise ConfigError("restarts must be >= 0")
+        if self.replicas not in (0, 1):
+            raise ConfigError(f"replicas must be 0 or 1, got {self.replicas}")
 
 
 @dataclass(slots=True)
@@ -137,6 +144,7 @@ class LocalCluster:
         self.run_dir = Path(cfg.run_dir)
         self.secret = cfg.secret or secrets.token_urlsafe(32)
         self.restarts_left = cfg.restarts
+        self.server_restarts_left = cfg.server_restarts if cfg.replicas else 0
         self.restarted = 0
         self.lost: list[Child] = []  # workers that died with no restarts left
         self.children: list[Child] = []
@@ -186,10 +194,12 @@ class LocalCluster:
                 str(cfg.heartbeat_interval),
                 "--heartbeat-timeout",
                 str(cfg.heartbeat_timeout),
+                "--replicas",
+                str(cfg.replicas),
             ],
         )
         self.scheduler_address = self._await_address(sched, addr_file)
-        for r in range(cfg.num_servers):
+        for r in range(cfg.num_servers * (1 + cfg.replicas)):  # the backups after the servers
             self._spawn(
                 "server",
                 r,
@@ -275,6 +285,17 @@ class LocalCluster:
                 log.warning("%s exited with code %d; starting it again", c.name, code)
                 self.children[i] = self._spawn(c.role, c.rank, c.args, c.env, again=True)
                 continue
+            if c.role == "server" and self.server_restarts_left > 0:
+                self.server_restarts_left -= 1  # it comes back as a backup
+                self.restarted += 1
+                log.warning("%s exited with code %d; starting it again", c.name, code)
+                self.children[i] = self._spawn(c.role, c.rank, c.args, c.env, again=True)
+                continue
+            if c.role == "server" and self.cfg.replicas:
+                # its backup serves its shard; without one, the workers fail the job
+                log.warning("%s exited with code %d; its backup takes over", c.name, code)
+                self.lost.append(self.children.pop(i))
+                return self._check_children()
             if (
                 c.role == "worker"
                 and self.cfg.restarts

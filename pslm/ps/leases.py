@@ -101,6 +101,8 @@ class ShareLeases:
     def release(self, share: int, worker: int, clock: int) -> int:
         """``worker`` lets ``share`` go: it pushed it up to ``clock`` - 1. Returns the new
         holder, who pushes it from ``clock``. ValueError if the release does not fit."""
+        if share in self.starts and self.starts[share] == clock and share not in self.moving:
+            return self.holders[share]  # released already: the request again (idempotent)
         if not 0 <= share < len(self.holders) or self.holders[share] != worker:
             raise ValueError(f"worker {worker} does not hold share {share}")
         if share not in self.moving:
@@ -111,6 +113,16 @@ class ShareLeases:
         self.starts[share] = clock
         self.version += 1
         return self.holders[share]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ShareLeases:
+        """What ``to_dict`` gave (a restarted scheduler's saved state)."""
+        leases = cls(len(raw["holders"]))
+        leases.holders = [int(w) for w in raw["holders"]]
+        leases.starts = {int(s): int(c) for s, c in raw["starts"].items()}
+        leases.moving = {int(s): int(w) for s, w in raw["moving"].items()}
+        leases.version = int(raw["version"])
+        return leases
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -4,10 +4,15 @@ Every message is a ``pslm.wire.Message``; ``id`` 0 marks a notice (no reply expe
 
 To the scheduler (from any node unless said otherwise):
     register   {role, rank (-1: any), address, pid, host}
-               -> {id, rank, num_workers, num_servers, servers: [address by rank],
-                   heartbeat_interval, heartbeat_timeout, late}; sent once the cluster is
-               complete. A worker registering later takes a dead worker's rank (``late``)
-    heartbeat  {node} -> {stop: bool, leases: version of the share leases}
+               -> {id, rank, num_workers, num_servers, heartbeat_interval,
+                   heartbeat_timeout, late, shard, primary, table, servers, backups}; sent once
+               the cluster is complete. With replicas, server ranks from num_servers on are
+               backups (``shard`` = rank mod num_servers, ``primary`` false). A worker
+               registering later takes a dead worker's rank (``late``); a server registering
+               later takes a dead server's rank and becomes the backup of a shard without one
+    heartbeat  {node} -> {stop: bool, leases: version of the share leases, table, servers,
+               backups}: the shard table (``table`` its version; ``servers`` the address
+               serving each shard, ``backups`` its backup's or "")
     barrier    {node, name, group: workers|servers|all, values: {name: number}}
                -> {values: each summed over the group} once every member arrived: the
                group's live nodes when it began (workers: those holding shares), less the
@@ -56,6 +61,16 @@ To a server (from workers):
 
 Between servers (notices):
     norm       {server, clock, sq} the server's part of the squared global gradient norm
+               (``server``: the shard); sent again to a server that takes a shard over
+
+From a shard's server to its backup (requests):
+    sync       {shard, keyspace, optimizer, consistency, version, clocks, scalars, by, norms,
+               names} + one tensor per name (params, steps, state.*) -> {version}: the whole
+               shard, replacing whatever the backup held
+    update     {kind: bsp|async|local, version, multiplier, step, share, scalars, by, sq}
+               + the reduced gradient (a tensor per dense chunk; rows and values per row
+               chunk) -> {version}, before the backup applies it; refused as ``not_synced``
+               unless the backup is at ``version`` (the server then sends ``sync``)
 
 Every refusal is ``error {code, message}`` with the request's id.
 """

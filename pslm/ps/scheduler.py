@@ -56,10 +56,15 @@ class SchedulerConfig:
     """Seconds to wait for the whole cluster to register."""
     shutdown_timeout: float = 10.0
     """Seconds to wait for servers to leave after being told to shut down."""
+    replicas: int = 0
+    """Backups per shard (0 or 1): each is a server process of its own that keeps a copy of
+    the shard and takes over when the shard's server dies."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.num_servers < 1:
             raise ConfigError("a cluster needs at least one worker and one server")
+        if self.replicas not in (0, 1):
+            raise ConfigError(f"replicas must be 0 or 1, got {self.replicas}")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.startup_timeout <= 0 or self.shutdown_timeout <= 0:
@@ -140,6 +145,7 @@ class Scheduler:
         self.barriers: dict[str, Barrier] = {}
         self.finalizing: dict[str, tuple[bytes, Message]] = {}
         self.leases = ShareLeases(cfg.num_workers)
+        self.shards = ShardTable(cfg.num_servers)
         self.parked: list[tuple[NodeRecord, Message]] = []  # late workers awaiting a rank
         self.told_stop: set[str] = set()  # nodes that heard the cluster is stopping
         self.released: dict[str, dict[str, float]] = {}  # the last barriers' sums, by name
@@ -212,10 +218,10 @@ class Scheduler:
         role = protocol.field(msg, "role", str)
         if role not in protocol.ROLES:
             raise ProtocolError(f"register: role must be one of {protocol.ROLES}, got {role!r}")
-        if self.complete and role != "worker":
+        if self.complete and role == "server" and not self.cfg.replicas:
             raise ClusterError(
                 f"the cluster is complete ({self.cfg.num_servers} servers, "
-                f"{self.cfg.num_workers} workers); a {role} cannot join it"
+                f"{self.cfg.num_workers} workers) and has no backups; a server cannot join it"
             )
         node = NodeRecord(
             role=role,
@@ -234,7 +240,7 @@ class Scheduler:
             except ValueError as exc:
                 raise ProtocolError(f"register: {exc}") from None
         if self.complete:
-            return self._join(node, msg)
+            return self._join(node, msg) if role == "worker" else self._join_server(node, msg)
         taken = [n for n, _ in self.joining if n.role == role]
         if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
             raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
@@ -242,12 +248,15 @@ class Scheduler:
             raise ClusterError(f"already {limit} {role}s registered")
         self.joining.append((node, msg))
         log.info("%s registered from %s (%d/%d)", role, node.host, len(taken) + 1, limit)
-        if len(self.joining) == self.cfg.num_servers + self.cfg.num_workers:
+        if len(self.joining) == self._size("server") + self.cfg.num_workers:
             self._start_cluster()
         return None  # answered when the cluster is complete
 
     def _size(self, role: str) -> int:
-        return self.cfg.num_servers if role == "server" else self.cfg.num_workers
+        """Processes of ``role``: a server per shard, and as many backups with replicas."""
+        if role == "server":
+            return self.cfg.num_servers * (1 + self.cfg.replicas)
+        return self.cfg.num_workers
 
     def _start_cluster(self) -> None:
         for role in protocol.ROLES:
@@ -255,10 +264,12 @@ class Scheduler:
             free = sorted(set(range(self._size(role))) - {n.requested_rank for n in members})
             for n in members:
                 n.rank = n.requested_rank if n.requested_rank >= 0 else free.pop(0)
-        for node, _ in self.joining:
+        for node, _ in sorted(self.joining, key=lambda j: (j[0].role, j[0].rank)):
             node.state = "alive"
             node.last_seen = time.monotonic()
             self.nodes[node.id] = node
+            if node.role == "server":  # ranks past the shards are backups, one per shard
+                self.shards.place(node.rank % self.cfg.num_servers, node)
         for node, msg in self.joining:
             self.listener.send(node.peer, self._membership(node, msg))
         self.joining = []
@@ -267,19 +278,62 @@ class Scheduler:
         log.info("cluster complete: %s", ", ".join(sorted(self.nodes)))
 
     def _membership(self, node: NodeRecord, msg: Message, *, late: bool = False) -> Message:
-        servers = sorted(
-            (n for n in self.nodes.values() if n.role == "server"), key=lambda n: n.rank
-        )
+        shard, primary = self.shards.role_of(node.id)
         return msg.reply(
             id=node.id,
             rank=node.rank,
             num_workers=self.cfg.num_workers,
             num_servers=self.cfg.num_servers,
-            servers=[s.address for s in servers],
             heartbeat_interval=self.cfg.heartbeat_interval,
             heartbeat_timeout=self.cfg.heartbeat_timeout,
             late=late,
+            shard=shard,
+            primary=primary,
+            **self.shards.to_body(),
         )
+
+    # --- servers that die and come back -----------------------------------------------------
+
+    def _join_server(self, node: NodeRecord, msg: Message) -> Message:
+        """A server registering after the start (a dead one restarted) becomes the backup of a
+        shard that has none; it takes a dead server's rank."""
+        for old in list(self.nodes.values()):  # its old process, if gone, is dead already
+            mine = node.requested_rank in (-1, old.rank) and old.role == "server"
+            if mine and old.live and old.host == socket.gethostname() and not _pid_alive(old.pid):
+                self._server_died(old, "its process is gone and a new one took its rank")
+        dead = [
+            n
+            for n in self.nodes.values()
+            if n.role == "server" and n.state == "dead" and node.requested_rank in (-1, n.rank)
+        ]
+        shard = self.shards.without_backup()
+        if not dead or shard is None:
+            raise ClusterError("every shard has its server and its backup; no server can join")
+        node.rank = dead[0].rank
+        node.state = "alive"
+        node.last_seen = time.monotonic()
+        self.nodes[node.id] = node
+        self.shards.place(shard, node)
+        log.warning("%s joined as the backup of shard %d", node.id, shard)
+        self._write_cluster()
+        return self._membership(node, msg, late=True)
+
+    def _server_died(self, node: NodeRecord, why: str) -> None:
+        shard, primary = self.shards.role_of(node.id)
+        node.state = "dead"
+        log.warning("%s is dead: %s", node.id, why)
+        if shard < 0:
+            return
+        if not primary:
+            self.shards.backup[shard] = None
+            log.warning("shard %d has no backup now", shard)
+        elif self.shards.promote(shard):
+            log.warning(
+                "shard %d: its backup %s serves it now", shard, _id(self.shards.primary[shard])
+            )
+        else:
+            log.error("shard %d is lost: its server died and it has no backup", shard)
+        self.shards.version += 1
 
     # --- workers that come and go -----------------------------------------------------------
 
@@ -377,7 +431,11 @@ class Scheduler:
             log.warning("%s is back", node.id)
             self._rebalance()
             self._write_cluster()
-        return msg.reply(stop=self.stopping_since is not None, leases=self.leases.version)
+        return msg.reply(
+            stop=self.stopping_since is not None,
+            leases=self.leases.version,
+            **self.shards.to_body(),
+        )
 
     def _check_health(self) -> None:
         now = time.monotonic()
@@ -403,8 +461,7 @@ class Scheduler:
                 if node.role == "worker":
                     self._worker_died(node, silent)
                 else:
-                    node.state = "dead"
-                    log.warning("%s %s: dead", node.id, silent)
+                    self._server_died(node, silent)
                 changed = True
         if changed:
             self._write_cluster()
@@ -563,11 +620,71 @@ class Scheduler:
             "state": "stopping" if self.stopping_since is not None else "running",
             "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
             "leases": self.leases.to_dict(),
+            "shards": self.shards.to_json(),
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
         except OSError as exc:  # the file informs; failing to write it must not stop the cluster
             log.warning("cannot write cluster.json: %s", exc)
+
+
+class ShardTable:
+    """Which server node serves each shard (primary) and which keeps its backup."""
+
+    def __init__(self, num_shards: int):
+        self.primary: list[NodeRecord | None] = [None] * num_shards
+        self.backup: list[NodeRecord | None] = [None] * num_shards
+        self.version = 0
+
+    def place(self, shard: int, node: NodeRecord) -> None:
+        """``node`` serves ``shard`` if it has no server yet, else backs it up."""
+        if self.primary[shard] is None:
+            self.primary[shard] = node
+        else:
+            self.backup[shard] = node
+        self.version += 1
+
+    def role_of(self, node_id: str) -> tuple[int, bool]:
+        """(shard, whether primary) of a server node; (-1, True) for any other node."""
+        for s, (p, b) in enumerate(zip(self.primary, self.backup, strict=True)):
+            if p is not None and p.id == node_id and p.live:
+                return s, True
+            if b is not None and b.id == node_id and b.live:
+                return s, False
+        return -1, True
+
+    def promote(self, shard: int) -> bool:
+        """Make the shard's live backup its server; False if it has none."""
+        b = self.backup[shard]
+        if b is None or not b.live:
+            return False
+        self.primary[shard], self.backup[shard] = b, None
+        return True
+
+    def without_backup(self) -> int | None:
+        """A shard whose server is live and that has no live backup, if any."""
+        for s, (p, b) in enumerate(zip(self.primary, self.backup, strict=True)):
+            if p is not None and p.live and (b is None or not b.live):
+                return s
+        return None
+
+    def to_body(self) -> dict[str, Any]:
+        """What membership and heartbeat replies carry (``pslm.ps.control.Table``)."""
+        return {
+            "table": self.version,
+            "servers": [p.address if p is not None else "" for p in self.primary],
+            "backups": [b.address if b is not None and b.live else "" for b in self.backup],
+        }
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [
+            {"primary": p.id if p else None, "backup": b.id if b and b.live else None}
+            for p, b in zip(self.primary, self.backup, strict=True)
+        ]
+
+
+def _id(node: NodeRecord | None) -> str:
+    return node.id if node is not None else "nobody"
 
 
 def _values(raw: dict[str, Any]) -> dict[str, float]:

@@ -23,6 +23,16 @@ gradient to every other server (``norm`` notices) and all of them add the parts 
 order, so every server computes the same global norm and the same factor that
 ``torch.nn.utils.clip_grad_norm_`` would on the whole model.
 
+Replication (``replicas`` 1 at the scheduler): each shard has a backup, a server process of
+its own that keeps a copy of the shard. The primary sends it the whole shard when it appears
+(``sync``) and then every update before applying it (``update``: the reduced gradient, its
+multiplier, where it goes), and answers no push until the backup has confirmed: an update a
+worker has seen is on two servers. The backup applies the same kernels to the same inputs, so
+its copy is bit for bit the primary's. When the primary dies the scheduler promotes the backup
+(the shard table, which every node follows through its heartbeats); the workers send it every
+request that had no answer, and duplicates are recognised as such (exactly once). A backup
+that cannot keep up is dropped; a new one is rebuilt by ``sync``.
+
 Pull replies go out without copying: they are views of the live parameter buffer. Each one is
 tracked, and an update waits until ZeroMQ has finished reading the previous replies, so a reader
 never sees a half-updated chunk.
@@ -37,16 +47,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import zmq
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
 from pslm.ps import protocol
 from pslm.ps.consistency import Consistency, StalenessGate
-from pslm.ps.control import Heartbeat, Membership, register
+from pslm.ps.control import Heartbeat, Membership, Table, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Part, PendingPush, Reply, Selection, decode_part
-from pslm.ps.shard import Grad, ShardStore, clip_coef
+from pslm.ps.shard import Grad, RowGrad, ShardStore, clip_coef
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
@@ -112,6 +123,8 @@ class Clock:
 
 
 MAX_SCALARS = 64
+DEMOTED = 3
+"""Exit code of a server whose shard is served by another now (it was thought dead)."""
 READER_GRACE = 1.0
 """Seconds an update waits for ZeroMQ to finish sending earlier replies before it copies."""
 
@@ -142,6 +155,21 @@ class Server:
         """The last clock's mean scalars (for a replayed push that asks for them)."""
         self.staleness_seen: dict[int, int] = {}
         """How many reads saw each staleness (logged at exit)."""
+        self.shard = -1
+        """The shard this server serves (primary) or backs up."""
+        self.primary = True
+        self.backup: Channel | None = None
+        """To this shard's backup (a primary with replication)."""
+        self.backup_address = ""
+        self.table: Table | None = None
+        self.sent_norms: dict[int, float] = {}
+        """Clock -> this shard's part of the squared norm, for the last clocks (sent again to a
+        server that takes over a shard)."""
+        self.last_by: list[int] = []
+        """Who pushed each share of the last clock (for a replayed push's reply)."""
+        self.demoted = False
+        self.beat: Heartbeat | None = None
+        self.retry_backup_at = 0.0
 
     @property
     def local(self) -> bool:
@@ -164,10 +192,18 @@ class Server:
                 address=self.address,
                 timeout=self.cfg.register_timeout,
             )
-            log.info("%s listening on %s", self.me.node_id, self.address)
+            self.shard, self.primary = self.me.shard, self.me.primary
+            log.info(
+                "%s listening on %s: %s of shard %d",
+                self.me.node_id,
+                self.address,
+                "server" if self.primary else "backup",
+                self.shard,
+            )
             for r, addr in enumerate(self.me.servers):
-                if r != self.me.rank:
+                if r != self.shard:
                     self.peers[r] = Connection(addr, send_timeout=self.cfg.timeout)
+            self.table = Table(-1, self.me.servers, self.me.backups)
             beat = Heartbeat(
                 self.cfg.scheduler,
                 self.me.node_id,
@@ -175,6 +211,7 @@ class Server:
                 lost_after=2 * self.me.heartbeat_timeout,
             )
             beat.start()
+            self.beat = beat
             return self._loop(beat)
         finally:
             if beat is not None:
@@ -187,6 +224,8 @@ class Server:
             self._leave()
             for conn in self.peers.values():
                 conn.close()
+            if self.backup is not None:
+                self.backup.close()
             self.scheduler.close()
             self.listener.close()
 
@@ -200,6 +239,10 @@ class Server:
                 for notice in self.scheduler.drain("scheduler"):
                     if notice.op == "shutdown":
                         self.stopping = True
+            if beat.table is not None and not self.stopping:
+                self._follow(beat.table)
+            if self.demoted:
+                return DEMOTED
             if self.stopping or beat.stop_requested.is_set():
                 log.info("%s shutting down", self.me.node_id if self.me else "server")
                 return 0
@@ -230,6 +273,10 @@ class Server:
             log.warning("dropped %r notice: %s", msg.op, text)
 
     def _dispatch(self, peer: bytes, msg: Message) -> None:
+        if msg.op in ("init", "push", "pull", "save") and not self.primary:
+            # workers come here only once the scheduler promoted this backup
+            log.warning("a worker reached this backup: serving shard %d now", self.shard)
+            self._promoted()
         if msg.op == "init":
             self.listener.send(peer, self._init(msg))
         elif msg.op == "push":
@@ -240,6 +287,10 @@ class Server:
             self._norm(msg)
         elif msg.op == "save":
             self.listener.send(peer, self._save(msg))
+        elif msg.op == "sync":
+            self.listener.send(peer, self._take_sync(msg))
+        elif msg.op == "update":
+            self._take_update(peer, msg)
         else:
             raise ProtocolError(f"unknown op {msg.op!r}")
 
@@ -268,7 +319,7 @@ class Server:
                     "already initialised with another model, optimizer or consistency model"
                 )
             return msg.reply(version=self.store.version)
-        store = ShardStore(ks, self.me.rank, opt)
+        store = ShardStore(ks, self.shard, opt)
         restore = protocol.field(msg, "restore", str, "")
         clock = protocol.field(msg, "clock", int, 0)
         if clock < 0:
@@ -276,7 +327,7 @@ class Server:
         if restore:  # a checkpoint's shard, not the values in the message
             if msg.tensors:
                 raise ProtocolError("init: restore takes no tensors")
-            path = Path(restore) / shard_file(self.me.rank, self.me.num_servers)
+            path = Path(restore) / shard_file(self.shard, self.me.num_servers)
             store.restore(path)
             log.info("restored version %d from %s", store.version, path)
         else:
@@ -293,6 +344,8 @@ class Server:
             mode,
             store.version,
         )
+        if self.backup is not None:
+            self._sync()
         return msg.reply(version=store.version)
 
     def _push(self, peer: bytes, msg: Message) -> None:
@@ -345,7 +398,10 @@ class Server:
                 self.reads.append(_Read(peer, msg, clock + 1, part.reply))
                 self._release_reads()
             elif clock == store.version - 1:  # the values after that update are these
-                self._send_params(peer, msg, part.reply, scalars=self.last_scalars, held_s=0.0)
+                extra: dict[str, Any] = {"scalars": self.last_scalars, "held_s": 0.0}
+                if self.last_by:
+                    extra["by"] = self.last_by
+                self._send_params(peer, msg, part.reply, **extra)
             else:
                 raise RefusedError(
                     f"push of share {share} for clock {clock} was applied long ago; the "
@@ -440,7 +496,7 @@ class Server:
         server = protocol.field(msg, "server", int)
         clock = protocol.field(msg, "clock", int)
         sq = float(protocol.field(msg, "sq", (int, float)))
-        if server == self.me.rank or not 0 <= server < self.me.num_servers:
+        if server == self.shard or not 0 <= server < self.me.num_servers:
             raise ProtocolError(f"norm from unknown server {server}")
         if sq < 0:  # inf and nan pass: a diverged model's norm, which every server must share
             raise ProtocolError(f"norm: negative squared norm {sq}")
@@ -449,6 +505,8 @@ class Server:
             self._advance()
         elif clock == store.version + 1:
             self.future_norms[server] = sq
+        elif clock < store.version:
+            log.debug("an old norm for clock %d from server %d (sent again)", clock, server)
         else:
             log.warning(
                 "dropped a norm for clock %d from server %d (at %d)", clock, server, store.version
@@ -468,7 +526,7 @@ class Server:
             )
         if not directory.is_dir():
             raise RefusedError(f"save: {directory} is not a directory", code="bad_path")
-        path = directory / shard_file(self.me.rank, self.me.num_servers)
+        path = directory / shard_file(self.shard, self.me.num_servers)
         nbytes = store.save(path)
         log.info("saved version %d to %s (%d bytes)", version, path, nbytes)
         return msg.reply(version=version, file=str(path), bytes=nbytes)
@@ -484,6 +542,7 @@ class Server:
             assert push.sq_norm is not None  # checked when the final part arrived
             multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
         fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
+        self._replicate("async", fp32, multiplier, step=push.clock, share=share)
         self._make_params_writable()
         store.apply(fp32, multiplier, step=push.clock)
         self.gate.advance(share)
@@ -519,18 +578,28 @@ class Server:
             )
             if store.optimizer.clip_norm > 0 and not self.local:
                 sq = store.sq_norm(clock.grads) * clock.factor**2
-                clock.norms[self.me.rank] = sq
-                note = Message(
-                    "norm", body={"server": self.me.rank, "clock": store.version, "sq": sq}
-                )
+                clock.norms[self.shard] = sq
+                self.sent_norms[store.version] = sq
+                for old in [c for c in self.sent_norms if c < store.version - 1]:
+                    del self.sent_norms[old]
                 for conn in self.peers.values():
-                    conn.send(note)
+                    self._send_norm(conn, store.version, sq)
         multiplier = clock.factor
         if store.optimizer.clip_norm > 0 and not self.local:
             if len(clock.norms) < self.me.num_servers:
                 return
             total = sum(clock.norms[s] for s in range(self.me.num_servers))
             multiplier *= clip_coef(total, store.optimizer.clip_norm)
+        scalars = _mean_scalars(clock)
+        by = [clock.pushed_by[s] for s in range(self.me.num_workers)]
+        self._replicate(
+            "local" if self.local else "bsp",
+            clock.grads,
+            multiplier,
+            scalars=scalars,
+            by=by,
+            sq=self.sent_norms.get(store.version, -1.0),
+        )
         self._make_params_writable()
         try:
             if self.local:  # the pushes are parameter changes: average them in
@@ -544,9 +613,8 @@ class Server:
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
         replies, self.after_update = self.after_update, []
-        scalars = self.last_scalars = _mean_scalars(clock)
+        self.last_scalars, self.last_by = scalars, by
         now = time.monotonic()
-        by = [clock.pushed_by[s] for s in range(self.me.num_workers)]
         for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
             held = now - clock.arrived[int(r.msg.body.get("share", r.msg.body["worker"]))]
             self._send_params(
@@ -601,6 +669,221 @@ class Server:
             self.listener.send(r.peer, protocol.error(r.msg, "update_failed", reason))
         self.after_update = []
         self.clock = Clock()
+
+    # --- replication ------------------------------------------------------------------------
+
+    def _follow(self, table: Table) -> None:
+        """Act on the shard table: take over this shard, leave when another serves it, reach
+        moved peers, and keep the backup (re)built."""
+        if table == self.table:
+            retry = self.primary and self.backup is None and self.backup_address
+            if retry and time.monotonic() > self.retry_backup_at:  # one that fell behind
+                self._connect_backup(self.backup_address)
+            return
+        old, self.table = self.table, table
+        serving = table.servers[self.shard] == self.address
+        if serving and not self.primary:
+            self._promoted()
+        elif not serving and self.primary and table.servers[self.shard]:
+            log.error(
+                "shard %d is served by %s now; leaving", self.shard, table.servers[self.shard]
+            )
+            self.demoted = True
+            return
+        elif not self.primary and table.backups[self.shard] != self.address:
+            log.error("this server is no longer shard %d's backup; leaving", self.shard)
+            self.demoted = True
+            return
+        for s, addr in enumerate(table.servers):
+            if s != self.shard and addr and (old is None or old.servers[s] != addr):
+                log.warning("shard %d is served by %s now", s, addr)
+                self.peers[s].close()
+                self.peers[s] = Connection(addr, send_timeout=self.cfg.timeout)
+                for clock, sq in self.sent_norms.items():  # what it may have missed
+                    self._send_norm(self.peers[s], clock, sq)
+        if self.primary and table.backups[self.shard] != self.backup_address:
+            self._drop_backup()
+            self.backup_address = table.backups[self.shard]
+            if self.backup_address:
+                self._connect_backup(self.backup_address)
+
+    def _promoted(self) -> None:
+        self.primary = True
+        log.warning(
+            "serving shard %d from version %s on",
+            self.shard,
+            self.store.version if self.store else "(none)",
+        )
+        for conn in self.peers.values():
+            for clock, sq in self.sent_norms.items():
+                self._send_norm(conn, clock, sq)
+
+    def _send_norm(self, conn: Connection, clock: int, sq: float) -> None:
+        try:
+            conn.send(Message("norm", body={"server": self.shard, "clock": clock, "sq": sq}))
+        except PSLMError as exc:  # the peer is gone: its successor gets it when it appears
+            log.warning("could not send a norm: %s", exc)
+
+    def _connect_backup(self, address: str) -> None:
+        self.backup = Channel(timeout=self.cfg.timeout)
+        self.backup.connect("backup", address)
+        log.info("shard %d's backup is %s", self.shard, address)
+        if self.store is not None:
+            self._sync()
+
+    def _drop_backup(self) -> None:
+        if self.backup is not None:
+            self.backup.close()
+            self.backup = None
+            assert self.me is not None
+            self.retry_backup_at = time.monotonic() + self.me.heartbeat_timeout
+
+    def _to_backup(self, msg: Message) -> None:
+        """Send ``msg`` to the backup and wait for its answer: PSLMError if it refuses or does
+        not answer in time, Interrupted once the scheduler has declared it dead."""
+        assert self.backup is not None
+
+        def gone() -> bool:
+            table = self.beat.table if self.beat is not None else None
+            return table is not None and table.backups[self.shard] != self.backup_address
+
+        self.backup.wait([self.backup.send("backup", msg)], interrupt=gone)
+
+    def _sync(self) -> None:
+        """Send the backup the whole shard (copies: the live buffers change meanwhile)."""
+        store = self._store()
+        state = store.state_tensors()
+        body = {
+            "shard": self.shard,
+            "keyspace": store.keyspace.to_dict(),
+            "optimizer": store.optimizer.to_dict(),
+            "consistency": self.consistency.to_dict(),
+            "version": store.version,
+            "clocks": list(self.gate.clocks),
+            "scalars": self.last_scalars,
+            "by": self.last_by,
+            "norms": {str(c): sq for c, sq in self.sent_norms.items()},
+            "names": list(state),
+        }
+        msg = Message("sync", body=body, tensors=[t.clone() for t in state.values()])
+        try:
+            self._to_backup(msg)
+            log.info("shard %d (version %d) copied to its backup", self.shard, store.version)
+        except PSLMError as exc:
+            log.error("could not copy shard %d to its backup: %s", self.shard, exc)
+            self._drop_backup()
+
+    def _replicate(self, kind: str, grads: list[Grad], multiplier: float, **extra: Any) -> None:
+        """Have the backup take the update about to be applied; return once it confirmed (or
+        was dropped for not doing so in time: the shard goes on without a copy)."""
+        if self.backup is None:
+            return
+        store = self._store()
+        tensors: list[torch.Tensor] = []
+        for g in grads:
+            tensors += [g.rows, g.values.reshape(-1)] if isinstance(g, RowGrad) else [g]
+        body = {"kind": kind, "version": store.version, "multiplier": multiplier, **extra}
+        for attempt in (1, 2):
+            try:
+                self._to_backup(Message("update", body=body, tensors=tensors))
+                return
+            except RefusedError as exc:
+                if attempt == 2 or exc.code != "not_synced":
+                    log.error("shard %d's backup refused an update: %s", self.shard, exc)
+                    break
+                self._sync()  # then the update again
+                if self.backup is None:
+                    return
+            except PSLMError as exc:
+                log.error("shard %d's backup did not confirm an update: %s", self.shard, exc)
+                break
+        self._drop_backup()
+
+    def _take_sync(self, msg: Message) -> Message:
+        """A backup: take the whole shard from its primary."""
+        assert self.me is not None
+        if self.primary or protocol.field(msg, "shard", int) != self.shard:
+            raise RefusedError(f"this server is not the backup of shard {self.shard}")
+        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
+        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
+        mode = Consistency.from_dict(protocol.field(msg, "consistency", dict))
+        clocks = protocol.field(msg, "clocks", list)
+        names = protocol.field(msg, "names", list)
+        if len(clocks) != self.me.num_workers or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks
+        ):
+            raise ProtocolError(f"sync: clocks must be {self.me.num_workers} clocks")
+        if len(names) != len(msg.tensors) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError("sync: one name per tensor")
+        store = ShardStore(ks, self.shard, opt)
+        store.load_state(
+            dict(zip(names, msg.tensors, strict=True)),
+            protocol.field(msg, "version", int),
+            "sync",
+        )
+        self.store, self.consistency = store, mode
+        self.gate = StalenessGate(self.me.num_workers, mode.bound)
+        self.gate.clocks = list(clocks)
+        self.last_scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
+        self.last_by = _ints(protocol.field(msg, "by", list, []))
+        norms = protocol.field(msg, "norms", dict, {})
+        self.sent_norms = {int(c): float(v) for c, v in norms.items() if str(c).isdigit()}
+        log.info("took shard %d at version %d from its server", self.shard, store.version)
+        return msg.reply(version=store.version)
+
+    def _take_update(self, peer: bytes, msg: Message) -> None:
+        """A backup: confirm an update of the primary, then apply it the same way."""
+        assert self.me is not None
+        store = self.store
+        version = protocol.field(msg, "version", int)
+        if self.primary or store is None or version != store.version:
+            raise RefusedError(
+                f"update for version {version}: this backup holds "
+                f"{store.version if store else 'nothing'}",
+                code="not_synced",
+            )
+        kind = protocol.field(msg, "kind", str)
+        multiplier = float(protocol.field(msg, "multiplier", (int, float)))
+        grads = self._update_grads(msg)
+        step = protocol.field(msg, "step", int, version)
+        share = protocol.field(msg, "share", int, 0) if kind == "async" else 0
+        if kind not in ("bsp", "async", "local") or not 0 <= share < self.me.num_workers:
+            raise ProtocolError(f"update: bad kind {kind!r} or share {share}")
+        self.listener.send(peer, msg.reply(version=version))
+        try:
+            if kind == "local":
+                store.add_delta(grads, multiplier)
+            else:
+                store.apply(grads, multiplier, step=step)
+        except Exception:  # deterministic: the primary fails alike; the next sync repairs
+            log.exception("applying update %d failed; waiting for a new copy", version)
+            self.store = None
+            return
+        if kind == "async":
+            self.gate.advance(share)
+        else:
+            self.last_scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
+            self.last_by = _ints(protocol.field(msg, "by", list, []))
+            sq = float(protocol.field(msg, "sq", (int, float), -1.0))
+            if sq >= 0:
+                self.sent_norms = {version: sq}
+
+    def _update_grads(self, msg: Message) -> list[Grad]:
+        """The gradients of an ``update``: a tensor per dense chunk, then rows and values per
+        row chunk, all checked against the shard."""
+        store = self._store()
+        n_rows = len(store.chunks) - store.n_dense
+        if len(msg.tensors) != store.n_dense + 2 * n_rows:
+            raise ProtocolError(f"update: {len(msg.tensors)} tensors for this shard")
+        grads: list[Grad] = []
+        for k in range(store.n_dense):
+            t = msg.tensors[k]
+            store.check_chunk(t, k, "update")
+            grads.append(t.float())
+        for i in range(n_rows):
+            rows, values = msg.tensors[store.n_dense + 2 * i : store.n_dense + 2 * i + 2]
+            grads.append(store.row_grad(rows, values, store.n_dense + i))
+        return grads
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -664,6 +947,12 @@ def _scalars(raw: dict[str, Any]) -> dict[str, float]:
             raise ProtocolError(f"push: scalar {name!r} is not a number")
         out[name] = float(value)
     return out
+
+
+def _ints(raw: list[Any]) -> list[int]:
+    if len(raw) > 1 << 16 or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        raise ProtocolError("expected a list of integers")
+    return list(raw)
 
 
 def _mean_scalars(clock: Clock) -> dict[str, float]:

@@ -206,14 +206,39 @@ class ShardStore:
         for view, v in zip(self.views, self.unpack_all(values, "init"), strict=True):
             view.copy_(v)
 
-    def save(self, path: Path) -> int:
-        """Write parameters, optimizer state and step counters to ``path`` (safetensors),
-        atomically (temporary file, fsync, rename); returns the file's size."""
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the shard holds but its version: ``params``, ``steps`` (the step
+        counters), ``state.<name>`` (optimizer state). Live views, not copies."""
         tensors = {
             "params": self.params,
             "steps": torch.stack(self.steps) if self.steps else torch.zeros(0),
         }
         tensors.update({f"state.{k}": v for k, v in self.state.items()})
+        return tensors
+
+    def load_state(self, tensors: dict[str, torch.Tensor], version: int, what: str) -> None:
+        """Take what ``state_tensors`` gave (of a store of the same key space and optimizer)
+        and ``version``; RefusedError, nothing changed, unless every tensor is there with its
+        shape and dtype."""
+        want = {k: tuple(t.shape) for k, t in self.state_tensors().items()}
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if got != want or any(t.dtype != torch.float32 for t in tensors.values()):
+            raise RefusedError(
+                f"{what} holds {got}, expected fp32 tensors {want}", code="bad_shape"
+            )
+        if version < 0:
+            raise RefusedError(f"{what}: version {version} is negative", code="bad_shape")
+        self.params.copy_(tensors["params"])
+        for step, saved in zip(self.steps, tensors["steps"], strict=True):
+            step.fill_(saved)
+        for k, buf in self.state.items():
+            buf.copy_(tensors[f"state.{k}"])
+        self.version = version
+
+    def save(self, path: Path) -> int:
+        """Write parameters, optimizer state and step counters to ``path`` (safetensors),
+        atomically (temporary file, fsync, rename); returns the file's size."""
+        tensors = self.state_tensors()
         meta = {
             "keyspace": json.dumps(self.keyspace.to_dict()),
             "optimizer": json.dumps(self.optimizer.to_dict()),
@@ -250,17 +275,10 @@ class ShardStore:
             raise ConfigError(f"shard {path} is not server {self.server}'s shard of this model")
         if not isinstance(saved_opt, dict) or saved_opt.get("name") != self.optimizer.name:
             raise ConfigError(f"shard {path} was trained with another optimizer")
-        want = {"params": (self.numel,), "steps": (len(self.chunks),)}
-        want.update({f"state.{k}": (self.numel,) for k in self.state})
-        got = {k: tuple(t.shape) for k, t in tensors.items()}
-        if got != want or any(t.dtype != torch.float32 for t in tensors.values()):
-            raise ConfigError(f"shard {path} holds {got}, expected fp32 tensors {want}")
-        self.params.copy_(tensors["params"])
-        for step, saved in zip(self.steps, tensors["steps"], strict=True):
-            step.fill_(saved)
-        for k, buf in self.state.items():
-            buf.copy_(tensors[f"state.{k}"])
-        self.version = version
+        try:
+            self.load_state(tensors, version, f"shard {path}")
+        except RefusedError as exc:
+            raise ConfigError(str(exc)) from None
 
     def add_delta(self, deltas: Sequence[Grad], multiplier: float = 1.0) -> None:
         """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""

@@ -258,6 +258,13 @@ class ClusterSection:
     others train its share of every batch, and it gets one back when it rejoins. Other
     consistency models, or overlap, cannot hand a dead worker's share over: a dead worker
     fails the run."""
+    server_restarts: int = 3
+    """With backups: how many times in all the launcher starts a dead server again (it comes
+    back as the backup of the shard that lost one)."""
+    replicas: int = -1
+    """Backups per shard, 0 or 1: a backup is a server process that keeps a copy of a shard
+    and serves it when the shard's server dies (nothing lost). -1: 1 with two or more
+    servers and no overlap (whose pushes in parts a new server could not complete), else 0."""
     timeout: float = 120.0
     """Seconds any request may wait before the run fails."""
     heartbeat_interval: float = 1.0
@@ -268,8 +275,10 @@ class ClusterSection:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.servers < 1:
             raise ConfigError("need at least one worker and one server")
-        if self.worker_restarts < 0:
-            raise ConfigError(f"cluster.worker_restarts must be >= 0, got {self.worker_restarts}")
+        if self.worker_restarts < 0 or self.server_restarts < 0:
+            raise ConfigError("cluster.worker_restarts and server_restarts must be >= 0")
+        if self.replicas not in (-1, 0, 1):
+            raise ConfigError(f"cluster.replicas must be 0 or 1 (-1: auto), got {self.replicas}")
         if self.bucket_bytes < 1:
             raise ConfigError(f"cluster.bucket_bytes must be >= 1, got {self.bucket_bytes}")
         if not (self.timeout > 0 and 0 < self.heartbeat_interval < self.heartbeat_timeout):
@@ -316,6 +325,14 @@ class TrainConfig:
     def recovers_workers(self) -> bool:
         """Whether a dead worker's shares can go to the others (BSP without overlap)."""
         return self.cluster.consistency == "bsp" and not self.cluster.overlap
+
+    @property
+    def replicas(self) -> int:
+        """Backups per shard (``cluster.replicas``, with -1 resolved)."""
+        c = self.cluster
+        if c.replicas >= 0:
+            return c.replicas
+        return 1 if c.servers >= 2 and not c.overlap else 0
 
     @property
     def row_embeddings(self) -> bool:

@@ -139,6 +139,8 @@ def _launch(
         threads_per_worker=cfg.train.threads,
         secure=cfg.cluster.secure,
         restarts=cfg.cluster.worker_restarts if cfg.recovers_workers else 0,
+        replicas=cfg.replicas,
+        server_restarts=cfg.cluster.server_restarts,
     )
     try:
         with LocalCluster(launch) as cluster:

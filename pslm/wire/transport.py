@@ -181,8 +181,12 @@ class Channel:
         self._poller = Poller()
         self._next_id = 1
         self._pending: dict[int, str] = {}  # request id -> peer name
+        self._sent: dict[int, Message] = {}  # request id -> the request, to send again
         self._replies: dict[int, Message] = {}
         self.notices: list[tuple[str, Message]] = []
+        self.watch: Callable[[], None] | None = None
+        """Called every INTERRUPT_EVERY seconds while waiting (e.g. to follow peers that moved
+        and ``reroute`` to them)."""
 
     def connect(self, name: str, address: str) -> None:
         """Open a connection to ``address`` under ``name``, replacing any earlier one."""
@@ -203,7 +207,18 @@ class Channel:
         self._next_id += 1
         self._conn(name).send(msg)
         self._pending[msg.id] = name
+        self._sent[msg.id] = msg
         return msg.id
+
+    def reroute(self, name: str, address: str) -> int:
+        """``name`` is at ``address`` now: connect there and send it again every request to
+        ``name`` still without a reply (same ids; the peer must take duplicates as such).
+        Returns how many were sent again."""
+        self.connect(name, address)
+        again = [i for i, peer in self._pending.items() if peer == name and i not in self._replies]
+        for i in again:
+            self._conns[name].send(self._sent[i])
+        return len(again)
 
     def wait(
         self,
@@ -243,6 +258,9 @@ class Channel:
                         forget = False
                         raise Interrupted("the wait was interrupted; the requests are pending")
                     left = min(left, INTERRUPT_EVERY)
+                if self.watch is not None:
+                    self.watch()
+                    left = min(left, INTERRUPT_EVERY)
                 for conn in self._poller.poll(left):
                     assert isinstance(conn, Connection)
                     self._take(conn)
@@ -251,6 +269,7 @@ class Channel:
             for i in ids if forget else ():  # late replies are dropped in _take
                 self._pending.pop(i, None)
                 self._replies.pop(i, None)
+                self._sent.pop(i, None)
         for i, reply in replies.items():
             if reply.op == "error":
                 raise RefusedError(
