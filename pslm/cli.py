@@ -156,6 +156,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_eval)
 
+    s = sub.add_parser(
+        "baseline", help="TF-IDF + logistic regression on a labelled set's seeded test split"
+    )
+    s.add_argument("--data", required=True, help="bbc-news, zh-sentiment, or JSONL/CSV")
+    s.add_argument("--seed", type=int, default=0, help="the split's seed (0)")
+    s.add_argument("--language", choices=["auto", "en", "zh"], default="auto")
+    s.add_argument(
+        "--pos", default="", help="Chinese: keep jieba POS tags starting so, e.g. n,v,a,d"
+    )
+    s.add_argument("--stopwords", action="store_true", help="drop stop words first")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_baseline)
+
     s = sub.add_parser("scheduler", help="run the scheduler of a cluster")
     s.add_argument(
         "--num-workers",
@@ -188,6 +201,11 @@ def _parser() -> argparse.ArgumentParser:
         help="keep cluster.json here [PSLM_RUN_DIR]",
     )
     s.add_argument("--address-file", help="write the bound address to this file")
+    s.add_argument(
+        "--recover",
+        action="store_true",
+        help="take over a running cluster from the state a dead scheduler kept in --run-dir",
+    )
     _heartbeat_args(s)
     _security_args(s)
     s.add_argument(
@@ -375,6 +393,7 @@ def _scheduler(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         startup_timeout=args.startup_timeout,
         replicas=args.replicas,
+        recover=args.recover,
     )
     _role_setup("scheduler", args, threads=False)
     return Scheduler(cfg).run()
@@ -503,6 +522,40 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             text_so_far = text
     sys.stdout.write(tok.decode(ids)[len(text_so_far) :] + "\n")
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from pslm.lm.labelled import load_labelled
+    from pslm.train.baseline import language_of, run_baseline
+    from pslm.train.metrics import classification_metrics, format_report
+
+    data = load_labelled(args.data)
+    split = data.split(seed=args.seed)
+    language = language_of(data.texts) if args.language == "auto" else args.language
+    pos = tuple(p for p in args.pos.split(",") if p)
+    result = run_baseline(split, language=language, pos=pos, stopwords=args.stopwords)
+    report = classification_metrics(split.test.targets, result.predictions, data.labels)
+    doc = {
+        "data": data.name,
+        "texts": len(data),
+        "repeats_removed": data.repeats,
+        "conflicting_dropped": data.dropped,
+        "split": [len(split.train), len(split.val), len(split.test)],
+        "language": language,
+        "features": result.features,
+        **report,
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"{data.name}: {len(data)} texts after dedup ({data.repeats} repeats, "
+            f"{data.dropped} with two labels dropped); train {len(split.train)}, val "
+            f"{len(split.val)}, test {len(split.test)}; TF-IDF ({result.features} features, "
+            f"{language}) + logistic regression"
+        )
+        print(format_report(report))
     return 0
 
 

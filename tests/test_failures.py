@@ -174,5 +174,93 @@ def test_a_killed_server_loses_nothing_its_backup_takes_over(setup) -> None:
     assert "took shard 0 at version" in back.split("backup of shard 0")[-1]  # rebuilt
     workers = "".join((run / "logs" / f"worker-{r}.log").read_text() for r in (0, 1))
     assert "shard 0 is served by" in workers
+    assert [r["failover"] for r in recs if "failover" in r] == [[0]]  # in the metrics too
     cluster = json.loads((run / "cluster.json").read_text())
     assert cluster["shards"][0]["primary"] == "server-2"
+
+
+def test_a_killed_scheduler_comes_back_and_the_run_goes_on(setup) -> None:
+    """kill -9 the scheduler: the launcher starts it again at the same address, it takes the
+    cluster over from the state the dead one kept in the run directory, the nodes send it
+    what the dead one left unanswered (barriers of evaluations and checkpoints), and the run
+    ends as an undisturbed one."""
+    args = ["train", "--config", setup["config"], "--data", setup["corpus"]]
+    whole = setup["root"] / "whole-scheduler"
+    res = pslm(*args, "--run-dir", whole)
+    assert res.returncode == 0, res.stderr
+    run = setup["root"] / "killed-scheduler"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *map(str, args), "--run-dir", str(run)]
+        + ["--slow-worker", "1:30"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _shard_server(run, 0), "the cluster")
+        _wait_for(
+            lambda: len(metrics(run)) >= 15 if (run / "metrics.jsonl").exists() else 0, "steps"
+        )
+        first = json.loads((run / "cluster.json").read_text())["scheduler"]["pid"]
+        os.kill(first, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    recs, want = metrics(run), metrics(whole)
+    assert [r["step"] for r in recs] == list(range(STEPS))
+    for a, b in zip(recs, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a.get("val_loss", 0) == pytest.approx(b.get("val_loss", 0), rel=1e-5)
+    final = [
+        load_file(str(r / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+        for r in (run, whole)
+    ]
+    for name, t in final[1].items():
+        torch.testing.assert_close(final[0][name], t, rtol=1e-5, atol=1e-7)
+    log = (run / "logs" / "scheduler.log").read_text()
+    assert "recovered the cluster from" in log
+    cluster = json.loads((run / "cluster.json").read_text())
+    assert cluster["scheduler"]["pid"] != first
+    assert all(n["state"] == "exited" for n in cluster["nodes"])  # nobody was lost
+
+
+def test_without_backups_a_killed_server_sends_the_run_back_to_its_checkpoint(setup) -> None:
+    """--replicas 0: kill -9 a server; the cluster starts again from the newest checkpoint
+    (the workers go back to its step) and the run still ends as an undisturbed one."""
+    args = ["train", "--config", setup["config"], "--data", setup["corpus"], "--replicas", "0"]
+    whole = setup["root"] / "whole-server"  # the same run: backups change no result
+    if not whole.exists():
+        assert pslm(*args, "--run-dir", whole).returncode == 0
+    run = setup["root"] / "killed-unbacked-server"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *map(str, args), "--run-dir", str(run)]
+        + ["--slow-worker", "1:30"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step_0000020").exists(), "a checkpoint")
+        doc = json.loads((run / "cluster.json").read_text())
+        pid = next(n["pid"] for n in doc["nodes"] if n["id"] == "server-1")
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "server-1 died" in out and "starts again from step_" in out
+    recs, want = metrics(run), metrics(whole)
+    assert [r["step"] for r in recs] == list(range(STEPS))  # the steps done again, once
+    for a, b in zip(recs, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    final = [
+        load_file(str(r / "checkpoints" / f"step_{STEPS:07d}" / "model.safetensors"))
+        for r in (run, whole)
+    ]
+    for name, t in final[1].items():
+        torch.testing.assert_close(final[0][name], t, rtol=1e-5, atol=1e-7)

@@ -152,6 +152,7 @@ class PSClient:
         """Where each shard is served now (it moves when a server dies and its backup takes
         over: ``follow_servers``)."""
         self._table = -1
+        self._epoch = self.me.epoch
         self.channel.watch = self.follow_servers
 
     @property
@@ -197,6 +198,11 @@ class PSClient:
         """Send to a shard's new server (its promoted backup) from now on, and send it again
         every request its old server left unanswered; the servers take duplicates as such.
         Cheap (the table comes with the heartbeats); called while waiting and before sends."""
+        epoch = self.heartbeat.epoch
+        if epoch and epoch != self._epoch:  # a new scheduler: what the old one left unanswered
+            self._epoch = epoch
+            again = self.channel.reroute("scheduler", self.cfg.scheduler)
+            log.warning("the scheduler restarted; %d requests sent to it again", again)
         table = self.heartbeat.table
         if table is None or table.version == self._table:
             return

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from pslm.errors import ProtocolError, PSLMError, RequestTimeout
+from pslm.ps.table import Table
 from pslm.wire import auth
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
@@ -49,6 +50,8 @@ class Membership:
     """Servers: whether it serves ``shard`` (else it is the shard's backup)."""
     backups: tuple[str, ...] = ()
     """Backup server addresses, by shard ("" where a shard has none)."""
+    epoch: str = ""
+    """The scheduler's incarnation (``Heartbeat.epoch``)."""
 
 
 def register(channel: Channel, *, role: str, rank: int, address: str, timeout: float) -> Membership:
@@ -84,35 +87,10 @@ def register(channel: Channel, *, role: str, rank: int, address: str, timeout: f
             shard=int(b.get("shard", -1)),
             primary=bool(b.get("primary", True)),
             backups=tuple(str(a) for a in b.get("backups", ())),
+            epoch=str(b.get("epoch", "")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed register reply from the scheduler: {exc!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Table:
-    """The shard table: which server serves each shard and which keeps its backup. Its
-    ``version`` grows with every change (a backup promoted, a new backup)."""
-
-    version: int
-    servers: tuple[str, ...]
-    """Address of each shard's primary."""
-    backups: tuple[str, ...]
-    """Address of each shard's backup, "" where there is none."""
-
-    @classmethod
-    def from_body(cls, body: dict[str, object]) -> Table | None:
-        """The table a heartbeat reply carries, or None if it carries none (or a bad one)."""
-        version, servers, backups = body.get("table"), body.get("servers"), body.get("backups")
-        if not isinstance(version, int) or isinstance(version, bool):
-            return None
-        if not isinstance(servers, list) or not isinstance(backups, list):
-            return None
-        if len(servers) != len(backups) or not all(
-            isinstance(a, str) for a in [*servers, *backups]
-        ):
-            return None
-        return cls(version, tuple(servers), tuple(backups))
 
 
 class Heartbeat(threading.Thread):
@@ -133,6 +111,9 @@ class Heartbeat(threading.Thread):
         self.stop_requested = threading.Event()
         self.lease_version = 0
         """The version of the share leases the scheduler last reported."""
+        self.epoch = ""
+        """The scheduler's incarnation, as it last reported (it changes when a new scheduler
+        takes over)."""
         self.table: Table | None = None
         """Where each shard is served and backed up, as the scheduler last reported."""
         self._quit = threading.Event()
@@ -155,6 +136,9 @@ class Heartbeat(threading.Thread):
                     version = reply.body.get("leases")
                     if isinstance(version, int) and not isinstance(version, bool):
                         self.lease_version = version  # one assignment: safe to read anywhere
+                    epoch = reply.body.get("epoch")
+                    if isinstance(epoch, str):
+                        self.epoch = epoch
                     table = Table.from_body(reply.body)
                     if table is not None:
                         self.table = table  # likewise

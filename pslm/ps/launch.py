@@ -88,6 +88,10 @@ class LaunchConfig:
     With backups a dead server is started again (up to ``server_restarts`` times in all)
     and becomes a backup; without, a dead server fails the job."""
     server_restarts: int = 3
+    """How many times in all a dead server is started again (with ``replicas``)."""
+    scheduler_restarts: int = 3
+    """How many times in all a dead scheduler is started again, at the same address; it takes
+    the cluster over from the state the dead one kept in ``run_dir``."""
 
     def __post_init__(self) -> None:
         if self.num_servers < 1 or self.num_workers < 1:
@@ -145,8 +149,11 @@ class LocalCluster:
         self.secret = cfg.secret or secrets.token_urlsafe(32)
         self.restarts_left = cfg.restarts
         self.server_restarts_left = cfg.server_restarts if cfg.replicas else 0
+        self.scheduler_restarts_left = cfg.scheduler_restarts
         self.restarted = 0
         self.lost: list[Child] = []  # workers that died with no restarts left
+        self.failed: Child | None = None
+        """The child whose exit failed the job, if one did."""
         self.children: list[Child] = []
         self.scheduler_address = ""
 
@@ -285,6 +292,15 @@ class LocalCluster:
                 log.warning("%s exited with code %d; starting it again", c.name, code)
                 self.children[i] = self._spawn(c.role, c.rank, c.args, c.env, again=True)
                 continue
+            if c.role == "scheduler" and self.scheduler_restarts_left > 0:
+                self.scheduler_restarts_left -= 1
+                self.restarted += 1
+                log.warning("the scheduler exited with code %d; starting it again", code)
+                args = _with_flag(c.args, "--bind", self.scheduler_address)
+                if "--recover" not in args:
+                    args.append("--recover")
+                self.children[i] = self._spawn(c.role, c.rank, args, c.env, again=True)
+                continue
             if c.role == "server" and self.server_restarts_left > 0:
                 self.server_restarts_left -= 1  # it comes back as a backup
                 self.restarted += 1
@@ -304,6 +320,7 @@ class LocalCluster:
                 log.warning("%s exited with code %d; the others train its share", c.name, code)
                 self.lost.append(self.children.pop(i))
                 return self._check_children()
+            self.failed = c
             self.stop()
             raise c.failure(code)
 
@@ -359,6 +376,13 @@ class LocalCluster:
             with suppress(subprocess.TimeoutExpired):
                 sched.proc.wait(0.05)
         return addr_file.read_text().strip()
+
+
+def _with_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag``'s value replaced by ``value``."""
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
 
 
 def _thread_env(n: int) -> dict[str, str]:

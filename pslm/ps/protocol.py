@@ -10,9 +10,12 @@ To the scheduler (from any node unless said otherwise):
                backups (``shard`` = rank mod num_servers, ``primary`` false). A worker
                registering later takes a dead worker's rank (``late``); a server registering
                later takes a dead server's rank and becomes the backup of a shard without one
-    heartbeat  {node} -> {stop: bool, leases: version of the share leases, table, servers,
-               backups}: the shard table (``table`` its version; ``servers`` the address
-               serving each shard, ``backups`` its backup's or "")
+    heartbeat  {node} -> {stop: bool, leases: version of the share leases, epoch, table,
+               servers, backups}: the shard table (``table`` its version; ``servers`` the
+               address serving each shard, ``backups`` its backup's or ""); ``epoch`` names
+               the scheduler's incarnation (also in the register reply): when it changes, a
+               node sends its unanswered requests again (a restarted scheduler, ``--recover``,
+               takes them; every op to the scheduler is safe to repeat)
     barrier    {node, name, group: workers|servers|all, values: {name: number}}
                -> {values: each summed over the group} once every member arrived: the
                group's live nodes when it began (workers: those holding shares), less the
@@ -104,6 +107,30 @@ def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any =
     if not isinstance(value, kind):
         raise ProtocolError(f"{msg.op}: field {name!r} has type {type(value).__name__}")
     return value
+
+
+MAX_SCALARS = 64
+
+
+def scalars(raw: dict[str, Any]) -> dict[str, float]:
+    """Validated scalars (e.g. a worker's loss): at most MAX_SCALARS, short names, numbers."""
+    if len(raw) > MAX_SCALARS:
+        raise ProtocolError(f"at most {MAX_SCALARS} scalars")
+    out = {}
+    for name, value in raw.items():
+        if not (isinstance(name, str) and 0 < len(name) <= 64):
+            raise ProtocolError("scalar names are strings of 1 to 64 characters")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"scalar {name!r} is not a number")
+        out[name] = float(value)
+    return out
+
+
+def ints(raw: list[Any], limit: int = 1 << 16) -> list[int]:
+    """``raw`` if it is a list of at most ``limit`` integers; ProtocolError if not."""
+    if len(raw) > limit or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        raise ProtocolError(f"expected a list of at most {limit} integers")
+    return list(raw)
 
 
 def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from pslm.errors import ClusterError, ConfigError, ProtocolError
 from pslm.ps import protocol
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.leases import ShareLeases
+from pslm.ps.table import ShardTable
 from pslm.wire.message import Message
 from pslm.wire.transport import Listener, Poller, tcp_address
 
@@ -59,12 +61,17 @@ class SchedulerConfig:
     replicas: int = 0
     """Backups per shard (0 or 1): each is a server process of its own that keeps a copy of
     the shard and takes over when the shard's server dies."""
+    recover: bool = False
+    """Take over a running cluster from the state a previous scheduler kept in ``run_dir``
+    (it died; this one listens at its address): the nodes go on without registering again."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1 or self.num_servers < 1:
             raise ConfigError("a cluster needs at least one worker and one server")
         if self.replicas not in (0, 1):
             raise ConfigError(f"replicas must be 0 or 1, got {self.replicas}")
+        if self.recover and not self.run_dir:
+            raise ConfigError("--recover needs the run directory the state was kept in")
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.startup_timeout <= 0 or self.shutdown_timeout <= 0:
@@ -129,6 +136,8 @@ class Barrier:
 
 
 MAX_VALUES = 64
+STATE_FILE = "scheduler-state.json"
+"""In the run directory: what a restarted scheduler takes over (``--recover``)."""
 RELEASED_KEPT = 64
 """Released barriers whose sums are kept, for a member that arrives after the release."""
 
@@ -145,7 +154,7 @@ class Scheduler:
         self.barriers: dict[str, Barrier] = {}
         self.finalizing: dict[str, tuple[bytes, Message]] = {}
         self.leases = ShareLeases(cfg.num_workers)
-        self.shards = ShardTable(cfg.num_servers)
+        self.shards: ShardTable[NodeRecord] = ShardTable(cfg.num_servers)
         self.parked: list[tuple[NodeRecord, Message]] = []  # late workers awaiting a rank
         self.told_stop: set[str] = set()  # nodes that heard the cluster is stopping
         self.released: dict[str, dict[str, float]] = {}  # the last barriers' sums, by name
@@ -155,6 +164,10 @@ class Scheduler:
         self.complete = False
         self.stopping_since: float | None = None
         self.exit_code = 0
+        self.epoch = secrets.token_hex(8)
+        """This scheduler's incarnation: a node that sees it change re-sends its requests."""
+        if cfg.recover:
+            self._recover()
         if cfg.address_file:
             try:
                 _write_atomic(Path(cfg.address_file), self.address)
@@ -289,6 +302,7 @@ class Scheduler:
             late=late,
             shard=shard,
             primary=primary,
+            epoch=self.epoch,
             **self.shards.to_body(),
         )
 
@@ -424,6 +438,8 @@ class Scheduler:
         node = self._node(msg)
         node.last_seen = time.monotonic()
         node.last_heartbeat = time.time()
+        if node.state == "exited":  # (it said goodbye before a restart of the scheduler)
+            return msg.reply(stop=True, leases=self.leases.version, epoch=self.epoch)
         if self.stopping_since is not None:
             self.told_stop.add(node.id)
         if node.state == "dead":
@@ -434,6 +450,7 @@ class Scheduler:
         return msg.reply(
             stop=self.stopping_since is not None,
             leases=self.leases.version,
+            epoch=self.epoch,
             **self.shards.to_body(),
         )
 
@@ -523,6 +540,7 @@ class Scheduler:
         if self.keyspace is None:
             self.keyspace, self.declared_by = ks, node.id
             log.info("%s declared %d tensors, %d chunks", node.id, len(ks.tensors), len(ks.chunks))
+            self._write_cluster()
         elif ks.fingerprint() != self.keyspace.fingerprint():
             raise ConfigError(
                 f"{node.id} declared a different model than {self.declared_by}: "
@@ -585,8 +603,8 @@ class Scheduler:
             return
         log.info("shutting down: %s", why)
         self.stopping_since = time.monotonic()
-        for node in self.nodes.values():
-            if node.role == "server" and node.state != "exited":
+        for node in self.nodes.values():  # (a recovered scheduler tells them by heartbeat)
+            if node.role == "server" and node.state != "exited" and node.peer:
                 self.listener.send(node.peer, Message("shutdown"))
         self._write_cluster()
 
@@ -624,63 +642,59 @@ class Scheduler:
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
+            if self.complete:
+                _write_atomic(Path(self.cfg.run_dir) / STATE_FILE, json.dumps(self._state()))
         except OSError as exc:  # the file informs; failing to write it must not stop the cluster
             log.warning("cannot write cluster.json: %s", exc)
 
+    # --- a scheduler that dies and comes back -----------------------------------------------
 
-class ShardTable:
-    """Which server node serves each shard (primary) and which keeps its backup."""
-
-    def __init__(self, num_shards: int):
-        self.primary: list[NodeRecord | None] = [None] * num_shards
-        self.backup: list[NodeRecord | None] = [None] * num_shards
-        self.version = 0
-
-    def place(self, shard: int, node: NodeRecord) -> None:
-        """``node`` serves ``shard`` if it has no server yet, else backs it up."""
-        if self.primary[shard] is None:
-            self.primary[shard] = node
-        else:
-            self.backup[shard] = node
-        self.version += 1
-
-    def role_of(self, node_id: str) -> tuple[int, bool]:
-        """(shard, whether primary) of a server node; (-1, True) for any other node."""
-        for s, (p, b) in enumerate(zip(self.primary, self.backup, strict=True)):
-            if p is not None and p.id == node_id and p.live:
-                return s, True
-            if b is not None and b.id == node_id and b.live:
-                return s, False
-        return -1, True
-
-    def promote(self, shard: int) -> bool:
-        """Make the shard's live backup its server; False if it has none."""
-        b = self.backup[shard]
-        if b is None or not b.live:
-            return False
-        self.primary[shard], self.backup[shard] = b, None
-        return True
-
-    def without_backup(self) -> int | None:
-        """A shard whose server is live and that has no live backup, if any."""
-        for s, (p, b) in enumerate(zip(self.primary, self.backup, strict=True)):
-            if p is not None and p.live and (b is None or not b.live):
-                return s
-        return None
-
-    def to_body(self) -> dict[str, Any]:
-        """What membership and heartbeat replies carry (``pslm.ps.control.Table``)."""
+    def _state(self) -> dict[str, Any]:
+        """What a restarted scheduler needs and cannot learn from the nodes."""
         return {
-            "table": self.version,
-            "servers": [p.address if p is not None else "" for p in self.primary],
-            "backups": [b.address if b is not None and b.live else "" for b in self.backup],
+            "nodes": [
+                {**n.to_json(), "requested_rank": n.requested_rank} for n in self.nodes.values()
+            ],
+            "leases": self.leases.to_dict(),
+            "shards": self.shards.to_state(),
+            "keyspace": self.keyspace.to_dict() if self.keyspace is not None else None,
+            "declared_by": self.declared_by,
+            "released": self.released,
         }
 
-    def to_json(self) -> list[dict[str, Any]]:
-        return [
-            {"primary": p.id if p else None, "backup": b.id if b and b.live else None}
-            for p, b in zip(self.primary, self.backup, strict=True)
-        ]
+    def _recover(self) -> None:
+        path = Path(str(self.cfg.run_dir)) / STATE_FILE
+        try:
+            doc = json.loads(path.read_text())
+            now = time.monotonic()
+            for raw in doc["nodes"]:
+                node = NodeRecord(
+                    role=str(raw["role"]),
+                    requested_rank=int(raw["requested_rank"]),
+                    address=str(raw["address"]),
+                    pid=int(raw["pid"]),
+                    host=str(raw["host"]),
+                    peer=b"",  # known again once it sends something
+                    rank=int(raw["rank"]),
+                    state=str(raw["state"]),
+                    last_seen=now,
+                )
+                self.nodes[node.id] = node
+            self.leases = ShareLeases.from_dict(doc["leases"])
+            self.shards = ShardTable.from_state(doc["shards"], self.nodes)
+            if doc["keyspace"] is not None:
+                self.keyspace = KeySpace.from_dict(doc["keyspace"])
+                self.declared_by = str(doc["declared_by"])
+            self.released = {str(k): dict(v) for k, v in doc["released"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.listener.close()
+            raise ConfigError(f"cannot recover the cluster from {path}: {exc!r}") from None
+        self.complete = True
+        log.warning(
+            "recovered the cluster from %s: %s",
+            path,
+            ", ".join(f"{n.id} {n.state}" for n in self.nodes.values()),
+        )
 
 
 def _id(node: NodeRecord | None) -> str:

@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import zmq
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
@@ -57,7 +56,16 @@ from pslm.ps.control import Heartbeat, Membership, Table, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Part, PendingPush, Reply, Selection, decode_part
-from pslm.ps.shard import Grad, RowGrad, ShardStore, clip_coef
+from pslm.ps.replica import (
+    BackupLink,
+    Snapshot,
+    Update,
+    read_sync,
+    read_update,
+    sync_message,
+    update_message,
+)
+from pslm.ps.shard import Grad, ShardStore, clip_coef
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
@@ -122,7 +130,6 @@ class Clock:
     """Share -> the worker whose push of it was taken."""
 
 
-MAX_SCALARS = 64
 DEMOTED = 3
 """Exit code of a server whose shard is served by another now (it was thought dead)."""
 READER_GRACE = 1.0
@@ -158,7 +165,7 @@ class Server:
         self.shard = -1
         """The shard this server serves (primary) or backs up."""
         self.primary = True
-        self.backup: Channel | None = None
+        self.backup: BackupLink | None = None
         """To this shard's backup (a primary with replication)."""
         self.backup_address = ""
         self.table: Table | None = None
@@ -359,7 +366,7 @@ class Server:
         if not (weight > 0 and math.isfinite(weight)):
             raise ProtocolError(f"push: weight must be a positive number, got {weight}")
         _pull_codec(msg)  # refuse a bad one now, not after the update
-        scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
+        scalars = protocol.scalars(protocol.field(msg, "scalars", dict, {}))
         seq = protocol.field(msg, "seq", int, 0)
         part = decode_part(msg, store)
         if self._replayed(peer, msg, share, clock, seq, part):
@@ -725,8 +732,11 @@ class Server:
             log.warning("could not send a norm: %s", exc)
 
     def _connect_backup(self, address: str) -> None:
-        self.backup = Channel(timeout=self.cfg.timeout)
-        self.backup.connect("backup", address)
+        def gone() -> bool:  # the scheduler declared it dead: do not wait for it any longer
+            table = self.beat.table if self.beat is not None else None
+            return table is not None and table.backups[self.shard] != address
+
+        self.backup = BackupLink(address, timeout=self.cfg.timeout, gone=gone)
         log.info("shard %d's backup is %s", self.shard, address)
         if self.store is not None:
             self._sync()
@@ -738,36 +748,20 @@ class Server:
             assert self.me is not None
             self.retry_backup_at = time.monotonic() + self.me.heartbeat_timeout
 
-    def _to_backup(self, msg: Message) -> None:
-        """Send ``msg`` to the backup and wait for its answer: PSLMError if it refuses or does
-        not answer in time, Interrupted once the scheduler has declared it dead."""
-        assert self.backup is not None
-
-        def gone() -> bool:
-            table = self.beat.table if self.beat is not None else None
-            return table is not None and table.backups[self.shard] != self.backup_address
-
-        self.backup.wait([self.backup.send("backup", msg)], interrupt=gone)
-
     def _sync(self) -> None:
-        """Send the backup the whole shard (copies: the live buffers change meanwhile)."""
+        """Send the backup the whole shard."""
         store = self._store()
-        state = store.state_tensors()
-        body = {
-            "shard": self.shard,
-            "keyspace": store.keyspace.to_dict(),
-            "optimizer": store.optimizer.to_dict(),
-            "consistency": self.consistency.to_dict(),
-            "version": store.version,
-            "clocks": list(self.gate.clocks),
-            "scalars": self.last_scalars,
-            "by": self.last_by,
-            "norms": {str(c): sq for c, sq in self.sent_norms.items()},
-            "names": list(state),
-        }
-        msg = Message("sync", body=body, tensors=[t.clone() for t in state.values()])
+        assert self.backup is not None
+        snap = Snapshot(
+            store=store,
+            consistency=self.consistency,
+            clocks=list(self.gate.clocks),
+            scalars=self.last_scalars,
+            by=self.last_by,
+            norms=self.sent_norms,
+        )
         try:
-            self._to_backup(msg)
+            self.backup.request(sync_message(self.shard, snap))
             log.info("shard %d (version %d) copied to its backup", self.shard, store.version)
         except PSLMError as exc:
             log.error("could not copy shard %d to its backup: %s", self.shard, exc)
@@ -779,13 +773,17 @@ class Server:
         if self.backup is None:
             return
         store = self._store()
-        tensors: list[torch.Tensor] = []
-        for g in grads:
-            tensors += [g.rows, g.values.reshape(-1)] if isinstance(g, RowGrad) else [g]
-        body = {"kind": kind, "version": store.version, "multiplier": multiplier, **extra}
+        update = Update(
+            kind=kind,
+            version=store.version,
+            multiplier=multiplier,
+            grads=grads,
+            step=extra.pop("step", store.version),
+            **extra,
+        )
         for attempt in (1, 2):
             try:
-                self._to_backup(Message("update", body=body, tensors=tensors))
+                self.backup.request(update_message(update))
                 return
             except RefusedError as exc:
                 if attempt == 2 or exc.code != "not_synced":
@@ -800,90 +798,38 @@ class Server:
         self._drop_backup()
 
     def _take_sync(self, msg: Message) -> Message:
-        """A backup: take the whole shard from its primary."""
+        """A backup: take the whole shard from its server."""
         assert self.me is not None
-        if self.primary or protocol.field(msg, "shard", int) != self.shard:
-            raise RefusedError(f"this server is not the backup of shard {self.shard}")
-        ks = KeySpace.from_dict(protocol.field(msg, "keyspace", dict))
-        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
-        mode = Consistency.from_dict(protocol.field(msg, "consistency", dict))
-        clocks = protocol.field(msg, "clocks", list)
-        names = protocol.field(msg, "names", list)
-        if len(clocks) != self.me.num_workers or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in clocks
-        ):
-            raise ProtocolError(f"sync: clocks must be {self.me.num_workers} clocks")
-        if len(names) != len(msg.tensors) or not all(isinstance(n, str) for n in names):
-            raise ProtocolError("sync: one name per tensor")
-        store = ShardStore(ks, self.shard, opt)
-        store.load_state(
-            dict(zip(names, msg.tensors, strict=True)),
-            protocol.field(msg, "version", int),
-            "sync",
-        )
-        self.store, self.consistency = store, mode
-        self.gate = StalenessGate(self.me.num_workers, mode.bound)
-        self.gate.clocks = list(clocks)
-        self.last_scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
-        self.last_by = _ints(protocol.field(msg, "by", list, []))
-        norms = protocol.field(msg, "norms", dict, {})
-        self.sent_norms = {int(c): float(v) for c, v in norms.items() if str(c).isdigit()}
-        log.info("took shard %d at version %d from its server", self.shard, store.version)
-        return msg.reply(version=store.version)
+        if self.primary:
+            raise RefusedError(f"this server serves shard {self.shard}; it is no backup")
+        snap = read_sync(msg, self.shard, self.me.num_workers)
+        self.store, self.consistency = snap.store, snap.consistency
+        self.gate = StalenessGate(self.me.num_workers, snap.consistency.bound)
+        self.gate.clocks = snap.clocks
+        self.last_scalars, self.last_by, self.sent_norms = snap.scalars, snap.by, snap.norms
+        log.info("took shard %d at version %d from its server", self.shard, snap.store.version)
+        return msg.reply(version=snap.store.version)
 
     def _take_update(self, peer: bytes, msg: Message) -> None:
-        """A backup: confirm an update of the primary, then apply it the same way."""
+        """A backup: confirm an update of its server, then apply it the same way."""
         assert self.me is not None
+        if self.primary or self.store is None:
+            raise RefusedError("this server holds no copy to update", code="not_synced")
         store = self.store
-        version = protocol.field(msg, "version", int)
-        if self.primary or store is None or version != store.version:
-            raise RefusedError(
-                f"update for version {version}: this backup holds "
-                f"{store.version if store else 'nothing'}",
-                code="not_synced",
-            )
-        kind = protocol.field(msg, "kind", str)
-        multiplier = float(protocol.field(msg, "multiplier", (int, float)))
-        grads = self._update_grads(msg)
-        step = protocol.field(msg, "step", int, version)
-        share = protocol.field(msg, "share", int, 0) if kind == "async" else 0
-        if kind not in ("bsp", "async", "local") or not 0 <= share < self.me.num_workers:
-            raise ProtocolError(f"update: bad kind {kind!r} or share {share}")
-        self.listener.send(peer, msg.reply(version=version))
+        update = read_update(msg, store, self.me.num_workers)
+        self.listener.send(peer, msg.reply(version=update.version))
         try:
-            if kind == "local":
-                store.add_delta(grads, multiplier)
-            else:
-                store.apply(grads, multiplier, step=step)
-        except Exception:  # deterministic: the primary fails alike; the next sync repairs
-            log.exception("applying update %d failed; waiting for a new copy", version)
+            update.apply(store)
+        except Exception:  # deterministic: the server fails alike; the next sync repairs
+            log.exception("applying update %d failed; waiting for a new copy", update.version)
             self.store = None
             return
-        if kind == "async":
-            self.gate.advance(share)
+        if update.kind == "async":
+            self.gate.advance(update.share)
         else:
-            self.last_scalars = _scalars(protocol.field(msg, "scalars", dict, {}))
-            self.last_by = _ints(protocol.field(msg, "by", list, []))
-            sq = float(protocol.field(msg, "sq", (int, float), -1.0))
-            if sq >= 0:
-                self.sent_norms = {version: sq}
-
-    def _update_grads(self, msg: Message) -> list[Grad]:
-        """The gradients of an ``update``: a tensor per dense chunk, then rows and values per
-        row chunk, all checked against the shard."""
-        store = self._store()
-        n_rows = len(store.chunks) - store.n_dense
-        if len(msg.tensors) != store.n_dense + 2 * n_rows:
-            raise ProtocolError(f"update: {len(msg.tensors)} tensors for this shard")
-        grads: list[Grad] = []
-        for k in range(store.n_dense):
-            t = msg.tensors[k]
-            store.check_chunk(t, k, "update")
-            grads.append(t.float())
-        for i in range(n_rows):
-            rows, values = msg.tensors[store.n_dense + 2 * i : store.n_dense + 2 * i + 2]
-            grads.append(store.row_grad(rows, values, store.n_dense + i))
-        return grads
+            self.last_scalars, self.last_by = update.scalars, update.by
+            if update.sq >= 0:
+                self.sent_norms = {update.version: update.sq}
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -933,26 +879,6 @@ def _pull_codec(msg: Message) -> Codec:
 def shard_file(rank: int, num_servers: int) -> str:
     """The file name of server ``rank``'s part of a checkpoint."""
     return f"shard-{rank:03d}-of-{num_servers:03d}.safetensors"
-
-
-def _scalars(raw: dict[str, Any]) -> dict[str, float]:
-    """Validated per-push scalars (e.g. the worker's loss): short names, numbers."""
-    if len(raw) > MAX_SCALARS:
-        raise ProtocolError(f"push: at most {MAX_SCALARS} scalars")
-    out = {}
-    for name, value in raw.items():
-        if not (isinstance(name, str) and 0 < len(name) <= 64):
-            raise ProtocolError("push: scalar names are strings of 1 to 64 characters")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ProtocolError(f"push: scalar {name!r} is not a number")
-        out[name] = float(value)
-    return out
-
-
-def _ints(raw: list[Any]) -> list[int]:
-    if len(raw) > 1 << 16 or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
-        raise ProtocolError("expected a list of integers")
-    return list(raw)
 
 
 def _mean_scalars(clock: Clock) -> dict[str, float]:

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pslm.errors import ConfigError
+from pslm.errors import ConfigError, LaunchError
 from pslm.lm.checkpoint import latest_checkpoint, load_model
 from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
@@ -66,12 +66,14 @@ def train(cfg: TrainConfig) -> int:
     }
     (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
     _describe(cfg, data, corpus.name)
-    return _launch(cfg, data, run_dir, started, resume=None)
+    return _launch(cfg, data, run_dir, started, resume_from=None)
 
 
-def resume(run_dir: Path) -> int:
+def resume(run_dir: Path, *, restarts: int | None = None) -> int:
     """Continue a run from its newest complete checkpoint: the same configuration, steps,
-    schedule and data order. Returns the exit code (raises on failure)."""
+    schedule and data order. Returns the exit code (raises on failure). ``restarts``: how
+    many more times a dead server without a backup may send the run back to its last
+    checkpoint (default ``cluster.server_restarts``)."""
     started = time.perf_counter()
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"no run to resume at {run_dir} (it has no config.toml)")
@@ -101,7 +103,7 @@ def resume(run_dir: Path) -> int:
         "round": rounds,
         "time": float(kept[-1]["time"]) if kept else 0.0,
     }
-    return _launch(cfg, data, run_dir, started, resume=args, seen=len(kept))
+    return _launch(cfg, data, run_dir, started, resume_from=args, seen=len(kept), restarts=restarts)
 
 
 def _describe(cfg: TrainConfig, data: PreparedData, corpus: str) -> None:
@@ -123,15 +125,19 @@ def _launch(
     data: PreparedData,
     run_dir: Path,
     started: float,
-    resume: dict[str, Any] | None,
+    resume_from: dict[str, Any] | None,
     seen: int = 0,
+    restarts: int | None = None,
 ) -> int:
+    """Start the cluster and follow the run. A server that dies without a backup stops it:
+    the whole cluster then starts again from the newest checkpoint (the workers go back to
+    its step), at most ``cluster.server_restarts`` times."""
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)}
     launch = LaunchConfig(
         num_servers=cfg.cluster.servers,
         num_workers=cfg.cluster.workers,
         worker="pslm.train.worker:run",
-        worker_args={**args, "resume": resume},
+        worker_args={**args, "resume": resume_from},
         run_dir=str(run_dir),
         timeout=cfg.cluster.timeout,
         heartbeat_interval=cfg.cluster.heartbeat_interval,
@@ -142,9 +148,23 @@ def _launch(
         replicas=cfg.replicas,
         server_restarts=cfg.cluster.server_restarts,
     )
+    left = cfg.cluster.server_restarts if restarts is None else restarts
+    cluster = LocalCluster(launch)
     try:
-        with LocalCluster(launch) as cluster:
+        with cluster:
             _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps, seen)
+    except LaunchError:
+        dead = cluster.failed
+        if dead is None or dead.role != "server" or left <= 0:
+            raise
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            raise
+        console.print(
+            f"\n[bold]{dead.name} died[/] and its shard has no backup: the cluster starts "
+            f"again from {last.name}"
+        )
+        return resume(run_dir, restarts=left - 1)
     except KeyboardInterrupt:
         last = latest_checkpoint(run_dir)
         console.print(f"\ninterrupted; every process stopped. Last checkpoint: {last or 'none'}")

@@ -102,6 +102,7 @@ class TrainLoop:
         )
         self.metrics: TextIO | None = None
         self.logged = -1  # the last step in metrics.jsonl
+        self.servers = list(client.servers)  # where each shard was served at the last record
         # share holders, as last recorded (a late worker records what it found)
         self.holders = [] if client.late else list(range(client.num_workers))
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
@@ -362,7 +363,16 @@ class TrainLoop:
             "bytes_pulled": done.bytes_received,
             "trained_by": list(done.trained_by),
             **self._lease_change(),
+            **self._failover(),
         }
+
+    def _failover(self) -> dict[str, Any]:
+        """``{"failover": [shard, ...]}`` for the shards a backup took over since the last
+        record (their server died), else nothing."""
+        servers = list(self.client.servers)
+        moved = [s for s, (a, b) in enumerate(zip(self.servers, servers, strict=True)) if a != b]
+        self.servers = servers
+        return {"failover": moved} if moved else {}
 
     def _exchange(
         self, grads: dict[str, torch.Tensor], clock: int, loss: float, share: int
