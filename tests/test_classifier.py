@@ -1,0 +1,76 @@
+"""The classification head on a GPT: pooling at each text's last token, loading a pretrained
+trunk, learning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pslm.errors import ConfigError
+from pslm.lm.classifier import GPTClassifier, encode_texts
+from pslm.lm.model import GPT, GPTConfig
+from pslm.lm.tokenizer import CharTokenizer
+
+CONFIG = GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+
+
+def test_padding_changes_no_text_and_every_text_is_its_last_token() -> None:
+    torch.manual_seed(0)
+    model = GPTClassifier(CONFIG, num_labels=3).eval()
+    a, b = torch.randint(1, 20, (5,)), torch.randint(1, 20, (11,))
+    batch = torch.zeros(2, 16, dtype=torch.long)
+    batch[0, :5], batch[1, :11] = a, b
+    logits, loss = model.classify(batch, torch.tensor([5, 11]))
+    assert logits.shape == (2, 3) and loss is None
+    alone, _ = model.classify(a[None], torch.tensor([5]))
+    torch.testing.assert_close(logits[0], alone[0])
+    batch[0, 5:] = 7  # other padding: the same
+    torch.testing.assert_close(model.classify(batch, torch.tensor([5, 11]))[0], logits)
+
+
+def test_a_pretrained_trunk_loads_and_the_head_is_new() -> None:
+    torch.manual_seed(1)
+    pretrained = {n: p.detach().clone() for n, p in GPT(CONFIG).named_parameters()}
+    torch.manual_seed(2)
+    model = GPTClassifier(CONFIG, num_labels=2)
+    head = model.score.weight.detach().clone()
+    model.load_pretrained(pretrained)
+    for name, p in model.named_parameters():
+        if name.startswith("score."):
+            continue
+        assert torch.equal(p, pretrained[name]), name
+    assert torch.equal(model.score.weight, head)
+    untied = GPTClassifier(CONFIG.with_(tie_embeddings=False), num_labels=2)
+    assert not any(n.startswith("lm_head") for n, _ in untied.named_parameters())
+    with pytest.raises(ConfigError, match="shape"):
+        GPTClassifier(CONFIG.with_(n_embd=32), num_labels=2).load_pretrained(pretrained)
+    with pytest.raises(ConfigError, match="lacks"):
+        model.load_pretrained({})
+    with pytest.raises(ConfigError, match="two labels"):
+        GPTClassifier(CONFIG, num_labels=1)
+
+
+def test_it_learns_a_toy_task() -> None:
+    torch.manual_seed(3)
+    model = GPTClassifier(CONFIG, num_labels=2)
+    x = torch.randint(1, 20, (64, 12))
+    y = (x == 5).any(dim=1).long()  # does the text hold token 5?
+    lengths = torch.full((64,), 12)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model.classify(x, lengths, y)
+        assert loss is not None
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_texts_are_cut_padded_and_never_empty() -> None:
+    tok = CharTokenizer("abcdef ")
+    x, lengths = encode_texts(tok, ["abc", "", "abcdefabcdef"], block_size=8)
+    assert x.shape == (3, 8) and lengths.tolist() == [3, 1, 8]
+    assert x[1, 0] == tok.eot_id and tok.decode(x[2].tolist()) == "abcdefab"
+    assert (x[0, 3:] == 0).all()
