@@ -149,12 +149,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     s.set_defaults(func=_generate)
 
-    s = sub.add_parser("eval", help="validation loss and perplexity of a trained run")
+    s = sub.add_parser(
+        "eval", help="validation loss of a trained run; test metrics of a fine-tuned one"
+    )
     s.add_argument("--run", required=True, metavar="DIR", help="run directory")
     s.add_argument("--iters", type=int, default=200, help="validation batches (200)")
     s.add_argument("--checkpoint", metavar="DIR", help="a checkpoint (default: the newest)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_eval)
+
+    s = sub.add_parser("finetune", help="fine-tune a pretrained run on labelled text")
+    s.add_argument("--run", required=True, metavar="DIR", help="the pretrained run")
+    s.add_argument("--task", choices=["classify"], default="classify")
+    s.add_argument("--data", required=True, help="bbc-news, zh-sentiment, or JSONL/CSV")
+    s.add_argument("--steps", type=int, help="optimizer steps (300)")
+    s.add_argument("--batch-size", type=int, help="GLOBAL texts per step (16)")
+    s.add_argument("--lr", type=float, help="peak learning rate (3e-4)")
+    s.add_argument("--workers", type=int, help="worker processes (2)")
+    s.add_argument("--servers", type=int, help="server processes (2)")
+    s.add_argument("--consistency", help="bsp (default), ssp:S, asp or local:H")
+    s.add_argument("--eval-interval", type=int, help="steps between validation losses (50)")
+    s.add_argument("--seed", type=int, help="seed of the head and the batch order")
+    s.add_argument("--split-seed", type=int, help="seed of the train/val/test split (0)")
+    s.add_argument("--device", help="cpu (default) or cuda[:N]")
+    s.add_argument("--run-dir", help="run directory (default runs/<data>-ft-<date>-<time>)")
+    s.set_defaults(func=_finetune)
+
+    s = sub.add_parser("report", help="plots and a Markdown summary of a run")
+    s.add_argument("--run", required=True, metavar="DIR", help="run directory")
+    s.set_defaults(func=_report)
 
     s = sub.add_parser(
         "baseline", help="TF-IDF + logistic regression on a labelled set's seeded test split"
@@ -525,6 +548,53 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_classifier(args: argparse.Namespace) -> int:
+    from pslm.train.finetune import evaluate_classifier
+    from pslm.train.metrics import format_report
+
+    result = evaluate_classifier(Path(args.run), checkpoint=args.checkpoint)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_report(result["model"], f"{args.run}, step {result['step']}, test split:"))
+        print()
+        print(format_report(result["baseline"], f"{result['baseline']['name']}:"))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from pslm.train.run import finetune
+
+    flags = {
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "eval_interval": args.eval_interval,
+            "seed": args.seed,
+            "device": args.device,
+        },
+        "optim": {"lr": args.lr},
+        "cluster": {
+            "workers": args.workers,
+            "servers": args.servers,
+            "consistency": args.consistency,
+        },
+        "finetune": {"split_seed": args.split_seed},
+    }
+    given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
+    overrides = {k: d for k, d in given.items() if d}
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return finetune(Path(args.run), args.data, overrides, run_dir=args.run_dir or "")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pslm.train.report import report
+
+    out = report(Path(args.run))
+    print(f"wrote {out}")
+    return 0
+
+
 def _baseline(args: argparse.Namespace) -> int:
     from pslm.lm.labelled import load_labelled
     from pslm.train.baseline import language_of, run_baseline
@@ -560,7 +630,12 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pslm.train.config import load_config
     from pslm.train.evaluate import evaluate_run
+
+    config = Path(args.run) / "config.toml"
+    if config.is_file() and load_config(config).finetune.task:
+        return _eval_classifier(args)
 
     result = evaluate_run(args.run, iters=args.iters, checkpoint=args.checkpoint)
     if args.json:

@@ -20,12 +20,12 @@ def test_padding_changes_no_text_and_every_text_is_its_last_token() -> None:
     a, b = torch.randint(1, 20, (5,)), torch.randint(1, 20, (11,))
     batch = torch.zeros(2, 16, dtype=torch.long)
     batch[0, :5], batch[1, :11] = a, b
-    logits, loss = model.classify(batch, torch.tensor([5, 11]))
+    logits, loss = model(batch, torch.tensor([5, 11]))
     assert logits.shape == (2, 3) and loss is None
-    alone, _ = model.classify(a[None], torch.tensor([5]))
+    alone, _ = model(a[None], torch.tensor([5]))
     torch.testing.assert_close(logits[0], alone[0])
     batch[0, 5:] = 7  # other padding: the same
-    torch.testing.assert_close(model.classify(batch, torch.tensor([5, 11]))[0], logits)
+    torch.testing.assert_close(model(batch, torch.tensor([5, 11]))[0], logits)
 
 
 def test_a_pretrained_trunk_loads_and_the_head_is_new() -> None:
@@ -40,8 +40,7 @@ def test_a_pretrained_trunk_loads_and_the_head_is_new() -> None:
             continue
         assert torch.equal(p, pretrained[name]), name
     assert torch.equal(model.score.weight, head)
-    untied = GPTClassifier(CONFIG.with_(tie_embeddings=False), num_labels=2)
-    assert not any(n.startswith("lm_head") for n, _ in untied.named_parameters())
+    assert not any(n.startswith("lm_head") for n, _ in model.named_parameters())
     with pytest.raises(ConfigError, match="shape"):
         GPTClassifier(CONFIG.with_(n_embd=32), num_labels=2).load_pretrained(pretrained)
     with pytest.raises(ConfigError, match="lacks"):
@@ -59,7 +58,7 @@ def test_it_learns_a_toy_task() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for _ in range(150):
-        _, loss = model.classify(x, lengths, y)
+        _, loss = model(x, lengths, y)
         assert loss is not None
         first = first or loss.item()
         opt.zero_grad()

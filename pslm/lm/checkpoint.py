@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pslm.errors import ConfigError
+from pslm.lm.classifier import GPTClassifier
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import Tokenizer, load_tokenizer
 
@@ -34,7 +35,7 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def write_model(directory: Path, model: GPT, meta: dict[str, Any]) -> None:
+def write_model(directory: Path, model: GPT | GPTClassifier, meta: dict[str, Any]) -> None:
     """``model.safetensors`` (each parameter once) and ``meta.json`` (shape + ``meta``),
     fsynced."""
     params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
@@ -71,6 +72,31 @@ def load_model(
 
     ConfigError with a one-line reason if the run or checkpoint is missing or corrupt.
     """
+    path, meta, config, params = _read_checkpoint(run_dir, checkpoint)
+    if meta.get("task") == "classify":
+        raise ConfigError(f"{run_dir} is a classification run: it does not generate text")
+    model = GPT(config)
+    _load(model, params, path)
+    return model.to(device).eval(), _tokenizer(run_dir, config), meta
+
+
+def load_classifier(
+    run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu"
+) -> tuple[GPTClassifier, Tokenizer, dict[str, Any]]:
+    """The fine-tuned classifier of a run's newest (or the given) checkpoint, its tokenizer
+    and meta (``labels``). ConfigError if the run has no classification head."""
+    path, meta, config, params = _read_checkpoint(run_dir, checkpoint)
+    labels = meta.get("labels")
+    if meta.get("task") != "classify" or not isinstance(labels, list) or len(labels) < 2:
+        raise ConfigError(f"{run_dir} has no classification head: fine-tune it first")
+    model = GPTClassifier(config, len(labels))
+    _load(model, params, path)
+    return model.to(device).eval(), _tokenizer(run_dir, config), meta
+
+
+def _read_checkpoint(
+    run_dir: str | Path, checkpoint: str | Path | None
+) -> tuple[Path, dict[str, Any], GPTConfig, dict[str, torch.Tensor]]:
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"no run directory at {run}")
@@ -88,7 +114,10 @@ def load_model(
         params = load_file(str(path / "model.safetensors"))
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"checkpoint {path} is corrupt: {exc}") from None
-    model = GPT(config)
+    return path, meta, config, params
+
+
+def _load(model: torch.nn.Module, params: dict[str, torch.Tensor], path: Path) -> None:
     own = dict(model.named_parameters())
     if set(params) != set(own):
         raise ConfigError(f"checkpoint {path} is corrupt: its tensors do not match the model")
@@ -100,13 +129,16 @@ def load_model(
                     f"{list(params[name].shape)}, expected {list(p.shape)}"
                 )
             p.copy_(params[name])
-    tokenizer = load_tokenizer(run / "tokenizer.json")
+
+
+def _tokenizer(run_dir: str | Path, config: GPTConfig) -> Tokenizer:
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
     if tokenizer.vocab_size != config.vocab_size:
         raise ConfigError(
-            f"{run / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, the "
+            f"{Path(run_dir) / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, the "
             f"model {config.vocab_size}"
         )
-    return model.to(device).eval(), tokenizer, meta
+    return tokenizer
 
 
 def _fsync(path: Path) -> None:

@@ -11,7 +11,7 @@ tokens and padded on the right; padding never changes a text's logits (the last 
 cannot attend to positions after it).
 
 The trunk keeps GPT's parameter names (``transformer.*``), so a pretrained checkpoint loads as
-it is; an untied output head has no use here and is left out.
+it is; the output head has no use here and is left out (tied, it is the token embedding).
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import Tokenizer
 
 
-class GPTClassifier(GPT):
+class GPTClassifier(nn.Module):
     def __init__(self, config: GPTConfig, num_labels: int):
         if num_labels < 2:
             raise ConfigError(f"a classifier needs two labels or more, got {num_labels}")
-        super().__init__(config)
-        if not config.tie_embeddings:
-            del self.lm_head  # no next-token prediction here
+        super().__init__()
+        self.config = config
+        self.transformer = GPT(config).transformer  # GPT-2's initialisation; no output head
         self.score = nn.Linear(config.n_embd, num_labels)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
         nn.init.zeros_(self.score.bias)
         self.num_labels = num_labels
 
-    def classify(
+    def forward(
         self,
         idx: torch.Tensor,
         lengths: torch.Tensor,
@@ -57,7 +57,7 @@ class GPTClassifier(GPT):
         for i, block in enumerate(t.h):
             x = block(x, None, i)
         last = x[torch.arange(B, device=idx.device), lengths.long() - 1]  # (B, C)
-        logits = self.score(t.ln_f(last))
+        logits = self.score(t.ln_f(last))  # LayerNorm works per position: only where needed
         loss = None if targets is None else F.cross_entropy(logits, targets.long())
         return logits, loss
 

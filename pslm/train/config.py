@@ -5,8 +5,8 @@
     cfg = cfg.override(train={"steps": 100}, cluster={"workers": 1})
     Path("config.toml").write_text(dump_toml(cfg.to_dict()))
 
-Sections: [model], [data], [optim], [train], [cluster]. Every field has a docstring; invalid
-values raise ConfigError in ``__post_init__``.
+Sections: [model], [data], [optim], [train], [cluster], [finetune]. Every field has a
+docstring; invalid values raise ConfigError in ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -287,12 +287,33 @@ class ClusterSection:
         self.push_codec = check_codecs(self.push_codec, self.pull_codec)
 
 
+@dataclass(kw_only=True, slots=True)
+class FinetuneSection:
+    task: str = ""
+    """Empty: pre-training a language model. ``classify``: fine-tuning a pretrained one with a
+    classification head on labelled text (``pslm finetune``)."""
+    pretrained: str = ""
+    """The checkpoint directory of the pretrained run."""
+    labels: list[str] = field(default_factory=list)
+    """The label names, in the order of the head's outputs."""
+    split_seed: int = 0
+    """The seed of the train / validation / test split."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("", "classify"):
+            raise ConfigError(f"finetune.task must be classify (or empty), got {self.task!r}")
+        if self.task and (not self.pretrained or len(self.labels) < 2):
+            raise ConfigError("a fine-tuning run needs its pretrained checkpoint and 2+ labels")
+        self.labels = [str(x) for x in self.labels]
+
+
 SECTIONS = {
     "model": ModelSection,
     "data": DataSection,
     "optim": OptimSection,
     "train": TrainSection,
     "cluster": ClusterSection,
+    "finetune": FinetuneSection,
 }
 
 
@@ -305,6 +326,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
     run_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -413,6 +435,10 @@ def _coerce(cls: type, key: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
+    if kind == "list[str]":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return list(value)
     if isinstance(value, (list, tuple)) and len(value) == 2:  # betas
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return (float(value[0]), float(value[1]))

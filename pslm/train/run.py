@@ -30,8 +30,11 @@ from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
 from pslm.lm.model import GPT
 from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.train import finetune as ft
 from pslm.train.config import TrainConfig, dump_toml, load_config
 from pslm.train.evaluate import run_data
+from pslm.train.metrics import format_report
+from pslm.train.tasks import ClassifyData, load_data
 
 console = Console(highlight=False)
 
@@ -90,7 +93,11 @@ def resume(run_dir: Path, *, restarts: int | None = None) -> int:
         raise ConfigError(f"{run_dir} is complete ({step} of {cfg.train.steps} steps)")
     if meta.get("servers") != cfg.cluster.servers or meta.get("workers") != cfg.cluster.workers:
         raise ConfigError(f"checkpoint {checkpoint} was written by another cluster shape")
-    data = run_data(run_dir, cfg, "the run cannot continue on the same data")
+    data: PreparedData | ClassifyData
+    if cfg.finetune.task:
+        data = _classify_data(run_dir)
+    else:
+        data = run_data(run_dir, cfg, "the run cannot continue on the same data")
     for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a checkpoint cut short
         shutil.rmtree(stale, ignore_errors=True)
     kept = _truncate_metrics(run_dir / "metrics.jsonl", step, meta.get("record"))
@@ -106,13 +113,43 @@ def resume(run_dir: Path, *, restarts: int | None = None) -> int:
     return _launch(cfg, data, run_dir, started, resume_from=args, seen=len(kept), restarts=restarts)
 
 
-def _describe(cfg: TrainConfig, data: PreparedData, corpus: str) -> None:
+def finetune(
+    pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]], run_dir: str = ""
+) -> int:
+    """Fine-tune a pretrained run on labelled data (``pslm.train.finetune``), then evaluate
+    the result on the test split. Returns the exit code (raises on failure)."""
+    started = time.perf_counter()
+    cfg = replace(ft.plan(pretrained, data_spec, overrides), run_dir=run_dir)
+    path = _new_run_dir(cfg, f"{Path(data_spec).name}-ft")
+    console.print(f"[bold]pslm finetune[/] {pretrained} -> {path}")
+    cfg, data, _ = ft.prepare_run(cfg, pretrained, path)
+    _describe(cfg, data, cfg.data.name)
+    return _launch(cfg, data, path, started, resume_from=None)
+
+
+def _classify_data(run_dir: Path) -> ClassifyData:
+    data = load_data(run_dir / "data")
+    if not isinstance(data, ClassifyData):
+        raise ConfigError(f"{run_dir}/data holds no labelled split")
+    return data
+
+
+def _describe(cfg: TrainConfig, data: PreparedData | ClassifyData, corpus: str) -> None:
     model_cfg = cfg.model.gpt(data.vocab_size)
     n_params = GPT(model_cfg).num_params()
+    if isinstance(data, ClassifyData):
+        sizes = data.meta["sizes"]
+        what = (
+            f"{sizes['train']:,} train / {sizes['val']:,} val / {sizes['test']:,} test texts, "
+            f"labels {', '.join(data.labels)}"
+        )
+    else:
+        what = (
+            f"{data.meta['documents']} documents, {data.meta['train_tokens']:,} train / "
+            f"{data.meta['val_tokens']:,} val tokens"
+        )
     console.print(
-        f"data: {corpus}, {data.meta['documents']} documents, "
-        f"{data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens "
-        f"({cfg.data.tokenizer}, vocab {data.vocab_size})\n"
+        f"data: {corpus}, {what} ({cfg.data.tokenizer}, vocab {data.vocab_size})\n"
         f"model: {cfg.model.preset} {model_cfg.n_layer}x{model_cfg.n_head}x{model_cfg.n_embd}, "
         f"block {model_cfg.block_size}, {n_params / 1e6:.2f}M parameters\n"
         f"cluster: {cfg.cluster.servers} servers, {cfg.cluster.workers} workers, "
@@ -122,7 +159,7 @@ def _describe(cfg: TrainConfig, data: PreparedData, corpus: str) -> None:
 
 def _launch(
     cfg: TrainConfig,
-    data: PreparedData,
+    data: PreparedData | ClassifyData,
     run_dir: Path,
     started: float,
     resume_from: dict[str, Any] | None,
@@ -266,6 +303,11 @@ def _summary(run_dir: Path, cfg: TrainConfig, seconds: float) -> None:
     val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), math.nan)
     checkpoint = latest_checkpoint(run_dir)
     console.print(f"done in {seconds:.0f} s: val loss {val:.4f}, checkpoint {checkpoint}")
+    if cfg.finetune.task and checkpoint is not None:
+        result = ft.evaluate_classifier(run_dir)
+        console.print(format_report(result["model"], "the fine-tuned model, test split:"))
+        console.print(format_report(result["baseline"], f"{result['baseline']['name']}:"))
+        return
     if cfg.train.sample_tokens and checkpoint is not None:
         model, tok, _ = load_model(run_dir)
         prompt = tok.encode(cfg.train.sample_prompt) if cfg.train.sample_prompt else [tok.eot_id]

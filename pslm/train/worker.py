@@ -20,13 +20,13 @@ import torch
 
 from pslm.errors import Interrupted
 from pslm.lm.checkpoint import publish, step_dir, write_model
-from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
-from pslm.lm.model import GPT
+from pslm.lm.data import PreparedData, worker_slice
 from pslm.ps.client import Completion, PSClient
 from pslm.ps.consistency import Consistency
 from pslm.train.config import TrainConfig
 from pslm.train.overlap import Overlap
 from pslm.train.shares import ShareKeeper
+from pslm.train.tasks import ClassifyData, load_data, make_task
 
 log = logging.getLogger("pslm.worker")
 
@@ -41,8 +41,7 @@ def run(
 ) -> None:
     """Worker entry point (``function(client, **args)`` for the launcher). ``resume``: the
     checkpoint to continue from and where it stands (``step``, ``round``, ``time``)."""
-    meta = json.loads((Path(data_path) / "meta.json").read_text())
-    data = PreparedData(Path(data_path), meta)
+    data = load_data(Path(data_path))
     TrainLoop(client, TrainConfig.from_dict(config), Path(run_dir), data, resume).run()
 
 
@@ -52,7 +51,7 @@ class TrainLoop:
         client: PSClient,
         cfg: TrainConfig,
         run_dir: Path,
-        data: PreparedData,
+        data: PreparedData | ClassifyData,
         resume: dict[str, Any] | None = None,
     ):
         self.client = client
@@ -61,19 +60,10 @@ class TrainLoop:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = torch.device(cfg.train.device)
-        self.model_config = cfg.model.gpt(data.vocab_size)
-        torch.manual_seed(cfg.train.seed)  # every worker builds the same initial model
-        self.model = GPT(self.model_config).to(self.device)
-        self.train_tokens = data.tokens("train")
-        self.val_tokens = data.tokens("val")
+        self.task = make_task(cfg, data, self.device)
+        self.model = self.task.model
+        self.model_config = self.task.model_config
         t = cfg.train
-        block = self.model_config.block_size
-        self.batches = GlobalBatches(
-            len(self.train_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
-        )
-        self.val_batches = GlobalBatches(
-            len(self.val_tokens), block_size=block, batch_size=t.batch_size, seed=t.seed
-        )
         self.keeper = ShareKeeper(client, follow=cfg.recovers_workers)
         self.optimizer = cfg.optim.optimizer(t.steps)
         self.consistency = Consistency.parse(cfg.cluster.consistency)
@@ -227,8 +217,7 @@ class TrainLoop:
     def _gradients(self, step: int, share: int) -> tuple[dict[str, torch.Tensor], float]:
         """``share``'s gradients at ``step`` in new tensors (the gradient buffers may still be
         on their way to the servers)."""
-        x, y = self._batch(step, share)
-        _, loss = self.model(x, y)
+        _, loss = self.model(*self._batch(step, share))
         assert loss is not None
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
@@ -266,8 +255,9 @@ class TrainLoop:
         t0 = time.perf_counter()
         overlap.begin_step(extra)
         share = self.client.rank
-        x, y = self._batch(step, share)
-        _, loss_t = self.model(x, y)
+        batch = self._batch(step, share)
+        x = batch[0]
+        _, loss_t = self.model(*batch)
         assert loss_t is not None
         if extra:  # an experiment's straggler: its forward pass takes longer too
             time.sleep(extra * (time.perf_counter() - t0 - overlap.step_comm))
@@ -481,20 +471,18 @@ class TrainLoop:
         w, r = self.client.num_workers, self.client.rank
         torch.manual_seed((self.cfg.train.seed * 1_000_003 + step) * w + r)
 
-    def _batch(self, step: int, share: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``share``'s rows of the global batch of ``step``: inputs and targets."""
+    def _batch(self, step: int, share: int) -> tuple[torch.Tensor, ...]:
+        """``share``'s rows of the global batch of ``step``: the model's inputs (token ids
+        first) and targets."""
         lo, hi = self._rows(share)
-        x, y = get_batch(
-            self.train_tokens, self.batches.offsets(step)[lo:hi], self.model_config.block_size
-        )
-        return x.to(self.device), y.to(self.device)
+        return self.task.batch(step, lo, hi)
 
     def _forward_backward(self, step: int, extra: float, share: int) -> float:
         start = time.perf_counter()
-        x, y = self._batch(step, share)
-        self.inputs = x
+        batch = self._batch(step, share)
+        self.inputs = batch[0]
         self.model.zero_grad(set_to_none=False)
-        _, loss = self.model(x, y)
+        _, loss = self.model(*batch)
         assert loss is not None
         loss.backward()
         value = float(loss.item())
@@ -550,14 +538,12 @@ class TrainLoop:
         (or all on this worker when not ``shared``)."""
         self.model.eval()
         total, count = 0.0, 0
-        block = self.model_config.block_size
         n = self.keeper.num_shares
         mine = set(self.keeper.mine)
         for i in range(self.cfg.train.eval_iters):
             if shared and i % n not in mine:  # each share's batches, by whoever holds it
                 continue
-            x, y = get_batch(self.val_tokens, self.val_batches.offsets(i, stream=1), block)
-            _, loss = self.model(x.to(self.device), y.to(self.device))
+            _, loss = self.model(*self.task.val_batch(i))
             assert loss is not None
             total += float(loss.item())
             count += 1
@@ -608,6 +594,7 @@ class TrainLoop:
             "optimizer": self.optimizer.to_dict(),
             "workers": self.client.num_workers,
             "servers": self.client.num_servers,
+            **self.task.meta(),
             # the step's metrics line, for a resume after a kill that came between the
             # checkpoint and the line
             "record": record,
