@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         help="bbc-news (default), a text file, a directory of text files, or JSONL",
     )
     s.add_argument("--model", metavar="PRESET", help="tiny, small (default) or gpt2")
-    s.add_argument("--tokenizer", choices=["bpe", "char"], help="default bpe")
+    s.add_argument("--tokenizer", choices=["bpe", "bpe-jieba", "char"], help="default bpe")
     s.add_argument("--steps", type=int, help="optimizer steps")
     s.add_argument("--batch-size", type=int, help="GLOBAL sequences per step, split over workers")
     s.add_argument("--block-size", type=int, help="context length in tokens")

@@ -142,3 +142,24 @@ def test_pslm_baseline_reports_the_test_split(tmp_path: Path) -> None:
     assert doc["accuracy"] > 0.9 and sum(map(sum, doc["confusion"])) == 20
     res = pslm("baseline", "--data", tmp_path / "none.jsonl")
     assert res.returncode == 1 and "unknown labelled data" in res.stderr
+
+
+def test_jieba_bpe_cuts_at_words_and_round_trips(tmp_path: Path) -> None:
+    pytest.importorskip("jieba")
+    from pslm.lm.tokenizer import load_tokenizer, train_tokenizer
+
+    docs = ["中华人民共和国成立了。人民生活水平不断提高。", "我们热爱和平，热爱生活。"] * 50
+    tok = train_tokenizer("bpe-jieba", docs, vocab_size=300)
+    text = "人民热爱生活 and peace, 世界!"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text  # exact: nothing inserted between words
+    tok.save(tmp_path / "t.json")
+    again = load_tokenizer(tmp_path / "t.json")
+    assert again.kind == "bpe-jieba" and again.encode(text) == ids
+    pieces = [tok.decode([i]) for i in tok.encode("人民热爱生活")]
+    words = zh_tokenizer()("人民热爱生活")
+    bounds = {sum(map(len, words[:k])) for k in range(len(words) + 1)}
+    at = 0
+    for piece in pieces:  # no token spans a word boundary
+        assert not any(at < b < at + len(piece) for b in bounds), pieces
+        at += len(piece)

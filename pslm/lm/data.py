@@ -114,7 +114,7 @@ def _build(
         random.Random(0).shuffle(docs)
         n_val = max(1, round(len(docs) * val_fraction))
         train_docs, val_docs = docs[:-n_val], docs[-n_val:]
-    tok = train_tokenizer(kind, train_docs if kind == "bpe" else docs, vocab_size=vocab_size)
+    tok = train_tokenizer(kind, docs if kind == "char" else train_docs, vocab_size=vocab_size)
     tok.save(out / "tokenizer.json")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     counts = {}

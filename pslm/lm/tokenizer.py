@@ -6,22 +6,25 @@
     tok.save("run/tokenizer.json"); tok = load_tokenizer("run/tokenizer.json")
 
 Byte-level BPE works on UTF-8 bytes, so it has no unknown characters and round-trips Chinese
-as exactly as English. The character tokenizer has one token per character seen in training
-(nanoGPT's shakespeare_char) and refuses characters it has not seen. Both reserve an
-end-of-text token that separates documents.
+as exactly as English. ``bpe-jieba`` is the same BPE with jieba's word segmentation as its
+pre-tokenisation (Chinese has no spaces to stop merges at): trained on jieba's words, it
+encodes a text word by word, so merges never cross a word boundary, and still round-trips
+exactly (nothing is inserted between the words). The character tokenizer has one token per
+character seen in training (nanoGPT's shakespeare_char) and refuses characters it has not
+seen. All reserve an end-of-text token that separates documents.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from pslm.errors import ConfigError
 
 EOT = "<|endoftext|>"
-KINDS = ("bpe", "char")
+KINDS = ("bpe", "bpe-jieba", "char")
 
 
 class Tokenizer(Protocol):
@@ -91,11 +94,39 @@ class BPETokenizer:
         Path(path).write_text(self.tok.to_str(), encoding="utf-8")
 
 
+class JiebaBPETokenizer(BPETokenizer):
+    """Byte-level BPE over jieba's words (``bpe-jieba``)."""
+
+    kind = "bpe-jieba"
+
+    def __init__(self, tok: object):
+        super().__init__(tok)
+        self.cut = _jieba()
+
+    def encode(self, text: str) -> list[int]:
+        words = [w for w in self.cut(text) if w]
+        return [i for enc in self.tok.encode_batch(words) for i in enc.ids]
+
+    def save(self, path: str | Path) -> None:
+        doc = {"pslm_tokenizer": "bpe-jieba", "bpe": json.loads(self.tok.to_str())}
+        Path(path).write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+
+
+def _jieba() -> Callable[[str], Iterable[str]]:
+    try:
+        import jieba
+    except ImportError:
+        raise ConfigError("the bpe-jieba tokenizer needs jieba: pip install 'pslm[zh]'") from None
+    jieba.setLogLevel(60)  # no "Building prefix dict" chatter
+    cut: Callable[[str], Iterable[str]] = jieba.cut
+    return cut
+
+
 def train_tokenizer(kind: str, texts: Sequence[str], *, vocab_size: int = 4096) -> Tokenizer:
-    """A tokenizer of ``kind`` ("bpe" or "char") trained on ``texts``."""
+    """A tokenizer of ``kind`` (``KINDS``) trained on ``texts``."""
     if kind == "char":
         return CharTokenizer(c for t in texts for c in set(t))
-    if kind != "bpe":
+    if kind not in ("bpe", "bpe-jieba"):
         raise ConfigError(f"unknown tokenizer {kind!r}; choose from {KINDS}")
     if vocab_size < 257 + 1:
         raise ConfigError(f"a byte-level BPE vocabulary needs > 257 tokens, got {vocab_size}")
@@ -111,6 +142,10 @@ def train_tokenizer(kind: str, texts: Sequence[str], *, vocab_size: int = 4096) 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    if kind == "bpe-jieba":
+        cut = _jieba()
+        tok.train_from_iterator((w for t in texts for w in cut(t) if w), trainer=trainer)
+        return JiebaBPETokenizer(tok)
     tok.train_from_iterator(texts, trainer=trainer)
     return BPETokenizer(tok)
 
@@ -127,6 +162,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
+        if isinstance(doc, dict) and doc.get("pslm_tokenizer") == "bpe-jieba":
+            return JiebaBPETokenizer(HFTokenizer.from_str(json.dumps(doc["bpe"])))
         return BPETokenizer(HFTokenizer.from_str(text))
     except Exception as exc:  # the library raises its own Exception subclasses
         raise ConfigError(f"{path} is not a tokenizer: {exc}") from None
