@@ -565,6 +565,8 @@ def _eval_classifier(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from pslm.train.run import finetune
 
+    if args.device:
+        _check_device(args.device)
     flags = {
         "train": {
             "steps": args.steps,

@@ -80,7 +80,7 @@ def prepare(
         "format": FORMAT,
         "corpus": corpus.fingerprint,
         "tokenizer": tokenizer,
-        "vocab_size": vocab_size if tokenizer == "bpe" else 0,
+        "vocab_size": vocab_size if tokenizer != "char" else 0,
         "val_fraction": val_fraction,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ and a text that carries two labels is dropped. Texts are compared after strippin
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -67,15 +68,18 @@ class Labelled:
             raise ConfigError(
                 f"{self.name}: every label needs 3 texts or more to split, one has {smallest}"
             )
-        rest, test_i = train_test_split(
-            index, test_size=test, random_state=seed, stratify=self.targets
-        )
-        train_i, val_i = train_test_split(
-            rest,
-            test_size=val / (1 - test),
-            random_state=seed,
-            stratify=[self.targets[i] for i in rest],
-        )
+        try:
+            rest, test_i = train_test_split(
+                index, test_size=test, random_state=seed, stratify=self.targets
+            )
+            train_i, val_i = train_test_split(
+                rest,
+                test_size=val / (1 - test),
+                random_state=seed,
+                stratify=[self.targets[i] for i in rest],
+            )
+        except ValueError as exc:  # e.g. fewer test texts than labels
+            raise ConfigError(f"{self.name}: cannot split stratified: {exc}") from None
         return Split(self.subset(train_i), self.subset(val_i), self.subset(test_i))
 
     def folds(self, k: int, seed: int) -> list[tuple[Labelled, Labelled]]:
@@ -84,6 +88,8 @@ class Labelled:
 
         if k < 2:
             raise ConfigError(f"k-fold needs k >= 2, got {k}")
+        if k > min(self.counts().values()):
+            raise ConfigError(f"{self.name}: {k} folds need {k} texts of every label")
         folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         return [
             (self.subset(list(a)), self.subset(list(b)))
@@ -151,8 +157,9 @@ def clean(name: str, pairs: list[tuple[str, str]]) -> Labelled:
 
 
 def _lines(path: Path) -> list[str]:
+    """The lines of ``path``, split on newlines only (JSON strings may hold U+2028)."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
 
@@ -171,7 +178,12 @@ def _jsonl(path: Path) -> list[tuple[str, str]]:
 
 
 def _csv(path: Path) -> list[tuple[str, str]]:
-    rows = csv.DictReader(_lines(path))
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # quoted fields span lines
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    rows = csv.DictReader(io.StringIO(text, newline=""))
     if rows.fieldnames is None or not {"text", "label"} <= set(rows.fieldnames):
         raise ConfigError(f"{path}: the header needs columns 'text' and 'label'")
     return [_pair(row, f"{path}:{n}") for n, row in enumerate(rows, 2)]

@@ -44,7 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "optim": {"lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.01},
 }
-"""Fine-tuning's own defaults (flags and --config override them)."""
+"""Fine-tuning's own defaults (flags override them)."""
 
 
 def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]]) -> TrainConfig:
@@ -80,7 +80,9 @@ def prepare_run(
     shutil.copyfile(pretrained / "tokenizer.json", run_dir / "tokenizer.json")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     block = cfg.model.gpt(tokenizer.vocab_size).block_size
-    prepared = prepare_classify(run_dir / "data", split, tokenizer, block)
+    prepared = prepare_classify(
+        run_dir / "data", split, tokenizer, block, Path(cfg.finetune.pretrained)
+    )
     (run_dir / "config.toml").write_text(dump_toml(cfg.to_dict()))
     record = {
         "labelled": data.name,

@@ -42,6 +42,8 @@ console = Console(highlight=False)
 def train(cfg: TrainConfig) -> int:
     """Run a whole training job locally; returns the exit code (raises on failure)."""
     started = time.perf_counter()
+    if cfg.finetune.task:
+        raise ConfigError("this configuration fine-tunes: use pslm finetune (or drop [finetune])")
     corpus = load_corpus(cfg.data.name)
     run_dir = _new_run_dir(cfg, corpus.name)
     source = cfg.data.name if cfg.data.name in BUILTIN else str(Path(cfg.data.name).resolve())

@@ -15,12 +15,14 @@ not depend on the number of workers. Fine-tuning data is prepared once per run
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pslm.errors import ConfigError
@@ -64,17 +66,20 @@ class ClassifyData:
         return x, lengths, y
 
     def texts(self, split: str) -> Labelled:
-        rows = [json.loads(ln) for ln in (self.path / f"{split}.jsonl").read_text().splitlines()]
+        lines = (self.path / f"{split}.jsonl").read_text().split("\n")
+        rows = [json.loads(ln) for ln in lines if ln]
         return Labelled(
             split, [r["text"] for r in rows], [int(r["target"]) for r in rows], self.labels
         )
 
 
 def prepare_classify(
-    path: Path, split: Split, tokenizer: Tokenizer, block_size: int
+    path: Path, split: Split, tokenizer: Tokenizer, block_size: int, pretrained: Path
 ) -> ClassifyData:
-    """Write a split for fine-tuning into ``path``: token arrays and the texts."""
+    """Write a split for fine-tuning into ``path``: token arrays and the texts, and a copy of
+    the pretrained model (the run must not depend on another run's checkpoints, which go)."""
     path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pretrained / "model.safetensors", path / "pretrained.safetensors")
     for name in SPLITS:
         part: Labelled = getattr(split, name)
         x, lengths = encode_texts(tokenizer, part.texts, block_size)
@@ -83,7 +88,8 @@ def prepare_classify(
         np.save(path / f"{name}_y.npy", np.asarray(part.targets, dtype=np.int64))
         with open(path / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for text, target in zip(part.texts, part.targets, strict=True):
-                f.write(json.dumps({"text": text, "target": target}, ensure_ascii=False) + "\n")
+                # ASCII escapes: no U+2028 and the like to split a line on when read back
+                f.write(json.dumps({"text": text, "target": target}) + "\n")
     meta = {
         "kind": "classify",
         "vocab_size": tokenizer.vocab_size,
@@ -96,7 +102,10 @@ def prepare_classify(
 
 
 def load_data(path: Path) -> PreparedData | ClassifyData:
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"no prepared data at {path}: {exc}") from None
     return ClassifyData(path, meta) if meta.get("kind") == "classify" else PreparedData(path, meta)
 
 
@@ -148,10 +157,10 @@ class ClassifyTask:
         self.model_config = cfg.model.gpt(data.vocab_size)
         torch.manual_seed(cfg.train.seed)  # the same new head on every worker
         model = GPTClassifier(self.model_config, len(self.labels))
-        pretrained = Path(cfg.finetune.pretrained) / "model.safetensors"
+        pretrained = data.path / "pretrained.safetensors"
         try:
             model.load_pretrained(load_file(str(pretrained)))
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             raise ConfigError(f"cannot read the pretrained model {pretrained}: {exc}") from None
         self.model: GPT | GPTClassifier = model.to(device)
         self.train = [torch.from_numpy(a.astype(np.int64)) for a in data.arrays("train")]
