@@ -152,6 +152,10 @@ class PSClient:
         """Where each shard is served now (it moves when a server dies and its backup takes
         over: ``follow_servers``)."""
         self._table = -1
+        self._waiting = False  # in wait(): for servers' replies
+        self._retained: dict[int, list[tuple[int, Message]]] = {}
+        """Server -> plain pushes (clock, message) it acknowledged but may not have applied
+        yet, with copies of their tensors: sent again to a server that takes the shard over."""
         self._epoch = self.me.epoch
         self.channel.watch = self.follow_servers
 
@@ -198,6 +202,8 @@ class PSClient:
         """Send to a shard's new server (its promoted backup) from now on, and send it again
         every request its old server left unanswered; the servers take duplicates as such.
         Cheap (the table comes with the heartbeats); called while waiting and before sends."""
+        if self._waiting and self.heartbeat.stop_requested.is_set():
+            raise ClusterError("the cluster is stopping (a shard was lost, or shutdown)")
         epoch = self.heartbeat.epoch
         if epoch and epoch != self._epoch:  # a new scheduler: what the old one left unanswered
             self._epoch = epoch
@@ -211,6 +217,9 @@ class PSClient:
             if addr and addr != self.servers[s]:
                 self.servers[s] = addr
                 again = self.channel.reroute(f"server-{s}", addr)
+                for _, msg in self._retained.get(s, []):
+                    self.channel.send_unawaited(f"server-{s}", msg)
+                    again += 1
                 log.warning("shard %d is served by %s now; %d requests sent again", s, addr, again)
 
     @property
@@ -464,16 +473,23 @@ class PSClient:
         ``wait(ts)`` may be called again.
         """
         req = self._requests.pop(ts)
+        self._waiting = True
         try:
             replies = self.channel.wait(req.ids, timeout, interrupt=interrupt)
         except Interrupted:
             self._requests[ts] = req
             raise
+        finally:
+            self._waiting = False
         if req.out is not None:  # every reply checked before any is copied: all or nothing
             for rid, reply in replies.items():
                 self.scatter(reply, req.ids[rid], req.expect[rid], req.out, check_only=True)
             for rid, reply in replies.items():
                 self.scatter(reply, req.ids[rid], req.expect[rid], req.out)
+        for rid, r in replies.items():  # what a server has applied need not be kept
+            s, v = req.ids[rid], int(r.body.get("version", 0))
+            if s in self._retained:
+                self._retained[s] = [(c, m) for c, m in self._retained[s] if c >= v]
         version = min((int(r.body.get("version", 0)) for r in replies.values()), default=0)
         scalars: dict[str, float] = {}
         held = 0.0
@@ -559,9 +575,11 @@ class PSClient:
                 extra["row_keys"] = [slot.key for slot in row_slots]
             tensors += row_tensors
             sent += sum(t.numel() * t.element_size() for t in tensors)
-            rid = self.channel.send(
-                f"server-{s}", Message("push", body={**body, **extra}, tensors=tensors)
-            )
+            msg = Message("push", body={**body, **extra}, tensors=tensors)
+            rid = self.channel.send(f"server-{s}", msg)
+            if out is None and self.consistency.kind == "bsp":  # acknowledged before applied
+                copy = Message("push", body=msg.body, tensors=[t.clone() for t in tensors])
+                self._retained.setdefault(s, []).append((clock, copy))
             ids[rid] = s
             expect[rid] = Expect(pieces=True, rows=row_expect)
         return self._track(_Request(ids, expect, out, sent))

@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pslm.errors import ConfigError, LaunchError
+from pslm.ps.scheduler import SHARD_LOST
 from pslm.wire import auth
 from pslm.wire.auth import Security
 
@@ -292,7 +293,7 @@ class LocalCluster:
                 log.warning("%s exited with code %d; starting it again", c.name, code)
                 self.children[i] = self._spawn(c.role, c.rank, c.args, c.env, again=True)
                 continue
-            if c.role == "scheduler" and self.scheduler_restarts_left > 0:
+            if c.role == "scheduler" and self.scheduler_restarts_left > 0 and code != SHARD_LOST:
                 self.scheduler_restarts_left -= 1
                 self.restarted += 1
                 log.warning("the scheduler exited with code %d; starting it again", code)

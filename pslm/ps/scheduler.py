@@ -136,6 +136,8 @@ class Barrier:
 
 
 MAX_VALUES = 64
+SHARD_LOST = 3
+"""The scheduler's exit code when a shard died with no synced backup."""
 STATE_FILE = "scheduler-state.json"
 """In the run directory: what a restarted scheduler takes over (``--recover``)."""
 RELEASED_KEPT = 64
@@ -168,6 +170,8 @@ class Scheduler:
         """This scheduler's incarnation: a node that sees it change re-sends its requests."""
         if cfg.recover:
             self._recover()
+        elif cfg.run_dir:  # another cluster's, in this run directory before
+            (Path(cfg.run_dir) / STATE_FILE).unlink(missing_ok=True)
         if cfg.address_file:
             try:
                 _write_atomic(Path(cfg.address_file), self.address)
@@ -191,6 +195,7 @@ class Scheduler:
             "shutdown": self._shutdown,
             "status": self._status,
             "leases": self._leases,
+            "backup": self._backup,
             "release": self._release,
         }
         try:
@@ -315,10 +320,13 @@ class Scheduler:
             mine = node.requested_rank in (-1, old.rank) and old.role == "server"
             if mine and old.live and old.host == socket.gethostname() and not _pid_alive(old.pid):
                 self._server_died(old, "its process is gone and a new one took its rank")
-        dead = [
+        dead = [  # ranks of servers gone, or left for another serves their shard
             n
             for n in self.nodes.values()
-            if n.role == "server" and n.state == "dead" and node.requested_rank in (-1, n.rank)
+            if n.role == "server"
+            and not n.live
+            and self.shards.role_of(n.id)[0] < 0
+            and node.requested_rank in (-1, n.rank)
         ]
         shard = self.shards.without_backup()
         if not dead or shard is None:
@@ -339,15 +347,41 @@ class Scheduler:
         if shard < 0:
             return
         if not primary:
-            self.shards.backup[shard] = None
+            self.shards.drop_backup(shard)
             log.warning("shard %d has no backup now", shard)
         elif self.shards.promote(shard):
             log.warning(
                 "shard %d: its backup %s serves it now", shard, _id(self.shards.primary[shard])
             )
-        else:
-            log.error("shard %d is lost: its server died and it has no backup", shard)
+        else:  # the launcher starts the cluster again from the last checkpoint
+            self.shards.lost.append(shard)
+            log.error("shard %d is lost: its server died and it has no synced backup", shard)
+            self.exit_code = SHARD_LOST
+            self._stop(f"shard {shard} is lost")
         self.shards.version += 1
+        self._write_cluster()
+
+    def _backup(self, peer: bytes, msg: Message) -> Message:
+        """A shard's server reports its backup ``ready`` (it holds a whole copy) or ``lost``
+        (it fell behind and was dropped); the reply says whether the sender still serves."""
+        node = self._node(msg)
+        shard = protocol.field(msg, "shard", int)
+        state = protocol.field(msg, "state", str)
+        address = protocol.field(msg, "address", str)
+        if state not in ("ready", "lost"):
+            raise ProtocolError(f"backup: state must be ready or lost, got {state!r}")
+        if self.shards.role_of(node.id) != (shard, True):
+            return msg.reply(serving=False)
+        backup = self.shards.backup[shard]
+        if backup is not None and backup.address == address:
+            if state == "ready":
+                self.shards.synced[shard] = True
+                log.info("shard %d: %s holds a whole copy", shard, backup.id)
+            else:
+                log.warning("shard %d: %s fell behind; dropped", shard, backup.id)
+                self.shards.drop_backup(shard)
+            self._write_cluster()
+        return msg.reply(serving=True)
 
     # --- workers that come and go -----------------------------------------------------------
 
@@ -521,6 +555,7 @@ class Scheduler:
             self.listener.send(barrier.peers[node_id], req.reply(values=sums))
         del self.barriers[name]
         self.released[name] = sums
+        self._write_cluster()  # a latecomer's answer survives a restart
         while len(self.released) > RELEASED_KEPT:
             del self.released[next(iter(self.released))]
 
@@ -639,6 +674,7 @@ class Scheduler:
             "nodes": sorted((n.to_json() for n in self.nodes.values()), key=lambda d: d["id"]),
             "leases": self.leases.to_dict(),
             "shards": self.shards.to_json(),
+            "lost_shards": self.shards.lost,
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
@@ -660,6 +696,7 @@ class Scheduler:
             "keyspace": self.keyspace.to_dict() if self.keyspace is not None else None,
             "declared_by": self.declared_by,
             "released": self.released,
+            "stopping": self.stopping_since is not None,
         }
 
     def _recover(self) -> None:
@@ -686,6 +723,8 @@ class Scheduler:
                 self.keyspace = KeySpace.from_dict(doc["keyspace"])
                 self.declared_by = str(doc["declared_by"])
             self.released = {str(k): dict(v) for k, v in doc["released"].items()}
+            if doc.get("stopping"):
+                self.stopping_since = time.monotonic()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.listener.close()
             raise ConfigError(f"cannot recover the cluster from {path}: {exc!r}") from None

@@ -549,7 +549,8 @@ class Server:
             assert push.sq_norm is not None  # checked when the final part arrived
             multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
         fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
-        self._replicate("async", fp32, multiplier, step=push.clock, share=share)
+        if not self._replicate("async", fp32, multiplier, step=push.clock, share=share):
+            return  # no answer: the requests go to the shard's new server
         self._make_params_writable()
         store.apply(fp32, multiplier, step=push.clock)
         self.gate.advance(share)
@@ -599,7 +600,7 @@ class Server:
             multiplier *= clip_coef(total, store.optimizer.clip_norm)
         scalars = _mean_scalars(clock)
         by = [clock.pushed_by[s] for s in range(self.me.num_workers)]
-        self._replicate(
+        replicated = self._replicate(
             "local" if self.local else "bsp",
             clock.grads,
             multiplier,
@@ -607,6 +608,8 @@ class Server:
             by=by,
             sq=self.sent_norms.get(store.version, -1.0),
         )
+        if not replicated:
+            return  # no answer: the requests go to the shard's new server
         self._make_params_writable()
         try:
             if self.local:  # the pushes are parameter changes: average them in
@@ -736,7 +739,9 @@ class Server:
             table = self.beat.table if self.beat is not None else None
             return table is not None and table.backups[self.shard] != address
 
-        self.backup = BackupLink(address, timeout=self.cfg.timeout, gone=gone)
+        assert self.me is not None  # a backup that cannot keep up is dropped, not waited for
+        timeout = min(self.cfg.timeout, max(5.0, 2 * self.me.heartbeat_timeout))
+        self.backup = BackupLink(address, timeout=timeout, gone=gone)
         log.info("shard %d's backup is %s", self.shard, address)
         if self.store is not None:
             self._sync()
@@ -762,16 +767,42 @@ class Server:
         )
         try:
             self.backup.request(sync_message(self.shard, snap))
-            log.info("shard %d (version %d) copied to its backup", self.shard, store.version)
         except PSLMError as exc:
             log.error("could not copy shard %d to its backup: %s", self.shard, exc)
             self._drop_backup()
-
-    def _replicate(self, kind: str, grads: list[Grad], multiplier: float, **extra: Any) -> None:
-        """Have the backup take the update about to be applied; return once it confirmed (or
-        was dropped for not doing so in time: the shard goes on without a copy)."""
-        if self.backup is None:
+            self._report_backup("lost")
             return
+        log.info("shard %d (version %d) copied to its backup", self.shard, store.version)
+        self._report_backup("ready")
+
+    def _report_backup(self, state: str) -> bool:
+        """Tell the scheduler this shard's backup is ``ready`` (a whole copy: it may be
+        promoted) or ``lost``; returns whether this server still serves the shard (if not, it
+        leaves: another took over while it was cut off)."""
+        assert self.me is not None
+        body = {
+            "node": self.me.node_id,
+            "shard": self.shard,
+            "state": state,
+            "address": self.backup_address,
+        }
+        try:
+            reply = self.scheduler.request("scheduler", Message("backup", body=body))
+        except PSLMError as exc:
+            log.warning("could not tell the scheduler the backup is %s: %s", state, exc)
+            return True
+        if not reply.body.get("serving", True):
+            log.error("shard %d is served by another server now; leaving", self.shard)
+            self.demoted = True
+            return False
+        return True
+
+    def _replicate(self, kind: str, grads: list[Grad], multiplier: float, **extra: Any) -> bool:
+        """Have the backup take the update about to be applied; return once it confirmed, or
+        was dropped for not doing so in time (the shard goes on without a copy). False if
+        this server must not apply it: another one serves the shard now."""
+        if self.backup is None:
+            return True
         store = self._store()
         update = Update(
             kind=kind,
@@ -784,18 +815,19 @@ class Server:
         for attempt in (1, 2):
             try:
                 self.backup.request(update_message(update))
-                return
+                return True
             except RefusedError as exc:
                 if attempt == 2 or exc.code != "not_synced":
                     log.error("shard %d's backup refused an update: %s", self.shard, exc)
                     break
                 self._sync()  # then the update again
                 if self.backup is None:
-                    return
+                    return not self.demoted
             except PSLMError as exc:
                 log.error("shard %d's backup did not confirm an update: %s", self.shard, exc)
                 break
         self._drop_backup()
+        return self._report_backup("lost")
 
     def _take_sync(self, msg: Message) -> Message:
         """A backup: take the whole shard from its server."""

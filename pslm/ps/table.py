@@ -26,6 +26,8 @@ class Node(Protocol):
     def live(self) -> bool: ...
     @property
     def address(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
 
 
 N = TypeVar("N", bound=Node)
@@ -37,6 +39,12 @@ class ShardTable(Generic[N]):
     def __init__(self, num_shards: int):
         self.primary: list[N | None] = [None] * num_shards
         self.backup: list[N | None] = [None] * num_shards
+        self.synced = [False] * num_shards
+        """Whether the shard's server reported its backup holds a whole copy (only such a
+        backup is promoted)."""
+        self.lost: list[int] = []
+        """Shards whose server died with no synced backup: their updates since the last
+        checkpoint are gone."""
         self.version = 0
 
     def place(self, shard: int, node: N) -> None:
@@ -45,6 +53,7 @@ class ShardTable(Generic[N]):
             self.primary[shard] = node
         else:
             self.backup[shard] = node
+            self.synced[shard] = False
         self.version += 1
 
     def role_of(self, node_id: str) -> tuple[int, bool]:
@@ -57,12 +66,18 @@ class ShardTable(Generic[N]):
         return -1, True
 
     def promote(self, shard: int) -> bool:
-        """Make the shard's live backup its server; False if it has none."""
+        """Make the shard's live, synced backup its server; False if it has none."""
         b = self.backup[shard]
-        if b is None or not b.live:
+        if b is None or not b.live or not self.synced[shard]:
             return False
         self.primary[shard], self.backup[shard] = b, None
+        self.synced[shard] = False
         return True
+
+    def drop_backup(self, shard: int) -> None:
+        self.backup[shard] = None
+        self.synced[shard] = False
+        self.version += 1
 
     def without_backup(self) -> int | None:
         """A shard whose server is live and that has no live backup, if any."""
@@ -72,17 +87,29 @@ class ShardTable(Generic[N]):
         return None
 
     def to_state(self) -> dict[str, Any]:
+        def ref(n: N | None) -> list[Any] | None:  # a node id is reused: its pid tells apart
+            return [n.id, n.pid] if n is not None else None
+
         return {
             "version": self.version,
-            "primary": [p.id if p is not None else None for p in self.primary],
-            "backup": [b.id if b is not None else None for b in self.backup],
+            "primary": [ref(p) for p in self.primary],
+            "backup": [ref(b) for b in self.backup],
+            "synced": list(self.synced),
+            "lost": list(self.lost),
         }
 
     @classmethod
     def from_state(cls, raw: dict[str, Any], nodes: Mapping[str, N]) -> ShardTable[N]:
+        def node(ref: Any) -> N | None:
+            if ref is None or ref[0] not in nodes or nodes[ref[0]].pid != ref[1]:
+                return None
+            return nodes[ref[0]]
+
         table = cls(len(raw["primary"]))
-        table.primary = [nodes[i] if i is not None else None for i in raw["primary"]]
-        table.backup = [nodes[i] if i is not None else None for i in raw["backup"]]
+        table.primary = [node(r) for r in raw["primary"]]
+        table.backup = [node(r) for r in raw["backup"]]
+        table.synced = [bool(x) for x in raw["synced"]]
+        table.lost = [int(x) for x in raw["lost"]]
         table.version = int(raw["version"]) + 1
         return table
 
@@ -96,8 +123,12 @@ class ShardTable(Generic[N]):
 
     def to_json(self) -> list[dict[str, Any]]:
         return [
-            {"primary": p.id if p else None, "backup": b.id if b and b.live else None}
-            for p, b in zip(self.primary, self.backup, strict=True)
+            {
+                "primary": p.id if p else None,
+                "backup": b.id if b and b.live else None,
+                "synced": synced,
+            }
+            for p, b, synced in zip(self.primary, self.backup, self.synced, strict=True)
         ]
 
 

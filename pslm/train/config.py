@@ -331,6 +331,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.optim.optimizer(self.train.steps)  # raises ConfigError for a bad combination
+        if self.cluster.overlap and self.cluster.replicas == 1:
+            raise ConfigError(
+                "backups do not work with overlap: a promoted backup could not complete a push "
+                "whose parts the dead server had acknowledged; use --replicas 0"
+            )
         if self.cluster.overlap and self.train.device != "cpu":
             raise ConfigError("cluster.overlap runs on CPU workers only (device = cpu)")
         if self.row_embeddings and self.optim.name == "sgd":

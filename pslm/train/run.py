@@ -129,6 +129,15 @@ def finetune(
     return _launch(cfg, data, path, started, resume_from=None)
 
 
+def _lost_shards(run_dir: Path) -> list[int]:
+    """The shards the scheduler found lost (their server died with no synced backup)."""
+    try:
+        doc = json.loads((run_dir / "cluster.json").read_text())
+        return [int(s) for s in doc.get("lost_shards", [])]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
 def _classify_data(run_dir: Path) -> ClassifyData:
     data = load_data(run_dir / "data")
     if not isinstance(data, ClassifyData):
@@ -194,14 +203,16 @@ def _launch(
             _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps, seen)
     except LaunchError:
         dead = cluster.failed
-        if dead is None or dead.role != "server" or left <= 0:
+        lost = _lost_shards(run_dir)
+        if not (lost or (dead is not None and dead.role == "server")) or left <= 0:
             raise
         last = latest_checkpoint(run_dir)
         if last is None:
             raise
+        what = f"shard {lost[0]}" if lost else f"{dead.name if dead else 'a server'}"
         console.print(
-            f"\n[bold]{dead.name} died[/] and its shard has no backup: the cluster starts "
-            f"again from {last.name}"
+            f"\n[bold]{what} died[/] with no backup to take over: the cluster starts again "
+            f"from {last.name}"
         )
         return resume(run_dir, restarts=left - 1)
     except KeyboardInterrupt:

@@ -210,6 +210,12 @@ class Channel:
         self._sent[msg.id] = msg
         return msg.id
 
+    def send_unawaited(self, name: str, msg: Message) -> None:
+        """Send a request whose reply nobody waits for (it is dropped when it comes)."""
+        msg.id = self._next_id
+        self._next_id += 1
+        self._conn(name).send(msg)
+
     def reroute(self, name: str, address: str) -> int:
         """``name`` is at ``address`` now: connect there and send it again every request to
         ``name`` still without a reply (same ids; the peer must take duplicates as such).
