@@ -31,7 +31,7 @@ def _whole(run: Path) -> dict[str, int]:
     leases, shards = doc.get("leases", {}), doc.get("shards", [])
     if leases.get("holders") != [0, 1] or leases.get("moving"):
         return {}
-    if not shards or not all(s["primary"] and s["backup"] for s in shards):
+    if not shards or not all(s["primary"] and s["backup"] and s["synced"] for s in shards):
         return {}
     alive = {n["id"]: int(n["pid"]) for n in doc["nodes"] if n["state"] == "alive"}
     victims = ["worker-0", "worker-1", *(s["primary"] for s in shards)]

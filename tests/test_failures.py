@@ -115,7 +115,9 @@ def _shard_server(run: Path, shard: int) -> int:
         doc = json.loads((run / "cluster.json").read_text())
     except (OSError, ValueError):
         return 0
-    if not doc.get("shards") or not all(s["primary"] and s["backup"] for s in doc["shards"]):
+    if not doc.get("shards") or not all(
+        s["primary"] and s["backup"] and s["synced"] for s in doc["shards"]
+    ):
         return 0
     primary = doc["shards"][shard]["primary"]
     return next(

@@ -149,7 +149,7 @@ def _whole(run_dir: Path, role: str, shard: int) -> int:
     if doc.get("leases", {}).get("holders") != [0, 1] or doc.get("leases", {}).get("moving"):
         return 0
     shards = doc.get("shards", [])
-    if not shards or not all(s["primary"] and s["backup"] for s in shards):
+    if not shards or not all(s["primary"] and s["backup"] and s["synced"] for s in shards):
         return 0
     victim = "worker-1" if role == "worker" else shards[shard]["primary"]
     node = next((n for n in doc["nodes"] if n["id"] == victim and n["state"] == "alive"), None)

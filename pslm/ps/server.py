@@ -821,7 +821,7 @@ class Server:
                     log.error("shard %d's backup refused an update: %s", self.shard, exc)
                     break
                 self._sync()  # then the update again
-                if self.backup is None:
+                if self.backup is None or self.demoted:
                     return not self.demoted
             except PSLMError as exc:
                 log.error("shard %d's backup did not confirm an update: %s", self.shard, exc)
@@ -856,6 +856,10 @@ class Server:
             log.exception("applying update %d failed; waiting for a new copy", update.version)
             self.store = None
             return
+        # norms that came meanwhile were for the clock just applied or the next (as in
+        # _advance); the backup gathers none of its own
+        self.clock = Clock(norms=self.future_norms)
+        self.future_norms = {}
         if update.kind == "async":
             self.gate.advance(update.share)
         else:
