@@ -56,7 +56,10 @@ def test_finetune_eval_and_report_end_to_end(pretrained: Path, tmp_path: Path) -
     info = json.loads((run / "data.json").read_text())
     assert info["repeats_removed"] >= 20 and sum(info["split"].values()) == info["texts"]
     parts = {
-        name: [json.loads(ln)["text"] for ln in (run / "data" / f"{name}.jsonl").open()]
+        name: [
+            json.loads(ln)["text"]
+            for ln in (run / "data" / f"{name}.jsonl").read_text().splitlines()
+        ]
         for name in ("train", "val", "test")
     }
     assert sum(map(len, parts.values())) == len(set().union(*parts.values()))  # disjoint
