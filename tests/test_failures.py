@@ -267,3 +267,29 @@ def test_without_backups_a_killed_server_sends_the_run_back_to_its_checkpoint(se
     ]
     for name, t in final[1].items():
         torch.testing.assert_close(final[0][name], t, rtol=1e-5, atol=1e-7)
+
+
+def test_under_ssp_a_killed_worker_sends_the_run_back_to_its_checkpoint(setup) -> None:
+    """SSP cannot hand a dead worker's share over: the cluster starts again from the newest
+    checkpoint, and the run still trains every step once."""
+    args = ["train", "--config", setup["config"], "--data", setup["corpus"]]
+    run = setup["root"] / "killed-ssp-worker"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *map(str, args), "--run-dir", str(run)]
+        + ["--consistency", "ssp:1", "--slow-worker", "0:30"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "step_0000020").exists(), "a checkpoint")
+        os.kill(_worker_pid(run, 1), signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    said = " ".join(out.split())
+    assert "worker-1 died" in said and "starts again from step_" in said
+    assert [r["step"] for r in metrics(run)] == list(range(STEPS))

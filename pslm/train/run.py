@@ -177,9 +177,10 @@ def _launch(
     seen: int = 0,
     restarts: int | None = None,
 ) -> int:
-    """Start the cluster and follow the run. A server that dies without a backup stops it:
-    the whole cluster then starts again from the newest checkpoint (the workers go back to
-    its step), at most ``cluster.server_restarts`` times."""
+    """Start the cluster and follow the run. A server that dies without a backup, or a worker
+    killed where its share cannot go to the others, stops it: the whole cluster then starts
+    again from the newest checkpoint (the workers go back to its step), at most
+    ``cluster.server_restarts`` times."""
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)}
     launch = LaunchConfig(
         num_servers=cfg.cluster.servers,
@@ -204,14 +205,17 @@ def _launch(
     except LaunchError:
         dead = cluster.failed
         lost = _lost_shards(run_dir)
-        if not (lost or (dead is not None and dead.role == "server")) or left <= 0:
+        server = dead is not None and dead.role == "server"
+        # a worker killed where its share cannot go to others (SSP, ASP, local SGD, overlap)
+        killed = dead is not None and dead.role == "worker" and (dead.proc.returncode or 0) < 0
+        if not (lost or server or killed) or left <= 0:
             raise
         last = latest_checkpoint(run_dir)
         if last is None:
             raise
         what = f"shard {lost[0]}" if lost else f"{dead.name if dead else 'a server'}"
         console.print(
-            f"\n[bold]{what} died[/] with no backup to take over: the cluster starts again "
+            f"\n[bold]{what} died[/] and nothing can take its place: the cluster starts again "
             f"from {last.name}"
         )
         return resume(run_dir, restarts=left - 1)
