@@ -3,8 +3,9 @@ what keeping a backup of every shard costs.
 
 ``pslm train`` runs the tiny model under BSP (2 servers with a backup each, 2 workers, the
 default heartbeats: 1 s interval, 5 s timeout) on a synthetic text. Once it is under way, a
-node is killed with SIGKILL; the time from the kill to the next step the cluster completes (a
-new line in ``metrics.jsonl``) is measured, and again once the cluster is whole, ``kills``
+node is killed with SIGKILL; the time from the kill to the first step the cluster completes
+with the failure handled (in ``metrics.jsonl``: a step whose share another worker trained, or
+the first step with a ``failover``) is measured, and again once the cluster is whole, ``kills``
 times: first worker 1, then the server of shard 0 or 1 in turn (its backup takes over; the
 launcher's new process becomes the shard's new backup). The scheduler knows of a death when
 the launcher's new process takes the dead one's rank (its predecessor's pid is gone) or after
@@ -120,23 +121,38 @@ def _kill_and_time(run_dir: Path, role: str, shard: int, within: float = 180.0) 
     """Wait until the cluster is whole, kill worker 1 or the server of ``shard``, and time
     the next completed step."""
     deadline = time.monotonic() + within
-    pid = 0
     while time.monotonic() < deadline:
         pid = _whole(run_dir, role, shard)
-        if pid:
+        if not pid:
+            time.sleep(0.1)
+            continue
+        time.sleep(1.0)  # some steps with every node
+        if pid != _whole(run_dir, role, shard):
+            continue  # it changed meanwhile: look again
+        try:
+            os.kill(pid, signal.SIGKILL)
             break
-        time.sleep(0.1)
-    if not pid:
-        raise RuntimeError("the cluster did not get going")
-    time.sleep(1.0)  # some steps with every node (a new backup has its copy by then)
-    os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    else:
+        log = (run_dir / "logs" / "scheduler.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the cluster did not get whole again; scheduler log:\n{log}")
     killed = time.monotonic()
     seen = _lines(run_dir)
-    while time.monotonic() < deadline:
-        if _lines(run_dir) > seen:
-            return time.monotonic() - killed
+    while time.monotonic() < deadline:  # the first step the failure was handled for
+        for rec in _records(run_dir)[seen:]:
+            if ("failover" in rec) if role == "server" else rec["trained_by"] != [0, 1]:
+                return time.monotonic() - killed
         time.sleep(0.01)
     raise RuntimeError("no step completed after the kill")
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(ln) for ln in lines if ln.endswith("}")]
 
 
 def _whole(run_dir: Path, role: str, shard: int) -> int:
