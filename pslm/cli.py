@@ -171,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-interval", type=int, help="steps between validation losses (50)")
     s.add_argument("--seed", type=int, help="seed of the head and the batch order")
     s.add_argument("--split-seed", type=int, help="seed of the train/val/test split (0)")
+    s.add_argument("--folds", type=int, help="k-fold cross-validation: test on one fold of K")
+    s.add_argument("--fold", type=int, help="which fold is the test part (0 .. K-1)")
     s.add_argument("--device", help="cpu (default) or cuda[:N]")
     s.add_argument("--run-dir", help="run directory (default runs/<data>-ft-<date>-<time>)")
     s.set_defaults(func=_finetune)
@@ -581,7 +583,7 @@ def _finetune(args: argparse.Namespace) -> int:
             "servers": args.servers,
             "consistency": args.consistency,
         },
-        "finetune": {"split_seed": args.split_seed},
+        "finetune": {"split_seed": args.split_seed, "folds": args.folds, "fold": args.fold},
     }
     given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
     overrides = {k: d for k, d in given.items() if d}

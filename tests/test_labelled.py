@@ -160,3 +160,17 @@ def test_jieba_bpe_cuts_at_words_and_round_trips(tmp_path: Path) -> None:
     assert len(words) > 1
     # word by word: no token spans a word boundary
     assert tok.encode("人民热爱生活") == [i for w in words for i in tok.encode(w)]
+
+
+def test_a_fold_of_k_is_a_split_and_the_folds_test_every_text_once() -> None:
+    data = clean("t", _pairs(200))
+    tested: list[str] = []
+    for fold in range(4):
+        split = data.fold_split(4, fold, seed=3)
+        parts = [set(split.train.texts), set(split.val.texts), set(split.test.texts)]
+        assert sum(map(len, parts)) == len(data) == len(set.union(*parts))
+        tested += split.test.texts
+    assert sorted(tested) == sorted(data.texts)
+    assert data.fold_split(4, 1, seed=3).test.texts == data.fold_split(4, 1, seed=3).test.texts
+    with pytest.raises(ConfigError, match="fold must lie"):
+        data.fold_split(4, 4, seed=3)

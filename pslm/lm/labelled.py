@@ -6,6 +6,7 @@ split.
     data = load_labelled("reviews.jsonl")    # lines of {"text": ..., "label": ...}; or a .csv
     split = data.split(seed=0)               # stratified train / val / test, disjoint
     folds = data.folds(5, seed=0)            # stratified k-fold (train, test) pairs
+    split = data.fold_split(5, 2, seed=0)    # fold 2 of 5 as the test part
 
 Loading deduplicates: a text that appears more than once is kept once (the zh-sentiment files
 repeat about half their lines, and a split of the repeats would put test texts in training),
@@ -81,6 +82,22 @@ class Labelled:
         except ValueError as exc:  # e.g. fewer test texts than labels
             raise ConfigError(f"{self.name}: cannot split stratified: {exc}") from None
         return Split(self.subset(train_i), self.subset(val_i), self.subset(test_i))
+
+    def fold_split(self, k: int, fold: int, seed: int, val: float = 0.1) -> Split:
+        """Fold ``fold`` of a stratified ``k``-fold cross-validation as a split: that fold is
+        the test part, a stratified ``val`` of the rest the validation part."""
+        from sklearn.model_selection import train_test_split
+
+        if not 0 <= fold < k:
+            raise ConfigError(f"fold must lie in [0, {k}), got {fold}")
+        rest, test = self.folds(k, seed)[fold]
+        try:
+            train_i, val_i = train_test_split(
+                list(range(len(rest))), test_size=val, random_state=seed, stratify=rest.targets
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{self.name}: cannot split stratified: {exc}") from None
+        return Split(rest.subset(train_i), rest.subset(val_i), test)
 
     def folds(self, k: int, seed: int) -> list[tuple[Labelled, Labelled]]:
         """Stratified k-fold cross-validation: (train, test) for each fold."""

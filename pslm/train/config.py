@@ -298,10 +298,18 @@ class FinetuneSection:
     """The label names, in the order of the head's outputs."""
     split_seed: int = 0
     """The seed of the train / validation / test split."""
+    folds: int = 0
+    """k-fold cross-validation: 0 splits 80/10/10; k >= 2 tests on fold ``fold`` of k (a run
+    per fold covers every text once)."""
+    fold: int = 0
 
     def __post_init__(self) -> None:
         if self.task not in ("", "classify"):
             raise ConfigError(f"finetune.task must be classify (or empty), got {self.task!r}")
+        if self.folds == 1 or self.folds < 0 or (self.folds and not 0 <= self.fold < self.folds):
+            raise ConfigError(
+                f"need folds >= 2 and 0 <= fold < folds, got {self.folds}, {self.fold}"
+            )
         if self.task and (not self.pretrained or len(self.labels) < 2):
             raise ConfigError("a fine-tuning run needs its pretrained checkpoint and 2+ labels")
         self.labels = [str(x) for x in self.labels]

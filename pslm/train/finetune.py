@@ -64,6 +64,8 @@ def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]])
         pretrained=str(checkpoint.resolve()),
         labels=["?", "?"],  # until the data is read
         split_seed=cfg.finetune.split_seed,
+        folds=cfg.finetune.folds,
+        fold=cfg.finetune.fold,
     )
     return replace(cfg, finetune=finetune)
 
@@ -73,7 +75,12 @@ def prepare_run(
 ) -> tuple[TrainConfig, ClassifyData, Split]:
     """Read, clean and split the labelled data; write the run's config, tokenizer and data."""
     data = load_labelled(cfg.data.name)
-    split = data.split(seed=cfg.finetune.split_seed)
+    f = cfg.finetune
+    split = (
+        data.fold_split(f.folds, f.fold, seed=f.split_seed)
+        if f.folds
+        else data.split(seed=f.split_seed)
+    )
     cfg = replace(cfg, finetune=replace(cfg.finetune, labels=data.labels), run_dir=str(run_dir))
     cfg = cfg.resolved()
     run_dir.mkdir(parents=True, exist_ok=True)
