@@ -281,6 +281,30 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default="", help="run directory (default runs/demo-<time>)")
     s.set_defaults(func=_demo)
 
+    s = sub.add_parser("serve", help="serve a run over HTTP: generate, chat, classify")
+    s.add_argument("--run", metavar="DIR", help="run directory (its newest checkpoint)")
+    s.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="follow a live cluster: serve its parameters as they train (with --run: that run's "
+        "model; without: the run directory the scheduler names)",
+    )
+    s.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --run: follow the run's own live cluster (its scheduler.addr and secret)",
+    )
+    s.add_argument("--checkpoint", metavar="DIR", help="a checkpoint (default: the newest)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (8000; 0: any free one)")
+    s.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes (1)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s.add_argument("--max-tokens", type=int, default=1024, help="limit per request (1024)")
+    s.add_argument("--address-file", default="", help="write the URL here once listening")
+    _security_args(s)
+    s.set_defaults(func=_serve)
+
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
     s.add_argument(
         "name",
@@ -403,6 +427,43 @@ def _require(value: Any, flag: str, env: str) -> Any:
     if value is None:
         raise ConfigError(f"{flag} is required (or set {env})")
     return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pslm.serve import ServeConfig, serve
+    from pslm.wire import auth
+
+    scheduler = args.scheduler or ""
+    if args.follow:
+        if not args.run or scheduler:
+            raise ConfigError("--follow goes with --run (and without --scheduler)")
+        try:
+            scheduler = (Path(args.run) / "scheduler.addr").read_text().strip()
+        except OSError:
+            raise ConfigError(f"{args.run} has no scheduler.addr: is its cluster up?") from None
+    if scheduler:
+        own = Path(args.run or "") / "secret"  # the one a local `pslm train` wrote
+        given = args.secret_file or os.environ.get("PSLM_SECRET")
+        if args.run and not given and own.is_file():
+            args.secret_file = str(own)
+        auth.install(_security(args))
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s", stream=sys.stderr
+    )
+    return serve(
+        ServeConfig(
+            run_dir=args.run or "",
+            scheduler=scheduler,
+            checkpoint=args.checkpoint or "",
+            host=args.host,
+            port=args.port,
+            refresh=args.refresh,
+            device=args.device,
+            threads=args.threads,
+            address_file=args.address_file,
+            max_tokens=args.max_tokens,
+        )
+    )
 
 
 def _scheduler(args: argparse.Namespace) -> int:

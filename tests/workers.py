@@ -97,3 +97,16 @@ def idle(client: PSClient, *, steps: int) -> None:
     client.init(data, OptimizerConfig(name="sgd", lr=0.1))
     for step in range(steps):
         client.wait(client.push_pull({"w": torch.ones(4)}, data, clock=step))
+
+
+def steady(client: PSClient, *, steps: int, numel: int, consistency: str = "bsp") -> None:
+    """Every parameter equals minus the number of updates applied: SGD with lr 1 on
+    gradients of ones, in small chunks spread over the servers (for readers' tests)."""
+    from pslm.ps.consistency import Consistency
+
+    data = {"a": torch.zeros(numel), "b": torch.zeros(numel)}
+    mode = Consistency.parse(consistency)
+    client.init(data, OptimizerConfig(name="sgd", lr=1.0), chunk_bytes=1024, consistency=mode)
+    ones = {n: torch.ones_like(t) for n, t in data.items()}
+    for step in range(steps):
+        client.wait(client.push_pull(ones, data, clock=step))

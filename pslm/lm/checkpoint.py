@@ -3,6 +3,8 @@
     write_model(tmp_dir, model, meta={"step": 100})     # model.safetensors + meta.json
     path = latest_checkpoint(run_dir)                  # newest complete one, or None
     model, tokenizer, meta = load_model(run_dir)       # ready for generation or evaluation
+    write_run_model(run_dir, model.config, {"task": ""})  # model.json: the shape, for readers
+    model = assemble(read_run_model(run_dir), tensors)   # a model from a cluster's tensors
 
 A checkpoint directory appears only when complete: it is written under a temporary name,
 every file is fsynced, then it is renamed (``publish``). ``meta.json`` holds the model's shape
@@ -92,6 +94,57 @@ def load_classifier(
     model = GPTClassifier(config, len(labels))
     _load(model, params, path)
     return model.to(device).eval(), _tokenizer(run_dir, config), meta
+
+
+MODEL_FILE = "model.json"
+"""In a run directory: the model's shape, task and labels (what a process that reads the
+parameters from a live cluster needs to build the model)."""
+
+
+def write_run_model(run_dir: str | Path, config: GPTConfig, meta: dict[str, Any]) -> None:
+    doc = {"model": asdict(config), **meta}
+    (Path(run_dir) / MODEL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def read_run_model(run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``model.json`` (or its newest checkpoint's meta.json, for older runs);
+    ConfigError if neither is there or readable."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        ckpt = latest_checkpoint(run_dir)
+        path = ckpt / "meta.json" if ckpt is not None else path
+    try:
+        doc = json.loads(path.read_text())
+        GPTConfig(**doc["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the model of run {run_dir} from {path}: {exc}") from None
+    return dict(doc)
+
+
+def assemble(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: str = "cpu"
+) -> GPT | GPTClassifier:
+    """The model ``meta`` (a ``model.json`` or checkpoint meta) describes, with ``tensors``
+    as its parameters (taken, not copied, on the CPU); no initialisation is run. ConfigError
+    if a tensor is missing or has the wrong shape."""
+    config = GPTConfig(**meta["model"])
+    labels = meta.get("labels") or []
+    with torch.device("meta"):
+        model: GPT | GPTClassifier = (
+            GPTClassifier(config, len(labels)) if meta.get("task") == "classify" else GPT(config)
+        )
+    new: dict[int, torch.nn.Parameter] = {}
+    for name, p in model.named_parameters():  # each once: a tied weight stays one tensor
+        t = tensors.get(name)
+        if t is None or tuple(t.shape) != tuple(p.shape):
+            got = "missing" if t is None else f"shape {list(t.shape)}"
+            raise ConfigError(f"parameter {name}: {got}, the model wants {list(p.shape)}")
+        new[id(p)] = torch.nn.Parameter(t.to(device), requires_grad=False)
+    for module in model.modules():
+        for attr, old in list(module._parameters.items()):
+            if old is not None:
+                module._parameters[attr] = new[id(old)]
+    return model.eval()
 
 
 def _read_checkpoint(

@@ -178,6 +178,7 @@ class LocalCluster:
     def start(self) -> None:
         """Start the scheduler, then the servers and the worker processes."""
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        _write_secret(self.run_dir / SECRET_FILE, self.secret)
         # this process talks to the cluster too (tests, tools): it proves the same secret
         auth.install(Security.from_secret(self.secret, encrypt=self.cfg.secure))
         addr_file = self.run_dir / "scheduler.addr"
@@ -377,6 +378,18 @@ class LocalCluster:
             with suppress(subprocess.TimeoutExpired):
                 sched.proc.wait(0.05)
         return addr_file.read_text().strip()
+
+
+SECRET_FILE = "secret"
+"""In the run directory, readable by its owner alone: the cluster secret, for tools that
+attach to the running cluster (``pslm serve --scheduler``, ``pslm ctl``)."""
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
 
 
 def _with_flag(args: list[str], flag: str, value: str) -> list[str]:

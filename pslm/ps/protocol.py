@@ -31,7 +31,8 @@ To the scheduler (from any node unless said otherwise):
                servers are then told to shut down
     leave      {node} (servers, on exit) -> {}
     shutdown   {} -> {}; stops the whole cluster
-    status     {} -> {nodes: [...], num_workers, num_servers, keyspace}
+    status     {} -> {nodes: [...], num_workers, num_servers, keyspace (its fingerprint),
+               run_dir, table, servers, backups}
 
 Notices from the scheduler:
     shutdown   {} (to servers)
@@ -61,6 +62,11 @@ To a server (from workers):
     save       {worker, path, version} -> {file, bytes}: the shard (parameters, optimizer
                state) written into the existing directory ``path``; refused unless the
                server is at ``version``
+
+To a server (from readers: serving processes, which take no part in training):
+    read       {keys, min_version, pull_codec} -> {version} + one tensor per key (keys []:
+               the version alone); at once, or under BSP with min_version = version + 1 once
+               the server has it; refused by a backup (``backup``)
 
 Between servers (notices):
     norm       {server, clock, sq} the server's part of the squared global gradient norm

@@ -594,6 +594,8 @@ class Scheduler:
             num_workers=self.cfg.num_workers,
             num_servers=self.cfg.num_servers,
             keyspace=self.keyspace.fingerprint() if self.keyspace else None,
+            run_dir=str(Path(self.cfg.run_dir).resolve()) if self.cfg.run_dir else "",
+            **self.shards.to_body(),
         )
 
     # --- shutdown ---------------------------------------------------------------------------

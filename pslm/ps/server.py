@@ -298,6 +298,8 @@ class Server:
             self.listener.send(peer, self._take_sync(msg))
         elif msg.op == "update":
             self._take_update(peer, msg)
+        elif msg.op == "read":
+            self._read(peer, msg)
         else:
             raise ProtocolError(f"unknown op {msg.op!r}")
 
@@ -496,6 +498,30 @@ class Server:
             self._send_params(peer, msg, selection)
         else:
             self.parked.append((peer, msg, min_version, selection))
+
+    def _read(self, peer: bytes, msg: Message) -> None:
+        """A reader's request (a serving process, ``pslm.ps.reader``): chunks ``keys`` whole
+        (none: only the version), taking no part in training. Under BSP ``min_version`` may
+        ask for the next version, and the answer waits for it."""
+        store = self._store()
+        if not self.primary:
+            raise RefusedError(f"the backup of shard {self.shard}: read its server", code="backup")
+        keys = protocol.field(msg, "keys", list)
+        if len(keys) > len(store.chunks) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k in store.position for k in keys
+        ):
+            raise RefusedError("read: keys not held by this server", code="bad_key")
+        selection = Selection.of_pull(store, keys)
+        min_version = protocol.field(msg, "min_version", int, 0)
+        if self.consistency.asynchronous or min_version <= store.version:
+            self._send_params(peer, msg, selection, synchronous=not self.consistency.asynchronous)
+        elif min_version == store.version + 1:
+            self.parked.append((peer, msg, min_version, selection))
+        else:
+            raise RefusedError(
+                f"read for version {min_version}: the server is at {store.version}",
+                code="bad_clock",
+            )
 
     def _norm(self, msg: Message) -> None:
         assert self.me is not None

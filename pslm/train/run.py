@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pslm.errors import ConfigError, LaunchError
-from pslm.lm.checkpoint import latest_checkpoint, load_model
+from pslm.lm.checkpoint import latest_checkpoint, load_model, write_run_model
 from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
@@ -182,6 +182,8 @@ def _launch(
     again from the newest checkpoint (the workers go back to its step), at most
     ``cluster.server_restarts`` times."""
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)}
+    task = {"task": "classify", "labels": cfg.finetune.labels} if cfg.finetune.task else {}
+    write_run_model(run_dir, cfg.model.gpt(data.vocab_size), task)
     launch = LaunchConfig(
         num_servers=cfg.cluster.servers,
         num_workers=cfg.cluster.workers,

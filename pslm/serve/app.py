@@ -1,0 +1,340 @@
+"""The HTTP API: generation (streamed or not), chat, classification, model info, metrics.
+
+    app = create_app(served, Limits())
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Endpoints (JSON bodies; every answer about the model carries the parameter ``version`` it used):
+
+    POST /v1/generate  {prompt, max_tokens, temperature, top_k, top_p, seed, stream}
+                       -> {text, tokens, finish_reason, version}; with ``stream``, server-sent
+                       events: ``data: {"text": piece}`` per new piece of text, then
+                       ``data: {"done": true, text, tokens, finish_reason, version}``
+    POST /v1/chat      {messages: [{role: system|user|assistant, content}], max_tokens, ...}
+                       -> {message: {role: assistant, content}, version, ...}
+    POST /v1/classify  {text} -> {label, probabilities: {label: p}, version}
+    GET  /v1/model     run, task, source, step, version, refreshed_at, labels
+    GET  /healthz      {status: ok} once parameters are loaded (503 before)
+    GET  /metrics      Prometheus text: requests, latency, generated tokens, model version
+
+Chat prompt format: the conversation as plain text, one turn per line, ``System: ...`` first
+if given, then ``User: ...`` and ``Assistant: ...`` turns, ending with ``Assistant:``; the reply
+is what the model writes next, cut where it starts a new ``User:`` turn (or at max_tokens).
+A small model trained on news will not converse well; the format is what a dialogue corpus
+(lines ``User: ...`` / ``Assistant: ...``) trains it for.
+
+Bad requests are 4xx with ``{"error": {"type", "message"}}``: 422 for a body that does not
+validate, 413 for a body over the limit, 400 for a request the model cannot take (e.g.
+classifying with a language model), 503 while no parameters are loaded.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request models, made in
+# create_app, from the endpoints' annotations at run time
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pslm.errors import ConfigError
+from pslm.lm.classifier import GPTClassifier
+from pslm.lm.generate import stream as token_stream
+from pslm.lm.model import GPT
+from pslm.serve.model import ServedModel, State
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_prompt_chars: int = 8192
+    max_tokens: int = 1024
+    max_messages: int = 64
+    max_body_bytes: int = 256 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+
+
+def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:  # noqa: B008
+    app = FastAPI(title="pslm", version="1", docs_url=None, redoc_url=None)
+    metrics = _Metrics(served)
+    app.state.served, app.state.limits, app.state.metrics = served, limits, metrics
+
+    class Sampling(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_tokens: int = Field(64, ge=1, le=limits.max_tokens)
+        temperature: float = Field(1.0, ge=0.0, le=100.0)
+        top_k: int | None = Field(None, ge=1)
+        top_p: float | None = Field(None, gt=0.0, le=1.0)
+        seed: int | None = Field(None, ge=0, lt=2**63)
+        stream: bool = False
+
+    class GenerateRequest(Sampling):
+        prompt: str = Field(min_length=1, max_length=limits.max_prompt_chars)
+
+    class ChatMessage(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "user", "assistant"]
+        content: str = Field(max_length=limits.max_prompt_chars)
+
+    class ChatRequest(Sampling):
+        messages: list[ChatMessage] = Field(min_length=1, max_length=limits.max_messages)
+
+    class ClassifyRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: str = Field(min_length=1, max_length=limits.max_prompt_chars)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        text = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid")
+        return _error(422, "invalid_request", str(text))
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.kind, str(exc))
+
+    @app.exception_handler(ConfigError)  # e.g. a character a char tokenizer does not know
+    async def unusable(request: Request, exc: ConfigError) -> JSONResponse:
+        return _error(400, "invalid_request", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http", str(exc.detail))
+
+    @app.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            response: Response = _error(
+                413, "too_large", f"the body may hold at most {limits.max_body_bytes} bytes"
+            )
+        elif length is None and request.method == "POST":
+            response = _error(411, "length_required", "send a Content-Length header")
+        else:
+            response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - start)
+        return response
+
+    def state() -> State:
+        current = served.current
+        if current is None:
+            raise ApiError(503, "not_ready", "no parameters yet: the cluster was not read yet")
+        return current
+
+    def lm(current: State) -> GPT:
+        if not isinstance(current.model, GPT):
+            raise ApiError(400, "wrong_task", "this run classifies text: use /v1/classify")
+        return current.model
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        current = served.current
+        if current is None:
+            return _error(503, "not_ready", "no parameters yet")
+        return JSONResponse({"status": "ok", "version": current.version})
+
+    @app.get("/v1/model")
+    def model_info() -> dict[str, Any]:
+        current = served.current
+        return {
+            "run": str(served.run_dir),
+            "task": served.task,
+            "source": served.source,
+            "labels": served.labels,
+            "block_size": served.block_size,
+            "step": current.step if current else None,
+            "version": current.version if current else None,
+            "refreshed_at": current.refreshed_at if current else None,
+        }
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/generate", response_model=None)
+    def generate(req: GenerateRequest) -> dict[str, Any] | StreamingResponse:
+        current = state()
+        model = lm(current)
+        ids = _encode(served, req.prompt)
+        gen = _Generation(served, model, ids, req, None, metrics)
+        if req.stream:
+            return _sse(gen, current)
+        return {**gen.result(), "version": current.version}
+
+    @app.post("/v1/chat", response_model=None)
+    def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        current = state()
+        model = lm(current)
+        ids = _encode(served, chat_prompt([(m.role, m.content) for m in req.messages]))
+        gen = _Generation(served, model, ids, req, STOP_TURN, metrics)
+        if req.stream:
+            return _sse(gen, current)
+        result = gen.result()
+        return {
+            "message": {"role": "assistant", "content": result.pop("text").strip()},
+            **result,
+            "version": current.version,
+        }
+
+    @app.post("/v1/classify")
+    def classify(req: ClassifyRequest) -> dict[str, Any]:
+        current = state()
+        if not isinstance(current.model, GPTClassifier):
+            raise ApiError(400, "wrong_task", "this run is a language model: use /v1/generate")
+        ids = served.tokenizer.encode(req.text)[: served.block_size] or [served.tokenizer.eot_id]
+        with torch.inference_mode():
+            logits, _ = current.model(torch.tensor([ids]), torch.tensor([len(ids)]))
+        probs = torch.softmax(logits[0].float(), dim=-1).tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {
+            "label": served.labels[best],
+            "probabilities": dict(zip(served.labels, probs, strict=True)),
+            "version": current.version,
+        }
+
+    return app
+
+
+STOP_TURN = "\nUser:"
+PATHS = ("/v1/generate", "/v1/chat", "/v1/classify", "/v1/model", "/healthz", "/metrics", "/")
+
+
+def chat_prompt(messages: list[tuple[str, str]]) -> str:
+    """The conversation as the text the model continues (the module's chat format)."""
+    lines = [f"{role.capitalize()}: {' '.join(content.split())}" for role, content in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def _encode(served: ServedModel, text: str) -> list[int]:
+    ids = served.tokenizer.encode(text)
+    if not ids:
+        raise ApiError(400, "empty_prompt", "the prompt encodes to no tokens")
+    return ids
+
+
+class _Generation:
+    """New text as it is generated, in pieces that end on a whole character (a byte-level
+    token may end inside one); ``tokens`` and ``finish_reason`` once it is over."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        model: GPT,
+        prompt: list[int],
+        req: Any,
+        stop_text: str | None,
+        metrics: "_Metrics",
+    ):
+        self.served, self.stop_text, self.metrics = served, stop_text, metrics
+        self.tokens = 0
+        self.finish_reason = "length"
+        self._ids = token_stream(  # the arguments were validated with the request
+            model,
+            prompt,
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            seed=req.seed,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        ids: list[int] = []
+        sent = ""
+        for token in self._ids:
+            ids.append(token)
+            self.tokens += 1
+            self.metrics.tokens.inc()
+            text = self.served.tokenizer.decode(ids)
+            if self.stop_text is not None and self.stop_text in text:
+                text, self.finish_reason = text[: text.index(self.stop_text)], "stop"
+            elif text.endswith("\ufffd"):  # a character cut in half: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+                sent = text
+            if self.finish_reason == "stop":
+                return
+        final = self.served.tokenizer.decode(ids)
+        if len(final) > len(sent):
+            yield final[len(sent) :]
+
+    def result(self) -> dict[str, Any]:
+        text = "".join(self)
+        return {"text": text, "tokens": self.tokens, "finish_reason": self.finish_reason}
+
+
+def _sse(gen: _Generation, current: State) -> StreamingResponse:
+    def events() -> Iterator[str]:
+        text = []
+        for piece in gen:
+            text.append(piece)
+            yield f"data: {json.dumps({'text': piece, 'version': current.version})}\n\n"
+        done = {
+            "done": True,
+            "text": "".join(text),
+            "tokens": gen.tokens,
+            "finish_reason": gen.finish_reason,
+            "version": current.version,
+        }
+        yield f"data: {json.dumps(done)}\n\n"
+
+    headers = {"X-Model-Version": str(current.version), "Cache-Control": "no-cache"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+class _Metrics:
+    """Prometheus metrics of one app (its own registry)."""
+
+    def __init__(self, served: ServedModel):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pslm_http_requests",
+            "HTTP requests answered",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "pslm_http_request_seconds",
+            "Seconds to the start of the response",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.tokens = Counter("pslm_generated_tokens", "Tokens generated", registry=self.registry)
+        self.version = Gauge(
+            "pslm_model_version", "Parameter version being served", registry=self.registry
+        )
+        self.version.set_function(lambda: float(served.current.version) if served.current else -1.0)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        known = path if path in PATHS else "other"  # no label per made-up path
+        self.requests.labels(known, str(status)).inc()
+        self.latency.labels(known).observe(seconds)

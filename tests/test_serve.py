@@ -1,0 +1,334 @@
+"""pslm serve: the HTTP API (in-process and as a real process on 127.0.0.1), and reading a live
+cluster's parameters (``pslm.ps.reader``) while it trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from pslm.errors import PSLMError
+from pslm.lm.checkpoint import load_model
+from pslm.lm.classifier import GPTClassifier
+from pslm.lm.generate import generate
+from pslm.lm.model import GPT, GPTConfig
+from pslm.lm.tokenizer import train_tokenizer
+from pslm.ps.launch import LocalCluster
+from pslm.ps.reader import ParameterReader
+from pslm.serve.app import Limits, chat_prompt, create_app
+from pslm.serve.model import ServedModel, State
+from tests.conftest import REPO, launch_config
+from tests.test_train import CONFIG, _story, pslm
+
+TEXTS = ["the king walked over the river", "国王走过河边的石头", "dark stone, soft light!"] * 20
+
+
+def _served(task: str = "generate", *, seed: int = 0) -> ServedModel:
+    tok = train_tokenizer("bpe", TEXTS, vocab_size=300)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(seed)
+    labels = ["calm", "storm"]
+    model = GPTClassifier(config, 2) if task == "classify" else GPT(config)
+    meta: dict[str, Any] = {"model": asdict(config), "task": task, "labels": labels}
+    served = ServedModel(Path("mem"), meta, tok, "checkpoint")
+    served.current = State(model.eval(), 7, 7, time.time())
+    return served
+
+
+@pytest.fixture()
+def client() -> TestClient:
+    return TestClient(create_app(_served(), Limits(max_tokens=50, max_body_bytes=4096)))
+
+
+def test_generate_matches_the_model_and_streams_the_same_text(client: TestClient) -> None:
+    served = client.app.state.served  # type: ignore[attr-defined]
+    prompt = "国王 walked"
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ids = generate(served.current.model, served.tokenizer.encode(prompt), max_new_tokens=12,
+                   temperature=0)  # fmt: skip
+    assert out["text"] == served.tokenizer.decode(ids)
+    assert out["tokens"] == 12 and out["version"] == 7 and out["finish_reason"] == "length"
+    with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    pieces = [e["text"] for e in events[:-1]]
+    assert "\ufffd" not in "".join(pieces)  # no character given out in halves
+    assert events[-1]["done"] and events[-1]["text"] == "".join(pieces) == out["text"]
+    assert events[-1]["tokens"] == 12 and all(e["version"] == 7 for e in events)
+    sampled = [client.post("/v1/generate", json={**body, "temperature": 1, "seed": 3}).json()
+               for _ in range(2)]  # fmt: skip
+    assert sampled[0]["text"] == sampled[1]["text"]  # the seed fixes the sample
+
+
+def test_bad_requests_are_4xx_with_a_json_error(client: TestClient) -> None:
+    cases = [
+        ({"prompt": ""}, 422),
+        ({"prompt": "x", "max_tokens": 51}, 422),  # over the server's limit
+        ({"prompt": "x", "max_tokens": 0}, 422),
+        ({"prompt": "x", "temperature": -1}, 422),
+        ({"prompt": "x", "top_p": 0}, 422),
+        ({"prompt": "x", "top_k": 0}, 422),
+        ({"prompt": "x", "unknown": 1}, 422),
+        ({"prompt": 5}, 422),
+        ([1, 2], 422),
+        ({"prompt": "x" * 5000}, 413),  # over the body limit
+    ]
+    for body, status in cases:
+        r = client.post("/v1/generate", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["message"], body
+    r = client.post(
+        "/v1/generate", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and "error" in r.json()
+    assert client.post("/v1/classify", json={"text": "hi"}).status_code == 400  # a language model
+    assert client.post("/v1/chat", json={"messages": []}).status_code == 422
+    bad_role = {"messages": [{"role": "robot", "content": "hi"}]}
+    assert client.post("/v1/chat", json=bad_role).status_code == 422
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/healthz").json()["status"] == "ok"  # still up
+    metrics = client.get("/metrics").text
+    assert 'pslm_http_requests_total{path="/v1/generate",status="422"}' in metrics
+    assert 'pslm_http_requests_total{path="other",status="404"} 1.0' in metrics
+    assert "pslm_model_version 7.0" in metrics
+
+
+def test_chat_builds_the_documented_prompt_and_stops_at_the_next_turn(client: TestClient) -> None:
+    served = client.app.state.served  # type: ignore[attr-defined]
+    messages = [("system", "Be brief."), ("user", "Hello  there"), ("assistant", "Hi."),
+                ("user", "Who walked?")]  # fmt: skip
+    assert chat_prompt(messages) == (
+        "System: Be brief.\nUser: Hello there\nAssistant: Hi.\nUser: Who walked?\nAssistant:"
+    )
+    body = {"messages": [{"role": r, "content": c} for r, c in messages], "max_tokens": 30,
+            "temperature": 0}  # fmt: skip
+    r = client.post("/v1/chat", json=body)
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["message"]["role"] == "assistant" and reply["version"] == 7
+    ids = generate(served.current.model, served.tokenizer.encode(chat_prompt(messages)),
+                   max_new_tokens=30, temperature=0)  # fmt: skip
+    full = served.tokenizer.decode(ids)
+    assert reply["message"]["content"] == full.split("\nUser:")[0].strip()
+    assert reply["finish_reason"] == ("stop" if "\nUser:" in full else "length")
+
+
+def test_classify_gives_labels_and_probabilities() -> None:
+    served = _served("classify")
+    client = TestClient(create_app(served))
+    r = client.post("/v1/classify", json={"text": "the dark king"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out["probabilities"]) == {"calm", "storm"}
+    assert abs(sum(out["probabilities"].values()) - 1) < 1e-5
+    assert out["label"] == max(out["probabilities"], key=out["probabilities"].get)
+    assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 400
+    assert client.get("/v1/model").json()["labels"] == ["calm", "storm"]
+
+
+def test_not_ready_until_parameters_arrive() -> None:
+    served = _served()
+    state, served.current = served.current, None
+    client = TestClient(create_app(served))
+    assert client.get("/healthz").status_code == 503
+    assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 503
+    served.current = state
+    assert client.post("/v1/generate", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+# --- a real serving process ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    (root / "story.txt").write_text(_story())
+    (root / "tiny.toml").write_text(CONFIG)
+    run = root / "run"
+    res = pslm("train", "--config", root / "tiny.toml", "--data", root / "story.txt",
+               "--run-dir", run)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return run
+
+
+def _start_serve(tmp_path: Path, *args: str | Path) -> tuple[subprocess.Popen[str], str]:
+    addr = tmp_path / "serve.addr"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pslm",
+                "serve",
+                *map(str, args),
+                "--port",
+                "0",
+                "--address-file",
+                str(addr),
+            ],  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    deadline = time.monotonic() + 60
+    while not addr.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((tmp_path / "serve.log").read_text())
+        time.sleep(0.05)
+    return proc, addr.read_text()
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sixteen_concurrent_requests_streaming_and_not(trained: Path, tmp_path: Path) -> None:
+    proc, url = _start_serve(tmp_path, "--run", trained)
+    try:
+        model, tok, meta = load_model(trained)
+        prompts = [f"The {w}" for w in "king queen river stone light dark walked spoke".split()]
+        expected = {
+            p: tok.decode(generate(model, tok.encode(p), max_new_tokens=16, temperature=0))
+            for p in prompts
+        }
+
+        def ask(i: int) -> tuple[str, str, int]:
+            prompt = prompts[i % len(prompts)]
+            body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "stream": i % 2 == 1}
+            with httpx.Client(base_url=url, timeout=60) as http:
+                if not body["stream"]:
+                    r = http.post("/v1/generate", json=body)
+                    assert r.status_code == 200, r.text
+                    return prompt, r.json()["text"], r.json()["version"]
+                with http.stream("POST", "/v1/generate", json=body) as s:
+                    assert s.status_code == 200
+                    lines = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: ")]
+                return prompt, "".join(e["text"] for e in lines[:-1]), lines[-1]["version"]
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(16)))
+        assert len(answers) == 16
+        for prompt, text, version in answers:
+            assert text == expected[prompt], prompt
+            assert version == meta["version"]
+        with httpx.Client(base_url=url, timeout=30) as http:  # bad requests, bounded
+            deadline = time.monotonic() + 20
+            for i in range(40):
+                if time.monotonic() > deadline:
+                    break
+                bad = [{"prompt": ""}, {"max_tokens": 3}, {"prompt": "x", "top_p": 2}][i % 3]
+                assert http.post("/v1/generate", json=bad).status_code == 422
+            assert http.get("/healthz").status_code == 200
+            assert http.get("/v1/model").json()["step"] == meta["step"]
+    finally:
+        _stop(proc)
+
+
+def test_serve_follows_a_training_cluster(trained: Path, tmp_path: Path) -> None:
+    root = trained.parent
+    run = tmp_path / "live"
+    long = CONFIG.replace("steps = 30", "steps = 3000").replace("interval = 10", "interval = 1000")
+    (tmp_path / "long.toml").write_text(long)
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pslm",
+            "train",
+            "--config",
+            str(tmp_path / "long.toml"),
+            "--data",
+            str(root / "story.txt"),
+            "--run-dir",
+            str(run),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proc = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "scheduler.addr").exists() or not (run / "metrics.jsonl").exists():
+            assert train.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        proc, url = _start_serve(tmp_path, "--run", run, "--follow", "--refresh", "0.2")
+        seen: dict[int, str] = {}
+        body = {"prompt": "The king", "max_tokens": 12, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=30) as http:
+            deadline = time.monotonic() + 60
+            while len(seen) < 3 and time.monotonic() < deadline and train.poll() is None:
+                r = http.post("/v1/generate", json=body)
+                if r.status_code == 503:  # not read yet
+                    continue
+                assert r.status_code == 200, r.text
+                seen.setdefault(r.json()["version"], r.json()["text"])
+            info = http.get("/v1/model").json()
+        assert info["source"] == "cluster"
+        assert len(seen) >= 3, f"the served version did not advance: {sorted(seen)}"
+        assert len(set(seen.values())) >= 2, "generation did not change as training went on"
+    finally:
+        if proc is not None:
+            _stop(proc)
+        train.send_signal(signal.SIGINT)
+        train.wait(timeout=30)
+
+
+@pytest.mark.parametrize("consistency", ["bsp", "ssp:2"])
+def test_reader_snapshots_are_whole(tmp_path: Path, consistency: str) -> None:
+    """Every parameter is minus its version, so a snapshot shows exactly which version each
+    shard's part came from: under BSP all one version, under SSP each shard whole."""
+    cfg = launch_config(
+        tmp_path,
+        num_servers=3,
+        num_workers=2,
+        worker="tests.workers:steady",
+        worker_args={"steps": 4000, "numel": 3000, "consistency": consistency},
+    )
+    with LocalCluster(cfg) as cluster, ParameterReader(cluster.scheduler_address) as reader:
+        versions = []
+        deadline = time.monotonic() + 60
+        while len(versions) < 15 and time.monotonic() < deadline and not cluster.poll():
+            try:
+                snap = reader.read()
+            except PSLMError:
+                if cluster.poll():  # it finished meanwhile
+                    break
+                if not versions:  # not up yet: no model declared, no servers in the table
+                    time.sleep(0.05)
+                    continue
+                raise
+            assert snap.synchronous == (consistency == "bsp")
+            ks = reader.keyspace
+            assert ks is not None
+            for s in range(len(snap.versions)):
+                for chunk in ks.shard(s):
+                    t = snap.tensors[ks.tensors[chunk.tensor].name].view(-1)
+                    part = t[chunk.offset : chunk.offset + chunk.length]
+                    assert torch.equal(part, torch.full_like(part, -snap.versions[s]))
+            if consistency == "bsp":
+                assert snap.consistent, snap.versions
+            versions.append(snap.version)
+    assert len(versions) >= 3 and versions == sorted(versions)
+    assert versions[-1] > versions[0]
