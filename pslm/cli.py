@@ -231,6 +231,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take over a running cluster from the state a dead scheduler kept in --run-dir",
     )
+    s.add_argument(
+        "--steering",
+        default="",
+        metavar="JSON",
+        help="the job's live settings to start from (what pslm ctl set, kept by a checkpoint)",
+    )
     _heartbeat_args(s)
     _security_args(s)
     s.add_argument(
@@ -304,6 +310,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address-file", default="", help="write the URL here once listening")
     _security_args(s)
     s.set_defaults(func=_serve)
+
+    s = sub.add_parser("ctl", help="look at and steer a running job")
+    s.add_argument("--run", metavar="DIR", help="the run (its scheduler.addr and secret)")
+    s.add_argument("--scheduler", metavar="ADDR", help="the cluster's scheduler address")
+    s.add_argument(
+        "action",
+        choices=["status", "set", "pause", "resume", "checkpoint", "add-worker", "remove-worker"],
+        help="status; set KEY=VALUE... (lr, clip, weight_decay); pause; resume; checkpoint",
+    )
+    s.add_argument("values", nargs="*", help="for set: KEY=VALUE ...")
+    s.add_argument("--json", action="store_true", help="print the reply as JSON")
+    _security_args(s)
+    s.set_defaults(func=_ctl)
 
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
     s.add_argument(
@@ -429,24 +448,98 @@ def _require(value: Any, flag: str, env: str) -> Any:
     return value
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from pslm.serve import ServeConfig, serve
+def _attach(args: argparse.Namespace, run: str | None) -> str:
+    """The scheduler address of a live cluster: --scheduler, or the run's own (the address
+    and secret a local `pslm train` keeps in its run directory); installs the secret."""
     from pslm.wire import auth
 
     scheduler = args.scheduler or ""
-    if args.follow:
-        if not args.run or scheduler:
-            raise ConfigError("--follow goes with --run (and without --scheduler)")
+    if not scheduler:
+        if not run:
+            raise ConfigError("give --scheduler ADDR or --run DIR")
         try:
-            scheduler = (Path(args.run) / "scheduler.addr").read_text().strip()
+            scheduler = (Path(run) / "scheduler.addr").read_text().strip()
         except OSError:
-            raise ConfigError(f"{args.run} has no scheduler.addr: is its cluster up?") from None
-    if scheduler:
-        own = Path(args.run or "") / "secret"  # the one a local `pslm train` wrote
-        given = args.secret_file or os.environ.get("PSLM_SECRET")
-        if args.run and not given and own.is_file():
-            args.secret_file = str(own)
-        auth.install(_security(args))
+            raise ConfigError(f"{run} has no scheduler.addr: is its cluster up?") from None
+    own = Path(run or "") / "secret"
+    if run and not args.secret_file and not os.environ.get("PSLM_SECRET") and own.is_file():
+        args.secret_file = str(own)
+    auth.install(_security(args))
+    return scheduler
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from pslm.ps.steering import parse_assignments
+    from pslm.wire.message import Message
+    from pslm.wire.transport import Channel
+
+    if args.action in ("add-worker", "remove-worker"):
+        raise ConfigError(
+            f"{args.action} is not supported yet: the number of workers is fixed for a run "
+            "(a dead worker's share moves to the others under bsp)"
+        )
+    if args.values and args.action != "set":
+        raise ConfigError(f"{args.action} takes no values")
+    values = parse_assignments(args.values) if args.action == "set" else {}
+    scheduler = _attach(args, args.run)
+    channel = Channel(timeout=10.0)
+    try:
+        channel.connect("scheduler", scheduler)
+        if args.action == "status":
+            body = channel.request("scheduler", Message("status")).body
+        else:
+            msg = Message("ctl", body={"action": args.action, "values": values})
+            body = channel.request("scheduler", msg).body
+    finally:
+        channel.close()
+    if args.json:
+        print(json.dumps(body, indent=2, default=str))
+    elif args.action == "status":
+        _print_status(body)
+    else:
+        doc = body.get("steering", {})
+        print(f"version {doc.get('version')}: {doc.get('what')} (in force from the next step)")
+    return 0
+
+
+def _print_status(body: dict[str, Any]) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("node", "state", "address", "pid", "last heartbeat")
+    now = time.time()
+    for n in sorted(body.get("nodes", []), key=lambda n: str(n.get("id"))):
+        beat = n.get("last_heartbeat")
+        ago = f"{now - beat:.1f} s ago" if isinstance(beat, (int, float)) and beat else "-"
+        table.add_row(
+            str(n.get("id")), str(n.get("state")), str(n.get("address") or "-"),
+            str(n.get("pid")), ago,
+        )  # fmt: skip
+    console = Console()
+    console.print(f"run {body.get('run_dir') or '-'}")
+    console.print(table)
+    doc = body.get("steering") or {}
+    settings = {k: doc[k] for k in ("lr", "clip", "weight_decay") if doc.get(k) is not None}
+    console.print(
+        f"live settings: version {doc.get('version', 0)}"
+        + (f", last change: {doc['what']}" if doc.get("what") else "")
+        + (" [bold]paused[/]" if doc.get("paused") else "")
+        + (f", {settings}" if settings else "")
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pslm.serve import ServeConfig, serve
+
+    scheduler = ""
+    if args.follow or args.scheduler:
+        if args.follow and args.scheduler:
+            raise ConfigError("--follow follows the run's own cluster: drop --scheduler")
+        if args.follow and not args.run:
+            raise ConfigError("--follow goes with --run")
+        scheduler = _attach(args, args.run)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -479,6 +572,7 @@ def _scheduler(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         startup_timeout=args.startup_timeout,
         replicas=args.replicas,
+        steering=args.steering,
         recover=args.recover,
     )
     _role_setup("scheduler", args, threads=False)

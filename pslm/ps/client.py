@@ -32,6 +32,7 @@ from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
 from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
+from pslm.ps.steering import Steering
 from pslm.wire.codecs import ErrorFeedback, get_codec
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel, tcp_address, tune_allocator
@@ -75,6 +76,12 @@ def check_codecs(push: str, pull: str) -> str:
     if pull not in PULL_CODECS:
         raise ConfigError(f"pulls take {', '.join(PULL_CODECS)}, not {pull!r}")
     return get_codec(push).name
+
+
+def scalars_for(server: int, scalars: Mapping[str, float] | None) -> dict[str, float]:
+    """The scalars a push sends ``server``: server 0 alone averages the others (one is
+    enough), and every server takes the ``min.`` ones (live settings it applies itself)."""
+    return {k: float(v) for k, v in (scalars or {}).items() if server == 0 or k.startswith("min.")}
 
 
 class Completion(NamedTuple):
@@ -158,6 +165,7 @@ class PSClient:
         yet, with copies of their tensors: sent again to a server that takes the shard over."""
         self._epoch = self.me.epoch
         self.channel.watch = self.follow_servers
+        self._steering = Steering()
 
     @property
     def rank(self) -> int:
@@ -221,6 +229,29 @@ class PSClient:
                     self.channel.send_unawaited(f"server-{s}", msg)
                     again += 1
                 log.warning("shard %d is served by %s now; %d requests sent again", s, addr, again)
+
+    def steering(self, version: int | None = None) -> Steering:
+        """The newest version of the job's live settings this worker has heard of (from the
+        scheduler's notices and heartbeats; cheap), or with ``version`` that version, asked
+        of the scheduler (one round trip)."""
+        if version is not None:
+            body = {"version": version}
+            reply = self.channel.request("scheduler", Message("steering", body=body))
+            return Steering.from_dict(reply.body.get("steering"))
+        for notice in self.channel.drain("scheduler"):
+            if notice.op == "steering":
+                doc = Steering.from_dict(notice.body)
+                if doc.version > self._steering.version:
+                    self._steering = doc
+        beat = self.heartbeat.steering
+        if beat is not None and beat.version > self._steering.version:
+            self._steering = beat
+        return self._steering
+
+    def set_clipping(self, on: bool) -> None:
+        """Whether the optimizer clips now (``pslm ctl set clip=...`` changed it): SSP/ASP
+        pushes then carry their squared norm."""
+        self._clipped = on
 
     @property
     def clips_each_push(self) -> bool:
@@ -564,10 +595,8 @@ class PSClient:
         expect: dict[int, Expect] = {}
         sent = 0
         for s in range(self.num_servers):
-            # server 0 alone averages the scalars: one is enough
-            extra: dict[str, Any] = (
-                {"scalars": {k: float(v) for k, v in scalars.items()}} if scalars and s == 0 else {}
-            )
+            mine = scalars_for(s, scalars)
+            extra: dict[str, Any] = {"scalars": mine} if mine else {}
             tensors = self._encode_dense(grads, s, body["share"])
             row_slots = self._layout[s][self._n_dense(s) :]
             row_tensors, row_expect = self.encode_rows(grads, row_slots, wanted)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from pslm.errors import ProtocolError, PSLMError, RequestTimeout
+from pslm.ps.steering import Steering
 from pslm.ps.table import Table
 from pslm.wire import auth
 from pslm.wire.message import Message
@@ -116,6 +117,8 @@ class Heartbeat(threading.Thread):
         takes over)."""
         self.table: Table | None = None
         """Where each shard is served and backed up, as the scheduler last reported."""
+        self.steering: Steering | None = None
+        """The job's live settings, the newest version the scheduler reported."""
         self._quit = threading.Event()
 
     def run(self) -> None:
@@ -142,6 +145,8 @@ class Heartbeat(threading.Thread):
                     table = Table.from_body(reply.body)
                     if table is not None:
                         self.table = table  # likewise
+                    if "steering" in reply.body:
+                        self.steering = Steering.from_dict(reply.body["steering"])
                 except PSLMError as exc:
                     if time.monotonic() - last_ack > self.lost_after and not self.lost.is_set():
                         log.error("scheduler silent for %.1f s: %s", self.lost_after, exc)

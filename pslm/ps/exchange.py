@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from pslm.errors import ClusterError, ConfigError
-from pslm.ps.client import Completion, PSClient
+from pslm.ps.client import Completion, PSClient, scalars_for
 from pslm.ps.layout import Expect, Slot, sq_norm
 from pslm.wire.message import Message
 
@@ -158,8 +158,9 @@ class Exchange:
             extra["sq_norm"] = sq_norm(grads)  # the whole push is clipped by its own norm
         for s in range(self.client.num_servers):
             mine = dict(extra)
-            if scalars and s == 0:  # server 0 alone averages the scalars
-                mine["scalars"] = {k: float(v) for k, v in scalars.items()}
+            sent = scalars_for(s, scalars)
+            if sent:
+                mine["scalars"] = sent
             self._send(s, rest, grads, final=True, extra=mine)
         self.pushed = [True] * len(self.plan)
         self.finished = True

@@ -85,6 +85,8 @@ class LaunchConfig:
     """How many times in all a worker process that dies is started again (it rejoins in
     place of the dead one); 0: a dead worker fails the job."""
     replicas: int = 0
+    steering: str = ""
+    """The job's live settings to start from (JSON; ``pslm.ps.steering``)."""
     """Backups per shard (0 or 1), each a server process of its own (``pslm.ps.server``).
     With backups a dead server is started again (up to ``server_restarts`` times in all)
     and becomes a backup; without, a dead server fails the job."""
@@ -205,6 +207,7 @@ class LocalCluster:
                 str(cfg.heartbeat_timeout),
                 "--replicas",
                 str(cfg.replicas),
+                *(["--steering", cfg.steering] if cfg.steering else []),
             ],
         )
         self.scheduler_address = self._await_address(sched, addr_file)

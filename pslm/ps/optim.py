@@ -17,7 +17,7 @@ per-tensor loop (DESIGN.md). State lives in flat buffers, one per kind (``exp_av
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
@@ -127,6 +127,15 @@ class OptimizerConfig:
 
     def lr_at(self, step: int) -> float:
         return self.schedule.lr_at(self.lr, step)
+
+    def steered(self, settings: dict[str, float]) -> OptimizerConfig:
+        """This configuration with live settings (``pslm ctl set``): ``lr`` scales the whole
+        schedule (its ``min_lr`` too), ``clip_norm`` and ``weight_decay`` replace."""
+        out = replace(self, **settings)  # type: ignore[arg-type]
+        if "lr" in settings and self.lr > 0:
+            min_lr = self.schedule.min_lr * settings["lr"] / self.lr
+            out = replace(out, schedule=replace(self.schedule, min_lr=min_lr))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -31,6 +31,7 @@ from pslm.ps.consistency import Consistency
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.shard import Grad, RowGrad, ShardStore
+from pslm.ps.steering import optimizer_settings
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
 
@@ -58,6 +59,7 @@ class Update:
     """This shard's part of the squared global norm for the clock (-1: none computed)."""
 
     def apply(self, store: ShardStore) -> None:
+        store.override(optimizer_settings(self.scalars))  # the live settings its server used
         if self.kind == "local":
             store.add_delta(self.grads, self.multiplier)
         else:
@@ -136,7 +138,7 @@ def sync_message(shard: int, snap: Snapshot) -> Message:
     body = {
         "shard": shard,
         "keyspace": snap.store.keyspace.to_dict(),
-        "optimizer": snap.store.optimizer.to_dict(),
+        "optimizer": snap.store.base_optimizer.to_dict(),  # live settings come with updates
         "consistency": snap.consistency.to_dict(),
         "version": snap.store.version,
         "clocks": list(snap.clocks),

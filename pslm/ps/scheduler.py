@@ -29,6 +29,7 @@ from pslm.errors import ClusterError, ConfigError, ProtocolError
 from pslm.ps import protocol
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.leases import ShareLeases
+from pslm.ps.steering import SteeringLog
 from pslm.ps.table import ShardTable
 from pslm.wire.message import Message
 from pslm.wire.transport import Listener, Poller, tcp_address
@@ -61,6 +62,9 @@ class SchedulerConfig:
     replicas: int = 0
     """Backups per shard (0 or 1): each is a server process of its own that keeps a copy of
     the shard and takes over when the shard's server dies."""
+    steering: str = ""
+    """The job's live settings to start from (JSON of ``pslm.ps.steering.Steering``: a run
+    resumed from a checkpoint keeps what ``pslm ctl`` set before)."""
     recover: bool = False
     """Take over a running cluster from the state a previous scheduler kept in ``run_dir``
     (it died; this one listens at its address): the nodes go on without registering again."""
@@ -72,6 +76,11 @@ class SchedulerConfig:
             raise ConfigError(f"replicas must be 0 or 1, got {self.replicas}")
         if self.recover and not self.run_dir:
             raise ConfigError("--recover needs the run directory the state was kept in")
+        if self.steering:
+            try:
+                SteeringLog.start(json.loads(self.steering))
+            except ValueError:
+                raise ConfigError("--steering is not valid JSON") from None
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError("need 0 < heartbeat_interval < heartbeat_timeout")
         if self.startup_timeout <= 0 or self.shutdown_timeout <= 0:
@@ -166,6 +175,8 @@ class Scheduler:
         self.complete = False
         self.stopping_since: float | None = None
         self.exit_code = 0
+        self.steering = SteeringLog.start(json.loads(cfg.steering) if cfg.steering else None)
+        """The job's live settings, by version (``pslm ctl``)."""
         self.epoch = secrets.token_hex(8)
         """This scheduler's incarnation: a node that sees it change re-sends its requests."""
         if cfg.recover:
@@ -197,6 +208,8 @@ class Scheduler:
             "leases": self._leases,
             "backup": self._backup,
             "release": self._release,
+            "ctl": self._ctl,
+            "steering": self._steering,
         }
         try:
             while not self._done():
@@ -485,6 +498,7 @@ class Scheduler:
             stop=self.stopping_since is not None,
             leases=self.leases.version,
             epoch=self.epoch,
+            steering=self.steering.newest.to_dict(),
             **self.shards.to_body(),
         )
 
@@ -588,6 +602,29 @@ class Scheduler:
             raise ClusterError("no worker has declared a model yet")
         return msg.reply(keyspace=self.keyspace.to_dict())
 
+    def _ctl(self, peer: bytes, msg: Message) -> Message:
+        """A change of the job's live settings (``pslm ctl``): the new version."""
+        action = protocol.field(msg, "action", str)
+        values = protocol.field(msg, "values", dict, {})
+        if self.stopping_since is not None:
+            raise ClusterError("the cluster is stopping")
+        doc = self.steering.newest.change(action, values)
+        self.steering.add(doc)
+        log.info("steering version %d: %s", doc.version, doc.what)
+        for node in self.nodes.values():  # at once, not with the next heartbeat
+            if node.role == "worker" and node.live and node.peer:
+                self.listener.send(node.peer, Message("steering", body=doc.to_dict()))
+        self._write_cluster()
+        return msg.reply(steering=doc.to_dict())
+
+    def _steering(self, peer: bytes, msg: Message) -> Message:
+        """A version of the live settings ({version}; default the newest)."""
+        version = protocol.field(msg, "version", int, self.steering.newest.version)
+        doc = self.steering.get(version)
+        if doc is None:
+            raise ClusterError(f"steering version {version} is not kept any more")
+        return msg.reply(steering=doc.to_dict())
+
     def _status(self, peer: bytes, msg: Message) -> Message:
         return msg.reply(
             nodes=[n.to_json() for n in self.nodes.values()],
@@ -595,6 +632,7 @@ class Scheduler:
             num_servers=self.cfg.num_servers,
             keyspace=self.keyspace.fingerprint() if self.keyspace else None,
             run_dir=str(Path(self.cfg.run_dir).resolve()) if self.cfg.run_dir else "",
+            steering=self.steering.newest.to_dict(),
             **self.shards.to_body(),
         )
 
@@ -677,6 +715,7 @@ class Scheduler:
             "leases": self.leases.to_dict(),
             "shards": self.shards.to_json(),
             "lost_shards": self.shards.lost,
+            "steering": self.steering.newest.to_dict(),
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")
@@ -699,6 +738,7 @@ class Scheduler:
             "declared_by": self.declared_by,
             "released": self.released,
             "stopping": self.stopping_since is not None,
+            "steering": self.steering.to_dict(),
         }
 
     def _recover(self) -> None:
@@ -727,6 +767,7 @@ class Scheduler:
             self.released = {str(k): dict(v) for k, v in doc["released"].items()}
             if doc.get("stopping"):
                 self.stopping_since = time.monotonic()
+            self.steering = SteeringLog.start(doc.get("steering"))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.listener.close()
             raise ConfigError(f"cannot recover the cluster from {path}: {exc!r}") from None

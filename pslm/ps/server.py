@@ -66,6 +66,7 @@ from pslm.ps.replica import (
     update_message,
 )
 from pslm.ps.shard import Grad, ShardStore, clip_coef
+from pslm.ps.steering import IN_FORCE, SETTINGS, optimizer_settings
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
@@ -177,6 +178,8 @@ class Server:
         self.demoted = False
         self.beat: Heartbeat | None = None
         self.retry_backup_at = 0.0
+        self.steered = 0.0
+        """The version of the live settings in force (``pslm.ps.steering``)."""
 
     @property
     def local(self) -> bool:
@@ -376,8 +379,9 @@ class Server:
         self._check_clock(share, clock)
         pending = self.incoming.get(share) or PendingPush.start(clock, weight, store)
         pending.check(part)
+        steered = IN_FORCE in scalars  # its own settings say whether it is clipped
         if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
-            if pending.sq_norm is None and part.sq_norm is None:
+            if pending.sq_norm is None and part.sq_norm is None and not steered:
                 raise ProtocolError("push: sq_norm is needed with clipping under SSP/ASP")
         pending.add(part, scalars)
         pending.seqs.add(seq)
@@ -570,12 +574,16 @@ class Server:
         """Apply one share's push at once, then answer it (with parameters: once the gate
         lets its pusher read at the next clock)."""
         store = self._store()
+        self._steer(push.scalars, newest_only=True)  # (clipping may have changed)
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
-        if store.optimizer.clip_norm > 0:
-            assert push.sq_norm is not None  # checked when the final part arrived
+        if store.optimizer.clip_norm > 0 and push.sq_norm is not None:  # (checked on arrival
+            # unless live settings changed clipping: a worker yet to learn of it sends none)
             multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
         fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
-        if not self._replicate("async", fp32, multiplier, step=push.clock, share=share):
+        steered = self._steer(push.scalars, newest_only=True)
+        if not self._replicate(
+            "async", fp32, multiplier, step=push.clock, share=share, scalars=steered
+        ):
             return  # no answer: the requests go to the shard's new server
         self._make_params_writable()
         store.apply(fp32, multiplier, step=push.clock)
@@ -606,6 +614,8 @@ class Server:
         store, clock = self.store, self.clock
         if len(clock.pushes) < self.me.num_workers:
             return
+        scalars = _mean_scalars(clock)
+        self._steer(scalars)  # the clock's live settings (the same on every server)
         if clock.grads is None:
             clock.grads, clock.factor = store.reduce(
                 [clock.pushes[w] for w in sorted(clock.pushes)]
@@ -624,7 +634,6 @@ class Server:
                 return
             total = sum(clock.norms[s] for s in range(self.me.num_servers))
             multiplier *= clip_coef(total, store.optimizer.clip_norm)
-        scalars = _mean_scalars(clock)
         by = [clock.pushed_by[s] for s in range(self.me.num_workers)]
         replicated = self._replicate(
             "local" if self.local else "bsp",
@@ -895,6 +904,19 @@ class Server:
 
     # --- helpers ----------------------------------------------------------------------------
 
+    def _steer(self, scalars: dict[str, float], *, newest_only: bool = False) -> dict[str, float]:
+        """Put the live settings a push (SSP/ASP) or a clock (BSP) carries in force
+        (``pslm.ps.steering``; SSP/ASP: only if no newer ones are); returns scalars that
+        describe the settings in force, for the backup."""
+        store = self._store()
+        version = scalars.get(IN_FORCE)
+        if version is not None and not (newest_only and version < self.steered):
+            changed = store.override(optimizer_settings(scalars))
+            if changed:
+                log.info("from version %d on: %s (live settings)", store.version, changed)
+            self.steered = version
+        return {f"min.{k}": float(getattr(store.optimizer, k)) for k in SETTINGS.values()}
+
     def _store(self) -> ShardStore:
         if self.store is None:
             raise RefusedError(
@@ -945,15 +967,19 @@ def shard_file(rank: int, num_servers: int) -> str:
 
 def _mean_scalars(clock: Clock) -> dict[str, float]:
     """Each scalar's mean over the shares that sent it, weighted by their push weights, in
-    share order (the same sum every run)."""
+    share order (the same sum every run); names starting ``min.`` take the minimum."""
     sums: dict[str, list[float]] = {}
+    least: dict[str, float] = {}
     for worker in sorted(clock.scalars):
         weight = clock.pushes[worker][0]
         for name, value in clock.scalars[worker].items():
+            if name.startswith("min."):
+                least[name] = min(value, least.get(name, value))
+                continue
             acc = sums.setdefault(name, [0.0, 0.0])
             acc[0] += weight * value
             acc[1] += weight
-    return {name: total / w for name, (total, w) in sums.items()}
+    return {**{name: total / w for name, (total, w) in sums.items()}, **least}
 
 
 def _advertised(bound: str, advertise: str) -> str:

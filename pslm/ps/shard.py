@@ -66,6 +66,8 @@ class ShardStore:
         self.keyspace = keyspace
         self.server = server
         self.optimizer = optimizer
+        self.base_optimizer = optimizer
+        """As configured, before live settings (``override``)."""
         self.chunks = keyspace.shard(server)
         self.lengths = [c.length for c in self.chunks]
         self.position = {c.key: i for i, c in enumerate(self.chunks)}
@@ -349,6 +351,14 @@ class ShardStore:
             float(torch.linalg.vector_norm(g.values if isinstance(g, RowGrad) else g)) ** 2
             for g in grads
         )
+
+    def override(self, settings: dict[str, float]) -> dict[str, float]:
+        """Put live settings (lr, clip_norm, weight_decay: all in force, as ``pslm ctl`` set
+        them) on the configured optimizer for the updates to come; returns what changed."""
+        new = self.base_optimizer.steered(settings)
+        changed = {k: v for k, v in settings.items() if getattr(self.optimizer, k) != v}
+        self.optimizer = new
+        return changed
 
     def apply(
         self, grads: Sequence[Grad], multiplier: float = 1.0, step: int | None = None

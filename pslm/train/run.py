@@ -111,6 +111,8 @@ def resume(run_dir: Path, *, restarts: int | None = None) -> int:
         "version": version,
         "round": rounds,
         "time": float(kept[-1]["time"]) if kept else 0.0,
+        # what pslm ctl set stays set (but a resumed run runs: not paused)
+        "steering": {**meta["steering"], "paused": False} if meta.get("steering") else None,
     }
     return _launch(cfg, data, run_dir, started, resume_from=args, seen=len(kept), restarts=restarts)
 
@@ -198,6 +200,7 @@ def _launch(
         restarts=cfg.cluster.worker_restarts if cfg.recovers_workers else 0,
         replicas=cfg.replicas,
         server_restarts=cfg.cluster.server_restarts,
+        steering=json.dumps(steering) if (steering := (resume_from or {}).get("steering")) else "",
     )
     left = cfg.cluster.server_restarts if restarts is None else restarts
     cluster = LocalCluster(launch)

@@ -23,9 +23,12 @@ from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import PreparedData, worker_slice
 from pslm.ps.client import Completion, PSClient
 from pslm.ps.consistency import Consistency
+from pslm.ps.optim import OptimizerConfig
+from pslm.ps.steering import Steering
 from pslm.train.config import TrainConfig
 from pslm.train.overlap import Overlap
 from pslm.train.shares import ShareKeeper
+from pslm.train.steer import LiveSettings
 from pslm.train.tasks import ClassifyData, load_data, make_task
 
 log = logging.getLogger("pslm.worker")
@@ -65,7 +68,11 @@ class TrainLoop:
         self.model_config = self.task.model_config
         t = cfg.train
         self.keeper = ShareKeeper(client, follow=cfg.recovers_workers)
-        self.optimizer = cfg.optim.optimizer(t.steps)
+        start = self.resume.get("steering")
+        self.live = LiveSettings(
+            client, cfg.optim.optimizer(t.steps), Steering.from_dict(start) if start else None
+        )
+        self.held_s = 0.0  # the last pause (pslm ctl pause), for the next record
         self.consistency = Consistency.parse(cfg.cluster.consistency)
         self.staleness_max = 0
         self.staleness_hist: dict[int, int] = {}
@@ -96,6 +103,11 @@ class TrainLoop:
         # share holders, as last recorded (a late worker records what it found)
         self.holders = [] if client.late else list(range(client.num_workers))
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The run's optimizer with the live settings in force (``pslm ctl set``)."""
+        return self.live.optimizer
 
     def run(self) -> None:
         try:
@@ -178,7 +190,7 @@ class TrainLoop:
             self.host,
             clock=step,
             weight=self._weight(share),
-            scalars={"loss": loss},
+            scalars=self._scalars(loss),
             rows=self._row_selection(step, self.inputs),
             share=share,
         )
@@ -208,7 +220,7 @@ class TrainLoop:
                 grads,
                 clock=step,
                 weight=self._weight(share),
-                scalars={"loss": loss},
+                scalars=self._scalars(loss),
                 rows=self._row_selection(step, x, share),
                 share=share,
             )
@@ -268,7 +280,7 @@ class TrainLoop:
         loss = float(loss_t.item())
         t1 = time.perf_counter()
         self.computed[step] = (t1 - t0 - overlap.step_comm, loss)
-        overlap.finish({"loss": loss})
+        overlap.finish(self._scalars(loss))
         if not due:
             return Completion(0, {}, 0.0, 0, 0), {}
         settled = overlap.settle()
@@ -278,13 +290,37 @@ class TrainLoop:
     def _log_settled(self, settled: tuple[int, Completion, float] | None, start: float) -> None:
         if settled is not None:
             self._log(self._settled_record(settled, start))
+            self.held_s = self.live.hold()  # before anything of the next step is pushed
+            self.paused += self.held_s
 
     def _settled_record(
         self, settled: tuple[int, Completion, float], start: float
     ) -> dict[str, Any]:
         step, done, comm = settled
         compute, loss = self.computed.pop(step)
-        return self._record(step, done, compute, comm, loss, start)
+        record = self._record(step, done, compute, comm, loss, start)
+        if self.held_s:
+            record["paused_s"] = round(self.held_s, 4)
+            self.held_s = 0.0
+        self._steer(step, done, record)
+        return record
+
+    def _scalars(self, loss: float) -> dict[str, float]:
+        return {"loss": loss, **self.live.scalars()}
+
+    def _steer(self, step: int, done: Completion, record: dict[str, Any]) -> bool:
+        """Put in force the live settings every worker knew at this clock (from the next
+        step); True if they ask for a checkpoint now."""
+        doc = self.live.settle(done)
+        if doc is None:
+            return False
+        record.update(self.live.record(doc, step + 1))
+        if not self.live.checkpoint_asked():
+            return False
+        if self.consistency.asynchronous or self.local is not None or self.overlap is not None:
+            record["steering"]["note"] = "checkpoints on request need bsp without overlap"
+            return False
+        return True
 
     def _after_step(
         self,
@@ -298,6 +334,10 @@ class TrainLoop:
     ) -> None:
         """Evaluate and checkpoint when due, then log the step. A worker whose shares went
         to others meanwhile (it was thought dead) does neither: it trains nothing now."""
+        checkpoint = self._steer(step, done, record) or checkpoint
+        if self.held_s:
+            record["paused_s"] = round(self.held_s, 4)
+            self.held_s = 0.0
         if not self.keeper.mine:
             evaluate = checkpoint = False
         pause = time.perf_counter()
@@ -315,6 +355,9 @@ class TrainLoop:
             record["end_time"] = round(time.perf_counter() - start, 4)
             record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
         self._log(record)
+        if not last:  # paused (pslm ctl pause) from the next step until resumed
+            self.held_s = self.live.hold()
+            self.paused += self.held_s
 
     def _lease_change(self) -> dict[str, Any]:
         """``{"leases": holders}`` when the holders of the shares changed since the last
@@ -374,7 +417,7 @@ class TrainLoop:
                 self.host,
                 clock=clock,
                 weight=self._weight(share),
-                scalars={"loss": loss},
+                scalars=self._scalars(loss),
                 rows=self._row_selection(clock, self.inputs),
                 share=share,
             )
@@ -591,7 +634,8 @@ class TrainLoop:
             "val_loss": record.get("val_loss"),
             "round": self.round,
             "time": record["time"],
-            "optimizer": self.optimizer.to_dict(),
+            "optimizer": self.live.base.to_dict(),
+            "steering": self.live.in_force.to_dict(),
             "workers": self.client.num_workers,
             "servers": self.client.num_servers,
             **self.task.meta(),

@@ -1,0 +1,151 @@
+"""pslm ctl: live settings of a running job - set lr, pause, resume, checkpoint - taking effect
+at one clock on every worker and server, logged, and kept across a resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from pslm.errors import ConfigError
+from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.server import Clock, _mean_scalars
+from pslm.ps.steering import KNOWN, Steering, SteeringLog, parse_assignments
+from tests.test_train import CONFIG, _story, pslm
+
+
+def test_versions_validate_and_accumulate() -> None:
+    doc = Steering().change("set", {"lr": 1e-4})
+    doc = doc.change("pause", {}).change("set", {"clip": 1.0})
+    assert (doc.version, doc.lr, doc.clip, doc.paused) == (3, 1e-4, 1.0, True)
+    assert doc.overrides() == {"lr": 1e-4, "clip_norm": 1.0}
+    assert doc.change("checkpoint", {}).checkpoints == 1
+    assert Steering.from_dict(doc.to_dict()) == doc
+    bad = [("set", {}), ("set", {"lr": -1}), ("set", {"lr": float("nan")}),
+           ("set", {"momentum": 0.9}), ("pause", {"lr": 1}), ("jump", {})]  # fmt: skip
+    for action, values in bad:
+        with pytest.raises(ConfigError):
+            doc.change(action, values)
+    assert parse_assignments(["lr=3e-4", "weight-decay=0.1"]) == {"lr": 3e-4, "weight_decay": 0.1}
+    for bad in (["lr"], ["lr=fast"], ["consistency=ssp:3"], ["beta=1"]):
+        with pytest.raises(ConfigError):
+            parse_assignments(bad)
+    log = SteeringLog()
+    log.add(doc)
+    assert log.get(3) == doc and log.get(2) is None and log.newest == doc
+
+
+def test_min_scalars_reduce_by_minimum_and_lr_scales_the_schedule() -> None:
+    clock = Clock()
+    for share, (weight, known) in enumerate([(1.0, 4.0), (3.0, 2.0)]):
+        clock.pushes[share] = (weight, [])
+        clock.scalars[share] = {"loss": 1.0 + share, KNOWN: known}
+    assert _mean_scalars(clock) == {"loss": 1.75, KNOWN: 2.0}
+    cosine = ScheduleConfig(kind="cosine", warmup_steps=10, decay_steps=100, min_lr=1e-4)
+    opt = OptimizerConfig(lr=1e-3, schedule=cosine)
+    half = opt.steered({"lr": 5e-4})
+    for step in (0, 50, 99, 150):
+        assert half.lr_at(step) == pytest.approx(opt.lr_at(step) / 2)
+    assert opt.steered({"lr": 0.0}).lr_at(150) == 0.0
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+
+
+def _wait_for(what: str, check: Any, proc: subprocess.Popen[str], limit: float = 60) -> Any:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        assert proc.poll() is None, f"training ended before {what}"
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} within {limit:g} s")
+
+
+def _steered(run: Path, version: int) -> dict[str, Any] | None:
+    for r in _records(run):
+        if r.get("steering", {}).get("version") == version:
+            return r
+    return None
+
+
+def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
+    (tmp_path / "story.txt").write_text(_story())
+    long = CONFIG.replace("steps = 30", "steps = 600").replace("interval = 10", "interval = 5000")
+    (tmp_path / "long.toml").write_text(long)
+    run = tmp_path / "run"
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pslm",
+            "train",
+            "--config",
+            str(tmp_path / "long.toml"),
+            "--data",
+            str(tmp_path / "story.txt"),
+            "--run-dir",
+            str(run),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for("a step", lambda: _records(run), train)
+
+        def ctl(*args: str) -> str:
+            res = pslm("ctl", "--run", run, *args, timeout=30)
+            assert res.returncode == 0, res.stderr
+            return res.stdout
+
+        assert "worker-1" in ctl("status")
+        ctl("set", "lr=0")
+        changed = _wait_for("the lr change", lambda: _steered(run, 1), train)
+        start = changed["steering"]["from_step"]
+        ctl("checkpoint")
+        ckpt = _wait_for("the first checkpoint", lambda: _steered(run, 2), train)
+        ctl("pause")
+        asked = _records(run)[-1]["step"]  # logged by the time the request was answered
+        paused = _wait_for("the pause", lambda: _steered(run, 3), train)
+        stop = paused["steering"]["from_step"]
+        assert stop - asked <= 3, (asked, stop)  # all stop at one clock, within a few steps
+        time.sleep(1.0)  # an observation window: nothing may be logged past the pause
+        assert max(r["step"] for r in _records(run)) == stop - 1
+        ctl("resume")
+        _wait_for("steps after the pause", lambda: _records(run)[-1]["step"] > stop + 5, train)
+        ctl("checkpoint")
+        ckpt2 = _wait_for("the second checkpoint", lambda: _steered(run, 5), train)
+    finally:
+        train.send_signal(signal.SIGINT)
+        _, err = train.communicate(timeout=60)
+    records = _records(run)
+    lrs = {r["step"]: r["lr"] for r in records}
+    assert all(lrs[s] > 0 for s in range(start)) and all(lrs[s] == 0 for s in lrs if s >= start)
+    resumed = next(r for r in records if r["step"] == stop)
+    assert resumed["paused_s"] >= 1.0
+    # lr 0 from `start` on, on every shard: the checkpoints after it hold the same parameters
+    first = run / "checkpoints" / f"step_{ckpt['step'] + 1:07d}"
+    second = run / "checkpoints" / f"step_{ckpt2['step'] + 1:07d}"
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert ckpt2["step"] > ckpt["step"] >= start and all(a[k].equal(b[k]) for k in a)
+    assert json.loads((second / "meta.json").read_text())["steering"]["lr"] == 0.0
+
+    res = pslm("train", "--resume", run, timeout=300)  # the live settings stay set
+    assert res.returncode == 0, res.stderr
+    records = _records(run)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(600))  # none lost, none repeated: pause, resume, restart
+    assert all(r["lr"] == 0 for r in records if r["step"] > ckpt2["step"])
