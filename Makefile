@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train demo test lint test-slow bench clean
+.PHONY: setup train demo test lint browser test-slow bench clean
 
 # torch first and pinned: it is the CPU build on this machine's disk, and installing it before
 # pslm keeps pip from resolving the `torch>=2.5` requirement to a several-GB CUDA build.
@@ -26,7 +26,14 @@ lint: setup
 	$(VENV)/bin/ruff format --check pslm tests
 	$(VENV)/bin/mypy
 
-test: lint  ## what CI runs: lint, types, then the default test suite (a few minutes)
+# Debian's chromium for the dashboard's browser test (tests/test_dashboard.py): installed when
+# missing and this is root on Debian; elsewhere that one test is skipped, saying why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "no chromium: the dashboard's browser test will be skipped"
+
+test: lint browser  ## what CI runs: lint, types, then the default test suite (about 10 minutes)
 	$(VENV)/bin/pytest
 
 test-slow: setup  ## the long tests, kept out of the default suite

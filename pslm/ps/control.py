@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pslm.errors import ProtocolError, PSLMError, RequestTimeout
@@ -102,8 +103,18 @@ class Heartbeat(threading.Thread):
     Thread-safe: the events may be read from any thread.
     """
 
-    def __init__(self, scheduler: str, node_id: str, interval: float, *, lost_after: float):
+    def __init__(
+        self,
+        scheduler: str,
+        node_id: str,
+        interval: float,
+        *,
+        lost_after: float,
+        stats: Callable[[], dict[str, float]] | None = None,
+    ):
         super().__init__(name=f"heartbeat-{node_id}", daemon=True)
+        self.stats = stats
+        """What to report with each heartbeat (numbers by name; read from this thread)."""
         self.scheduler = scheduler
         self.node_id = node_id
         self.interval = interval
@@ -129,9 +140,10 @@ class Heartbeat(threading.Thread):
             while not self._quit.is_set():
                 started = time.monotonic()
                 try:
-                    reply = channel.request(
-                        "scheduler", Message("heartbeat", body={"node": self.node_id})
-                    )
+                    body: dict[str, object] = {"node": self.node_id}
+                    if self.stats is not None:
+                        body["stats"] = self.stats()
+                    reply = channel.request("scheduler", Message("heartbeat", body=body))
                     last_ack = time.monotonic()
                     self.lost.clear()
                     if reply.body.get("stop"):

@@ -18,13 +18,14 @@ A reader is not thread-safe: use it from one thread.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from pslm.errors import ClusterError, ProtocolError, RefusedError
+from pslm.errors import ClusterError, ProtocolError, PSLMError, RefusedError
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.table import Table
 from pslm.wire.message import Message
@@ -179,3 +180,26 @@ class ParameterReader:
                 out[name].view(-1)[chunk.offset : chunk.offset + chunk.length].copy_(t)
             result[s] = (version, reply.body.get("synchronous") is not False)
         return result
+
+
+class SchedulerLink:
+    """Requests to a cluster's scheduler (``status``, ``ctl``) from any thread: one at a time,
+    on one socket, opened again after a failure (no stale replies)."""
+
+    def __init__(self, address: str, timeout: float = 5.0):
+        self.address = address
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._channel: Channel | None = None
+
+    def request(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        with self._lock:
+            if self._channel is None:
+                self._channel = Channel(timeout=self.timeout)
+                self._channel.connect("scheduler", self.address)
+            try:
+                return dict(self._channel.request("scheduler", Message(op, body=body or {})).body)
+            except PSLMError:
+                self._channel.close()  # a fresh socket next time (no stale replies)
+                self._channel = None
+                raise

@@ -103,6 +103,8 @@ class NodeRecord:
     state: str = "registering"
     last_seen: float = field(default_factory=time.monotonic)
     last_heartbeat: float = field(default_factory=time.time)
+    stats: dict[str, float] = field(default_factory=dict)
+    """What the node reported with its last heartbeat (a server: bytes in and out, ...)."""
 
     @property
     def id(self) -> str:
@@ -122,6 +124,7 @@ class NodeRecord:
             "host": self.host,
             "state": self.state,
             "last_heartbeat": round(self.last_heartbeat, 3),
+            "stats": self.stats,
         }
 
 
@@ -485,6 +488,7 @@ class Scheduler:
         node = self._node(msg)
         node.last_seen = time.monotonic()
         node.last_heartbeat = time.time()
+        node.stats = protocol.scalars(protocol.field(msg, "stats", dict, {}))
         if node.state == "exited":  # (it said goodbye before a restart of the scheduler)
             return msg.reply(stop=True, leases=self.leases.version, epoch=self.epoch)
         if self.stopping_since is not None:

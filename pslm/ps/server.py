@@ -179,6 +179,8 @@ class Server:
         self.beat: Heartbeat | None = None
         self.retry_backup_at = 0.0
         self.steered = 0.0
+        self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
+        """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
         """The version of the live settings in force (``pslm.ps.steering``)."""
 
     @property
@@ -219,6 +221,7 @@ class Server:
                 self.me.node_id,
                 self.me.heartbeat_interval,
                 lost_after=2 * self.me.heartbeat_timeout,
+                stats=self._stats,
             )
             beat.start()
             self.beat = beat
@@ -268,6 +271,8 @@ class Server:
             if exc.sender is not None and exc.request_id:
                 self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
             return
+        self.counts["bytes_in"] += sum(t.nbytes for t in msg.tensors)
+        self.counts["messages"] += 1
         try:
             self._dispatch(peer, msg)
         except (ProtocolError, ConfigError, ClusterError) as exc:
@@ -680,6 +685,7 @@ class Server:
         codec = _pull_codec(msg)
         if not codec.lossless:  # a cast: new tensors, half the bytes
             tensors = [codec.encode(t)[0] for t in tensors]
+        self.counts["bytes_out"] += sum(t.nbytes for t in tensors)
         tracker = self.listener.send(
             peer,
             Message("ok", id=msg.id, body={"version": store.version, **extra}, tensors=tensors),
@@ -916,6 +922,17 @@ class Server:
                 log.info("from version %d on: %s (live settings)", store.version, changed)
             self.steered = version
         return {f"min.{k}": float(getattr(store.optimizer, k)) for k in SETTINGS.values()}
+
+    def _stats(self) -> dict[str, float]:
+        """What the heartbeats report (read from their thread: plain numbers)."""
+        store = self.store
+        return {
+            **{k: float(v) for k, v in self.counts.items()},
+            "version": float(store.version) if store is not None else -1.0,
+            "shard": float(self.shard),
+            "primary": float(self.primary),
+            "params": float(sum(c.length for c in store.chunks)) if store is not None else 0.0,
+        }
 
     def _store(self) -> ShardStore:
         if self.store is None:

@@ -70,9 +70,8 @@ def serve(cfg: ServeConfig) -> int:
         follower.first.wait(timeout=30.0)
     else:
         served = ServedModel.from_checkpoint(cfg.run_dir, cfg.checkpoint or None, cfg.device)
-    app = create_app(
-        served, Limits(max_prompt_chars=cfg.max_prompt_chars, max_tokens=cfg.max_tokens)
-    )
+    limits = Limits(max_prompt_chars=cfg.max_prompt_chars, max_tokens=cfg.max_tokens)
+    app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"

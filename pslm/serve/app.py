@@ -54,6 +54,7 @@ from pslm.errors import ConfigError
 from pslm.lm.classifier import GPTClassifier
 from pslm.lm.generate import stream as token_stream
 from pslm.lm.model import GPT
+from pslm.serve.dashboard import add_dashboard
 from pslm.serve.model import ServedModel, State
 
 
@@ -77,7 +78,12 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
 
-def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:  # noqa: B008
+def create_app(
+    served: ServedModel,
+    limits: Limits = Limits(),  # noqa: B008
+    scheduler: str | None = None,
+) -> FastAPI:
+    """The API; with ``scheduler`` (a live cluster) the dashboard can steer it too."""
     app = FastAPI(title="pslm", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics(served)
     app.state.served, app.state.limits, app.state.metrics = served, limits, metrics
@@ -219,11 +225,15 @@ def create_app(served: ServedModel, limits: Limits = Limits()) -> FastAPI:  # no
             "version": current.version,
         }
 
+    add_dashboard(app, served.run_dir, scheduler)
     return app
 
 
 STOP_TURN = "\nUser:"
-PATHS = ("/v1/generate", "/v1/chat", "/v1/classify", "/v1/model", "/healthz", "/metrics", "/")
+PATHS = (
+    *("/v1/generate", "/v1/chat", "/v1/classify", "/v1/model", "/healthz", "/metrics"),
+    *("/dashboard", "/api/cluster", "/api/metrics", "/api/ctl"),
+)
 
 
 def chat_prompt(messages: list[tuple[str, str]]) -> str:

@@ -1,0 +1,95 @@
+"""The dashboard in a real headless browser (Debian's chromium, driven by Playwright): it loads,
+lists every node of a live cluster, its loss chart gains points, and Pause pauses the job.
+The screenshot goes to test-artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_serve import _start_serve, _stop
+from tests.test_train import CONFIG, _story
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def test_dashboard_shows_the_cluster_and_pauses_it(tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no chromium: `make test` installs it (Debian package chromium) as root")
+    (tmp_path / "story.txt").write_text(_story())
+    long = CONFIG.replace("steps = 30", "steps = 5000").replace("interval = 10", "interval = 9000")
+    (tmp_path / "long.toml").write_text(long)
+    run = tmp_path / "run"
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pslm",
+            "train",
+            "--config",
+            str(tmp_path / "long.toml"),
+            "--data",
+            str(tmp_path / "story.txt"),
+            "--run-dir",
+            str(run),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    serve = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "scheduler.addr").exists():
+            assert train.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        serve, url = _start_serve(tmp_path, "--run", run, "--follow")
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+            )  # fmt: skip
+            try:
+                page = browser.new_page(viewport={"width": 1150, "height": 900})
+                page.goto(url + "/dashboard")
+                nodes = [f"server-{i}" for i in range(4)] + ["worker-0", "worker-1"]
+                for node in nodes:  # 2 servers, their 2 backups, 2 workers
+                    page.wait_for_selector(f"#nodes tr[data-node='{node}']", timeout=30_000)
+                points = "Number(document.querySelector('#loss-chart').dataset.points || 0)"
+                page.wait_for_function(f"{points} > 0", timeout=30_000)
+                first = page.evaluate(points)
+                page.wait_for_function(f"{points} > {first}", timeout=30_000)  # it gains points
+                page.click("#pause")
+                page.wait_for_function(
+                    "document.querySelector('#state').textContent === 'paused'", timeout=30_000
+                )
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+            finally:
+                browser.close()
+        deadline = time.monotonic() + 30  # the job itself paused: its metrics say from when
+        paused = None
+        while paused is None and time.monotonic() < deadline:
+            for line in (run / "metrics.jsonl").read_text().splitlines():
+                record = json.loads(line) if line.endswith("}") else {}
+                if record.get("steering", {}).get("paused"):
+                    paused = record["steering"]["from_step"]
+            time.sleep(0.05)
+        assert paused is not None, "the job did not pause"
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["step"] == paused - 1  # nothing trained past the pause
+    finally:
+        if serve is not None:
+            _stop(serve)
+        train.send_signal(signal.SIGINT)
+        train.wait(timeout=60)
