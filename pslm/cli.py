@@ -308,6 +308,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--max-tokens", type=int, default=1024, help="limit per request (1024)")
     s.add_argument("--address-file", default="", help="write the URL here once listening")
+    s.add_argument("--no-kv-cache", action="store_true", help="generate without the KV cache")
     _security_args(s)
     s.set_defaults(func=_serve)
 
@@ -327,7 +328,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
     s.add_argument(
         "name",
-        choices=["transport", "ps", "train", "quality", "consistency", "recovery", "overlap"],
+        choices=[
+            *("transport", "ps", "train", "quality", "consistency", "recovery", "overlap"),
+            "serve",
+        ],
         help="which benchmark",
     )
     s.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -555,6 +559,7 @@ def _serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             address_file=args.address_file,
             max_tokens=args.max_tokens,
+            kv_cache=not args.no_kv_cache,
         )
     )
 

@@ -20,6 +20,7 @@ BENCHES = {
     "consistency": "pslm.bench.consistency",
     "recovery": "pslm.bench.recovery",
     "overlap": "pslm.bench.overlap",
+    "serve": "pslm.bench.serve",
 }
 
 

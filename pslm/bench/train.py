@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pslm.lm.checkpoint import write_run_model
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import CharTokenizer
@@ -198,9 +201,13 @@ def _pslm(
     overlap: bool = False,
     servers: int = 1,
     replicas: int = 0,
+    serve_refresh: float = 0.0,
+    warmup: int = WARMUP,
 ) -> tuple[float, float]:
-    """tokens/s over ``steps`` steps after warm-up, and the median exposed communication."""
-    total = WARMUP + steps + 1
+    """tokens/s over ``steps`` steps after warm-up, and the median exposed communication.
+    ``serve_refresh`` > 0: a ``pslm serve`` process follows the cluster meanwhile, reading
+    the parameters every ``serve_refresh`` seconds."""
+    total = warmup + steps + 1
     cfg = TrainConfig.from_dict(
         {
             "model": {
@@ -238,12 +245,30 @@ def _pslm(
         worker_args={"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)},
     )
     with LocalCluster(launch) as cluster:
-        cluster.wait(timeout=900)
+        follower = _follow(run_dir, data, serve_refresh) if serve_refresh > 0 else None
+        try:
+            cluster.wait(timeout=900)
+        finally:
+            if follower is not None:
+                follower.send_signal(signal.SIGINT)
+                follower.wait(timeout=30)
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the last step also evaluates and checkpoints: time the steps before it
-    first, last = recs[WARMUP - 1], recs[WARMUP - 1 + steps]
-    comm = statistics.median(r["comm_s"] for r in recs[WARMUP : WARMUP + steps])
+    first, last = recs[warmup - 1], recs[warmup - 1 + steps]
+    comm = statistics.median(r["comm_s"] for r in recs[warmup : warmup + steps])
     return steps * 2 * PER_WORKER * BLOCK / (last["time"] - first["time"]), comm
+
+
+def _follow(run_dir: Path, data: PreparedData, refresh: float) -> subprocess.Popen[bytes]:
+    """A serving process that follows the cluster in ``run_dir`` (read-only)."""
+    write_run_model(run_dir, MODEL, {})
+    shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+    return subprocess.Popen(
+        [sys.executable, "-m", "pslm", "serve", "--run", str(run_dir), "--follow"]
+        + ["--refresh", str(refresh), "--port", "0", "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _run_python(code: str) -> str:

@@ -39,6 +39,8 @@ class ServeConfig:
     """Write ``http://host:port`` here once listening (useful with port 0)."""
     max_tokens: int = 1024
     max_prompt_chars: int = 8192
+    kv_cache: bool = True
+    """Generate with the KV cache (off: recompute the whole context per token; benchmarks)."""
 
     def __post_init__(self) -> None:
         if not self.run_dir and not self.scheduler:
@@ -70,7 +72,9 @@ def serve(cfg: ServeConfig) -> int:
         follower.first.wait(timeout=30.0)
     else:
         served = ServedModel.from_checkpoint(cfg.run_dir, cfg.checkpoint or None, cfg.device)
-    limits = Limits(max_prompt_chars=cfg.max_prompt_chars, max_tokens=cfg.max_tokens)
+    limits = Limits(
+        max_prompt_chars=cfg.max_prompt_chars, max_tokens=cfg.max_tokens, kv_cache=cfg.kv_cache
+    )
     app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]

@@ -66,6 +66,7 @@ class Limits:
     max_tokens: int = 1024
     max_messages: int = 64
     max_body_bytes: int = 256 * 1024
+    kv_cache: bool = True
 
 
 class ApiError(Exception):
@@ -189,7 +190,7 @@ def create_app(
         current = state()
         model = lm(current)
         ids = _encode(served, req.prompt)
-        gen = _Generation(served, model, ids, req, None, metrics)
+        gen = _Generation(served, model, ids, req, None, metrics, limits.kv_cache)
         if req.stream:
             return _sse(gen, current)
         return {**gen.result(), "version": current.version}
@@ -199,7 +200,7 @@ def create_app(
         current = state()
         model = lm(current)
         ids = _encode(served, chat_prompt([(m.role, m.content) for m in req.messages]))
-        gen = _Generation(served, model, ids, req, STOP_TURN, metrics)
+        gen = _Generation(served, model, ids, req, STOP_TURN, metrics, limits.kv_cache)
         if req.stream:
             return _sse(gen, current)
         result = gen.result()
@@ -261,6 +262,7 @@ class _Generation:
         req: Any,
         stop_text: str | None,
         metrics: "_Metrics",
+        kv_cache: bool = True,
     ):
         self.served, self.stop_text, self.metrics = served, stop_text, metrics
         self.tokens = 0
@@ -273,6 +275,7 @@ class _Generation:
             top_k=req.top_k,
             top_p=req.top_p,
             seed=req.seed,
+            use_cache=kv_cache,
         )
 
     def __iter__(self) -> Iterator[str]:

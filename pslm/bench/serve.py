@@ -1,0 +1,147 @@
+"""``pslm bench serve``: generation over HTTP, and what a serving process costs training.
+
+Generation: for the ``tiny`` and ``small`` presets (random weights: speed does not depend on
+them), a run directory with a checkpoint is made and ``pslm serve`` started on 127.0.0.1, with
+the KV cache and without it (``--no-kv-cache``), in turn. Greedy requests (a 20-token prompt,
+64 new tokens) come from 1 client, then from 8 concurrent clients; each setting gets the same
+number of requests. Reported: generated tokens per second (all clients together) and the p50 and
+p99 latency of a whole request.
+
+Training: ``pslm bench train``'s pslm contender (GPT 4x4x128, 2 workers, 1 server) alone, and
+with a ``pslm serve --follow --refresh 1`` process reading its parameters every second, in
+turn, ``rounds`` times; medians; the first 200 steps of both are not timed (the serving
+process starts meanwhile). Goal: at most 5% fewer tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+PROMPT_TOKENS, NEW_TOKENS = 20, 64
+SERVE_WARMUP = 200
+"""Steps not timed, in both settings: the serving process starts (imports torch, reads the
+parameters a first time) meanwhile; then it only refreshes."""
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    requests = 4 if quick else 16
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pslm-bench-serve-") as tmp:
+        for preset in ("tiny", "small"):
+            run_dir = _run_dir(Path(tmp) / preset, preset)
+            for cache in (True, False):
+                for clients in (1, 8):
+                    rows.append(_generation(run_dir, preset, cache, clients, requests))
+        cost = _training_cost(Path(tmp), quick)
+    return {"bench": "serve", "rows": rows, **cost}
+
+
+def _run_dir(path: Path, preset: str) -> Path:
+    """A run directory with a checkpoint of a randomly initialised model."""
+    import torch
+
+    from pslm.lm.checkpoint import step_dir, write_model, write_run_model
+    from pslm.lm.model import GPT, GPTConfig
+    from pslm.lm.tokenizer import CharTokenizer
+
+    chars = [chr(33 + i) for i in range(90)]
+    tokenizer = CharTokenizer(chars)
+    path.mkdir(parents=True)
+    tokenizer.save(path / "tokenizer.json")
+    config = GPTConfig.preset(preset, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(config)
+    write_run_model(path, config, {})
+    ckpt = step_dir(path, 1)
+    ckpt.mkdir(parents=True)
+    write_model(ckpt, model, {"step": 1, "version": 1})
+    return path
+
+
+def _generation(run_dir: Path, preset: str, cache: bool, clients: int, n: int) -> dict[str, Any]:
+    import httpx
+
+    addr = run_dir / f"serve-{cache}.addr"
+    addr.unlink(missing_ok=True)
+    args = ["--run", str(run_dir), "--port", "0", "--address-file", str(addr)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", "serve", *args, *([] if cache else ["--no-kv-cache"])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not addr.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pslm serve did not start")
+            time.sleep(0.05)
+        url = addr.read_text()
+        prompt = "".join(chr(33 + (7 * i) % 90) for i in range(PROMPT_TOKENS))
+        body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
+
+        def one(_: int) -> tuple[float, int]:
+            with httpx.Client(base_url=url, timeout=300) as http:
+                t0 = time.perf_counter()
+                r = http.post("/v1/generate", json=body)
+                r.raise_for_status()
+                return time.perf_counter() - t0, int(r.json()["tokens"])
+
+        one(0)  # warm-up
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            got = list(pool.map(one, range(n)))
+        wall = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    latencies = sorted(t for t, _ in got)
+    return {
+        "preset": preset,
+        "kv_cache": cache,
+        "clients": clients,
+        "requests": n,
+        "tokens_per_s": round(sum(k for _, k in got) / wall, 1),
+        "p50_s": round(statistics.median(latencies), 4),
+        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
+    }
+
+
+def _training_cost(tmp: Path, quick: bool) -> dict[str, Any]:
+    from pslm.bench import train as bt
+
+    steps = 30 if quick else 200
+    rounds = 1 if quick else 3
+    got: dict[str, list[float]] = {"alone": [], "served": []}
+    data = bt._synthetic_data(tmp / "data")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for r in range(rounds):
+        for name in got:
+            tps, _ = bt._pslm(
+                data,
+                steps,
+                tmp / f"{name}{r}",
+                serve_refresh=1.0 if name == "served" else 0,
+                warmup=SERVE_WARMUP,  # the serving process is up and reading by then
+            )
+            got[name].append(tps)
+    alone, served = (statistics.median(got[k]) for k in ("alone", "served"))
+    return {
+        "train_alone_tokens_per_s": round(alone),
+        "train_served_tokens_per_s": round(served),
+        "serving_cost": round(1 - served / alone, 3),
+        "serving_cost_met": 1 - served / alone <= 0.05,
+        "train_rounds": {k: [round(v) for v in vs] for k, vs in got.items()},
+        "train_steps": steps,
+        "generation_request": json.dumps(
+            {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "greedy": True}
+        ),
+    }
