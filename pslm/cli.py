@@ -309,6 +309,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=1024, help="limit per request (1024)")
     s.add_argument("--address-file", default="", help="write the URL here once listening")
     s.add_argument("--no-kv-cache", action="store_true", help="generate without the KV cache")
+    s.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="requests computing a token at once (1: they take turns token by token)",
+    )
     _security_args(s)
     s.set_defaults(func=_serve)
 
@@ -318,9 +324,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "action",
         choices=["status", "set", "pause", "resume", "checkpoint", "add-worker", "remove-worker"],
-        help="status; set KEY=VALUE... (lr, clip, weight_decay); pause; resume; checkpoint",
+        help="status; set KEY=VALUE... (lr, clip, weight_decay); pause; resume; checkpoint; "
+        "remove-worker ID; add-worker",
     )
-    s.add_argument("values", nargs="*", help="for set: KEY=VALUE ...")
+    s.add_argument("values", nargs="*", help="for set: KEY=VALUE ...; for remove-worker: ID")
     s.add_argument("--json", action="store_true", help="print the reply as JSON")
     _security_args(s)
     s.set_defaults(func=_ctl)
@@ -477,11 +484,11 @@ def _ctl(args: argparse.Namespace) -> int:
     from pslm.wire.message import Message
     from pslm.wire.transport import Channel
 
-    if args.action in ("add-worker", "remove-worker"):
-        raise ConfigError(
-            f"{args.action} is not supported yet: the number of workers is fixed for a run "
-            "(a dead worker's share moves to the others under bsp)"
-        )
+    node = ""
+    if args.action == "remove-worker":
+        if len(args.values) != 1:
+            raise ConfigError("remove-worker takes the worker's id, e.g. remove-worker worker-1")
+        node = args.values.pop()
     if args.values and args.action != "set":
         raise ConfigError(f"{args.action} takes no values")
     values = parse_assignments(args.values) if args.action == "set" else {}
@@ -492,7 +499,7 @@ def _ctl(args: argparse.Namespace) -> int:
         if args.action == "status":
             body = channel.request("scheduler", Message("status")).body
         else:
-            msg = Message("ctl", body={"action": args.action, "values": values})
+            msg = Message("ctl", body={"action": args.action, "values": values, "node": node})
             body = channel.request("scheduler", msg).body
     finally:
         channel.close()
@@ -500,6 +507,11 @@ def _ctl(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2, default=str))
     elif args.action == "status":
         _print_status(body)
+    elif args.action == "remove-worker":
+        moves = ", ".join(f"share {s} -> worker-{w}" for s, w in body.get("moves", {}).items())
+        print(f"{node} hands over its shares at its next step and leaves ({moves})")
+    elif args.action == "add-worker":
+        print("the launcher starts a worker; it takes a removed or dead worker's rank")
     else:
         doc = body.get("steering", {})
         print(f"version {doc.get('version')}: {doc.get('what')} (in force from the next step)")
@@ -560,6 +572,7 @@ def _serve(args: argparse.Namespace) -> int:
             address_file=args.address_file,
             max_tokens=args.max_tokens,
             kv_cache=not args.no_kv_cache,
+            parallel=args.parallel,
         )
     )
 

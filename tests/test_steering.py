@@ -149,3 +149,66 @@ def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
     steps = [r["step"] for r in records]
     assert steps == list(range(600))  # none lost, none repeated: pause, resume, restart
     assert all(r["lr"] == 0 for r in records if r["step"] > ckpt2["step"])
+
+
+def test_ctl_removes_a_worker_and_adds_one_back(tmp_path: Path) -> None:
+    (tmp_path / "story.txt").write_text(_story())
+    long = CONFIG.replace("steps = 30", "steps = 800").replace("interval = 10", "interval = 5000")
+    (tmp_path / "long.toml").write_text(long)
+    run = tmp_path / "run"
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pslm",
+            "train",
+            "--config",
+            str(tmp_path / "long.toml"),
+            "--data",
+            str(tmp_path / "story.txt"),
+            "--run-dir",
+            str(run),
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return pslm("ctl", "--run", run, *args, timeout=30)
+
+    def trained_by(who: list[int]) -> bool:
+        return any(r["trained_by"] == who for r in _records(run)[-3:])
+
+    try:
+        _wait_for("a step", lambda: _records(run), train)
+        refused = ctl("add-worker")  # all there: nothing to add
+        assert refused.returncode == 1 and "has its 2 workers" in refused.stderr
+
+        def reported() -> bool:  # whether its shares can move (with its heartbeats)
+            nodes = json.loads(ctl("status", "--json").stdout)["nodes"]
+            return all("shares_move" in n["stats"] for n in nodes if n["role"] == "worker")
+
+        _wait_for("the workers' first reports", reported, train)
+        res = ctl("remove-worker", "worker-1")
+        assert res.returncode == 0, res.stderr
+        _wait_for("worker-0 training both shares", lambda: trained_by([0, 0]), train)
+
+        def left() -> bool:
+            doc = json.loads((run / "cluster.json").read_text())
+            return any(n["id"] == "worker-1" and n["state"] == "exited" for n in doc["nodes"])
+
+        _wait_for("worker-1 to leave", left, train)
+        assert "worker-1 left the job (removed)" in (run / "logs" / "scheduler.log").read_text()
+        last = ctl("remove-worker", "worker-0")
+        assert last.returncode == 1 and "last worker" in last.stderr
+        res = ctl("add-worker")
+        assert res.returncode == 0, res.stderr
+        _wait_for("the new worker training share 1", lambda: trained_by([0, 1]), train)
+        _, err = train.communicate(timeout=300)
+    finally:
+        if train.poll() is None:
+            train.send_signal(signal.SIGINT)
+            train.communicate(timeout=60)
+    assert train.returncode == 0, err
+    assert [r["step"] for r in _records(run)] == list(range(800))  # every step once

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -199,8 +200,9 @@ def test_bad_input_is_one_line_and_overwrites_nothing(setup, run, tmp_path) -> N
         (["generate", "--run", run, "--prompt", "Zebra 中"], "not in this tokenizer"),
         (["train", "--device", "cuda", "--run-dir", tmp_path / "e"], "no CUDA"),
     ]
-    for args, fragment in cases:
-        res = pslm(*args)
+    with ThreadPoolExecutor(2) as pool:  # real processes, two at a time
+        results = list(pool.map(lambda case: pslm(*case[0]), cases))
+    for (args, fragment), res in zip(cases, results, strict=True):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 1, (args, res.stderr)
         assert len(lines) == 1 and fragment in lines[0], (args, res.stderr)

@@ -67,12 +67,15 @@ def _run_dir(path: Path, preset: str) -> Path:
     return path
 
 
-def _generation(run_dir: Path, preset: str, cache: bool, clients: int, n: int) -> dict[str, Any]:
+def _generation(
+    run_dir: Path, preset: str, cache: bool, clients: int, n: int, parallel: int = 1
+) -> dict[str, Any]:
     import httpx
 
     addr = run_dir / f"serve-{cache}.addr"
     addr.unlink(missing_ok=True)
     args = ["--run", str(run_dir), "--port", "0", "--address-file", str(addr)]
+    args += ["--parallel", str(parallel)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pslm", "serve", *args, *([] if cache else ["--no-kv-cache"])],
         stdout=subprocess.DEVNULL,
@@ -108,6 +111,7 @@ def _generation(run_dir: Path, preset: str, cache: bool, clients: int, n: int) -
         "preset": preset,
         "kv_cache": cache,
         "clients": clients,
+        "parallel": parallel,
         "requests": n,
         "tokens_per_s": round(sum(k for _, k in got) / wall, 1),
         "p50_s": round(statistics.median(latencies), 4),

@@ -136,11 +136,13 @@ class PSClient:
             )
             for r, addr in enumerate(self.me.servers):
                 self.channel.connect(f"server-{r}", addr)
+            self._stats: dict[str, float] = {}
             self.heartbeat = Heartbeat(
                 cfg.scheduler,
                 self.me.node_id,
                 self.me.heartbeat_interval,
                 lost_after=2 * self.me.heartbeat_timeout,
+                stats=lambda: dict(self._stats),
             )
             self.heartbeat.start()
         except BaseException:
@@ -247,6 +249,11 @@ class PSClient:
         if beat is not None and beat.version > self._steering.version:
             self._steering = beat
         return self._steering
+
+    def report(self, name: str, value: float) -> None:
+        """A number the heartbeats report to the scheduler from now on (``pslm ctl status``
+        shows them)."""
+        self._stats[name] = value
 
     def set_clipping(self, on: bool) -> None:
         """Whether the optimizer clips now (``pslm ctl set clip=...`` changed it): SSP/ASP

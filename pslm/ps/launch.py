@@ -159,6 +159,8 @@ class LocalCluster:
         """The child whose exit failed the job, if one did."""
         self.children: list[Child] = []
         self.scheduler_address = ""
+        self.added = 0  # workers started for pslm ctl add-worker
+        self._next_look = 0.0
 
     def __enter__(self) -> LocalCluster:
         try:
@@ -286,7 +288,25 @@ class LocalCluster:
                     c.proc.kill()
                 c.proc.wait()
 
+    def _add_workers(self) -> None:
+        """Start the workers ``pslm ctl add-worker`` asked for (the scheduler counts them in
+        cluster.json); each takes the rank of a removed or dead worker."""
+        if time.monotonic() < self._next_look or self.cfg.worker is None:
+            return
+        self._next_look = time.monotonic() + 1.0
+        try:
+            wanted = int(json.loads((self.run_dir / "cluster.json").read_text())["add_workers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        template = next((c for c in self.children if c.role == "worker"), None)
+        while self.added < wanted and template is not None:
+            self.added += 1
+            log.warning("starting a worker in place of a removed or dead one (pslm ctl)")
+            rank = self.cfg.num_workers + self.added - 1  # names its log; it asks for any rank
+            self._spawn("worker", rank, template.args, {**template.env, "PSLM_RANK": "-1"})
+
     def _check_children(self) -> None:
+        self._add_workers()
         for i, c in enumerate(self.children):
             code = c.proc.poll()
             if code is None or code == 0:

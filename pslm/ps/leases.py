@@ -5,6 +5,7 @@
     leases.rebalance(joiners=[1])               # worker 1 is back: a share will move to it
     leases.release(share=1, worker=2, clock=57) # its holder lets it go before clock 57
     leases.held_by(2)                           # [2]
+    leases.retire(worker=3, live=[0, 1, 2])     # pslm ctl remove-worker: its shares move away
 
 Every global batch is cut into as many shares as the job started with workers; share r is
 worker r's until that worker dies. Then the live worker with the fewest shares takes it over
@@ -34,6 +35,9 @@ class ShareLeases:
         """Share -> the first clock its current holder pushes (after a transfer)."""
         self.moving: dict[int, int] = {}
         """Share -> the worker it moves to once its holder releases it."""
+        self.retired: set[int] = set()
+        """Workers removed from the job (``pslm ctl remove-worker``): they hand their shares
+        over, take none, and leave."""
         self.version = 0
 
     def held_by(self, worker: int) -> list[int]:
@@ -45,7 +49,7 @@ class ShareLeases:
         (share, new holder) pairs."""
         moved = []
         self.moving = {s: w for s, w in self.moving.items() if w != dead}
-        others = [w for w in live if w != dead]
+        others = [w for w in live if w != dead and w not in self.retired]
         holders = [w for w in others if self.held_by(w)] or others
         for share in self.held_by(dead):
             if not holders:
@@ -61,12 +65,39 @@ class ShareLeases:
             self.version += 1
         return moved
 
+    def retire(self, worker: int, live: list[int]) -> list[tuple[int, int]]:
+        """Remove ``worker`` from the job: each of its shares moves, once it releases it, to
+        the ``live`` worker with the fewest shares; returns (share, taker) pairs. ValueError
+        if no other worker could take them."""
+        others = [w for w in live if w != worker and w not in self.retired]
+        if not others:
+            raise ValueError("it is the last worker: nobody could take its shares")
+        self.retired.add(worker)
+        queued = []
+        for share in self.held_by(worker):
+            taker = min(others, key=lambda w: (len(self.held_by(w)) + self._coming(w), w))
+            self.moving[share] = taker
+            queued.append((share, taker))
+        self.moving = {s: w for s, w in self.moving.items() if w != worker}
+        self.version += 1
+        return queued
+
+    def unretire(self, worker: int) -> None:
+        """A new worker takes a removed one's rank (``pslm ctl add-worker``)."""
+        if worker in self.retired:
+            self.retired.discard(worker)
+            self.version += 1
+
+    def _coming(self, worker: int) -> int:
+        return sum(1 for w in self.moving.values() if w == worker)
+
     def rebalance(self, joiners: list[int]) -> list[tuple[int, int]]:
         """Find a share for each worker in ``joiners`` that holds none and awaits none; returns
         (share, joiner) pairs. Shares nobody holds go to them at once, all of them; otherwise
         a share of a worker holding two or more (its own first) moves once its holder
         releases it."""
         queued = []
+        joiners = [j for j in joiners if j not in self.retired]
         idle = [j for j in joiners if not self.held_by(j) and j not in self.moving.values()]
         free = [s for s, w in enumerate(self.holders) if w == NOBODY]
         for i, share in enumerate(free if idle else []):  # nobody to release them
@@ -121,6 +152,7 @@ class ShareLeases:
         leases.holders = [int(w) for w in raw["holders"]]
         leases.starts = {int(s): int(c) for s, c in raw["starts"].items()}
         leases.moving = {int(s): int(w) for s, w in raw["moving"].items()}
+        leases.retired = {int(w) for w in raw.get("retired", [])}
         leases.version = int(raw["version"])
         return leases
 
@@ -130,6 +162,7 @@ class ShareLeases:
             "holders": list(self.holders),
             "starts": {str(s): c for s, c in self.starts.items()},
             "moving": {str(s): w for s, w in self.moving.items()},
+            "retired": sorted(self.retired),
         }
 
 
@@ -145,6 +178,8 @@ class Leases(NamedTuple):
     """Share -> the worker it goes to once its holder releases it."""
     stop: bool = False
     """The cluster is shutting down."""
+    retired: frozenset[int] = frozenset()
+    """Workers removed from the job: they leave once their shares moved."""
 
     def mine(self, rank: int) -> list[int]:
         return [s for s, w in enumerate(self.holders) if w == rank]
@@ -158,6 +193,7 @@ class Leases(NamedTuple):
                 {int(s): int(c) for s, c in body["starts"].items()},
                 {int(s): int(w) for s, w in body["moving"].items()},
                 bool(body.get("stop", False)),
+                frozenset(int(w) for w in body.get("retired", [])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"malformed leases from the scheduler: {exc!r}") from None

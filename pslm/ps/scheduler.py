@@ -179,6 +179,10 @@ class Scheduler:
         self.stopping_since: float | None = None
         self.exit_code = 0
         self.steering = SteeringLog.start(json.loads(cfg.steering) if cfg.steering else None)
+        self.added_workers = 0
+        """Workers asked of the launcher (``pslm ctl add-worker``), in cluster.json."""
+        self.joined_added = 0
+        """How many of them have joined."""
         """The job's live settings, by version (``pslm ctl``)."""
         self.epoch = secrets.token_hex(8)
         """This scheduler's incarnation: a node that sees it change re-sends its requests."""
@@ -410,7 +414,12 @@ class Scheduler:
             if old.live and old.host == socket.gethostname() and not _pid_alive(old.pid):
                 self._worker_died(old, "its process is gone and a new one took its rank")
         # dead ranks nobody took over yet (a parked worker may just have)
-        free = [n for n in wanted if n.state == "dead" and self.nodes.get(n.id) is n]
+        free = [
+            n
+            for n in wanted
+            if (n.state == "dead" or (n.state == "exited" and n.rank in self.leases.retired))
+            and self.nodes.get(n.id) is n
+        ]
         if free:
             self._admit(node, msg, free[0].rank)
         elif node.requested_rank < 0 and not any(n.live for n in wanted):
@@ -426,6 +435,9 @@ class Scheduler:
         return None
 
     def _admit(self, node: NodeRecord, msg: Message, rank: int) -> None:
+        self.leases.unretire(rank)  # (in place of a removed worker)
+        if self.added_workers > self.joined_added:  # one the launcher was asked for
+            self.joined_added += 1
         node.rank = rank
         node.state = "alive"
         node.last_seen = time.monotonic()
@@ -612,6 +624,10 @@ class Scheduler:
         values = protocol.field(msg, "values", dict, {})
         if self.stopping_since is not None:
             raise ClusterError("the cluster is stopping")
+        if action == "remove-worker":
+            return msg.reply(**self._remove_worker(protocol.field(msg, "node", str)))
+        if action == "add-worker":
+            return msg.reply(**self._add_worker())
         doc = self.steering.newest.change(action, values)
         self.steering.add(doc)
         log.info("steering version %d: %s", doc.version, doc.what)
@@ -620,6 +636,49 @@ class Scheduler:
                 self.listener.send(node.peer, Message("steering", body=doc.to_dict()))
         self._write_cluster()
         return msg.reply(steering=doc.to_dict())
+
+    def _remove_worker(self, node_id: str) -> dict[str, Any]:
+        """``pslm ctl remove-worker``: the worker hands its shares over at its next clock
+        boundary (each to the worker with the fewest) and leaves; the job goes on."""
+        node = self.nodes.get(node_id)
+        if node is None or node.role != "worker" or not node.live:
+            raise ClusterError(f"{node_id} is not a live worker")
+        if node.rank in self.leases.retired:
+            raise ClusterError(f"{node_id} is leaving already")
+        if "shares_move" not in node.stats:
+            raise ClusterError(f"{node_id} has not reported yet: try again in a second")
+        if node.stats.get("shares_move") != 1.0:
+            raise ClusterError(
+                f"{node_id}'s shares cannot move to other workers (ssp, asp, local sgd and "
+                "overlap keep each share on its worker): stop the job instead"
+            )
+        live = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
+        try:
+            moves = self.leases.retire(node.rank, live)
+        except ValueError as exc:
+            raise ClusterError(f"cannot remove {node_id}: {exc}") from None
+        for share, taker in moves:
+            log.info("%s leaves: share %d will move to worker-%d", node_id, share, taker)
+        self._write_cluster()
+        return {"removed": node_id, "moves": {str(s): t for s, t in moves}}
+
+    def _add_worker(self) -> dict[str, Any]:
+        """``pslm ctl add-worker``: ask the launcher for a new worker process, which takes the
+        rank of a removed or dead worker and a share from a worker holding two or more."""
+        free = [
+            n.rank
+            for n in self.nodes.values()
+            if n.role == "worker" and (n.state == "dead" or n.rank in self.leases.retired)
+        ]
+        if len(free) <= self.added_workers - self.joined_added:
+            raise ClusterError(
+                f"the job has its {self.cfg.num_workers} workers (one per share of the batch): "
+                "a worker can be added in place of a removed or dead one"
+            )
+        self.added_workers += 1
+        log.info("asked the launcher for a worker (%d so far)", self.added_workers)
+        self._write_cluster()
+        return {"add_workers": self.added_workers}
 
     def _steering(self, peer: bytes, msg: Message) -> Message:
         """A version of the live settings ({version}; default the newest)."""
@@ -646,6 +705,11 @@ class Scheduler:
         node = self._node(msg)
         if node.role != "worker":
             raise ClusterError("only workers finalize")
+        if node.rank in self.leases.retired and not self.leases.held_by(node.rank):
+            node.state = "exited"  # removed: it leaves, the job goes on
+            log.info("%s left the job (removed)", node.id)
+            self._write_cluster()
+            return msg.reply()
         self.finalizing[node.id] = (peer, msg)
         self._finish_if_done()
         return None
@@ -720,6 +784,7 @@ class Scheduler:
             "shards": self.shards.to_json(),
             "lost_shards": self.shards.lost,
             "steering": self.steering.newest.to_dict(),
+            "add_workers": self.added_workers,
         }
         try:
             _write_atomic(Path(self.cfg.run_dir) / "cluster.json", json.dumps(doc, indent=2) + "\n")

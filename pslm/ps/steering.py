@@ -31,6 +31,8 @@ from pslm.errors import ConfigError
 SETTINGS = {"lr": "lr", "clip": "clip_norm", "weight_decay": "weight_decay"}
 """What ``set`` may change -> the optimizer field it overrides."""
 ACTIONS = ("set", "pause", "resume", "checkpoint")
+"""Changes of settings (``remove-worker`` and ``add-worker`` change membership: the
+scheduler's ``pslm.ps.leases``)."""
 KNOWN = "min.ctl_known"
 IN_FORCE = "min.ctl"
 
@@ -160,8 +162,8 @@ def parse_assignments(items: list[str]) -> dict[str, float]:
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
         if key == "consistency":
             raise ConfigError(
-                "changing the consistency model of a running job is not supported yet: stop "
-                "it and resume with --consistency"
+                "changing the consistency model of a running job is not supported yet: it is "
+                "chosen when the job starts (--consistency)"
             )
         if key not in SETTINGS:
             raise ConfigError(f"cannot set {key!r}; settable: {', '.join(SETTINGS)}")

@@ -39,6 +39,8 @@ class ServeConfig:
     """Write ``http://host:port`` here once listening (useful with port 0)."""
     max_tokens: int = 1024
     max_prompt_chars: int = 8192
+    parallel: int = 1
+    """Requests computing their next token at the same time (``pslm.serve.app.Limits``)."""
     kv_cache: bool = True
     """Generate with the KV cache (off: recompute the whole context per token; benchmarks)."""
 
@@ -49,7 +51,7 @@ class ServeConfig:
             raise ConfigError(f"--refresh must be positive, got {self.refresh:g}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must lie in [0, 65535], got {self.port}")
-        if self.max_tokens < 1 or self.max_prompt_chars < 1:
+        if self.max_tokens < 1 or self.max_prompt_chars < 1 or self.parallel < 1:
             raise ConfigError("the request limits must be positive")
 
 
@@ -73,7 +75,10 @@ def serve(cfg: ServeConfig) -> int:
     else:
         served = ServedModel.from_checkpoint(cfg.run_dir, cfg.checkpoint or None, cfg.device)
     limits = Limits(
-        max_prompt_chars=cfg.max_prompt_chars, max_tokens=cfg.max_tokens, kv_cache=cfg.kv_cache
+        max_prompt_chars=cfg.max_prompt_chars,
+        max_tokens=cfg.max_tokens,
+        kv_cache=cfg.kv_cache,
+        parallel=cfg.parallel,
     )
     app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)

@@ -32,6 +32,7 @@ class ShareKeeper:
     def __init__(self, client: PSClient, *, follow: bool = True):
         self.client = client
         self.follow = follow
+        client.report("shares_move", float(follow))  # whether pslm ctl may remove it
         self.leases = Leases(
             0,
             tuple(range(client.num_workers)),
@@ -101,6 +102,9 @@ class ShareKeeper:
                 beat.stop_requested.set()
                 return False, None
             held = leases.mine(self.client.rank)
+            if not held and self.client.rank in leases.retired:
+                log.info("removed from the job (pslm ctl remove-worker): leaving")
+                return False, None
             if held:
                 self.mine = held
                 starts = [leases.starts[s] for s in held if s in leases.starts]
