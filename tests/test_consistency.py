@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -100,8 +101,14 @@ def test_asp_never_waits_and_its_staleness_grows(setup) -> None:
 
 def test_ssp_asp_and_local_sgd_train_as_well_as_bsp_on_the_same_samples(setup) -> None:
     losses, pushed = {}, {}
-    for mode in ("bsp", "ssp:1", "asp", "local:4"):
-        run = _train(setup, f"q-{mode.replace(':', '')}", "--consistency", mode, "--steps", "400")
+    modes = ("bsp", "ssp:1", "asp", "local:4")
+
+    def train(mode: str) -> Path:
+        return _train(setup, f"q-{mode.replace(':', '')}", "--consistency", mode, "--steps", "400")
+
+    with ThreadPoolExecutor(2) as pool:  # two runs at a time: the same samples either way
+        runs = dict(zip(modes, pool.map(train, modes), strict=True))
+    for mode, run in runs.items():
         recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = recs[-1]["val_loss"]
         pushed[mode] = sum(r["bytes_pushed"] for r in recs)

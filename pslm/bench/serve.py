@@ -4,8 +4,9 @@ Generation: for the ``tiny`` and ``small`` presets (random weights: speed does n
 them), a run directory with a checkpoint is made and ``pslm serve`` started on 127.0.0.1, with
 the KV cache and without it (``--no-kv-cache``), in turn. Greedy requests (a 20-token prompt,
 64 new tokens) come from 1 client, then from 8 concurrent clients; each setting gets the same
-number of requests. Reported: generated tokens per second (all clients together) and the p50 and
-p99 latency of a whole request.
+number of requests. With 8 clients, the requests take turns token by token (``--parallel 1``,
+the default) or run side by side (``--parallel 8``). Reported: generated tokens per second
+(all clients together) and the p50 and p99 latency of a whole request.
 
 Training: ``pslm bench train``'s pslm contender (GPT 4x4x128, 2 workers, 1 server) alone, and
 with a ``pslm serve --follow --refresh 1`` process reading its parameters every second, in
@@ -39,8 +40,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         for preset in ("tiny", "small"):
             run_dir = _run_dir(Path(tmp) / preset, preset)
             for cache in (True, False):
-                for clients in (1, 8):
-                    rows.append(_generation(run_dir, preset, cache, clients, requests))
+                for clients, parallel in ((1, 1), (8, 1), (8, 8)):
+                    rows.append(_generation(run_dir, preset, cache, clients, requests, parallel))
         cost = _training_cost(Path(tmp), quick)
     return {"bench": "serve", "rows": rows, **cost}
 

@@ -10,8 +10,11 @@ To the scheduler (from any node unless said otherwise):
                backups (``shard`` = rank mod num_servers, ``primary`` false). A worker
                registering later takes a dead worker's rank (``late``); a server registering
                later takes a dead server's rank and becomes the backup of a shard without one
-    heartbeat  {node} -> {stop: bool, leases: version of the share leases, epoch, table,
-               servers, backups}: the shard table (``table`` its version; ``servers`` the
+    heartbeat  {node, stats: {name: number}} -> {stop: bool, leases: version of the share
+               leases, epoch, steering, table, servers, backups}: ``stats`` what the node
+               reports (servers: bytes in and out, messages, version, shard; workers:
+               shares_move), ``steering`` the newest live settings (``pslm.ps.steering``),
+               the shard table (``table`` its version; ``servers`` the
                address serving each shard, ``backups`` its backup's or ""); ``epoch`` names
                the scheduler's incarnation (also in the register reply): when it changes, a
                node sends its unanswered requests again (a restarted scheduler, ``--recover``,
@@ -24,7 +27,7 @@ To the scheduler (from any node unless said otherwise):
                key space declared first
     keyspace   {} -> {keyspace}
     leases     {node} -> {version, holders: [worker by share], starts: {share: clock},
-               moving: {share: worker}, stop}
+               moving: {share: worker}, retired: [worker], stop}
     release    {node, share, clock} (the holder of a moving share) -> the new leases; the
                share's new holder pushes it from ``clock``
     finalize   {node} (workers) -> {} once every live worker holding shares finalized; the
@@ -33,9 +36,15 @@ To the scheduler (from any node unless said otherwise):
     shutdown   {} -> {}; stops the whole cluster
     status     {} -> {nodes: [...], num_workers, num_servers, keyspace (its fingerprint),
                run_dir, table, servers, backups}
+    ctl        {action: set|pause|resume|checkpoint, values} -> {steering}: a new version of
+               the live settings (``pslm ctl``); {action: remove-worker, node} -> {removed,
+               moves}: the worker's shares move to others, then it leaves; {action:
+               add-worker} -> {add_workers}: the launcher is asked for a worker (cluster.json)
+    steering   {version (default: the newest)} -> {steering}: that version of the settings
 
 Notices from the scheduler:
     shutdown   {} (to servers)
+    steering   {the new version of the live settings} (to workers, when ``ctl`` made one)
 
 To a server (from workers):
     init       {worker, keyspace, optimizer, consistency, restore, clock} + initial values,
@@ -49,7 +58,8 @@ To a server (from workers):
                + gradients (``pslm.ps.parts``: all dense chunks as pieces, or the chunks
                ``keys`` one by one; then rows of the row chunks ``row_keys``) -> {version} at
                once, or, with reply_params, the same chunks' values after the update (rows: the
-               rows asked for) with {scalars: each one's weighted mean over the workers,
+               rows asked for) with {scalars: each one's weighted mean over the workers (names
+               starting ``min.``: the minimum; they carry live settings, to every server),
                held_s: seconds the push waited}. A worker's push for a clock may come in parts
                (overlap); it is applied once every chunk and the ``final`` part have arrived,
                and replies go out in increasing ``priority``. Pushes are keyed by ``share``

@@ -7,7 +7,8 @@
                                server's bytes in/out and version), live settings, run directory
     GET  /api/metrics?after=N  the run's metrics.jsonl records with step > N (at most 5000)
     POST /api/ctl              {action: set|pause|resume|checkpoint, values: {lr, clip,
-                               weight_decay}} -> the new live settings (as ``pslm ctl``)
+                               weight_decay}} -> the new live settings; {action:
+                               remove-worker, node}; {action: add-worker} (as ``pslm ctl``)
 
 Anyone who can reach the HTTP port can steer the job through /api/ctl: ``pslm serve`` listens
 on 127.0.0.1 unless told otherwise.
@@ -34,8 +35,10 @@ MAX_RECORDS = 5000
 
 class CtlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    action: Literal["set", "pause", "resume", "checkpoint"]
+    action: Literal["set", "pause", "resume", "checkpoint", "remove-worker", "add-worker"]
     values: dict[str, float] = Field(default_factory=dict, max_length=8)
+    node: str = Field("", max_length=64)
+    """remove-worker: which one (e.g. worker-1)."""
 
 
 class MetricsTail:
@@ -111,14 +114,18 @@ def add_dashboard(app: FastAPI, run_dir: Path, scheduler: str | None) -> None:
                 {"error": {"type": "not_live", "message": "not attached to a live cluster"}},
                 status_code=409,
             )
-        try:
-            Steering().change(req.action, req.values)  # checked here: a bad one is a 400
+        try:  # checked here: a bad one is a 400
+            if req.action not in ("remove-worker", "add-worker"):
+                Steering().change(req.action, req.values)
+            elif req.values or (req.action == "remove-worker") != bool(req.node):
+                raise ConfigError(f"{req.action} takes {'a node' if req.node else 'nothing'}")
         except ConfigError as exc:
             return JSONResponse(
                 {"error": {"type": "invalid_request", "message": str(exc)}}, status_code=400
             )
         try:
-            reply = link.request("ctl", {"action": req.action, "values": req.values})
+            body = {"action": req.action, "values": req.values, "node": req.node}
+            reply = link.request("ctl", body)
         except PSLMError as exc:
             return JSONResponse(
                 {"error": {"type": "cluster", "message": str(exc)}}, status_code=502
