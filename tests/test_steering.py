@@ -34,7 +34,9 @@ def test_versions_validate_and_accumulate() -> None:
         with pytest.raises(ConfigError):
             doc.change(action, values)
     assert parse_assignments(["lr=3e-4", "weight-decay=0.1"]) == {"lr": 3e-4, "weight_decay": 0.1}
-    for bad in (["lr"], ["lr=fast"], ["consistency=ssp:3"], ["beta=1"]):
+    assert parse_assignments(["consistency=SSP:3"]) == {"consistency": "ssp:3"}
+    assert doc.change("set", {"consistency": "asp"}).consistency == "asp"
+    for bad in (["lr"], ["lr=fast"], ["consistency=local:4"], ["consistency=sometimes"], ["b=1"]):
         with pytest.raises(ConfigError):
             parse_assignments(bad)
     log = SteeringLog()
@@ -212,3 +214,48 @@ def test_ctl_removes_a_worker_and_adds_one_back(tmp_path: Path) -> None:
             train.communicate(timeout=60)
     assert train.returncode == 0, err
     assert [r["step"] for r in _records(run)] == list(range(800))  # every step once
+
+
+def test_ctl_changes_the_consistency_model_of_a_running_job(tmp_path: Path) -> None:
+    (tmp_path / "story.txt").write_text(_story())
+    long = CONFIG.replace("steps = 30", "steps = 400").replace("interval = 10", "interval = 5000")
+    (tmp_path / "long.toml").write_text(long)
+    run = tmp_path / "run"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pslm", "train", "--config", str(tmp_path / "long.toml"),
+         "--data", str(tmp_path / "story.txt"), "--run-dir", str(run), "--slow-worker", "1:3"],
+    )  # fmt: skip
+
+    def switched(model: str) -> dict[str, Any] | None:
+        return next(
+            (r for r in _records(run) if r.get("consistency", {}).get("model") == model), None
+        )
+
+    try:
+        _wait_for("a step", lambda: _records(run), train)
+        res = pslm("ctl", "--run", run, "set", "consistency=ssp:2", timeout=30)
+        assert res.returncode == 0, res.stderr
+        to_ssp = _wait_for("the change to ssp:2", lambda: switched("ssp:2"), train)
+        start = to_ssp["consistency"]["from_step"]
+        _wait_for("steps under ssp", lambda: _records(run)[-1]["step"] > start + 40, train)
+        res = pslm("ctl", "--run", run, "set", "consistency=bsp", timeout=30)
+        assert res.returncode == 0, res.stderr
+        back = _wait_for("the change back to bsp", lambda: switched("bsp"), train)["consistency"]
+        bad = pslm("ctl", "--run", run, "set", "consistency=local:4", timeout=30)
+        assert bad.returncode == 1 and "local SGD" in bad.stderr
+        train.wait(timeout=300)
+    finally:
+        if train.poll() is None:
+            train.send_signal(signal.SIGINT)
+            train.wait(timeout=60)
+    assert train.returncode == 0
+    records = _records(run)
+    assert [r["step"] for r in records] == list(range(400))  # every step once, across both
+    ssp = [r for r in records if start <= r["step"] < back["from_step"]]
+    assert all(r["staleness"] <= 2 for r in ssp) and any(r["staleness"] > 0 for r in ssp)
+    assert all(r["staleness"] == 0 for r in records if r["step"] >= back["from_step"])
+    assert all(r["trained_by"] == [0, 1] for r in records if r["step"] >= back["from_step"])
+    logs = [p.read_text() for p in sorted((run / "logs").glob("server-*.log"))]
+    changes = [line.split("from clock ")[1] for log in logs for line in log.splitlines()
+               if "consistency model bsp -> ssp:2" in line]  # fmt: skip
+    assert len(changes) >= 2 and len(set(changes)) == 1  # every server at the same clock

@@ -250,6 +250,18 @@ class PSClient:
             self._steering = beat
         return self._steering
 
+    def fence(self, clock: int, consistency: Consistency) -> None:
+        """Have every server change to ``consistency`` from ``clock`` on (``pslm ctl set
+        consistency``; the servers' ``fence``): the replies that let the workers read at
+        ``clock`` carry it, and each worker's client takes it then (``consistency``).
+        RefusedError if a server cannot (see the server's ``_fence``)."""
+        body = {"worker": self.rank, "clock": clock, "consistency": consistency.to_dict()}
+        ids = [
+            self.channel.send(f"server-{s}", Message("fence", body=body))
+            for s in range(self.num_servers)
+        ]
+        self.channel.wait(ids)
+
     def report(self, name: str, value: float) -> None:
         """A number the heartbeats report to the scheduler from now on (``pslm ctl status``
         shows them)."""
@@ -535,6 +547,8 @@ class PSClient:
         staleness = 0
         by: tuple[int, ...] = ()
         for r in replies.values():
+            if isinstance(r.body.get("mode"), dict):  # the servers changed consistency model
+                self.consistency = Consistency.from_dict(r.body["mode"])
             staleness = max(staleness, int(r.body.get("staleness", 0)))
             raw = r.body.get("scalars")
             if isinstance(raw, dict):

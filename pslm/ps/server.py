@@ -179,6 +179,10 @@ class Server:
         self.beat: Heartbeat | None = None
         self.retry_backup_at = 0.0
         self.steered = 0.0
+        self.fence: tuple[int, Consistency] | None = None
+        """A change of the consistency model: at this clock, to this model (``_fence``)."""
+        self.read_up_to = 0
+        """SSP/ASP: the highest clock a read was answered at."""
         self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
         """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
         """The version of the live settings in force (``pslm.ps.steering``)."""
@@ -288,7 +292,7 @@ class Server:
             log.warning("dropped %r notice: %s", msg.op, text)
 
     def _dispatch(self, peer: bytes, msg: Message) -> None:
-        if msg.op in ("init", "push", "pull", "save") and not self.primary:
+        if msg.op in ("init", "push", "pull", "save", "fence") and not self.primary:
             # workers come here only once the scheduler promoted this backup
             log.warning("a worker reached this backup: serving shard %d now", self.shard)
             self._promoted()
@@ -308,6 +312,8 @@ class Server:
             self._take_update(peer, msg)
         elif msg.op == "read":
             self._read(peer, msg)
+        elif msg.op == "fence":
+            self.listener.send(peer, self._fence(msg))
         else:
             raise ProtocolError(f"unknown op {msg.op!r}")
 
@@ -532,6 +538,57 @@ class Server:
                 code="bad_clock",
             )
 
+    def _fence(self, msg: Message) -> Message:
+        """The leading worker changes the consistency model (``pslm ctl set consistency``):
+        from ``clock`` on. Once every worker's push for clock - 1 is applied, this server
+        switches, and the replies that let workers read at ``clock`` carry the new model
+        (``mode``): every worker switches at that clock. The clock must lie beyond every read
+        answered so far (under SSP the leader, stopped at its clock, picks one past the bound);
+        from ASP, which has no bound, and to or from local SGD it is refused."""
+        store = self._store()
+        self._worker(msg)
+        mode = Consistency.from_dict(protocol.field(msg, "consistency", dict))
+        clock = protocol.field(msg, "clock", int)
+        if "local" in (mode.kind, self.consistency.kind) or self.consistency.kind == "asp":
+            raise RefusedError(
+                f"cannot change the consistency model from {self.consistency} to {mode}: only "
+                "between bsp and ssp, or to asp",
+                code="refused",
+            )
+        reached = self.read_up_to if self.consistency.asynchronous else store.version
+        if clock <= reached:
+            raise RefusedError(
+                f"a change at clock {clock} comes too late: reads at {reached} were answered",
+                code="bad_clock",
+            )
+        self.fence = (clock, mode)
+        log.info("switching from %s to %s at clock %d", self.consistency, mode, clock)
+        return msg.reply(clock=clock)
+
+    def _switch_if_due(self) -> dict[str, Any]:
+        """Change the consistency model if the fence's clock is reached; returns what the
+        replies sent now carry (``mode``), else nothing."""
+        store = self._store()
+        if self.fence is None:
+            return {}
+        clock, mode = self.fence
+        at = self.gate.slowest if self.consistency.asynchronous else store.version
+        if at < clock:
+            return {}
+        assert self.me is not None
+        self.fence = None
+        was, self.consistency = self.consistency, mode
+        self.gate = StalenessGate(self.me.num_workers, mode.bound)
+        self.gate.clocks = [clock] * self.me.num_workers
+        if not mode.asynchronous:
+            store.version = clock  # BSP: the version is the clock
+            self.clock = Clock()
+        self.read_up_to = clock - 1
+        log.info("consistency model %s -> %s from clock %d", was, mode, clock)
+        if self.backup is not None:
+            self._sync()  # the backup takes the shard and the model whole
+        return {"mode": mode.to_dict()}
+
     def _norm(self, msg: Message) -> None:
         assert self.me is not None
         store = self._store()
@@ -599,14 +656,17 @@ class Server:
 
     def _release_reads(self) -> None:
         """Answer every waiting read the staleness gate now lets through."""
+        mode = self._switch_if_due()
         waiting, self.reads = self.reads, []
         for read in waiting:
-            if not self.gate.ready(read.clock):
+            fenced = self.fence is not None and read.clock >= self.fence[0]
+            if fenced or not self.gate.ready(read.clock):
                 self.reads.append(read)
                 continue
             staleness = self.gate.staleness(read.clock)
             self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
-            extra: dict[str, Any] = {"staleness": staleness}
+            self.read_up_to = max(self.read_up_to, read.clock)
+            extra: dict[str, Any] = {"staleness": staleness, **mode}
             if read.scalars is not None:
                 extra["scalars"] = read.scalars
             self._send_params(read.peer, read.msg, read.selection, **extra)
@@ -662,13 +722,14 @@ class Server:
             return
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
+        mode = self._switch_if_due()  # (the replies tell the workers)
         replies, self.after_update = self.after_update, []
         self.last_scalars, self.last_by = scalars, by
         now = time.monotonic()
         for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
             held = now - clock.arrived[int(r.msg.body.get("share", r.msg.body["worker"]))]
             self._send_params(
-                r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6), by=by
+                r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6), by=by, **mode
             )
         parked, self.parked = self.parked, []
         for peer, msg, min_version, selection in parked:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pslm.errors import ConfigError
+from pslm.ps.consistency import Consistency
 
 SETTINGS = {"lr": "lr", "clip": "clip_norm", "weight_decay": "weight_decay"}
 """What ``set`` may change -> the optimizer field it overrides."""
@@ -45,6 +46,9 @@ class Steering:
     lr: float | None = None
     clip: float | None = None
     weight_decay: float | None = None
+    consistency: str = ""
+    """The consistency model asked for ("": the run's own); the servers switch at a clock
+    the leading worker sets (``pslm.ps.server``'s fence)."""
     paused: bool = False
     checkpoints: int = 0
     """Checkpoints asked for so far (each one is written once, at the clock it takes effect)."""
@@ -62,8 +66,10 @@ class Steering:
             if not values:
                 raise ConfigError("set what? e.g. set lr=3e-4 clip=1.0")
             for key, raw in values.items():
-                new[key] = _setting(key, raw)
-            what = "set " + " ".join(f"{k}={v:g}" for k, v in new.items())
+                new[key] = _consistency(raw) if key == "consistency" else _setting(key, raw)
+            what = "set " + " ".join(
+                f"{k}={v}" if isinstance(v, str) else f"{k}={v:g}" for k, v in new.items()
+            )
         elif values:
             raise ConfigError(f"{action} takes no values")
         elif action == "pause":
@@ -104,6 +110,8 @@ class Steering:
                 _setting(key, value)
         if not isinstance(doc.paused, bool) or not isinstance(doc.checkpoints, int):
             raise ConfigError("bad steering document: paused, checkpoints")
+        if doc.consistency:
+            _consistency(doc.consistency)
         return doc
 
 
@@ -152,21 +160,20 @@ class SteeringLog:
         return cls()
 
 
-def parse_assignments(items: list[str]) -> dict[str, float]:
-    """``["lr=3e-4", "clip=1"]`` -> {"lr": 0.0003, "clip": 1.0}; ConfigError if malformed."""
-    out: dict[str, float] = {}
+def parse_assignments(items: list[str]) -> dict[str, float | str]:
+    """``["lr=3e-4", "consistency=ssp:3"]`` -> {"lr": 0.0003, "consistency": "ssp:3"};
+    ConfigError if malformed."""
+    out: dict[str, float | str] = {}
     for item in items:
         key, eq, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not eq:
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
         if key == "consistency":
-            raise ConfigError(
-                "changing the consistency model of a running job is not supported yet: it is "
-                "chosen when the job starts (--consistency)"
-            )
+            out[key] = _consistency(raw)
+            continue
         if key not in SETTINGS:
-            raise ConfigError(f"cannot set {key!r}; settable: {', '.join(SETTINGS)}")
+            raise ConfigError(f"cannot set {key!r}; settable: {', '.join(SETTINGS)}, consistency")
         try:
             out[key] = float(raw)
         except ValueError:
@@ -174,9 +181,19 @@ def parse_assignments(items: list[str]) -> dict[str, float]:
     return out
 
 
+def _consistency(raw: Any) -> str:
+    """A consistency model a running job may change to: bsp, ssp:S or asp."""
+    if not isinstance(raw, str):
+        raise ConfigError("consistency must be bsp, ssp:S or asp")
+    mode = Consistency.parse(raw)
+    if mode.kind == "local":
+        raise ConfigError("a running job cannot change to local SGD: choose bsp, ssp:S or asp")
+    return str(mode)
+
+
 def _setting(key: str, raw: Any) -> float:
     if key not in SETTINGS:
-        raise ConfigError(f"cannot set {key!r}; settable: {', '.join(SETTINGS)}")
+        raise ConfigError(f"cannot set {key!r}; settable: {', '.join(SETTINGS)}, consistency")
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ConfigError(f"{key} must be a number")
     value = float(raw)

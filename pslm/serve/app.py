@@ -32,6 +32,7 @@ classifying with a language model), 503 while no parameters are loaded.
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -92,7 +93,7 @@ def create_app(
     """The API; with ``scheduler`` (a live cluster) the dashboard can steer it too."""
     app = FastAPI(title="pslm", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics(served)
-    turns = threading.Semaphore(limits.parallel)
+    turns = Turns(limits.parallel)
     app.state.served, app.state.limits, app.state.metrics = served, limits, metrics
 
     class Sampling(BaseModel):
@@ -256,6 +257,31 @@ def _encode(served: ServedModel, text: str) -> list[int]:
     return ids
 
 
+class Turns:
+    """At most ``n`` holders at once, served first come, first served (a plain lock lets one
+    thread take it again and again while others wait: unfair tail latencies)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._held = 0
+
+    def __enter__(self) -> None:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            self._cond.wait_for(lambda: self._held < self.n and self._queue[0] is me)
+            self._queue.popleft()
+            self._held += 1
+            self._cond.notify_all()
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._held -= 1
+            self._cond.notify_all()
+
+
 class _Generation:
     """New text as it is generated, in pieces that end on a whole character (a byte-level
     token may end inside one); ``tokens`` and ``finish_reason`` once it is over."""
@@ -269,9 +295,9 @@ class _Generation:
         stop_text: str | None,
         metrics: "_Metrics",
         kv_cache: bool = True,
-        turns: threading.Semaphore | None = None,
+        turns: "Turns | None" = None,
     ):
-        self.turns = turns or threading.Semaphore(1)
+        self.turns = turns or Turns(1)
         self.served, self.stop_text, self.metrics = served, stop_text, metrics
         self.tokens = 0
         self.finish_reason = "length"

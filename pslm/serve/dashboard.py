@@ -36,7 +36,7 @@ MAX_RECORDS = 5000
 class CtlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Literal["set", "pause", "resume", "checkpoint", "remove-worker", "add-worker"]
-    values: dict[str, float] = Field(default_factory=dict, max_length=8)
+    values: dict[str, float | str] = Field(default_factory=dict, max_length=8)
     node: str = Field("", max_length=64)
     """remove-worker: which one (e.g. worker-1)."""
 

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import torch
 
-from pslm.errors import Interrupted
+from pslm.errors import Interrupted, RefusedError
 from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import PreparedData, worker_slice
 from pslm.ps.client import Completion, PSClient
@@ -73,7 +73,10 @@ class TrainLoop:
             client, cfg.optim.optimizer(t.steps), Steering.from_dict(start) if start else None
         )
         self.held_s = 0.0  # the last pause (pslm ctl pause), for the next record
-        self.consistency = Consistency.parse(cfg.cluster.consistency)
+        # the run's model, or the one pslm ctl set before the checkpoint it resumes from
+        self.consistency = Consistency.parse(
+            self.live.in_force.consistency or cfg.cluster.consistency
+        )
         self.staleness_max = 0
         self.staleness_hist: dict[int, int] = {}
         self.paused = 0.0  # seconds spent evaluating and checkpointing, not training
@@ -305,6 +308,29 @@ class TrainLoop:
         self._steer(step, done, record)
         return record
 
+    def _fence(self, step: int, mode: Consistency) -> str:
+        """The leader has the servers change the consistency model at a clock no worker has
+        read at yet (pslm ctl set consistency): under BSP the one after the next, under SSP
+        past the bound from its own (it has not pushed ``step`` + 1). Returns what happened."""
+        if self.overlap is not None or self.local is not None:
+            return "the consistency model changes only between bsp, ssp and asp, without overlap"
+        clock = step + 2 + (self.consistency.staleness if self.consistency.asynchronous else 0)
+        try:
+            self.client.fence(clock, mode)
+        except RefusedError as exc:
+            log.warning("the servers refused to change the consistency model: %s", exc)
+            return f"refused: {exc}"
+        return f"{mode} from step {clock}"
+
+    def _new_mode(self, step: int, record: dict[str, Any]) -> None:
+        """The servers changed the consistency model: this worker follows from the next step."""
+        self.consistency = self.client.consistency
+        follow = not self.consistency.asynchronous and self.overlap is None
+        self.keeper.follow = follow
+        self.client.report("shares_move", float(follow))
+        record["consistency"] = {"model": str(self.consistency), "from_step": step + 1}
+        log.info("consistency model %s from step %d", self.consistency, step + 1)
+
     def _scalars(self, loss: float) -> dict[str, float]:
         return {"loss": loss, **self.live.scalars()}
 
@@ -315,6 +341,9 @@ class TrainLoop:
         if doc is None:
             return False
         record.update(self.live.record(doc, step + 1))
+        wanted = Consistency.parse(doc.consistency) if doc.consistency else self.consistency
+        if wanted != self.consistency and self.keeper.leader:
+            record["steering"]["note"] = self._fence(step, wanted)
         if not self.live.checkpoint_asked():
             return False
         if self.consistency.asynchronous or self.local is not None or self.overlap is not None:
@@ -334,6 +363,8 @@ class TrainLoop:
     ) -> None:
         """Evaluate and checkpoint when due, then log the step. A worker whose shares went
         to others meanwhile (it was thought dead) does neither: it trains nothing now."""
+        if self.client.consistency != self.consistency:
+            self._new_mode(step, record)
         checkpoint = self._steer(step, done, record) or checkpoint
         if self.held_s:
             record["paused_s"] = round(self.held_s, 4)
