@@ -73,6 +73,12 @@ To a server (from workers):
                state) written into the existing directory ``path``; refused unless the
                server is at ``version``
 
+    fence      {worker, clock, consistency} (the leading worker; ``pslm ctl set consistency``)
+               -> {clock}: from ``clock`` on, the new model; once every push before it is
+               applied the server switches, and the replies that let workers read at
+               ``clock`` carry {mode: the model}; refused from ASP, to or from local SGD, or if
+               a read at ``clock`` was answered already (``bad_clock``)
+
 To a server (from readers: serving processes, which take no part in training):
     read       {keys, min_version, pull_codec} -> {version} + one tensor per key (keys []:
                the version alone); at once, or under BSP with min_version = version + 1 once

@@ -16,7 +16,9 @@ version every worker has seen, which all of them put in force from clock c + 1 -
 before it, checkpointing after it, and pushing its settings with it, which the servers apply
 to that clock's update. Under SSP and ASP a worker's reply reflects its own push alone, so
 each worker acts on a change at its own next step, and servers apply the newest settings
-they were sent.
+they were sent. A new consistency model is not a setting a push can carry: the leading
+worker has the servers fence a clock for it (the servers' ``fence``), and their replies at
+that clock move every worker over.
 """
 
 from __future__ import annotations
