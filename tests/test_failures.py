@@ -61,7 +61,11 @@ def _worker_pid(run: Path, rank: int) -> int:
     return 0
 
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["worker-1", "worker-0-the-leader"])
+@pytest.mark.parametrize(
+    "victim",
+    [pytest.param(1, marks=pytest.mark.slow), 0],  # (the leader's case is the harder one)
+    ids=["worker-1", "worker-0-the-leader"],
+)
 def test_a_killed_worker_loses_nothing_and_rejoins(setup, victim: int) -> None:
     args = ["train", "--config", setup["config"], "--data", setup["corpus"]]
     whole = setup["root"] / f"whole-{victim}"

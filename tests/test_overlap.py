@@ -39,7 +39,7 @@ def _train(setup: dict[str, Path], name: str, *extra: str | Path) -> Path:
 SAME = ("step", "loss", "val_loss", "version", "bytes_pushed", "bytes_pulled", "lr")
 
 
-@pytest.mark.parametrize("codec", ["none", "bf16"])
+@pytest.mark.parametrize("codec", ["none", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_overlap_changes_nothing_but_when_bytes_travel(setup, codec: str) -> None:
     flags = ["--data", setup["corpus"], "--push-codec", codec, "--pull-codec", codec]
     runs = {o: _train(setup, f"{codec}-{o}", *flags, *(["--overlap"] if o else [])) for o in (0, 1)}
