@@ -280,6 +280,21 @@ def _parser() -> argparse.ArgumentParser:
     _security_args(s)
     s.set_defaults(func=_run_worker)
 
+    s = sub.add_parser("worker", help="train as one worker of a cluster (multi-host jobs)")
+    _scheduler_arg(s)
+    _rank_timeout_args(s, timeout=60.0)
+    s.add_argument("--config", metavar="FILE.toml", help="the job's settings (as pslm train)")
+    s.add_argument("--data", help="corpus: bbc-news, zh-news, a file or directory of text")
+    s.add_argument(
+        "--run-dir",
+        default=EnvDefault("PSLM_RUN_DIR", str, None),
+        help="the run directory, one path every worker and server can write [PSLM_RUN_DIR]",
+    )
+    s.add_argument("--steps", type=int, help="training steps")
+    s.add_argument("--device", help="cpu or cuda[:N]")
+    _security_args(s)
+    s.set_defaults(func=_worker)
+
     s = sub.add_parser("demo", help="train a small MLP on a local parameter-server cluster")
     s.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     s.add_argument("--servers", type=int, default=2, help="server processes (default 2)")
@@ -628,6 +643,29 @@ def _run_worker(args: argparse.Namespace) -> int:
     )
     _role_setup("worker", args)
     run_worker(args.target, cfg, kwargs)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from pslm.ps.client import ClientConfig
+    from pslm.train.config import TrainConfig, load_config
+    from pslm.train.role import worker
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    given = {
+        "data": {"name": args.data} if args.data else {},
+        "train": {k: v for k, v in (("steps", args.steps), ("device", args.device)) if v},
+    }
+    cfg = cfg.override(**{k: d for k, d in given.items() if d})
+    _check_device(cfg.train.device)
+    client = ClientConfig(
+        scheduler=_require(args.scheduler, "--scheduler", "PSLM_SCHEDULER"),
+        rank=args.rank,
+        timeout=args.timeout,
+    )
+    run_dir = Path(_require(args.run_dir, "--run-dir", "PSLM_RUN_DIR"))
+    _role_setup("worker", args)
+    worker(client, cfg, run_dir)
     return 0
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-COMMANDS = ["scheduler", "server", "run-worker", "demo", "bench", "serve"]
+COMMANDS = ["scheduler", "server", "run-worker", "worker", "demo", "bench", "serve", "ctl"]
 
 
 def pslm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -233,6 +233,7 @@ def test_a_killed_scheduler_comes_back_and_the_run_goes_on(setup) -> None:
     assert all(n["state"] == "exited" for n in cluster["nodes"])  # nobody was lost
 
 
+@pytest.mark.slow  # (a restart from the checkpoint: also test_under_ssp_...'s path)
 def test_without_backups_a_killed_server_sends_the_run_back_to_its_checkpoint(setup) -> None:
     """--replicas 0: kill -9 a server; the cluster starts again from the newest checkpoint
     (the workers go back to its step) and the run still ends as an undisturbed one."""
