@@ -347,6 +347,33 @@ def _parser() -> argparse.ArgumentParser:
     _security_args(s)
     s.set_defaults(func=_ctl)
 
+    s = sub.add_parser("plan", help="predict step time and tokens/s; how many servers")
+    s.add_argument("--model", default="gpt2", help="a preset (tiny, small, gpt2, ...)")
+    s.add_argument("--layers", type=int, help="override the preset's layers")
+    s.add_argument("--width", type=int, help="override the preset's width (n_embd)")
+    s.add_argument("--heads", type=int, help="override the preset's attention heads")
+    s.add_argument("--block-size", type=int, help="context length (default: the preset's)")
+    s.add_argument("--vocab", type=int, default=50304, help="vocabulary size (50304)")
+    s.add_argument("--batch-size", type=int, default=512, help="global sequences per step")
+    s.add_argument("--workers", type=int, default=8)
+    s.add_argument("--servers", type=int, help="predict for this many (default: recommend)")
+    s.add_argument("--link-gbps", type=float, default=25.0, help="each node's link (25)")
+    s.add_argument("--latency-us", type=float, default=50.0, help="one-way latency (50)")
+    s.add_argument(
+        "--worker-tflops",
+        type=float,
+        default=100.0,
+        help="what one worker achieves, TFLOP/s (100: a recent GPU at ~40%% of its peak)",
+    )
+    s.add_argument("--push-codec", default="none", help="none, bf16, fp16, int8, topk:R")
+    s.add_argument("--pull-codec", default="none", help="none, bf16, fp16")
+    s.add_argument("--overlap", action="store_true", help="exchange during backward")
+    s.add_argument(
+        "--local", action="store_true", help="this machine's calibration (cores, loopback)"
+    )
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=_plan)
+
     s = sub.add_parser("bench", help="run a benchmark; --json prints one JSON object last")
     s.add_argument(
         "name",
@@ -643,6 +670,60 @@ def _run_worker(args: argparse.Namespace) -> int:
     )
     _role_setup("worker", args)
     run_worker(args.target, cfg, kwargs)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pslm.lm.model import GPTConfig, training_cost
+    from pslm.ps.plan import LOCAL, Hardware, Job, predict, recommend
+
+    overrides = {"vocab_size": args.vocab}
+    for key, value in (("n_layer", args.layers), ("n_embd", args.width), ("n_head", args.heads)):
+        if value is not None:
+            overrides[key] = value
+    if args.block_size is not None:
+        overrides["block_size"] = args.block_size
+    config = GPTConfig.preset(args.model, **overrides)
+    params, flops = training_cost(config)
+    job = Job(
+        params=params,
+        flops_per_token=flops,
+        tokens_per_step=args.batch_size * config.block_size,
+        workers=args.workers,
+        push_codec=args.push_codec,
+        pull_codec=args.pull_codec,
+        overlap=args.overlap,
+    )
+    hw = (
+        LOCAL
+        if args.local
+        else Hardware(
+            worker_tflops=args.worker_tflops,
+            link_gbps=args.link_gbps,
+            latency_s=args.latency_us * 1e-6,
+        )
+    )
+    if args.servers:
+        pick, why = predict(job, hw, args.servers), "as asked"
+    else:
+        pick, why = recommend(job, hw)
+    out = {
+        "model": f"{args.model}: {params / 1e6:.1f}M parameters, {flops / 1e9:.2f} GFLOP/token",
+        "hardware": dataclasses.asdict(hw),
+        **pick.to_dict(),
+        "why": why,
+    }
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0
+    print(out["model"])
+    print(
+        f"{job.workers} workers, {pick.servers} servers: step {pick.step_s * 1e3:.1f} ms "
+        f"(compute {pick.compute_s * 1e3:.1f}, worker link {pick.worker_link_s * 1e3:.1f}, "
+        f"server link {pick.server_link_s * 1e3:.1f}, update {pick.update_s * 1e3:.1f}, "
+        f"latency {pick.latency_s * 1e3:.2f} ms), {pick.tokens_per_s:,.0f} tokens/s"
+    )
+    print(f"bottleneck: {pick.bottleneck}; {why}")
     return 0
 
 

@@ -246,3 +246,12 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+
+def training_cost(config: GPTConfig) -> tuple[float, float]:
+    """A GPT's parameter count and its training FLOPs per token: 6 N + 12 L T d (the
+    estimate of the PaLM paper and nanoGPT), without building its tensors."""
+    with torch.device("meta"):
+        n = GPT(config).num_params()
+    attention = 12 * config.n_layer * config.block_size * config.n_embd
+    return float(n), float(6 * n + attention)
