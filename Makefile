@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,zh]'
+	$(PY) -m pip install -q -e '.[dev,zh,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)

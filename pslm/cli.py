@@ -97,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
     s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
     s.add_argument(
+        "--launcher",
+        choices=["local", "ray"],
+        help="local processes (default) or Ray actors (pip install 'pslm[ray]')",
+    )
+    s.add_argument(
+        "--address",
+        help="--launcher ray: auto, ray://HOST:PORT, HOST:PORT or local (a private Ray here; "
+        "the default unless RAY_ADDRESS is set)",
+    )
+    s.add_argument(
         "--overlap",
         action="store_const",
         const=True,
@@ -379,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
         "name",
         choices=[
             *("transport", "ps", "train", "quality", "consistency", "recovery", "overlap"),
-            "serve",
+            *("serve", "launchers"),
         ],
         help="which benchmark",
     )
@@ -787,6 +797,8 @@ def _train(args: argparse.Namespace) -> int:
             "overlap": args.overlap,
             "secure": args.secure,
             "replicas": args.replicas,
+            "launcher": args.launcher,
+            "ray_address": args.address,
         },
     }
     if args.block_size is not None and args.block_size < 1:

@@ -21,6 +21,7 @@ BENCHES = {
     "recovery": "pslm.bench.recovery",
     "overlap": "pslm.bench.overlap",
     "serve": "pslm.bench.serve",
+    "launchers": "pslm.bench.launchers",
 }
 
 

@@ -117,7 +117,8 @@ class LaunchConfig:
 class Child:
     role: str
     rank: int
-    proc: subprocess.Popen[bytes]
+    proc: Any
+    """A ``subprocess.Popen`` (or what stands for one: ``pslm.ps.raylaunch.ActorProcess``)."""
     log_path: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -377,19 +378,31 @@ class LocalCluster:
             "PSLM_SECURE": "1" if self.cfg.secure else "0",
         }
         child_env.pop("PSLM_SECRET_FILE", None)
-        with open(log_path, "ab" if again else "wb") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pslm", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                process_group=0,
-            )
+        proc = self._popen(role, rank, args, child_env, log_path, again)
         child = Child(role, rank, proc, log_path, args, dict(env or {}))
         if not again:
             self.children.append(child)
         return child
+
+    def _popen(
+        self,
+        role: str,
+        rank: int,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        again: bool,
+    ) -> Any:
+        """Start ``pslm ARGS`` (a Popen; ``pslm.ps.raylaunch`` starts it in a Ray actor)."""
+        with open(log_path, "ab" if again else "wb") as logf:
+            return subprocess.Popen(
+                [sys.executable, "-m", "pslm", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+                process_group=0,
+            )
 
     def _await_address(self, sched: Child, addr_file: Path) -> str:
         deadline = time.monotonic() + self.cfg.start_timeout

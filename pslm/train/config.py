@@ -253,6 +253,11 @@ class ClusterSection:
     secure: bool = False
     """Encrypt all traffic (ZeroMQ CURVE). Either way every node must prove the cluster's
     secret, which the launcher makes up for each run."""
+    launcher: str = "local"
+    """``local`` (processes on this machine) or ``ray`` (Ray actors, ``pslm.ps.raylaunch``)."""
+    ray_address: str = ""
+    """The Ray cluster: ``auto``, ``ray://host:port``, ``local`` (a private one on this
+    machine); empty: ``auto`` if RAY_ADDRESS is set, else ``local``."""
     worker_restarts: int = 3
     """BSP: how many times in all the launcher starts a dead worker again; meanwhile the
     others train its share of every batch, and it gets one back when it rejoins. Other
@@ -285,6 +290,8 @@ class ClusterSection:
             raise ConfigError("need timeout > 0 and 0 < heartbeat_interval < heartbeat_timeout")
         self.consistency = str(Consistency.parse(self.consistency))
         self.push_codec = check_codecs(self.push_codec, self.pull_codec)
+        if self.launcher not in ("local", "ray"):
+            raise ConfigError(f"cluster.launcher must be local or ray, got {self.launcher!r}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -203,7 +203,7 @@ def _launch(
         steering=json.dumps(steering) if (steering := (resume_from or {}).get("steering")) else "",
     )
     left = cfg.cluster.server_restarts if restarts is None else restarts
-    cluster = LocalCluster(launch)
+    cluster = _cluster(cfg, launch)
     try:
         with cluster:
             _follow(cluster, run_dir / "metrics.jsonl", cfg.train.steps, seen)
@@ -230,6 +230,16 @@ def _launch(
         raise
     _summary(run_dir, cfg, time.perf_counter() - started)
     return 0
+
+
+def _cluster(cfg: TrainConfig, launch: LaunchConfig) -> LocalCluster:
+    if cfg.cluster.launcher == "local":
+        return LocalCluster(launch)
+    from pslm.ps.raylaunch import RayCluster
+
+    address = cfg.cluster.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
+    gpus = 1.0 if cfg.train.device.startswith("cuda") else 0.0
+    return RayCluster(launch, address=address, gpus_per_worker=gpus)
 
 
 def _truncate_metrics(path: Path, step: int, last: Any) -> list[dict[str, Any]]:
