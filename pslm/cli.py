@@ -378,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--push-codec", default="none", help="none, bf16, fp16, int8, topk:R")
     s.add_argument("--pull-codec", default="none", help="none, bf16, fp16")
     s.add_argument("--overlap", action="store_true", help="exchange during backward")
+    s.add_argument("--consistency", default="bsp", help="bsp, ssp:S, asp or local:H")
     s.add_argument(
         "--local", action="store_true", help="this machine's calibration (cores, loopback)"
     )
@@ -703,6 +704,7 @@ def _plan(args: argparse.Namespace) -> int:
         push_codec=args.push_codec,
         pull_codec=args.pull_codec,
         overlap=args.overlap,
+        consistency=args.consistency,
     )
     hw = (
         LOCAL

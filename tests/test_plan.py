@@ -41,6 +41,12 @@ def test_the_model_behaves() -> None:
                push_codec="bf16", pull_codec="bf16")  # fmt: skip
     plain = predict(job, hw, 64).worker_link_s
     assert predict(bf16, hw, 64).worker_link_s == pytest.approx(plain / 2)
+    local4 = Job(params=124e6, flops_per_token=8.6e8, tokens_per_step=524_288, workers=64,
+                 consistency="local:4")  # fmt: skip
+    exchange = predict(job, hw, 64).step_s - predict(job, hw, 64).compute_s
+    assert predict(local4, hw, 64).step_s == pytest.approx(
+        predict(job, hw, 64).compute_s + exchange / 4
+    )
     pick, why = recommend(job, hw)
     assert pick.servers == 64 and "32 servers would take" in why
     slow_gpus = Hardware(worker_tflops=1, link_gbps=100)

@@ -5,7 +5,7 @@
     p = predict(job, hw, servers=16)          # Prediction: step_s, tokens_per_s, bottleneck
     best, why = recommend(job, hw)            # the number of servers, and the reason
 
-One BSP step of a worker is its computation, then the exchange: its push and pull cross its
+One step of a worker is its computation, then the exchange: its push and pull cross its
 own link (``2 x params x bytes per value``), every server's link carries its shard to and from
 every worker (``workers / servers`` times that), the server runs the optimizer on its shard,
 and each exchange pays the links' latency. pslm overlaps none of the exchange with compute
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pslm.errors import ConfigError
+from pslm.ps.consistency import Consistency
 
 CODEC_BYTES = {"none": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0}
 
@@ -59,6 +60,10 @@ class Job:
     push_codec: str = "none"
     pull_codec: str = "none"
     overlap: bool = False
+    consistency: str = "bsp"
+    """bsp, ssp:S and asp cost the same here (identical workers: nobody waits for a slower
+    one; with stragglers SSP/ASP gain what BSP loses to them); local:H exchanges every H
+    steps."""
 
     def __post_init__(self) -> None:
         if self.params <= 0 or self.flops_per_token <= 0 or self.tokens_per_step <= 0:
@@ -67,6 +72,7 @@ class Job:
             raise ConfigError("a job needs at least one worker")
         codec_bytes(self.push_codec)
         codec_bytes(self.pull_codec)
+        Consistency.parse(self.consistency)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +132,9 @@ def predict(job: Job, hw: Hardware, servers: int) -> Prediction:
     update = job.params / servers / hw.update_params_per_s
     latency = 2 * hw.latency_s + hw.overhead_s
     exchange = worker_link + server_link + update + latency
+    mode = Consistency.parse(job.consistency)
+    if mode.kind == "local":  # one exchange every H steps
+        exchange /= mode.period
     if job.overlap:  # hidden behind the backward pass, as far as it fits
         exchange = max(exchange - 2 / 3 * compute, worker_link + latency)
     step = compute + exchange
