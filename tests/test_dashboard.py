@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_serve import _start_serve, _stop
-from tests.test_train import CONFIG, _story
+from tests.test_train import start_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
@@ -26,26 +24,7 @@ def test_dashboard_shows_the_cluster_and_pauses_it(tmp_path: Path) -> None:
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     if not Path(CHROMIUM).exists():
         pytest.skip("no chromium: `make test` installs it (Debian package chromium) as root")
-    (tmp_path / "story.txt").write_text(_story())
-    long = CONFIG.replace("steps = 30", "steps = 5000").replace("interval = 10", "interval = 9000")
-    (tmp_path / "long.toml").write_text(long)
-    run = tmp_path / "run"
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pslm",
-            "train",
-            "--config",
-            str(tmp_path / "long.toml"),
-            "--data",
-            str(tmp_path / "story.txt"),
-            "--run-dir",
-            str(run),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    train, run = start_run(tmp_path, 5000, interval=9000)
     serve = None
     try:
         deadline = time.monotonic() + 60
@@ -92,4 +71,4 @@ def test_dashboard_shows_the_cluster_and_pauses_it(tmp_path: Path) -> None:
         if serve is not None:
             _stop(serve)
         train.send_signal(signal.SIGINT)
-        train.wait(timeout=60)
+        train.communicate(timeout=60)

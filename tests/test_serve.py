@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from pslm.ps.reader import ParameterReader
 from pslm.serve.app import Limits, chat_prompt, create_app
 from pslm.serve.model import ServedModel, State
 from tests.conftest import REPO, launch_config
-from tests.test_train import CONFIG, _story, pslm
+from tests.test_train import CONFIG, _story, pslm, start_run
 
 TEXTS = ["the king walked over the river", "国王走过河边的石头", "dark stone, soft light!"] * 20
 
@@ -247,26 +248,8 @@ def test_sixteen_concurrent_requests_streaming_and_not(trained: Path, tmp_path: 
 
 
 def test_serve_follows_a_training_cluster(trained: Path, tmp_path: Path) -> None:
-    root = trained.parent
-    run = tmp_path / "live"
-    long = CONFIG.replace("steps = 30", "steps = 3000").replace("interval = 10", "interval = 1000")
-    (tmp_path / "long.toml").write_text(long)
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pslm",
-            "train",
-            "--config",
-            str(tmp_path / "long.toml"),
-            "--data",
-            str(root / "story.txt"),
-            "--run-dir",
-            str(run),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    shutil.copy(trained.parent / "story.txt", tmp_path / "story.txt")
+    train, run = start_run(tmp_path, 3000, interval=1000, name="live")
     proc = None
     try:
         deadline = time.monotonic() + 60
@@ -298,7 +281,7 @@ def test_serve_follows_a_training_cluster(trained: Path, tmp_path: Path) -> None
         if proc is not None:
             _stop(proc)
         train.send_signal(signal.SIGINT)
-        train.wait(timeout=30)
+        train.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("consistency", ["bsp", "ssp:2"])

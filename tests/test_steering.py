@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from pslm.errors import ConfigError
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
 from pslm.ps.server import Clock, _mean_scalars
 from pslm.ps.steering import KNOWN, Steering, SteeringLog, parse_assignments
-from tests.test_train import CONFIG, _story, pslm
+from tests.test_train import pslm, start_run
 
 
 def test_versions_validate_and_accumulate() -> None:
@@ -84,27 +83,7 @@ def _steered(run: Path, version: int) -> dict[str, Any] | None:
 
 
 def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
-    (tmp_path / "story.txt").write_text(_story())
-    long = CONFIG.replace("steps = 30", "steps = 600").replace("interval = 10", "interval = 5000")
-    (tmp_path / "long.toml").write_text(long)
-    run = tmp_path / "run"
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pslm",
-            "train",
-            "--config",
-            str(tmp_path / "long.toml"),
-            "--data",
-            str(tmp_path / "story.txt"),
-            "--run-dir",
-            str(run),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    train, run = start_run(tmp_path, 600)
     try:
         _wait_for("a step", lambda: _records(run), train)
 
@@ -154,27 +133,7 @@ def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
 
 
 def test_ctl_removes_a_worker_and_adds_one_back(tmp_path: Path) -> None:
-    (tmp_path / "story.txt").write_text(_story())
-    long = CONFIG.replace("steps = 30", "steps = 800").replace("interval = 10", "interval = 5000")
-    (tmp_path / "long.toml").write_text(long)
-    run = tmp_path / "run"
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pslm",
-            "train",
-            "--config",
-            str(tmp_path / "long.toml"),
-            "--data",
-            str(tmp_path / "story.txt"),
-            "--run-dir",
-            str(run),
-        ],  # fmt: skip
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    train, run = start_run(tmp_path, 800)
 
     def ctl(*args: str) -> subprocess.CompletedProcess[str]:
         return pslm("ctl", "--run", run, *args, timeout=30)
@@ -217,14 +176,7 @@ def test_ctl_removes_a_worker_and_adds_one_back(tmp_path: Path) -> None:
 
 
 def test_ctl_changes_the_consistency_model_of_a_running_job(tmp_path: Path) -> None:
-    (tmp_path / "story.txt").write_text(_story())
-    long = CONFIG.replace("steps = 30", "steps = 400").replace("interval = 10", "interval = 5000")
-    (tmp_path / "long.toml").write_text(long)
-    run = tmp_path / "run"
-    train = subprocess.Popen(
-        [sys.executable, "-m", "pslm", "train", "--config", str(tmp_path / "long.toml"),
-         "--data", str(tmp_path / "story.txt"), "--run-dir", str(run), "--slow-worker", "1:3"],
-    )  # fmt: skip
+    train, run = start_run(tmp_path, 400, "--slow-worker", "1:3")
 
     def switched(model: str) -> dict[str, Any] | None:
         return next(
@@ -243,12 +195,12 @@ def test_ctl_changes_the_consistency_model_of_a_running_job(tmp_path: Path) -> N
         back = _wait_for("the change back to bsp", lambda: switched("bsp"), train)["consistency"]
         bad = pslm("ctl", "--run", run, "set", "consistency=local:4", timeout=30)
         assert bad.returncode == 1 and "local SGD" in bad.stderr
-        train.wait(timeout=300)
+        _, err = train.communicate(timeout=300)
     finally:
         if train.poll() is None:
             train.send_signal(signal.SIGINT)
-            train.wait(timeout=60)
-    assert train.returncode == 0
+            train.communicate(timeout=60)
+    assert train.returncode == 0, err
     records = _records(run)
     assert [r["step"] for r in records] == list(range(400))  # every step once, across both
     ssp = [r for r in records if start <= r["step"] < back["from_step"]]

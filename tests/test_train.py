@@ -45,6 +45,23 @@ def _story(n_words: int = 30_000) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_run(
+    tmp_path: Path, steps: int, *extra: str, interval: int = 5000, name: str = "run"
+) -> tuple[subprocess.Popen[str], Path]:
+    """`pslm train` of the tiny CONFIG in the background, ``steps`` steps, evaluating and
+    checkpointing every ``interval``, on tmp_path/story.txt (written if missing): the process
+    (stderr piped) and its run directory."""
+    story = tmp_path / "story.txt"
+    if not story.exists():
+        story.write_text(_story())
+    config = CONFIG.replace("steps = 30", f"steps = {steps}")
+    (tmp_path / "long.toml").write_text(config.replace("interval = 10", f"interval = {interval}"))
+    run = tmp_path / name
+    argv = [sys.executable, "-m", "pslm", "train", "--config", str(tmp_path / "long.toml")]
+    argv += ["--data", str(story), "--run-dir", str(run), *extra]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), run
+
+
 def pslm(*args: str | Path, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pslm", *map(str, args)],

@@ -9,15 +9,12 @@ The API is in ``pslm.serve.app``; what is served, and how it follows the cluster
 
 from __future__ import annotations
 
-import logging
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pslm.errors import ConfigError
-
-log = logging.getLogger("pslm.serve")
 
 
 @dataclass(kw_only=True, slots=True)
