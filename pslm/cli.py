@@ -172,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, metavar="DIR", help="the pretrained run")
     s.add_argument("--task", choices=["classify"], default="classify")
     s.add_argument("--data", required=True, help="bbc-news, zh-sentiment, or JSONL/CSV")
-    s.add_argument("--steps", type=int, help="optimizer steps (300)")
+    s.add_argument("--steps", type=int, help="optimizer steps (600)")
     s.add_argument("--batch-size", type=int, help="GLOBAL texts per step (16)")
     s.add_argument("--lr", type=float, help="peak learning rate (3e-4)")
     s.add_argument("--workers", type=int, help="worker processes (2)")
@@ -183,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--split-seed", type=int, help="seed of the train/val/test split (0)")
     s.add_argument("--folds", type=int, help="k-fold cross-validation: test on one fold of K")
     s.add_argument("--fold", type=int, help="which fold is the test part (0 .. K-1)")
+    s.add_argument(
+        "--pooling", choices=["mean", "last"], help="a window's vector: mean of states or last"
+    )
+    s.add_argument("--windows", type=int, help="read a text as up to N context windows (8)")
     s.add_argument("--device", help="cpu (default) or cuda[:N]")
     s.add_argument("--run-dir", help="run directory (default runs/<data>-ft-<date>-<time>)")
     s.set_defaults(func=_finetune)
@@ -889,7 +893,13 @@ def _finetune(args: argparse.Namespace) -> int:
             "servers": args.servers,
             "consistency": args.consistency,
         },
-        "finetune": {"split_seed": args.split_seed, "folds": args.folds, "fold": args.fold},
+        "finetune": {
+            "split_seed": args.split_seed,
+            "folds": args.folds,
+            "fold": args.fold,
+            "pooling": args.pooling,
+            "windows": args.windows,
+        },
     }
     given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
     overrides = {k: d for k, d in given.items() if d}

@@ -1,5 +1,5 @@
-"""The classification head on a GPT: pooling at each text's last token, loading a pretrained
-trunk, learning."""
+"""The classification head on a GPT: pooling (mean, last token), windows of long texts,
+loading a pretrained trunk, learning."""
 
 from __future__ import annotations
 
@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from pslm.errors import ConfigError
-from pslm.lm.classifier import GPTClassifier, encode_texts
+from pslm.lm.classifier import GPTClassifier, classify, encode_texts
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import CharTokenizer
 
 CONFIG = GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
 
-def test_padding_changes_no_text_and_every_text_is_its_last_token() -> None:
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_padding_changes_no_text(pooling: str) -> None:
     torch.manual_seed(0)
-    model = GPTClassifier(CONFIG, num_labels=3).eval()
+    model = GPTClassifier(CONFIG, num_labels=3, pooling=pooling).eval()
     a, b = torch.randint(1, 20, (5,)), torch.randint(1, 20, (11,))
     batch = torch.zeros(2, 16, dtype=torch.long)
     batch[0, :5], batch[1, :11] = a, b
@@ -26,6 +27,25 @@ def test_padding_changes_no_text_and_every_text_is_its_last_token() -> None:
     torch.testing.assert_close(logits[0], alone[0])
     batch[0, 5:] = 7  # other padding: the same
     torch.testing.assert_close(model(batch, torch.tensor([5, 11]))[0], logits)
+
+
+def test_the_poolings_differ_and_last_reads_the_last_token_only() -> None:
+    torch.manual_seed(0)
+    last = GPTClassifier(CONFIG, num_labels=3, pooling="last").eval()
+    mean = GPTClassifier(CONFIG, num_labels=3, pooling="mean").eval()
+    mean.load_state_dict(last.state_dict())
+    a = torch.randint(1, 20, (1, 9))
+    n = torch.tensor([9])
+    assert not torch.allclose(last(a, n)[0], mean(a, n)[0])
+    # the last token's state, normalised and scored, by hand
+    t = last.transformer
+    x = t.wte(a) + t.wpe(torch.arange(9))
+    for i, block in enumerate(t.h):
+        x = block(x, None, i)
+    torch.testing.assert_close(last(a, n)[0], last.score(t.ln_f(x[:, -1])))
+    torch.testing.assert_close(mean(a, n)[0], mean.score(t.ln_f(x).mean(dim=1)))
+    with pytest.raises(ConfigError, match="pooling"):
+        GPTClassifier(CONFIG, num_labels=3, pooling="max")
 
 
 def test_a_pretrained_trunk_loads_and_the_head_is_new() -> None:
@@ -69,7 +89,28 @@ def test_it_learns_a_toy_task() -> None:
 
 def test_texts_are_cut_padded_and_never_empty() -> None:
     tok = CharTokenizer("abcdef ")
-    x, lengths = encode_texts(tok, ["abc", "", "abcdefabcdef"], block_size=8)
+    enc = encode_texts(tok, ["abc", "", "abcdefabcdef"], block_size=8)
+    x, lengths = enc.x, enc.lengths
     assert x.shape == (3, 8) and lengths.tolist() == [3, 1, 8]
     assert x[1, 0] == tok.eot_id and tok.decode(x[2].tolist()) == "abcdefab"
-    assert (x[0, 3:] == 0).all()
+    assert (x[0, 3:] == 0).all() and enc.offsets.tolist() == [0, 1, 2, 3]
+
+
+def test_long_texts_are_read_in_windows_and_their_logits_averaged() -> None:
+    tok = CharTokenizer("abcdef ")
+    text = "abcdef " * 5  # 35 characters: windows of 8, 8, 8, 8, 3
+    enc = encode_texts(tok, ["ab", text], block_size=8, windows=3)
+    assert enc.offsets.tolist() == [0, 1, 4] and enc.counts().tolist() == [1, 3]
+    assert enc.lengths.tolist() == [2, 8, 8, 8]
+    pieces = [tok.decode(r[:n].tolist()) for r, n in zip(enc.x, enc.lengths, strict=True)]
+    assert pieces[0] == "ab" and "".join(pieces[1:]) == text[:24]
+    torch.manual_seed(4)
+    model = GPTClassifier(CONFIG, num_labels=3).eval()
+    probs = classify(model, enc, batch=2)  # batches that cut through a text's windows
+    assert probs.shape == (2, 3)
+    rows = torch.from_numpy(enc.x[1:].astype("int64"))
+    with torch.no_grad():
+        window_logits, _ = model(rows, torch.from_numpy(enc.lengths[1:].astype("int64")))
+    torch.testing.assert_close(probs[1], torch.softmax(window_logits.mean(dim=0), dim=-1))
+    with pytest.raises(ConfigError, match="windows"):
+        encode_texts(tok, ["ab"], block_size=8, windows=0)

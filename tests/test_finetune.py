@@ -63,6 +63,10 @@ def test_finetune_eval_and_report_end_to_end(pretrained: Path, tmp_path: Path) -
         for name in ("train", "val", "test")
     }
     assert sum(map(len, parts.values())) == len(set().union(*parts.values()))  # disjoint
+    counts = np.diff(np.load(run / "data" / "train_win.npy"))
+    assert counts.min() == 1 and counts.max() > 1  # the longer texts are read in windows
+    model = json.loads((run / "model.json").read_text())
+    assert model["pooling"] == "mean" and model["windows"] == 8
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(40)) and "val_loss" in recs[-1]
     assert recs[-1]["loss"] < recs[0]["loss"]  # it learns

@@ -91,7 +91,7 @@ def load_classifier(
     labels = meta.get("labels")
     if meta.get("task") != "classify" or not isinstance(labels, list) or len(labels) < 2:
         raise ConfigError(f"{run_dir} has no classification head: fine-tune it first")
-    model = GPTClassifier(config, len(labels))
+    model = GPTClassifier(config, len(labels), meta.get("pooling", "last"))
     _load(model, params, path)
     return model.to(device).eval(), _tokenizer(run_dir, config), meta
 
@@ -131,7 +131,9 @@ def assemble(
     labels = meta.get("labels") or []
     with torch.device("meta"):
         model: GPT | GPTClassifier = (
-            GPTClassifier(config, len(labels)) if meta.get("task") == "classify" else GPT(config)
+            GPTClassifier(config, len(labels), meta.get("pooling", "last"))
+            if meta.get("task") == "classify"
+            else GPT(config)
         )
     new: dict[int, torch.nn.Parameter] = {}
     for name, p in model.named_parameters():  # each once: a tied weight stays one tensor

@@ -53,7 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pslm.errors import ConfigError
-from pslm.lm.classifier import GPTClassifier
+from pslm.lm.classifier import GPTClassifier, encode_texts
+from pslm.lm.classifier import classify as classify_texts
 from pslm.lm.generate import stream as token_stream
 from pslm.lm.model import GPT
 from pslm.serve.dashboard import add_dashboard
@@ -222,10 +223,10 @@ def create_app(
         current = state()
         if not isinstance(current.model, GPTClassifier):
             raise ApiError(400, "wrong_task", "this run is a language model: use /v1/generate")
-        ids = served.tokenizer.encode(req.text)[: served.block_size] or [served.tokenizer.eot_id]
+        windows = int(served.meta.get("windows", 1))
+        enc = encode_texts(served.tokenizer, [req.text], served.block_size, windows)
         with torch.inference_mode():
-            logits, _ = current.model(torch.tensor([ids]), torch.tensor([len(ids)]))
-        probs = torch.softmax(logits[0].float(), dim=-1).tolist()
+            probs = classify_texts(current.model, enc)[0].tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         return {
             "label": served.labels[best],

@@ -309,6 +309,12 @@ class FinetuneSection:
     """k-fold cross-validation: 0 splits 80/10/10; k >= 2 tests on fold ``fold`` of k (a run
     per fold covers every text once)."""
     fold: int = 0
+    pooling: str = "mean"
+    """How a window of text becomes one vector: the mean of its final hidden states
+    (``mean``) or the state at its last token (``last``)."""
+    windows: int = 8
+    """A text is read as up to this many windows of the model's context (its first
+    ``windows * block_size`` tokens); its logits are the mean of theirs."""
 
     def __post_init__(self) -> None:
         if self.task not in ("", "classify"):
@@ -319,7 +325,22 @@ class FinetuneSection:
             )
         if self.task and (not self.pretrained or len(self.labels) < 2):
             raise ConfigError("a fine-tuning run needs its pretrained checkpoint and 2+ labels")
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"finetune.pooling must be mean or last, got {self.pooling!r}")
+        if not 1 <= self.windows <= 64:
+            raise ConfigError(f"finetune.windows must lie in [1, 64], got {self.windows}")
         self.labels = [str(x) for x in self.labels]
+
+    def model_meta(self) -> dict[str, Any]:
+        """What a checkpoint's meta says of the task ({} for a language model)."""
+        if not self.task:
+            return {}
+        return {
+            "task": self.task,
+            "labels": self.labels,
+            "pooling": self.pooling,
+            "windows": self.windows,
+        }
 
 
 SECTIONS = {
@@ -405,6 +426,10 @@ class TrainConfig:
         unknown = set(d) - set(SECTIONS) - {"run_dir"}
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
+        finetune = d.get("finetune")
+        if isinstance(finetune, dict) and finetune.get("task") and "pooling" not in finetune:
+            # a fine-tuning run from before pooling and windows: its head read last tokens
+            d = {**d, "finetune": {**finetune, "pooling": "last", "windows": 1}}
         kw: dict[str, Any] = {name: _section(SECTIONS[name], d.get(name, {})) for name in SECTIONS}
         return cls(run_dir=str(d.get("run_dir", "")), **kw)
 

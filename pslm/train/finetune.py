@@ -20,12 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from pslm.errors import ConfigError
 from pslm.lm.checkpoint import latest_checkpoint, load_classifier
-from pslm.lm.classifier import GPTClassifier
+from pslm.lm.classifier import Encoded, GPTClassifier, classify
 from pslm.lm.labelled import Split, load_labelled
 from pslm.lm.tokenizer import load_tokenizer
 from pslm.train.baseline import language_of, run_baseline
@@ -35,7 +32,7 @@ from pslm.train.tasks import ClassifyData, load_data, prepare_classify
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
-        "steps": 300,
+        "steps": 600,
         "batch_size": 16,
         "eval_interval": 50,
         "eval_iters": 8,
@@ -66,6 +63,8 @@ def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]])
         split_seed=cfg.finetune.split_seed,
         folds=cfg.finetune.folds,
         fold=cfg.finetune.fold,
+        pooling=cfg.finetune.pooling,
+        windows=cfg.finetune.windows,
     )
     return replace(cfg, finetune=finetune)
 
@@ -88,7 +87,12 @@ def prepare_run(
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     block = cfg.model.gpt(tokenizer.vocab_size).block_size
     prepared = prepare_classify(
-        run_dir / "data", split, tokenizer, block, Path(cfg.finetune.pretrained)
+        run_dir / "data",
+        split,
+        tokenizer,
+        block,
+        Path(cfg.finetune.pretrained),
+        windows=cfg.finetune.windows,
     )
     (run_dir / "config.toml").write_text(dump_toml(cfg.to_dict()))
     record = {
@@ -103,23 +107,11 @@ def prepare_run(
     return cfg, prepared, split
 
 
-@torch.no_grad()
-def predict(
-    model: GPTClassifier, x: np.ndarray, lengths: np.ndarray, batch: int = 64
-) -> tuple[list[int], list[list[float]]]:
-    """Predicted label indices and probabilities for token arrays ``x``, ``lengths``."""
-    preds: list[int] = []
-    probs: list[list[float]] = []
-    device = next(model.parameters()).device
-    for lo in range(0, len(x), batch):
-        xs = torch.from_numpy(x[lo : lo + batch].astype(np.int64))
-        ls = torch.from_numpy(lengths[lo : lo + batch].astype(np.int64))
-        width = int(ls.max())
-        logits, _ = model(xs[:, :width].to(device), ls.to(device))
-        p = torch.softmax(logits.float(), dim=-1).cpu()
-        preds += p.argmax(dim=-1).tolist()
-        probs += [[round(v, 6) for v in row] for row in p.tolist()]
-    return preds, probs
+def predict(model: GPTClassifier, enc: Encoded) -> tuple[list[int], list[list[float]]]:
+    """Predicted label indices and probabilities of encoded texts (their windows averaged)."""
+    p = classify(model, enc)
+    preds = p.argmax(dim=-1).tolist()
+    return preds, [[round(v, 6) for v in row] for row in p.tolist()]
 
 
 def evaluate_classifier(
@@ -134,11 +126,11 @@ def evaluate_classifier(
         raise ConfigError(f"{run_dir} has no labelled split in data/")
     if data.labels != meta["labels"]:
         raise ConfigError(f"the checkpoint's labels {meta['labels']} are not the split's")
-    x, lengths, y = data.arrays("test")
+    enc, y = data.arrays("test")
     unknown = sorted({int(t) for t in y if not 0 <= int(t) < len(data.labels)})
     if unknown:
         raise ConfigError(f"test labels {unknown} are unknown to the model")
-    preds, probs = predict(model, x, lengths)
+    preds, probs = predict(model, enc)
     report = classification_metrics([int(t) for t in y], preds, data.labels)
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for i, (t, p, pr) in enumerate(zip(y.tolist(), preds, probs, strict=True)):

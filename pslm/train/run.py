@@ -184,8 +184,7 @@ def _launch(
     again from the newest checkpoint (the workers go back to its step), at most
     ``cluster.server_restarts`` times."""
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data_path": str(data.path)}
-    task = {"task": "classify", "labels": cfg.finetune.labels} if cfg.finetune.task else {}
-    write_run_model(run_dir, cfg.model.gpt(data.vocab_size), task)
+    write_run_model(run_dir, cfg.model.gpt(data.vocab_size), cfg.finetune.model_meta())
     launch = LaunchConfig(
         num_servers=cfg.cluster.servers,
         num_workers=cfg.cluster.workers,

@@ -8,8 +8,10 @@
 
 Both draw the global batch of a step from the seed and the step alone, so under BSP results do
 not depend on the number of workers. Fine-tuning data is prepared once per run
-(``prepare_classify``): the split's texts cut to the model's context and padded, in
-``data/{train,val,test}_{x,len,y}.npy``, with the texts themselves in ``data/{split}.jsonl``.
+(``prepare_classify``): the split's texts as windows of the model's context, padded
+(``data/{split}_x.npy``, ``_len.npy``), which windows each text owns (``_win.npy``, offsets),
+the labels (``_y.npy``), and the texts themselves (``data/{split}.jsonl``). A training step
+takes one window of each of its texts, drawn from (seed, step); validation scores windows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pslm.errors import ConfigError
-from pslm.lm.classifier import GPTClassifier, encode_texts
+from pslm.lm.classifier import Encoded, GPTClassifier, encode_texts
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch
 from pslm.lm.labelled import Labelled, Split
 from pslm.lm.model import GPT, GPTConfig
@@ -60,10 +62,16 @@ class ClassifyData:
     def labels(self) -> list[str]:
         return [str(x) for x in self.meta["labels"]]
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token ids (N, T), lengths (N,) and label indices (N,) of ``split``."""
+    def arrays(self, split: str) -> tuple[Encoded, np.ndarray]:
+        """The windows of ``split``'s texts and their label indices (N,)."""
         x, lengths, y = (np.load(self.path / f"{split}_{p}.npy") for p in ("x", "len", "y"))
-        return x, lengths, y
+        win = self.path / f"{split}_win.npy"  # absent in runs from before windows: one each
+        offsets = np.load(win) if win.is_file() else np.arange(len(y) + 1, dtype=np.int64)
+        enc = Encoded(x, lengths, offsets)
+        counts = enc.counts() if len(offsets) == len(y) + 1 else None
+        if counts is None or len(x) != len(lengths) or offsets[-1] != len(x) or counts.min() < 1:
+            raise ConfigError(f"the prepared {split} split in {self.path} is inconsistent")
+        return enc, y
 
     def texts(self, split: str) -> Labelled:
         lines = (self.path / f"{split}.jsonl").read_text().split("\n")
@@ -74,7 +82,12 @@ class ClassifyData:
 
 
 def prepare_classify(
-    path: Path, split: Split, tokenizer: Tokenizer, block_size: int, pretrained: Path
+    path: Path,
+    split: Split,
+    tokenizer: Tokenizer,
+    block_size: int,
+    pretrained: Path,
+    windows: int = 1,
 ) -> ClassifyData:
     """Write a split for fine-tuning into ``path``: token arrays and the texts, and a copy of
     the pretrained model (the run must not depend on another run's checkpoints, which go)."""
@@ -82,9 +95,10 @@ def prepare_classify(
     shutil.copyfile(pretrained / "model.safetensors", path / "pretrained.safetensors")
     for name in SPLITS:
         part: Labelled = getattr(split, name)
-        x, lengths = encode_texts(tokenizer, part.texts, block_size)
-        np.save(path / f"{name}_x.npy", x)
-        np.save(path / f"{name}_len.npy", lengths)
+        enc = encode_texts(tokenizer, part.texts, block_size, windows)
+        np.save(path / f"{name}_x.npy", enc.x)
+        np.save(path / f"{name}_len.npy", enc.lengths)
+        np.save(path / f"{name}_win.npy", enc.offsets)
         np.save(path / f"{name}_y.npy", np.asarray(part.targets, dtype=np.int64))
         with open(path / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for text, target in zip(part.texts, part.targets, strict=True):
@@ -95,6 +109,7 @@ def prepare_classify(
         "vocab_size": tokenizer.vocab_size,
         "labels": split.train.labels,
         "block_size": block_size,
+        "windows": windows,
         "sizes": {name: len(getattr(split, name)) for name in SPLITS},
     }
     (path / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -148,32 +163,35 @@ class LMTask:
 
 
 class ClassifyTask:
-    """Fine-tuning: labelled texts in an order drawn from (seed, epoch), a head on a
-    pretrained GPT."""
+    """Fine-tuning: labelled texts in an order drawn from (seed, epoch), one window of each
+    drawn from (seed, step), a head on a pretrained GPT."""
 
     def __init__(self, cfg: TrainConfig, data: ClassifyData, device: torch.device):
         self.device = device
         self.labels = data.labels
+        self.finetune = cfg.finetune
         self.model_config = cfg.model.gpt(data.vocab_size)
         torch.manual_seed(cfg.train.seed)  # the same new head on every worker
-        model = GPTClassifier(self.model_config, len(self.labels))
+        model = GPTClassifier(self.model_config, len(self.labels), cfg.finetune.pooling)
         pretrained = data.path / "pretrained.safetensors"
         try:
             model.load_pretrained(load_file(str(pretrained)))
         except (OSError, SafetensorError) as exc:
             raise ConfigError(f"cannot read the pretrained model {pretrained}: {exc}") from None
         self.model: GPT | GPTClassifier = model.to(device)
-        self.train = [torch.from_numpy(a.astype(np.int64)) for a in data.arrays("train")]
-        self.val = [torch.from_numpy(a.astype(np.int64)) for a in data.arrays("val")]
+        self.train, self.train_y = data.arrays("train")
+        self.val, self.val_y = data.arrays("val")
         self.seed = cfg.train.seed
         self.batch_size = cfg.train.batch_size
-        if len(self.train[0]) == 0 or len(self.val[0]) == 0:
+        if len(self.train) == 0 or len(self.val) == 0:
             raise ConfigError("the training or validation split is empty")
+        # validation scores every window, with the label of its text
+        self.val_owner = np.repeat(np.arange(len(self.val)), self.val.counts())
 
     def order(self, step: int) -> np.ndarray:
         """The examples of the global batch of ``step``: epoch after epoch, each a permutation
         drawn from (seed, epoch)."""
-        n = len(self.train[0])
+        n = len(self.train)
         at = step * self.batch_size + np.arange(self.batch_size)
         epochs = at // n
         out = np.empty(self.batch_size, dtype=np.int64)
@@ -183,18 +201,29 @@ class ClassifyTask:
             out[mask] = perm[at[mask] % n]
         return out
 
+    def windows(self, step: int) -> np.ndarray:
+        """The rows (windows) of the global batch of ``step``: one of each text's, drawn."""
+        texts = self.order(step)
+        counts = self.train.counts()[texts]
+        draw = np.random.default_rng([self.seed, 11, step]).integers(0, 1 << 30, len(texts))
+        return self.train.offsets[texts] + draw % counts
+
     def batch(self, step: int, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
-        return self._take(self.train, torch.from_numpy(self.order(step)[lo:hi]))
+        rows = self.windows(step)[lo:hi]
+        texts = self.order(step)[lo:hi]
+        return self._take(self.train, rows, self.train_y[texts])
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, ...]:
-        n = len(self.val[0])
-        index = (i * self.batch_size + torch.arange(self.batch_size)) % n
-        return self._take(self.val, index)
+        n = len(self.val_owner)
+        rows = (i * self.batch_size + np.arange(self.batch_size)) % n
+        return self._take(self.val, rows, self.val_y[self.val_owner[rows]])
 
-    def _take(self, arrays: list[torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x, lengths, y = (a[index] for a in arrays)
-        width = int(lengths.max())  # no longer than the longest text of the batch
-        return x[:, :width].to(self.device), lengths.to(self.device), y.to(self.device)
+    def _take(self, enc: Encoded, rows: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, ...]:
+        lengths = torch.from_numpy(enc.lengths[rows].astype(np.int64))
+        width = int(lengths.max())  # no longer than the longest window of the batch
+        x = torch.from_numpy(enc.x[rows, :width].astype(np.int64))
+        y_t = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        return x.to(self.device), lengths.to(self.device), y_t.to(self.device)
 
     def meta(self) -> dict[str, Any]:
-        return {"task": "classify", "labels": self.labels}
+        return self.finetune.model_meta()
