@@ -67,3 +67,15 @@ def test_unknown_keys_and_wrong_types_are_named(tmp_path) -> None:
         path.write_text(text)
         with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
             load_config(path)
+
+
+def test_fine_tuning_runs_from_before_windows_keep_their_last_token_head() -> None:
+    ft = {"task": "classify", "pretrained": "/p", "labels": ["a", "b"]}
+    old = TrainConfig.from_dict({"finetune": ft})
+    assert (old.finetune.pooling, old.finetune.windows) == ("last", 1)
+    assert old.finetune.model_meta()["pooling"] == "last"
+    new = TrainConfig.from_dict({"finetune": {**ft, "pooling": "mean", "windows": 8}})
+    assert (new.finetune.pooling, new.finetune.windows) == ("mean", 8)
+    assert TrainConfig.from_dict({}).finetune.model_meta() == {}
+    with pytest.raises(ConfigError, match="windows"):
+        TrainConfig.from_dict({"finetune": {**ft, "pooling": "mean", "windows": 0}})

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pslm.errors import ConfigError
 
@@ -115,7 +116,13 @@ def _documents(path: Path) -> list[str]:
 
 
 def _jsonl(path: Path) -> list[str]:
-    docs = []
+    return [obj["text"] for _, obj in jsonl_records(path)]
+
+
+def jsonl_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The objects of a JSONL file, each with where it stands (``path:line``); blank lines
+    are skipped. ConfigError at the first line that is not an object with a string ``text``."""
+    records = []
     # split on newlines only: JSON strings may hold U+2028 and friends unescaped
     for n, line in enumerate(_read(path).split("\n"), 1):
         if not line.strip():
@@ -126,8 +133,8 @@ def _jsonl(path: Path) -> list[str]:
             raise ConfigError(f"{path}:{n}: not JSON ({exc})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ConfigError(f"{path}:{n}: each line needs a string field 'text'")
-        docs.append(obj["text"])
-    return docs
+        records.append((f"{path}:{n}", obj))
+    return records
 
 
 def _read(path: Path, fallback: str | None = None) -> str:

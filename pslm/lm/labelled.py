@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from pslm.errors import ConfigError
-from pslm.lm.corpus import bbc_news_files, package_dir, read_bbc
+from pslm.lm.corpus import bbc_news_files, jsonl_records, package_dir, read_bbc
 
 MAX_LABELS = 1000
 
@@ -182,16 +181,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _jsonl(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    for n, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{n}: not JSON ({exc})") from None
-        pairs.append(_pair(obj, f"{path}:{n}"))
-    return pairs
+    return [_pair(obj, where) for where, obj in jsonl_records(path)]
 
 
 def _csv(path: Path) -> list[tuple[str, str]]:
