@@ -3,6 +3,7 @@ loading a pretrained trunk, learning."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,49 @@ def test_long_texts_are_read_in_windows_and_their_logits_averaged() -> None:
     torch.testing.assert_close(probs[1], torch.softmax(window_logits.mean(dim=0), dim=-1))
     with pytest.raises(ConfigError, match="windows"):
         encode_texts(tok, ["ab"], block_size=8, windows=0)
+
+
+def test_a_steps_windows_are_drawn_for_the_global_batch(tmp_path) -> None:
+    """Under BSP any number of workers must train on the same windows: worker r's slice of
+    the global batch is the same whatever the slicing, and long texts get different windows
+    at different steps."""
+    from safetensors.torch import save_file
+
+    from pslm.lm.labelled import Labelled, Split
+    from pslm.train.config import TrainConfig
+    from pslm.train.tasks import ClassifyTask, prepare_classify
+
+    tok = CharTokenizer("abcdef ")
+    texts = [("abcdef " * (1 + i % 6))[: 3 + 5 * i] for i in range(24)]
+    part = Labelled("toy", texts, [i % 2 for i in range(24)], ["x", "y"])
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"preset": "tiny", "block_size": 8},
+            "train": {"batch_size": 6, "seed": 3},
+            "finetune": {"task": "classify", "pretrained": "/p", "labels": ["x", "y"]},
+        }
+    )
+    gpt = GPT(cfg.model.gpt(tok.vocab_size))
+    pretrained = tmp_path / "pre"
+    pretrained.mkdir()
+    params = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    save_file(params, pretrained / "model.safetensors")
+    split = Split(part, part, part)
+    data = prepare_classify(tmp_path / "data", split, tok, 8, pretrained, windows=4)
+    task = ClassifyTask(cfg, data, torch.device("cpu"))
+    drawn = []
+    for step in range(12):
+        whole = task.batch(step, 0, 6)
+        halves = [task.batch(step, 0, 3), task.batch(step, 3, 6)]
+        rows = task.windows(step)
+        assert (rows >= task.train.offsets[task.order(step)]).all()
+        assert (rows < task.train.offsets[task.order(step) + 1]).all()
+        for i in (1, 2):  # lengths and labels
+            assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+        width = whole[0].shape[1]
+        for h, lo in zip(halves, (0, 3), strict=True):
+            assert torch.equal(h[0], whole[0][lo : lo + 3, : h[0].shape[1]])
+            assert (whole[0][lo : lo + 3, h[0].shape[1] : width] == 0).all()
+        drawn.append(dict(zip(task.order(step).tolist(), rows.tolist(), strict=True)))
+    long_text = int(np.argmax(task.train.counts()))
+    assert len({d[long_text] for d in drawn if long_text in d}) > 1
