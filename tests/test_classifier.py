@@ -161,3 +161,6 @@ def test_a_steps_windows_are_drawn_for_the_global_batch(tmp_path) -> None:
         drawn.append(dict(zip(task.order(step).tolist(), rows.tolist(), strict=True)))
     long_text = int(np.argmax(task.train.counts()))
     assert len({d[long_text] for d in drawn if long_text in d}) > 1
+    np.save(tmp_path / "data" / "train_win.npy", np.array([0, 5, 3]))  # a damaged split
+    with pytest.raises(ConfigError, match="inconsistent"):
+        data.arrays("train")

@@ -68,8 +68,14 @@ class ClassifyData:
         win = self.path / f"{split}_win.npy"  # absent in runs from before windows: one each
         offsets = np.load(win) if win.is_file() else np.arange(len(y) + 1, dtype=np.int64)
         enc = Encoded(x, lengths, offsets)
-        counts = enc.counts() if len(offsets) == len(y) + 1 else None
-        if counts is None or len(x) != len(lengths) or offsets[-1] != len(x) or counts.min() < 1:
+        consistent = (
+            offsets.ndim == 1
+            and len(offsets) == len(y) + 1
+            and len(x) == len(lengths) == offsets[-1]
+            and offsets[0] == 0
+            and bool((np.diff(offsets) >= 1).all())
+        )
+        if not consistent:
             raise ConfigError(f"the prepared {split} split in {self.path} is inconsistent")
         return enc, y
 
