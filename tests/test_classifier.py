@@ -149,16 +149,17 @@ def test_a_steps_windows_are_drawn_for_the_global_batch(tmp_path) -> None:
     for step in range(12):
         whole = task.batch(step, 0, 6)
         halves = [task.batch(step, 0, 3), task.batch(step, 3, 6)]
-        rows = task.windows(step)
-        assert (rows >= task.train.offsets[task.order(step)]).all()
-        assert (rows < task.train.offsets[task.order(step) + 1]).all()
+        texts = task.order(step)
+        rows = task.windows(step, texts)
+        assert (rows >= task.train.offsets[texts]).all()
+        assert (rows < task.train.offsets[texts + 1]).all()
         for i in (1, 2):  # lengths and labels
             assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
         width = whole[0].shape[1]
         for h, lo in zip(halves, (0, 3), strict=True):
             assert torch.equal(h[0], whole[0][lo : lo + 3, : h[0].shape[1]])
             assert (whole[0][lo : lo + 3, h[0].shape[1] : width] == 0).all()
-        drawn.append(dict(zip(task.order(step).tolist(), rows.tolist(), strict=True)))
+        drawn.append(dict(zip(texts.tolist(), rows.tolist(), strict=True)))
     long_text = int(np.argmax(task.train.counts()))
     assert len({d[long_text] for d in drawn if long_text in d}) > 1
     np.save(tmp_path / "data" / "train_win.npy", np.array([0, 5, 3]))  # a damaged split

@@ -26,7 +26,7 @@ from pslm.lm.classifier import Encoded, GPTClassifier, classify
 from pslm.lm.labelled import Split, load_labelled
 from pslm.lm.tokenizer import load_tokenizer
 from pslm.train.baseline import language_of, run_baseline
-from pslm.train.config import FinetuneSection, TrainConfig, dump_toml, load_config
+from pslm.train.config import TrainConfig, dump_toml, load_config
 from pslm.train.metrics import classification_metrics
 from pslm.train.tasks import ClassifyData, load_data, prepare_classify
 
@@ -56,15 +56,11 @@ def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]])
         raise ConfigError(f"{pretrained} has no complete checkpoint to fine-tune")
     cfg = TrainConfig(model=base.model, data=replace(base.data, name=data_spec))
     cfg = cfg.override(**DEFAULTS).override(**overrides)
-    finetune = FinetuneSection(
+    finetune = replace(
+        cfg.finetune,
         task="classify",
         pretrained=str(checkpoint.resolve()),
         labels=["?", "?"],  # until the data is read
-        split_seed=cfg.finetune.split_seed,
-        folds=cfg.finetune.folds,
-        fold=cfg.finetune.fold,
-        pooling=cfg.finetune.pooling,
-        windows=cfg.finetune.windows,
     )
     return replace(cfg, finetune=finetune)
 

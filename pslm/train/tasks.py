@@ -207,17 +207,17 @@ class ClassifyTask:
             out[mask] = perm[at[mask] % n]
         return out
 
-    def windows(self, step: int) -> np.ndarray:
-        """The rows (windows) of the global batch of ``step``: one of each text's, drawn."""
-        texts = self.order(step)
+    def windows(self, step: int, texts: np.ndarray) -> np.ndarray:
+        """The rows of the global batch of ``step`` (its ``texts``, from ``order``): one
+        window of each text, drawn."""
         counts = self.train.counts()[texts]
         draw = np.random.default_rng([self.seed, 11, step]).integers(0, 1 << 30, len(texts))
         return self.train.offsets[texts] + draw % counts
 
     def batch(self, step: int, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
-        rows = self.windows(step)[lo:hi]
-        texts = self.order(step)[lo:hi]
-        return self._take(self.train, rows, self.train_y[texts])
+        texts = self.order(step)
+        rows = self.windows(step, texts)[lo:hi]
+        return self._take(self.train, rows, self.train_y[texts[lo:hi]])
 
     def val_batch(self, i: int) -> tuple[torch.Tensor, ...]:
         n = len(self.val_owner)
