@@ -113,6 +113,14 @@ def _parser() -> argparse.ArgumentParser:
         help="push gradients during backward; the next forward waits per layer",
     )
     s.add_argument(
+        "--no-shm",
+        action="store_const",
+        const=False,
+        dest="shm",
+        help="always exchange over the socket, also between processes on this machine "
+        "(default: shared memory there)",
+    )
+    s.add_argument(
         "--secure",
         action="store_const",
         const=True,
@@ -801,6 +809,7 @@ def _train(args: argparse.Namespace) -> int:
             "push_codec": args.push_codec,
             "pull_codec": args.pull_codec,
             "overlap": args.overlap,
+            "shm": args.shm,
             "secure": args.secure,
             "replicas": args.replicas,
             "launcher": args.launcher,

@@ -48,6 +48,10 @@ bodies = st.dictionaries(
             "name",
             "group",
             "address",
+            "segment",
+            "grad",
+            "inbox",
+            "shm",
         ]
     ),
     values,
@@ -129,7 +133,7 @@ def test_server_and_scheduler_survive_random_messages(tmp_path) -> None:
         targets = {
             "server": (
                 client.me.servers[0],
-                ["init", "push", "pull", "norm", "nope"],
+                ["init", "push", "pull", "norm", "attach", "nope"],
                 Message("pull", id=2**62, body={"worker": 0, "min_version": 0}),
             ),
             "scheduler": (

@@ -89,6 +89,7 @@ def reference(
         ("mlp", SGD, "split"),
         ("mlp", ADAM, ""),
         ("transformer", ADAMW, ""),
+        ("transformer", ADAMW, "socket"),
         ("transformer", ADAMW, "overlap"),
         ("transformer", ADAMW, "rows"),
         ("transformer", ADAM, "rows+overlap"),
@@ -98,6 +99,7 @@ def reference(
         "mlp-sgd-nesterov-clip-push-then-pull",
         "mlp-adam-clip",
         "transformer-adamw-clip",
+        "transformer-adamw-clip-socket",
         "transformer-adamw-clip-in-parts",
         "transformer-adamw-clip-sparse-rows",
         "transformer-adam-clip-sparse-rows-in-parts",
@@ -116,6 +118,7 @@ def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, ho
         "split_push_pull": split,
         "overlap": "overlap" in how,
         "rows": rows,
+        "shm": how != "socket",
     }
     lc = launch_config(
         tmp_path, num_servers=2, num_workers=2, worker="tests.workers:train", worker_args=args
@@ -126,6 +129,10 @@ def test_bsp_two_workers_two_servers_match_plain_pytorch(tmp_path, kind, cfg, ho
     got = [load_file(str(tmp_path / f"params-{r}.safetensors")) for r in range(2)]
     logs = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in range(2)]
     assert logs[0]["sum"] == logs[1]["sum"] == {"rank": 3.0}  # barrier values: 1 + 2
+    # servers and workers share this machine: shared memory unless told not to
+    assert logs[0]["shared"] == logs[1]["shared"] == ([] if how == "socket" else [0, 1])
+    through_memory = 2 * STEPS if how in ("", "rows") else 0  # push_pull only
+    assert logs[0]["exchanges"] == logs[1]["exchanges"] == through_memory
     if not split:  # push_pull returned the global batch's loss, the weighted mean of slices
         assert logs[0]["losses"] == logs[1]["losses"]
         assert logs[0]["losses"] == pytest.approx(want_losses, rel=1e-5, abs=1e-6)
@@ -202,6 +209,77 @@ def test_bad_push_is_refused_and_changes_nothing(one_worker_cluster) -> None:
     out = {"w": torch.zeros(8, 8), "b": torch.ones(8)}
     assert client.wait(client.pull(out)).version == 0
     assert torch.equal(out["w"], w) and torch.equal(out["b"], torch.zeros(8))
+    client.close()
+
+
+def test_shared_memory_is_refused_when_it_does_not_hold_up_and_changes_nothing(
+    one_worker_cluster,
+) -> None:
+    from pslm.wire.message import Message
+    from pslm.wire.shm import Segment
+
+    client = _client(one_worker_cluster)
+    w, b = torch.randn(8, 8), torch.zeros(8)
+    client.init({"w": w, "b": b}, OptimizerConfig(name="sgd", lr=1.0), shm=False)
+    assert client.memory is None
+    held = {s: sum(x.length for x in client.slots(s)) for s in range(2)}
+    # a push marked shm from a worker that never attached
+    for s in range(2):
+        msg = Message("push", body={"worker": 0, "clock": 0, "shm": True, "reply_params": True})
+        with pytest.raises(RefusedError, match="no shared memory on this server"):
+            client.channel.request(f"server-{s}", msg)
+    # segments whose regions do not fit or overlap, or that are not what they say
+    size = 2 * max(held.values())
+    seg = Segment.create(size, tag="w0")
+    try:
+        for s, n in held.items():
+            bad = [
+                ({"segment": seg.describe(), "grad": 0, "inbox": size - n + 1}, "do not fit"),
+                ({"segment": seg.describe(), "grad": 0, "inbox": n - 1}, "overlap"),
+                (
+                    {"segment": {**seg.describe(), "fd": 0}, "grad": 0, "inbox": n},
+                    "not the segment",
+                ),
+            ]
+            for body, why in bad:
+                with pytest.raises(RefusedError, match=why) as refused:
+                    client.channel.request(
+                        f"server-{s}", Message("attach", body={"worker": 0, **body})
+                    )
+                assert refused.value.code == "no_shm"
+    finally:
+        seg.close()
+    # nothing changed, and the socket path still trains
+    out = {"w": torch.zeros(8, 8), "b": torch.ones(8)}
+    grads = {"w": torch.ones(8, 8), "b": torch.ones(8)}
+    assert client.wait(client.push_pull(grads, out, clock=0)).version == 1
+    assert torch.equal(out["w"], w - 1) and torch.equal(out["b"], b - 1)
+    client.close()
+
+
+def test_push_pull_through_shared_memory_equals_the_socket(one_worker_cluster) -> None:
+    client = _client(one_worker_cluster)
+    tensors = {"w": torch.randn(300, 100), "b": torch.randn(100)}
+    client.init(
+        {k: v.clone() for k, v in tensors.items()},
+        OptimizerConfig(name="adamw", lr=0.1, clip_norm=1.0),
+        chunk_bytes=40_000,  # several chunks, on both servers
+    )
+    assert client.memory is not None and client.memory.active == {0, 1}
+    socket_out = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    shm_out = {k: torch.zeros_like(v) for k, v in tensors.items()}
+    for step in range(4):
+        grads = {k: torch.randn_like(v) for k, v in tensors.items()}
+        memory = client.memory
+        client.memory = memory if step % 2 else None  # odd steps through memory, even ones not
+        done = client.wait(client.push_pull(grads, shm_out, clock=step))
+        client.memory = memory
+        assert done.version == step + 1
+        assert done.bytes_sent == done.bytes_received == 4 * 30_100  # the same values moved
+        client.wait(client.pull(socket_out))  # a pull always takes the socket
+        for k in tensors:
+            assert torch.equal(shm_out[k], socket_out[k]), (step, k)
+    assert memory.exchanges == 2 * 2  # two steps, two servers
     client.close()
 
 

@@ -27,16 +27,23 @@ def train(
     split_push_pull: bool = False,
     overlap: bool = False,
     rows: bool = False,
+    shm: bool = True,
 ) -> None:
     """BSP training on this worker's slice of each global batch; saves the final parameters.
 
     ``overlap``: each step's exchange goes in parts (``pslm.ps.exchange``), bucket by bucket.
-    ``rows``: the token embedding ``tok.weight`` is a row tensor.
+    ``rows``: the token embedding ``tok.weight`` is a row tensor. ``shm``: push_pull through
+    shared memory (``PSClient.init``).
     """
     model = make_model(kind, seed + client.rank)  # only worker 0's init may matter
     params = dict(model.named_parameters())
     data = {n: p.data for n, p in params.items()}
-    client.init(data, OptimizerConfig.from_dict(optimizer), rows=["tok.weight"] if rows else [])
+    client.init(
+        data,
+        OptimizerConfig.from_dict(optimizer),
+        rows=["tok.weight"] if rows else [],
+        shm=shm,
+    )
     plan = BucketPlan(client, list(reversed(list(params))), bucket_bytes=4096)
     lo = client.rank * batch // client.num_workers
     hi = (client.rank + 1) * batch // client.num_workers
@@ -83,7 +90,13 @@ def train(
         {n: t.contiguous() for n, t in data.items()},
         str(Path(out) / f"params-{client.rank}.safetensors"),
     )
-    summary = {"losses": losses, "sum": total}
+    memory = client.memory
+    summary = {
+        "losses": losses,
+        "sum": total,
+        "shared": sorted(memory.active) if memory is not None else [],
+        "exchanges": memory.exchanges if memory is not None else 0,
+    }
     (Path(out) / f"losses-{client.rank}.json").write_text(json.dumps(summary))
 
 

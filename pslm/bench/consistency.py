@@ -11,7 +11,8 @@ validation loss after ``steps`` steps (every run has then seen the same samples)
 loss at a fixed training time (half of that scenario's BSP run), and the time to reach BSP's
 final validation loss as a fraction of BSP's time. So that they can get there, the runs that
 are not BSP go on for EXTEND x ``steps`` steps, their learning rate at its final value after
-``steps`` (the schedule of the first ``steps`` steps is BSP's). Times leave out evaluating
+``steps`` (the schedule of the first ``steps`` steps is BSP's). Every run exchanges over the
+socket (``cluster.shm`` off), as between machines. Times leave out evaluating
 (under SSP/ASP worker 0 evaluates alone). Plots of validation loss against training time go to
 ``PSLM_BENCH_PLOTS`` (default ``bench-results/``).
 
@@ -115,6 +116,7 @@ def _run(
                 "push_codec": push,
                 "pull_codec": pull,
                 "overlap": overlap == "overlap",
+                "shm": False,  # every byte over the socket, so that codecs are compared fairly
             },
         }
     ).resolved()

@@ -6,8 +6,8 @@ compute (ZeroMQ's I/O threads, the kernel's copies, the server), so there is not
 communication behind. A real link is slower than the CPU and costs it little. This benchmark
 makes one: a network namespace of its own whose loopback is limited to ``RATE`` by a token
 bucket (``tc tbf``; this kernel has no ``netem``, so no added delay), and runs ``pslm bench
-train``'s pslm contender there (2 workers + 1 server, BSP, GPT 4x4x128), with and without
-``cluster.overlap``, in turn, ``rounds`` times.
+train``'s pslm contender there (2 workers + 1 server, BSP, GPT 4x4x128; over the shaped
+socket, ``cluster.shm`` off), with and without ``cluster.overlap``, in turn, ``rounds`` times.
 Reported: tokens/s and the median exposed communication per step (``comm_s``); the part of
 the plain run's communication that overlap hides is 1 - overlap / plain.
 
@@ -34,7 +34,8 @@ import json, sys
 from pathlib import Path
 from pslm.bench import train as bt
 data = bt._synthetic_data(Path(sys.argv[1]) / "data")
-tps, comm = bt._pslm(data, int(sys.argv[3]), Path(sys.argv[1]) / "run", overlap=sys.argv[2] == "1")
+run = Path(sys.argv[1]) / "run"
+tps, comm = bt._pslm(data, int(sys.argv[3]), run, overlap=sys.argv[2] == "1", shm=False)
 print(json.dumps({"tokens_per_s": tps, "comm_s": comm}))
 """
 

@@ -6,13 +6,16 @@ depend on the text). Three contenders, each one thread per process:
 
 - single: one plain PyTorch process, batch 12 (``torch.optim.AdamW(fused=True)``);
 - ddp: ``DistributedDataParallel`` over gloo, 2 processes, 12 sequences each;
-- pslm: ``pslm train``'s own worker loop, 2 workers + 1 server, BSP, 12 sequences each;
-- pslm overlap: the same with ``cluster.overlap`` (pushes during backward, per-module waits in
-  the next forward).
+- pslm: ``pslm train``'s own worker loop, 2 workers + 1 server, BSP, 12 sequences each; workers
+  and server share this machine, so dense values go through shared memory (the default);
+- pslm socket: the same with ``cluster.shm`` off: every byte over ZeroMQ/TCP, as between
+  machines;
+- pslm overlap: the socket run with ``cluster.overlap`` (pushes during backward, per-module
+  waits in the next forward).
 
 tokens/s counts the tokens of the steps after a warm-up; the ideal for 2 workers is twice the
 single process. For pslm also the median exposed communication per step (``comm_s``), and how
-much of it overlap hides. The four run in turn, ``rounds`` times; medians.
+much of the socket run's overlap hides. The five run in turn, ``rounds`` times; medians.
 """
 
 from __future__ import annotations
@@ -50,31 +53,42 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="pslm-bench-train-") as tmp:
         data = _synthetic_data(Path(tmp) / "data")
-        got: dict[str, list[float]] = {"single": [], "ddp": [], "pslm": [], "overlap": []}
-        comm: dict[str, list[float]] = {"pslm": [], "overlap": []}
+        names = ("single", "ddp", "pslm", "socket", "overlap")
+        got: dict[str, list[float]] = {k: [] for k in names}
+        comm: dict[str, list[float]] = {k: [] for k in names[2:]}
         for r in range(rounds):
             got["single"].append(_single(data, steps))
             got["ddp"].append(_ddp(data, steps))
-            for name in ("pslm", "overlap"):
-                tps, c = _pslm(data, steps, Path(tmp) / f"{name}{r}", overlap=name == "overlap")
+            for name in names[2:]:
+                tps, c = _pslm(
+                    data,
+                    steps,
+                    Path(tmp) / f"{name}{r}",
+                    overlap=name == "overlap",
+                    shm=name == "pslm",
+                )
                 got[name].append(tps)
                 comm[name].append(c)
-    single, ddp, ps, ov = (statistics.median(got[k]) for k in ("single", "ddp", "pslm", "overlap"))
-    comm_plain, comm_overlap = (statistics.median(comm[k]) for k in ("pslm", "overlap"))
+    single, ddp, ps, sock, ov = (statistics.median(got[k]) for k in names)
+    comm_shm, comm_sock, comm_overlap = (statistics.median(comm[k]) for k in names[2:])
     return {
         "bench": "train",
         "single_tokens_per_s": round(single),
         "ddp_tokens_per_s": round(ddp),
         "pslm_tokens_per_s": round(ps),
+        "pslm_socket_tokens_per_s": round(sock),
         "pslm_overlap_tokens_per_s": round(ov),
         "pslm_vs_ddp": round(ps / ddp, 3),
+        "pslm_socket_vs_ddp": round(sock / ddp, 3),
         "pslm_overlap_vs_ddp": round(ov / ddp, 3),
         "pslm_vs_ideal": round(ps / (2 * single), 3),
+        "pslm_socket_vs_ideal": round(sock / (2 * single), 3),
         "pslm_overlap_vs_ideal": round(ov / (2 * single), 3),
         "ddp_vs_ideal": round(ddp / (2 * single), 3),
-        "pslm_comm_ms": round(comm_plain * 1e3, 2),
+        "pslm_comm_ms": round(comm_shm * 1e3, 2),
+        "pslm_socket_comm_ms": round(comm_sock * 1e3, 2),
         "pslm_overlap_comm_ms": round(comm_overlap * 1e3, 2),
-        "overlap_hides": round(1 - comm_overlap / comm_plain, 3),
+        "overlap_hides": round(1 - comm_overlap / comm_sock, 3),
         "rounds": {k: [round(v) for v in vs] for k, vs in got.items()},
         "steps": steps,
     }
@@ -199,6 +213,7 @@ def _pslm(
     run_dir: Path,
     *,
     overlap: bool = False,
+    shm: bool = True,
     servers: int = 1,
     replicas: int = 0,
     serve_refresh: float = 0.0,
@@ -231,6 +246,7 @@ def _pslm(
                 "workers": 2,
                 "servers": servers,
                 "overlap": overlap,
+                "shm": shm,
                 "replicas": replicas,
             },
         }

@@ -5,7 +5,8 @@ N bytes of parameters, split evenly over S peer processes, zero-copy frames of <
 pslm: a local cluster with S servers and this process as its only worker, N bytes of parameters
 as 12 equal fp32 tensors (like a small model's layers; 4 MiB chunks spread over the servers), SGD
 with lr 0; each step is one ``push_pull``: gradients up, the server's update, parameters down
-and copied into the caller's tensors. Throughput = 2N / time.
+and copied into the caller's tensors. Throughput = 2N / time. Over the socket (``shm=False``),
+as between machines: this is the network path the raw baselines measure.
 
 Raw, two baselines with S plain pyzmq processes:
 - one-way: N bytes sent, each peer acknowledges with an empty frame; throughput = N / time.
@@ -14,6 +15,9 @@ Raw, two baselines with S plain pyzmq processes:
 
 pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CURVE: every byte
 encrypted), to show what encryption costs.
+
+pslm shm: the same push_pull through shared memory (``PSClient.init``'s default when worker and
+servers share a machine, ``pslm.ps.shared``), to show what the same-machine path saves.
 
 Medians over repetitions, the four measured in turn in one run; ratios are pslm / raw.
 """
@@ -68,15 +72,17 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             _Receivers(servers) as raw,
             _Cluster(servers) as ps,
             _Cluster(servers, secure=True) as secure,
+            _Cluster(servers, shm=True) as shared,
         ):
             for label, nbytes in SIZES.items():
                 n = reps if nbytes < (16 << 20) else max(3, reps // 2)
-                one_way, echo, step, secure_step = _in_turn(
+                one_way, echo, step, secure_step, shm_step = _in_turn(
                     [
                         raw.prepare(nbytes, echo=False),
                         raw.prepare(nbytes, echo=True),
                         ps.prepare(nbytes),
                         secure.prepare(nbytes),
+                        shared.prepare(nbytes),
                     ],
                     n,
                 )
@@ -85,6 +91,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                     "echo": 2 * nbytes / echo / 1e9,
                     "pslm": 2 * nbytes / step / 1e9,
                     "secure": 2 * nbytes / secure_step / 1e9,
+                    "shm": 2 * nbytes / shm_step / 1e9,
                 }
                 rows.append(
                     {
@@ -96,6 +103,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "pslm_step_ms": round(step * 1e3, 2),
                         "pslm_secure_GBps": round(gbps["secure"], 3),
                         "secure_vs_pslm": round(gbps["secure"] / gbps["pslm"], 3),
+                        "pslm_shm_GBps": round(gbps["shm"], 3),
+                        "pslm_shm_step_ms": round(shm_step * 1e3, 2),
+                        "shm_vs_pslm": round(gbps["shm"] / gbps["pslm"], 3),
                         "vs_one_way": round(gbps["pslm"] / gbps["one_way"], 3),
                         "vs_echo": round(gbps["pslm"] / gbps["echo"], 3),
                     }
@@ -186,9 +196,10 @@ class _Cluster:
     on exit.
     """
 
-    def __init__(self, n: int, *, secure: bool = False):
+    def __init__(self, n: int, *, secure: bool = False, shm: bool = False):
         self.n = n
         self.secure = secure
+        self.shm = shm
         self.tmp = tempfile.TemporaryDirectory(prefix="pslm-bench-")
         self.cluster: LocalCluster | None = None
         self.client: PSClient | None = None
@@ -211,7 +222,9 @@ class _Cluster:
         parts = -(-n // TENSORS)
         out = {f"t{i}": t for i, t in enumerate(torch.zeros(n).split(parts))}
         grads = {f"t{i}": t for i, t in enumerate(torch.ones(n).split(parts))}
-        client.init(out, OptimizerConfig(name="sgd", lr=0.0))
+        client.init(out, OptimizerConfig(name="sgd", lr=0.0), shm=self.shm)
+        if self.shm and (client.memory is None or len(client.memory.active) != self.n):
+            raise RuntimeError("the servers did not take shared memory")
         clock = iter(range(1 << 62))
 
         def step() -> None:

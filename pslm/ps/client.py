@@ -17,9 +17,12 @@ A PSClient is not thread-safe: use it from the thread that made it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -32,9 +35,11 @@ from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
 from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
+from pslm.ps.shared import WorkerMemory
 from pslm.ps.steering import Steering
 from pslm.wire.codecs import ErrorFeedback, get_codec
 from pslm.wire.message import Message
+from pslm.wire.shm import available as shm_available
 from pslm.wire.transport import Channel, tcp_address, tune_allocator
 
 log = logging.getLogger("pslm.client")
@@ -95,9 +100,9 @@ class Completion(NamedTuple):
     """For ``push_pull``: the longest time a server held this push before answering (waiting
     for the other workers and applying the update)."""
     bytes_sent: int
-    """Tensor bytes this request sent."""
+    """Tensor bytes this request sent (over the socket or through shared memory)."""
     bytes_received: int
-    """Tensor bytes its replies brought back."""
+    """Tensor bytes its replies brought back (the same)."""
     staleness: int = 0
     """SSP/ASP reads: how many steps behind this worker the slowest worker was (the most
     updates the values may miss)."""
@@ -111,6 +116,22 @@ class _Request:
     expect: dict[int, Expect]  # request id -> what its reply carries
     out: Mapping[str, torch.Tensor] | None
     sent: int = 0  # tensor bytes
+    shared: tuple[int, ...] = ()  # servers it went to through shared memory
+
+
+def on_this_machine(address: str) -> bool:
+    """Whether ``address`` (tcp://host:port) is a loopback address or one of this host's."""
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    try:
+        return host in {socket.gethostname(), *socket.gethostbyname_ex(socket.gethostname())[2]}
+    except OSError:
+        return False
 
 
 class PSClient:
@@ -153,6 +174,8 @@ class PSClient:
         self._clipped = False
         self.feedback = ErrorFeedback(get_codec("none"))
         self.pull_codec = "none"
+        self.memory: WorkerMemory | None = None
+        """Shared memory with the servers on this machine (``init``'s ``shm``)."""
         self._layout: list[list[Slot]] = []
         self._requests: dict[int, _Request] = {}
         self._next_ts = 1
@@ -226,7 +249,9 @@ class PSClient:
         for s, addr in enumerate(table.servers):
             if addr and addr != self.servers[s]:
                 self.servers[s] = addr
-                again = self.channel.reroute(f"server-{s}", addr)
+                if self.memory is not None:
+                    self.memory.drop(s)  # the socket from now on: the new server may be elsewhere
+                again = self.channel.reroute(f"server-{s}", addr, partial(self._unshare, s))
                 for _, msg in self._retained.get(s, []):
                     self.channel.send_unawaited(f"server-{s}", msg)
                     again += 1
@@ -293,6 +318,7 @@ class PSClient:
         rows: Sequence[str] = (),
         restore: str = "",
         clock: int = 0,
+        shm: bool = True,
     ) -> None:
         """Declare the parameters and give the servers their initial values, optimizer and
         consistency model. ``push_codec`` compresses gradients (none, bf16, fp16, int8,
@@ -312,6 +338,10 @@ class PSClient:
 
         A worker that joined late (``late``) only declares the model here: the servers run
         already, and it pulls the parameters of the clock where its share starts.
+
+        ``shm``: ``push_pull`` moves the dense chunks of servers on this machine through shared
+        memory instead of the socket (``pslm.ps.shared``; without compression only), the same
+        values at a fraction of the cost. False: everything takes the socket.
         """
         self.consistency = consistency
         self._clipped = optimizer.clip_norm > 0
@@ -341,6 +371,7 @@ class PSClient:
             for s in range(self.num_servers)
         ]
         if self.late:  # the servers hold the parameters already; pull them at the clock to start
+            self._share_memory(shm)
             return
         if self.rank == 0:
             self._check(tensors, "init", full=True)
@@ -367,6 +398,35 @@ class PSClient:
         self.barrier("pslm.init")
         if self.rank != 0 or restore:
             self.wait(self.pull(tensors, version=0, clock=clock))
+        self._share_memory(shm)
+
+    def _share_memory(self, wanted: bool) -> None:
+        """Offer shared memory to each server on this machine; one that refuses it (another
+        machine after all, another process namespace) stays on the socket."""
+        assert self.keyspace is not None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        plain = self.feedback.codec.name == "none" and self.pull_codec == "none"
+        if not (wanted and plain and shm_available()):
+            return
+        local = [s for s, addr in enumerate(self.servers) if on_this_machine(addr)]
+        memory = WorkerMemory.create(self.keyspace, local, self.rank) if local else None
+        if memory is None:
+            return
+        for s in memory.servers:
+            try:
+                self.channel.request(
+                    f"server-{s}", Message("attach", body=memory.offer(s, worker=self.rank))
+                )
+            except ProtocolError as exc:
+                log.info("server %d stays on the socket: %s", s, exc)
+                memory.drop(s)
+        if memory.active:
+            self.memory = memory
+            log.info("shared memory with the servers on this machine: %s", sorted(memory.active))
+        else:
+            memory.close()
 
     def allocate(self, *, pin_memory: bool = False) -> dict[str, torch.Tensor]:
         """New zeroed fp32 tensors, one per name given to ``init``, laid out for the wire.
@@ -529,8 +589,12 @@ class PSClient:
         except Interrupted:
             self._requests[ts] = req
             raise
+        except BaseException:
+            self._release(req)
+            raise
         finally:
             self._waiting = False
+        self._release(req)
         if req.out is not None:  # every reply checked before any is copied: all or nothing
             for rid, reply in replies.items():
                 self.scatter(reply, req.ids[rid], req.expect[rid], req.out, check_only=True)
@@ -546,7 +610,7 @@ class PSClient:
         received = 0
         staleness = 0
         by: tuple[int, ...] = ()
-        for r in replies.values():
+        for rid, r in replies.items():
             if isinstance(r.body.get("mode"), dict):  # the servers changed consistency model
                 self.consistency = Consistency.from_dict(r.body["mode"])
             staleness = max(staleness, int(r.body.get("staleness", 0)))
@@ -555,6 +619,8 @@ class PSClient:
                 scalars.update({str(k): float(v) for k, v in raw.items()})
             held = max(held, float(r.body.get("held_s", 0.0)))
             received += sum(t.numel() * t.element_size() for t in r.tensors)
+            if r.body.get("shm") and self.memory is not None:
+                received += sum(t.numel() for t in self.memory.inbox(req.ids[rid])) * 4
             if not by and isinstance(r.body.get("by"), list):
                 by = tuple(int(w) for w in r.body["by"])
         return Completion(version, scalars, held, req.sent, received, staleness, by)
@@ -580,6 +646,13 @@ class PSClient:
         self._closed = True
         self.heartbeat.close()
         self.channel.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    def _release(self, req: _Request) -> None:
+        """``req`` is over: its servers' shared regions may take the next push."""
+        if self.memory is not None:
+            self.memory.busy.difference_update(req.shared)
 
     def __enter__(self) -> PSClient:
         return self
@@ -615,10 +688,19 @@ class PSClient:
         ids: dict[int, int] = {}
         expect: dict[int, Expect] = {}
         sent = 0
+        shared: list[int] = []
         for s in range(self.num_servers):
             mine = scalars_for(s, scalars)
             extra: dict[str, Any] = {"scalars": mine} if mine else {}
-            tensors = self._encode_dense(grads, s, body["share"])
+            memory = self.memory
+            if out is not None and memory is not None and memory.ready(s):
+                sent += self._stage(memory, grads, s)
+                memory.exchanges += 1
+                shared.append(s)
+                extra["shm"] = True
+                tensors = []
+            else:
+                tensors = self._encode_dense(grads, s, body["share"])
             row_slots = self._layout[s][self._n_dense(s) :]
             row_tensors, row_expect = self.encode_rows(grads, row_slots, wanted)
             if row_slots:
@@ -631,8 +713,37 @@ class PSClient:
                 copy = Message("push", body=msg.body, tensors=[t.clone() for t in tensors])
                 self._retained.setdefault(s, []).append((clock, copy))
             ids[rid] = s
-            expect[rid] = Expect(pieces=True, rows=row_expect)
-        return self._track(_Request(ids, expect, out, sent))
+            expect[rid] = Expect(pieces=True, rows=row_expect, shared="shm" in extra)
+        if self.memory is not None:
+            self.memory.busy.update(shared)
+        return self._track(_Request(ids, expect, out, sent, tuple(shared)))
+
+    def _stage(self, memory: WorkerMemory, grads: Mapping[str, torch.Tensor], server: int) -> int:
+        """Copy ``server``'s dense chunks of ``grads`` into its gradient region; their bytes."""
+        assert self.keyspace is not None
+        slots = self._layout[server]
+        n = 0
+        pieces = self.keyspace.pieces(server)
+        for dest, (lo, hi) in zip(memory.gradients(server), pieces, strict=True):
+            run = slots[lo:hi]
+            views = [grads[x.name].reshape(-1)[x.offset : x.offset + x.length] for x in run]
+            span = adjacent(views)
+            if span is not None:
+                dest.copy_(span)
+            else:
+                for d, v in zip(dest.split([x.length for x in run]), views, strict=True):
+                    d.copy_(v)
+            n += dest.numel() * 4
+        return n
+
+    def _unshare(self, server: int, msg: Message) -> Message:
+        """A request sent again to ``server``'s new address: a push that went through shared
+        memory carries its staged gradients after all (the new server may be elsewhere)."""
+        if msg.op != "push" or not msg.body.get("shm") or self.memory is None:
+            return msg
+        body = {k: v for k, v in msg.body.items() if k != "shm"}
+        staged = [g.clone() for g in self.memory.gradients(server)]
+        return Message(msg.op, id=msg.id, body=body, tensors=staged + msg.tensors)
 
     def push_header(
         self, clock: int, weight: float, *, reply_params: bool, share: int | None = None
@@ -777,10 +888,15 @@ class PSClient:
         if a tensor has the wrong size; ``check_only``: check, copy nothing)."""
         assert self.keyspace is not None
         pieces = self.keyspace.pieces(server) if expect.pieces else []
+        given: list[torch.Tensor] = []
+        if reply.body.get("shm"):  # the dense pieces are in the inbox
+            if not (expect.shared and expect.pieces and self.memory is not None):
+                raise ProtocolError(f"server {server} answered through memory it was not given")
+            given = self.memory.inbox(server)
         n = len(pieces) + len(expect.runs) + len(expect.rows)
-        if len(reply.tensors) != n:
+        if len(given) + len(reply.tensors) != n:
             raise ProtocolError(f"reply has {len(reply.tensors)} tensors, expected {n}")
-        tensors = iter(reply.tensors)
+        tensors = iter(given + reply.tensors)
         layout = self._layout[server]
         # the finite lists first: zip stops on them before taking from the iterator
         for (lo, hi), t in zip(pieces, tensors, strict=False):

@@ -48,6 +48,8 @@ class Expect:
     pieces: bool = False
     runs: list[list[Slot]] = field(default_factory=list)
     rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
+    shared: bool = False
+    """The pieces may come back through shared memory (``pslm.ps.shared``)."""
 
 
 def adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:

@@ -66,6 +66,7 @@ from pslm.ps.replica import (
     update_message,
 )
 from pslm.ps.shard import Grad, ShardStore, clip_coef
+from pslm.ps.shared import SharedPaths
 from pslm.ps.steering import IN_FORCE, SETTINGS, optimizer_settings
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
@@ -184,6 +185,7 @@ class Server:
         self.read_up_to = 0
         """SSP/ASP: the highest clock a read was answered at."""
         self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
+        self.shared = SharedPaths()  # workers on this machine that push through shared memory
         """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
         """The version of the live settings in force (``pslm.ps.steering``)."""
 
@@ -314,6 +316,10 @@ class Server:
             self._read(peer, msg)
         elif msg.op == "fence":
             self.listener.send(peer, self._fence(msg))
+        elif msg.op == "attach":
+            if not self.primary:
+                raise RefusedError("attach: this server is a backup", code="no_shm")
+            self.listener.send(peer, self.shared.attach(msg, self._worker(msg), self._store()))
         else:
             raise ProtocolError(f"unknown op {msg.op!r}")
 
@@ -375,6 +381,7 @@ class Server:
         """A push, or one part of it (``pslm.ps.parts``); applied once complete."""
         store = self._store()
         worker = self._worker(msg)
+        msg = self.shared.push(msg, worker, store)
         share = self._share(msg, worker)
         clock = protocol.field(msg, "clock", int)
         weight = float(protocol.field(msg, "weight", (int, float), 1.0))
@@ -742,15 +749,14 @@ class Server:
         self, peer: bytes, msg: Message, selection: Selection, **extra: object
     ) -> None:
         store = self._store()
-        tensors = selection.tensors(store)
+        tensors, shm = self.shared.reply(msg, store, selection.tensors(store))
         codec = _pull_codec(msg)
         if not codec.lossless:  # a cast: new tensors, half the bytes
             tensors = [codec.encode(t)[0] for t in tensors]
         self.counts["bytes_out"] += sum(t.nbytes for t in tensors)
+        body = {"version": store.version, **extra, **({"shm": True} if shm else {})}
         tracker = self.listener.send(
-            peer,
-            Message("ok", id=msg.id, body={"version": store.version, **extra}, tensors=tensors),
-            track=True,
+            peer, Message("ok", id=msg.id, body=body, tensors=tensors), track=True
         )
         if tracker is not None and not tracker.done:
             self.trackers.append(tracker)

@@ -250,6 +250,10 @@ class ClusterSection:
     exchanges are rare."""
     bucket_bytes: int = 1 << 20
     """With overlap: gradients travel in buckets of about this many bytes."""
+    shm: bool = True
+    """Workers and servers on the same machine exchange dense values through shared memory
+    instead of the socket (uncompressed, without overlap; ``pslm.ps.shared``). The same
+    values either way; false: the socket always (to measure the network path)."""
     secure: bool = False
     """Encrypt all traffic (ZeroMQ CURVE). Either way every node must prove the cluster's
     secret, which the launcher makes up for each run."""

@@ -511,6 +511,7 @@ class TrainLoop:
             rows=[self.row_name] if self.row_name else [],
             restore=str(self.resume.get("checkpoint", "")),
             clock=self.round if self.consistency.kind == "local" else self.first_step,
+            shm=self.cfg.cluster.shm,
         )
         on_gpu = self.device.type != "cpu"
         self.host = self.client.allocate(pin_memory=on_gpu)

@@ -216,13 +216,18 @@ class Channel:
         self._next_id += 1
         self._conn(name).send(msg)
 
-    def reroute(self, name: str, address: str) -> int:
+    def reroute(
+        self, name: str, address: str, rewrite: Callable[[Message], Message] | None = None
+    ) -> int:
         """``name`` is at ``address`` now: connect there and send it again every request to
-        ``name`` still without a reply (same ids; the peer must take duplicates as such).
-        Returns how many were sent again."""
+        ``name`` still without a reply (same ids; the peer must take duplicates as such),
+        through ``rewrite`` first if given (it keeps the id). Returns how many were sent
+        again."""
         self.connect(name, address)
         again = [i for i, peer in self._pending.items() if peer == name and i not in self._replies]
         for i in again:
+            if rewrite is not None:
+                self._sent[i] = rewrite(self._sent[i])
             self._conns[name].send(self._sent[i])
         return len(again)
 

@@ -1,0 +1,185 @@
+"""Push and pull through shared memory when a worker and a server share a machine.
+
+    mine = WorkerMemory.create(keyspace, servers=[0, 1], rank=0)   # the worker's segment
+    msg = Message("attach", body=mine.offer(0, worker=0))          # sent to server 0
+    mine.stage(0, pieces)          # a push_pull's dense gradients for server 0, into the segment
+    mine.inbox(0)                  # after the reply: server 0's new values, as pieces
+
+    paths = SharedPaths()                                          # the server's side
+    paths.attach(msg, store)       # map the worker's segment (checked; ProtocolError if not)
+    msg = paths.push(msg, worker, store)     # a push whose dense pieces are in the segment
+    tensors = paths.reply(msg, worker, store, tensors)            # write the values, send the rest
+
+A worker's segment holds, for each server on its machine, a gradient region and an inbox, each
+as long as the server's dense chunks (in shard order, the layout of ``KeySpace.pieces``). A
+``push_pull`` marked ``shm`` carries only its row chunks and scalars; the server reads the
+dense gradients from the worker's region, applies the update as for any push, then copies its
+dense values into the worker's inbox and answers with a reply marked ``shm``. The worker copies
+them out of the inbox once every server has answered (all or nothing, as on the socket).
+
+Safe without locks: a worker waits for its ``push_pull`` before it writes the region again, a
+server writes an inbox only while that worker waits, and one ``shm`` request per server is in
+flight at a time. Only dense fp32 chunks without compression go this way; everything else, and
+a shard whose server moved (failover), takes the socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pslm.errors import ProtocolError, RefusedError
+from pslm.ps import protocol
+from pslm.ps.keyspace import KeySpace
+from pslm.ps.shard import ShardStore
+from pslm.wire.message import Message
+from pslm.wire.shm import Segment, attach
+
+
+def _dense_sizes(keyspace: KeySpace, server: int) -> list[int]:
+    """The element count of each of ``server``'s dense pieces."""
+    lengths = [c.length for c in keyspace.shard(server)]
+    return [sum(lengths[lo:hi]) for lo, hi in keyspace.pieces(server)]
+
+
+@dataclass(slots=True)
+class WorkerMemory:
+    """A worker's shared segment: per server on its machine, a gradient region and an inbox."""
+
+    segment: Segment
+    offsets: dict[int, int]
+    """Server -> where its gradient region starts; its inbox follows it."""
+    sizes: dict[int, list[int]]
+    """Server -> its dense pieces' sizes."""
+    active: set[int] = field(default_factory=set)
+    """Servers that take pushes through the segment."""
+    busy: set[int] = field(default_factory=set)
+    """Servers with an ``shm`` request in flight."""
+    exchanges: int = 0
+    """Requests sent through the segment so far (one per server and push_pull)."""
+
+    @classmethod
+    def create(cls, keyspace: KeySpace, servers: Sequence[int], rank: int) -> WorkerMemory | None:
+        """A segment for ``servers`` (those with dense chunks), or None if none has any."""
+        sizes = {s: _dense_sizes(keyspace, s) for s in servers}
+        sizes = {s: v for s, v in sizes.items() if sum(v)}
+        if not sizes:
+            return None
+        offsets, at = {}, 0
+        for s, v in sizes.items():
+            offsets[s] = at
+            at += 2 * sum(v)
+        return cls(Segment.create(at, tag=f"w{rank}"), offsets, sizes, set(offsets))
+
+    @property
+    def servers(self) -> list[int]:
+        """The servers the segment has regions for."""
+        return list(self.offsets)
+
+    def offer(self, server: int, *, worker: int) -> dict[str, Any]:
+        """The body of the ``attach`` request for ``server``."""
+        n = sum(self.sizes[server])
+        at = self.offsets[server]
+        return {"worker": worker, "segment": self.segment.describe(), "grad": at, "inbox": at + n}
+
+    def _region(self, server: int, inbox: bool) -> list[torch.Tensor]:
+        n = sum(self.sizes[server])
+        at = self.offsets[server] + (n if inbox else 0)
+        return list(self.segment.tensor[at : at + n].split(self.sizes[server]))
+
+    def stage(self, server: int, pieces: Sequence[torch.Tensor]) -> None:
+        """Copy a push's dense pieces for ``server`` into its gradient region."""
+        for dest, piece in zip(self._region(server, False), pieces, strict=True):
+            dest.copy_(piece.reshape(-1))
+
+    def gradients(self, server: int) -> list[torch.Tensor]:
+        """The pieces staged for ``server`` (to send them on the socket after all)."""
+        return self._region(server, False)
+
+    def inbox(self, server: int) -> list[torch.Tensor]:
+        """``server``'s reply: its dense values, as pieces."""
+        return self._region(server, True)
+
+    def ready(self, server: int) -> bool:
+        """Whether a push to ``server`` may go through the segment now."""
+        return server in self.active and server not in self.busy
+
+    def drop(self, server: int) -> None:
+        """``server`` takes the socket from now on (its shard moved, or it refused)."""
+        self.active.discard(server)
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+@dataclass(slots=True)
+class _Mapped:
+    name: str
+    grad: list[torch.Tensor]
+    inbox: torch.Tensor
+
+
+class SharedPaths:
+    """A server's view of the segments of the workers on its machine."""
+
+    def __init__(self) -> None:
+        self.by_worker: dict[int, _Mapped] = {}
+
+    def attach(self, msg: Message, worker: int, store: ShardStore) -> Message:
+        """Map the segment an ``attach`` request describes; refused unless its regions fit."""
+        desc = protocol.field(msg, "segment", dict)
+        grad = protocol.field(msg, "grad", int)
+        inbox = protocol.field(msg, "inbox", int)
+        sizes = _dense_sizes(store.keyspace, store.server)
+        n = sum(sizes)
+        numel = desc.get("numel")
+        if not n:
+            raise RefusedError("attach: this server holds no dense chunks", code="no_shm")
+        if not isinstance(numel, int) or not all(
+            0 <= at and at + n <= numel for at in (grad, inbox)
+        ):
+            raise RefusedError("attach: the regions do not fit the segment", code="no_shm")
+        if grad < inbox < grad + n or inbox < grad < inbox + n:
+            raise RefusedError("attach: the regions overlap", code="no_shm")
+        try:
+            memory = attach(desc, min_numel=n)
+        except ProtocolError as exc:
+            raise RefusedError(f"attach: {exc}", code="no_shm") from None
+        self.by_worker[worker] = _Mapped(
+            str(desc["name"]), list(memory[grad : grad + n].split(sizes)), memory[inbox : inbox + n]
+        )
+        return msg.reply()
+
+    def push(self, msg: Message, worker: int, store: ShardStore) -> Message:
+        """``msg`` with its dense pieces read from ``worker``'s segment, if marked ``shm``."""
+        if not msg.body.get("shm"):
+            return msg
+        mapped = self.by_worker.get(worker)
+        if mapped is None:
+            raise RefusedError(
+                f"push: worker {worker} has no shared memory on this server", code="no_shm"
+            )
+        if protocol.field(msg, "keys", (list, type(None)), None) is not None:
+            raise RefusedError("push: shm carries all dense chunks, without keys", code="no_shm")
+        if protocol.field(msg, "codec", str, "none") != "none":
+            raise RefusedError("push: shm carries fp32 gradients only", code="no_shm")
+        if protocol.field(msg, "pull_codec", str, "none") != "none":
+            raise RefusedError("push: shm replies carry fp32 values only", code="no_shm")
+        return Message(msg.op, id=msg.id, body=msg.body, tensors=mapped.grad + msg.tensors)
+
+    def reply(
+        self, msg: Message, store: ShardStore, tensors: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], bool]:
+        """For a reply with ``tensors`` (dense pieces first) to ``msg``: the tensors left to
+        send, and whether the dense values went to the worker's inbox instead."""
+        if not msg.body.get("shm"):
+            return tensors, False
+        mapped = self.by_worker.get(protocol.field(msg, "worker", int))
+        if mapped is None:
+            raise RefusedError("reply: the worker has no shared memory here", code="no_shm")
+        n_pieces = len(store.keyspace.pieces(store.server))
+        mapped.inbox.copy_(store.params[: mapped.inbox.numel()])
+        return tensors[n_pieces:], True
