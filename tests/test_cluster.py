@@ -225,7 +225,8 @@ def test_shared_memory_is_refused_when_it_does_not_hold_up_and_changes_nothing(
     held = {s: sum(x.length for x in client.slots(s)) for s in range(2)}
     # a push marked shm from a worker that never attached
     for s in range(2):
-        msg = Message("push", body={"worker": 0, "clock": 0, "shm": True, "reply_params": True})
+        body = {"worker": 0, "clock": 0, "shm": "pslm-w0-0", "reply_params": True}
+        msg = Message("push", body=body)
         with pytest.raises(RefusedError, match="no shared memory on this server"):
             client.channel.request(f"server-{s}", msg)
     # segments whose regions do not fit or overlap, or that are not what they say
@@ -280,6 +281,11 @@ def test_push_pull_through_shared_memory_equals_the_socket(one_worker_cluster) -
         for k in tensors:
             assert torch.equal(shm_out[k], socket_out[k]), (step, k)
     assert memory.exchanges == 2 * 2  # two steps, two servers
+    from pslm.wire.message import Message
+
+    body = {"worker": 0, "clock": 4, "shm": "pslm-w0-another", "reply_params": True}
+    with pytest.raises(RefusedError, match="no shared memory"):  # not the segment it attached
+        client.channel.request("server-0", Message("push", body=body))
     client.close()
 
 

@@ -697,7 +697,7 @@ class PSClient:
                 sent += self._stage(memory, grads, s)
                 memory.exchanges += 1
                 shared.append(s)
-                extra["shm"] = True
+                extra["shm"] = memory.segment.name
                 tensors = []
             else:
                 tensors = self._encode_dense(grads, s, body["share"])
@@ -739,7 +739,7 @@ class PSClient:
     def _unshare(self, server: int, msg: Message) -> Message:
         """A request sent again to ``server``'s new address: a push that went through shared
         memory carries its staged gradients after all (the new server may be elsewhere)."""
-        if msg.op != "push" or not msg.body.get("shm") or self.memory is None:
+        if msg.op != "push" or "shm" not in msg.body or self.memory is None:
             return msg
         body = {k: v for k, v in msg.body.items() if k != "shm"}
         staged = [g.clone() for g in self.memory.gradients(server)]

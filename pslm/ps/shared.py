@@ -12,10 +12,12 @@
 
 A worker's segment holds, for each server on its machine, a gradient region and an inbox, each
 as long as the server's dense chunks (in shard order, the layout of ``KeySpace.pieces``). A
-``push_pull`` marked ``shm`` carries only its row chunks and scalars; the server reads the
-dense gradients from the worker's region, applies the update as for any push, then copies its
-dense values into the worker's inbox and answers with a reply marked ``shm``. The worker copies
-them out of the inbox once every server has answered (all or nothing, as on the socket).
+``push_pull`` marked ``shm`` (with the segment's name) carries only its row chunks and scalars;
+the server reads the dense gradients from the worker's region, applies the update as for any
+push, then copies its dense values into the worker's inbox and answers with a reply marked
+``shm``. The worker copies them out of the inbox once every server has answered (all or
+nothing, as on the socket). A reply to a request whose segment is no longer the worker's (it
+died and another took its rank) carries the values itself.
 
 Safe without locks: a worker waits for its ``push_pull`` before it writes the region again, a
 server writes an inbox only while that worker waits, and one ``shm`` request per server is in
@@ -154,10 +156,11 @@ class SharedPaths:
         return msg.reply()
 
     def push(self, msg: Message, worker: int, store: ShardStore) -> Message:
-        """``msg`` with its dense pieces read from ``worker``'s segment, if marked ``shm``."""
-        if not msg.body.get("shm"):
+        """``msg`` with its dense pieces read from ``worker``'s segment, if marked ``shm``
+        (with the segment's name)."""
+        if "shm" not in msg.body:
             return msg
-        mapped = self.by_worker.get(worker)
+        mapped = self._mapped(msg, worker)
         if mapped is None:
             raise RefusedError(
                 f"push: worker {worker} has no shared memory on this server", code="no_shm"
@@ -175,11 +178,15 @@ class SharedPaths:
     ) -> tuple[list[torch.Tensor], bool]:
         """For a reply with ``tensors`` (dense pieces first) to ``msg``: the tensors left to
         send, and whether the dense values went to the worker's inbox instead."""
-        if not msg.body.get("shm"):
+        mapped = self._mapped(msg, protocol.field(msg, "worker", int))
+        if mapped is None:  # not through memory, or a worker that died and was replaced
             return tensors, False
-        mapped = self.by_worker.get(protocol.field(msg, "worker", int))
-        if mapped is None:
-            raise RefusedError("reply: the worker has no shared memory here", code="no_shm")
         n_pieces = len(store.keyspace.pieces(store.server))
         mapped.inbox.copy_(store.params[: mapped.inbox.numel()])
         return tensors[n_pieces:], True
+
+    def _mapped(self, msg: Message, worker: int) -> _Mapped | None:
+        """The segment a message marked ``shm`` names, if ``worker`` attached it."""
+        name = msg.body.get("shm")
+        mapped = self.by_worker.get(worker)
+        return mapped if name is not None and mapped is not None and mapped.name == name else None
