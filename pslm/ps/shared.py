@@ -178,8 +178,10 @@ class SharedPaths:
     ) -> tuple[list[torch.Tensor], bool]:
         """For a reply with ``tensors`` (dense pieces first) to ``msg``: the tensors left to
         send, and whether the dense values went to the worker's inbox instead."""
+        if "shm" not in msg.body:  # reads and pulls carry no worker field
+            return tensors, False
         mapped = self._mapped(msg, protocol.field(msg, "worker", int))
-        if mapped is None:  # not through memory, or a worker that died and was replaced
+        if mapped is None:  # a worker that died and was replaced since
             return tensors, False
         n_pieces = len(store.keyspace.pieces(store.server))
         mapped.inbox.copy_(store.params[: mapped.inbox.numel()])
