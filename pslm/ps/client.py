@@ -620,7 +620,7 @@ class PSClient:
             held = max(held, float(r.body.get("held_s", 0.0)))
             received += sum(t.numel() * t.element_size() for t in r.tensors)
             if r.body.get("shm") and self.memory is not None:
-                received += sum(t.numel() for t in self.memory.inbox(req.ids[rid])) * 4
+                received += sum(self.memory.sizes[req.ids[rid]]) * 4
             if not by and isinstance(r.body.get("by"), list):
                 by = tuple(int(w) for w in r.body["by"])
         return Completion(version, scalars, held, req.sent, received, staleness, by)
@@ -694,7 +694,7 @@ class PSClient:
             extra: dict[str, Any] = {"scalars": mine} if mine else {}
             memory = self.memory
             if out is not None and memory is not None and memory.ready(s):
-                sent += self._stage(memory, grads, s)
+                sent += memory.stage(s, self._pack(grads, s))
                 memory.exchanges += 1
                 shared.append(s)
                 extra["shm"] = memory.segment.name
@@ -717,24 +717,6 @@ class PSClient:
         if self.memory is not None:
             self.memory.busy.update(shared)
         return self._track(_Request(ids, expect, out, sent, tuple(shared)))
-
-    def _stage(self, memory: WorkerMemory, grads: Mapping[str, torch.Tensor], server: int) -> int:
-        """Copy ``server``'s dense chunks of ``grads`` into its gradient region; their bytes."""
-        assert self.keyspace is not None
-        slots = self._layout[server]
-        n = 0
-        pieces = self.keyspace.pieces(server)
-        for dest, (lo, hi) in zip(memory.gradients(server), pieces, strict=True):
-            run = slots[lo:hi]
-            views = [grads[x.name].reshape(-1)[x.offset : x.offset + x.length] for x in run]
-            span = adjacent(views)
-            if span is not None:
-                dest.copy_(span)
-            else:
-                for d, v in zip(dest.split([x.length for x in run]), views, strict=True):
-                    d.copy_(v)
-            n += dest.numel() * 4
-        return n
 
     def _unshare(self, server: int, msg: Message) -> Message:
         """A request sent again to ``server``'s new address: a push that went through shared

@@ -185,9 +185,10 @@ class Server:
         self.read_up_to = 0
         """SSP/ASP: the highest clock a read was answered at."""
         self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
-        self.shared = SharedPaths()  # workers on this machine that push through shared memory
         """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
         """The version of the live settings in force (``pslm.ps.steering``)."""
+        self.shared = SharedPaths()
+        """Workers on this machine that push through shared memory (``pslm.ps.shared``)."""
 
     @property
     def local(self) -> bool:

@@ -6,9 +6,9 @@
     mine.inbox(0)                  # after the reply: server 0's new values, as pieces
 
     paths = SharedPaths()                                          # the server's side
-    paths.attach(msg, store)       # map the worker's segment (checked; ProtocolError if not)
+    paths.attach(msg, worker, store)         # map the worker's segment (RefusedError if it is off)
     msg = paths.push(msg, worker, store)     # a push whose dense pieces are in the segment
-    tensors = paths.reply(msg, worker, store, tensors)            # write the values, send the rest
+    tensors, shm = paths.reply(msg, store, tensors)   # write the values there, send the rest
 
 A worker's segment holds, for each server on its machine, a gradient region and an inbox, each
 as long as the server's dense chunks (in shard order, the layout of ``KeySpace.pieces``). A
@@ -62,6 +62,8 @@ class WorkerMemory:
     """Servers with an ``shm`` request in flight."""
     exchanges: int = 0
     """Requests sent through the segment so far (one per server and push_pull)."""
+    _regions: dict[tuple[int, bool], list[torch.Tensor]] = field(default_factory=dict)
+    """(server, inbox) -> the region's pieces: views of the segment, made once."""
 
     @classmethod
     def create(cls, keyspace: KeySpace, servers: Sequence[int], rank: int) -> WorkerMemory | None:
@@ -74,7 +76,13 @@ class WorkerMemory:
         for s, v in sizes.items():
             offsets[s] = at
             at += 2 * sum(v)
-        return cls(Segment.create(at, tag=f"w{rank}"), offsets, sizes, set(offsets))
+        memory = cls(Segment.create(at, tag=f"w{rank}"), offsets, sizes, set(offsets))
+        for s, v in sizes.items():
+            n = sum(v)
+            for inbox in (False, True):
+                start = offsets[s] + (n if inbox else 0)
+                memory._regions[s, inbox] = list(memory.segment.tensor[start : start + n].split(v))
+        return memory
 
     @property
     def servers(self) -> list[int]:
@@ -87,23 +95,19 @@ class WorkerMemory:
         at = self.offsets[server]
         return {"worker": worker, "segment": self.segment.describe(), "grad": at, "inbox": at + n}
 
-    def _region(self, server: int, inbox: bool) -> list[torch.Tensor]:
-        n = sum(self.sizes[server])
-        at = self.offsets[server] + (n if inbox else 0)
-        return list(self.segment.tensor[at : at + n].split(self.sizes[server]))
-
-    def stage(self, server: int, pieces: Sequence[torch.Tensor]) -> None:
-        """Copy a push's dense pieces for ``server`` into its gradient region."""
-        for dest, piece in zip(self._region(server, False), pieces, strict=True):
+    def stage(self, server: int, pieces: Sequence[torch.Tensor]) -> int:
+        """Copy a push's dense pieces for ``server`` into its gradient region; their bytes."""
+        for dest, piece in zip(self._regions[server, False], pieces, strict=True):
             dest.copy_(piece.reshape(-1))
+        return sum(self.sizes[server]) * 4
 
     def gradients(self, server: int) -> list[torch.Tensor]:
         """The pieces staged for ``server`` (to send them on the socket after all)."""
-        return self._region(server, False)
+        return self._regions[server, False]
 
     def inbox(self, server: int) -> list[torch.Tensor]:
         """``server``'s reply: its dense values, as pieces."""
-        return self._region(server, True)
+        return self._regions[server, True]
 
     def ready(self, server: int) -> bool:
         """Whether a push to ``server`` may go through the segment now."""
