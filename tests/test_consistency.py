@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pslm.bench.consistency import clock_bound
 from pslm.errors import ConfigError
 from pslm.ps.consistency import Consistency, StalenessGate
 from tests.test_train import pslm
@@ -44,6 +45,20 @@ def test_gate_lets_a_worker_run_ahead_by_exactly_the_bound() -> None:
     for _ in range(50):
         asp.advance(0)
     assert asp.ready(50) and asp.staleness(50) == 50
+
+
+def test_clock_bound_replays_the_straggler_draws() -> None:
+    def one_pause(rank: int, step: int) -> float:  # worker 1's first step takes 6 units
+        return 5.0 if (rank, step) == (1, 0) else 0.0
+
+    assert clock_bound(lambda r, t: 0.0, 10, 2, 0) == clock_bound(lambda r, t: 0.0, 10, 2, None)
+    assert clock_bound(one_pause, 10, 2, 0) == 15.0  # BSP: everybody waits out the pause
+    # ASP: worker 0 goes on; the 20th share is done at 13 (worker 0: 1..13, worker 1: 6..12)
+    assert clock_bound(one_pause, 10, 2, None) == 13.0
+    ssp = [clock_bound(one_pause, 10, 2, b) for b in (0, 1, 3, None)]
+    assert ssp == sorted(ssp, reverse=True) and ssp[1] > ssp[3]
+    slow = clock_bound(lambda r, t: 1.0 if r == 1 else 0.0, 30, 2, None)  # one 2x slower
+    assert slow == 40.0  # 60 shares: worker 0 trains 40 while worker 1 trains 20
 
 
 def _train(setup: dict[str, Path], name: str, *extra: str) -> Path:

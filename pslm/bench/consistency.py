@@ -16,6 +16,11 @@ socket (``cluster.shm`` off), as between machines. Times leave out evaluating
 (under SSP/ASP worker 0 evaluates alone). Plots of validation loss against training time go to
 ``PSLM_BENCH_PLOTS`` (default ``bench-results/``).
 
+Beside each measured time, the least it could be (``time_bound_vs_bsp``): the straggler
+draws of the run replayed on a model with free communication and a step of one time unit
+(``clock_bound``). It assumes a model needs as many samples as BSP to get to BSP's loss, so a
+run that needs more cannot come under it.
+
 Environment: ``PSLM_SHAKESPEARE`` (the text; default ../shared/data/tinyshakespeare.txt),
 ``PSLM_BENCH_STEPS`` (default 400).
 """
@@ -26,6 +31,7 @@ import json
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ from pslm.errors import ConfigError
 from pslm.lm.corpus import load_corpus
 from pslm.lm.data import PreparedData, prepare
 from pslm.ps.launch import LaunchConfig, LocalCluster
-from pslm.train.config import TrainConfig
+from pslm.train.config import TrainConfig, TrainSection
 
 MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")
 EXTEND = 2
@@ -51,7 +57,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     modes = ("bsp", "bsp+overlap", "asp") if quick else MODES
     codecs = {"none": CODECS["none"]} if quick else CODECS
     scenarios = {"transient": SCENARIOS["transient"]} if quick else SCENARIOS
-    rows = []
+    rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for scenario, (slow, straggle) in scenarios.items():
         runs = {}
@@ -62,7 +68,10 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 runs[(mode, codec)] = recs
                 if codec == "none":
                     curves.setdefault(scenario, {})[mode] = _curve(recs)
-        rows.extend(_rows(scenario, runs, steps))
+        bounds = _bounds(steps, slow, straggle)
+        rows.extend(
+            {**r, "time_bound_vs_bsp": bounds[r["mode"]]} for r in _rows(scenario, runs, steps)
+        )
     plots = _plot(curves, Path(os.environ.get("PSLM_BENCH_PLOTS", "bench-results")))
     return {"bench": "consistency", "steps": steps, "rows": rows, "plots": plots}
 
@@ -131,6 +140,39 @@ def _run(
         with LocalCluster(launch) as cluster:
             cluster.wait(timeout=3600)
         return [json.loads(ln) for ln in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+
+
+def clock_bound(
+    slowdown: Callable[[int, int], float], steps: int, workers: int, bound: int | None
+) -> float:
+    """Time until ``workers`` have trained ``steps`` global batches (``steps`` x ``workers``
+    shares, whoever trains them) when worker r's step t takes ``1 + slowdown(r, t)`` units,
+    communication is free, and a worker starts its step t only once every other one has
+    finished its step t - bound - 1 (``bound`` 0: BSP; None: ASP, which never waits)."""
+    horizon = steps * workers  # no worker can train more shares than all of them
+    done = [[0.0] * horizon for _ in range(workers)]
+    for t in range(horizon):
+        for r in range(workers):
+            start = done[r][t - 1] if t else 0.0
+            if bound is not None and t > bound:
+                start = max(start, *(done[o][t - bound - 1] for o in range(workers) if o != r))
+            done[r][t] = start + 1.0 + slowdown(r, t)
+    return sorted(x for row in done for x in row)[horizon - 1]
+
+
+def _bounds(steps: int, slow: str, straggle: str) -> dict[str, float | None]:
+    """Per mode, ``clock_bound`` for the run's straggler draws as a fraction of BSP's (None
+    for local SGD, whose steps are not all exchanges)."""
+    train = TrainSection(steps=steps, seed=1337, slow_worker=slow, straggle=straggle)
+
+    def draw(rank: int, step: int) -> float:
+        return train.slowdown(rank, step, 2)
+
+    bsp = clock_bound(draw, steps, 2, 0)
+    kinds = {"ssp:1": 1, "ssp:3": 3, "asp": None}
+    out: dict[str, float | None] = {"bsp": 1.0, "bsp+overlap": 1.0, "local:4": None}
+    out.update({m: round(clock_bound(draw, steps, 2, b) / bsp, 3) for m, b in kinds.items()})
+    return out
 
 
 def _curve(recs: list[dict[str, Any]]) -> list[tuple[float, float]]:
