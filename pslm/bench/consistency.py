@@ -45,6 +45,8 @@ MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")
 EXTEND = 2
 """How much longer than BSP the other models may train to reach BSP's final loss."""
 CODECS = {"none": ("none", "none"), "bf16": ("bf16", "bf16"), "topk1%": ("topk:0.01", "none")}
+SEED = 1337
+"""Every run's seed: its initial values, batches and straggler draws."""
 SCENARIOS = {"none": ("", ""), "transient": ("", "0.1:5"), "persistent": ("1:2", "")}
 
 
@@ -68,7 +70,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 runs[(mode, codec)] = recs
                 if codec == "none":
                     curves.setdefault(scenario, {})[mode] = _curve(recs)
-        bounds = _bounds(steps, slow, straggle)
+        bounds = straggler_bounds(steps, slow, straggle)
         rows.extend(
             {**r, "time_bound_vs_bsp": bounds[r["mode"]]} for r in _rows(scenario, runs, steps)
         )
@@ -116,7 +118,7 @@ def _run(
                 "sample_tokens": 0,
                 "slow_worker": slow,
                 "straggle": straggle,
-                "seed": 1337,
+                "seed": SEED,
             },
             "cluster": {
                 "workers": 2,
@@ -160,10 +162,10 @@ def clock_bound(
     return sorted(x for row in done for x in row)[horizon - 1]
 
 
-def _bounds(steps: int, slow: str, straggle: str) -> dict[str, float | None]:
+def straggler_bounds(steps: int, slow: str, straggle: str) -> dict[str, float | None]:
     """Per mode, ``clock_bound`` for the run's straggler draws as a fraction of BSP's (None
     for local SGD, whose steps are not all exchanges)."""
-    train = TrainSection(steps=steps, seed=1337, slow_worker=slow, straggle=straggle)
+    train = TrainSection(steps=steps, seed=SEED, slow_worker=slow, straggle=straggle)
 
     def draw(rank: int, step: int) -> float:
         return train.slowdown(rank, step, 2)
