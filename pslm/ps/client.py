@@ -620,7 +620,7 @@ class PSClient:
             held = max(held, float(r.body.get("held_s", 0.0)))
             received += sum(t.numel() * t.element_size() for t in r.tensors)
             if r.body.get("shm") and self.memory is not None:
-                received += sum(self.memory.sizes[req.ids[rid]]) * 4
+                received += self.memory.nbytes(req.ids[rid])
             if not by and isinstance(r.body.get("by"), list):
                 by = tuple(int(w) for w in r.body["by"])
         return Completion(version, scalars, held, req.sent, received, staleness, by)

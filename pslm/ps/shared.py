@@ -99,6 +99,10 @@ class WorkerMemory:
         """Copy a push's dense pieces for ``server`` into its gradient region; their bytes."""
         for dest, piece in zip(self._regions[server, False], pieces, strict=True):
             dest.copy_(piece.reshape(-1))
+        return self.nbytes(server)
+
+    def nbytes(self, server: int) -> int:
+        """Bytes of one of ``server``'s regions (what a push or reply moves through it)."""
         return sum(self.sizes[server]) * 4
 
     def gradients(self, server: int) -> list[torch.Tensor]:

@@ -68,8 +68,9 @@ def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]])
 
 def prepare_run(
     cfg: TrainConfig, pretrained: Path, run_dir: Path
-) -> tuple[TrainConfig, ClassifyData, Split]:
-    """Read, clean and split the labelled data; write the run's config, tokenizer and data."""
+) -> tuple[TrainConfig, ClassifyData, dict[str, Any]]:
+    """Read, clean and split the labelled data; write the run's config, tokenizer and data.
+    Returns the config, the prepared data and what ``data.json`` records of them."""
     data = load_labelled(cfg.data.name)
     f = cfg.finetune
     split = (
@@ -102,7 +103,7 @@ def prepare_run(
         "pretraining_saw": pretraining_saw(pretrained, split),
     }
     (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
-    return cfg, prepared, split
+    return cfg, prepared, record
 
 
 def pretraining_saw(pretrained: Path, split: Split) -> dict[str, int] | None:

@@ -126,13 +126,11 @@ def finetune(
     cfg = replace(ft.plan(pretrained, data_spec, overrides), run_dir=run_dir)
     path = _new_run_dir(cfg, f"{Path(data_spec).name}-ft")
     console.print(f"[bold]pslm finetune[/] {pretrained} -> {path}")
-    cfg, data, split = ft.prepare_run(cfg, pretrained, path)
+    cfg, data, record = ft.prepare_run(cfg, pretrained, path)
     _describe(cfg, data, cfg.data.name)
-    saw = json.loads((path / "data.json").read_text()).get("pretraining_saw") or {}
-    if saw.get("test"):
-        console.print(
-            f"pre-training read {saw['test']} of the {len(split.test)} test texts (unlabelled)"
-        )
+    if (saw := record["pretraining_saw"] or {}).get("test"):
+        tests = record["split"]["test"]
+        console.print(f"pre-training read {saw['test']} of the {tests} test texts (unlabelled)")
     return _launch(cfg, data, path, started, resume_from=None)
 
 
