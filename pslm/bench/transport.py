@@ -8,10 +8,15 @@ with lr 0; each step is one ``push_pull``: gradients up, the server's update, pa
 and copied into the caller's tensors. Throughput = 2N / time. Over the socket (``shm=False``),
 as between machines: this is the network path the raw baselines measure.
 
-Raw, two baselines with S plain pyzmq processes:
+Raw, three baselines with S plain pyzmq processes:
 - one-way: N bytes sent, each peer acknowledges with an empty frame; throughput = N / time.
 - echo: N bytes sent, each peer answers with as many bytes from a buffer of its own (zero-copy):
   the same traffic as a push_pull, with nothing done to it; throughput = 2N / time.
+- floor: echo plus the memory passes a push_pull cannot do without, in plain torch and no pslm
+  code: each peer runs the same fused SGD kernel over the received gradient into its own
+  parameters and answers with them; this process copies the answers into its tensors. It is
+  the least time any implementation of this push_pull takes on the machine (its ratio to raw
+  one-way bounds pslm's), and pslm / floor is what pslm's own code costs.
 
 pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CURVE: every byte
 encrypted), to show what encryption costs.
@@ -43,6 +48,8 @@ SIZES = {"3MiB": 3 << 20, "100MiB": 100 << 20}
 TENSORS = 12
 ECHO = """
 import ctypes, zmq
+import torch
+torch.set_num_threads(1)
 libc = ctypes.CDLL(None)  # the allocator settings pslm uses (tune_allocator), for fairness
 libc.mallopt(-3, 32 << 20), libc.mallopt(-1, 1 << 30), libc.mallopt(-2, 64 << 20)
 s = zmq.Context().socket(zmq.ROUTER)
@@ -51,15 +58,21 @@ print(s.bind_to_random_port("tcp://127.0.0.1"), flush=True)
 replies = {}
 while True:
     frames = s.recv_multipart(copy=False)
-    if len(frames) == 2 and frames[1].bytes == b"stop":
+    mode = frames[1].bytes
+    if len(frames) == 2 and mode == b"stop":
         break
     sizes = tuple(len(f.buffer) for f in frames[2:])
     if sizes not in replies:
-        replies[sizes] = [memoryview(bytearray(n)) for n in sizes]
-    if frames[1].bytes == b"echo":
-        s.send_multipart([frames[0], b"h", *replies[sizes]], copy=False)
-    else:
+        replies[sizes] = [torch.zeros(n // 4) for n in sizes]
+    params = replies[sizes]
+    if mode == b"update":  # SGD, lr 0, as the pslm servers run it
+        grads = [torch.frombuffer(f.buffer, dtype=torch.float32) for f in frames[2:]]
+        torch._fused_sgd_(params, grads, [], weight_decay=0.0, momentum=0.0, lr=0.0,
+                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+    if mode == b"ack":
         s.send_multipart([frames[0], b""])
+    else:
+        s.send_multipart([frames[0], b"h", *[p.numpy() for p in params]], copy=False)
 """
 
 
@@ -76,10 +89,11 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ):
             for label, nbytes in SIZES.items():
                 n = reps if nbytes < (16 << 20) else max(3, reps // 2)
-                one_way, echo, step, secure_step, shm_step = _in_turn(
+                one_way, echo, floor, step, secure_step, shm_step = _in_turn(
                     [
-                        raw.prepare(nbytes, echo=False),
-                        raw.prepare(nbytes, echo=True),
+                        raw.prepare(nbytes, "ack"),
+                        raw.prepare(nbytes, "echo"),
+                        raw.prepare(nbytes, "update"),
                         ps.prepare(nbytes),
                         secure.prepare(nbytes),
                         shared.prepare(nbytes),
@@ -89,6 +103,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 gbps = {
                     "one_way": nbytes / one_way / 1e9,
                     "echo": 2 * nbytes / echo / 1e9,
+                    "floor": 2 * nbytes / floor / 1e9,
                     "pslm": 2 * nbytes / step / 1e9,
                     "secure": 2 * nbytes / secure_step / 1e9,
                     "shm": 2 * nbytes / shm_step / 1e9,
@@ -99,6 +114,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "size": label,
                         "raw_one_way_GBps": round(gbps["one_way"], 3),
                         "raw_echo_GBps": round(gbps["echo"], 3),
+                        "floor_GBps": round(gbps["floor"], 3),
+                        "floor_step_ms": round(floor * 1e3, 2),
                         "pslm_GBps": round(gbps["pslm"], 3),
                         "pslm_step_ms": round(step * 1e3, 2),
                         "pslm_secure_GBps": round(gbps["secure"], 3),
@@ -108,6 +125,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "shm_vs_pslm": round(gbps["shm"] / gbps["pslm"], 3),
                         "vs_one_way": round(gbps["pslm"] / gbps["one_way"], 3),
                         "vs_echo": round(gbps["pslm"] / gbps["echo"], 3),
+                        "floor_vs_one_way": round(gbps["floor"] / gbps["one_way"], 3),
+                        "vs_floor": round(gbps["pslm"] / gbps["floor"], 3),
                     }
                 )
     return {
@@ -115,6 +134,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         "rows": rows,
         "min_vs_one_way": min(r["vs_one_way"] for r in rows),
         "min_vs_echo": min(r["vs_echo"] for r in rows),
+        "min_floor_vs_one_way": min(r["floor_vs_one_way"] for r in rows),
     }
 
 
@@ -163,18 +183,32 @@ class _Receivers:
             raise
         return self
 
-    def prepare(self, nbytes: int, *, echo: bool) -> Any:
-        payload = memoryview(bytearray(nbytes))
-        mode = b"echo" if echo else b"ack"
-        share = nbytes // self.n
-        parts = [payload[i * share : (i + 1) * share] for i in range(self.n)]
-        frames = [[p[i : i + MAX_FRAME] for i in range(0, len(p), MAX_FRAME)] for p in parts]
+    def prepare(self, nbytes: int, mode: str) -> Any:
+        """``mode``: ``ack`` (one-way), ``echo``, or ``update`` (the floor: the peers update
+        and answer, the answers are copied into this process's tensors)."""
+        grads = torch.ones(nbytes // 4)
+        out = torch.zeros(nbytes // 4)
+        share = grads.numel() // self.n
+        parts = [grads[i * share : (i + 1) * share] for i in range(self.n)]
+        outs = [out[i * share : (i + 1) * share] for i in range(self.n)]
+        frames = [
+            [p.numpy()[i : i + MAX_FRAME // 4] for i in range(0, p.numel(), MAX_FRAME // 4)]
+            for p in parts
+        ]
+        tag = mode.encode()
+        copy = mode == "update"
 
         def send() -> None:
             for s, fr in zip(self.socks, frames, strict=True):
-                s.send_multipart([mode, *fr], copy=False)
-            for s in self.socks:
-                s.recv_multipart(copy=False)
+                s.send_multipart([tag, *fr], copy=False)
+            for s, o in zip(self.socks, outs, strict=True):
+                reply = s.recv_multipart(copy=False)
+                if copy:  # as pslm fills the caller's tensors
+                    at = 0
+                    for f in reply[1:]:
+                        got = torch.frombuffer(f.buffer, dtype=torch.float32)
+                        o[at : at + got.numel()].copy_(got)
+                        at += got.numel()
 
         return send
 
