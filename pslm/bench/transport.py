@@ -42,7 +42,7 @@ import zmq
 from pslm.ps.client import ClientConfig, PSClient
 from pslm.ps.launch import LaunchConfig, LocalCluster
 from pslm.ps.optim import OptimizerConfig
-from pslm.wire.message import MAX_FRAME
+from pslm.wire.frames import tensor_to_frames
 
 SIZES = {"3MiB": 3 << 20, "100MiB": 100 << 20}
 TENSORS = 12
@@ -191,10 +191,7 @@ class _Receivers:
         share = grads.numel() // self.n
         parts = [grads[i * share : (i + 1) * share] for i in range(self.n)]
         outs = [out[i * share : (i + 1) * share] for i in range(self.n)]
-        frames = [
-            [p.numpy()[i : i + MAX_FRAME // 4] for i in range(0, p.numel(), MAX_FRAME // 4)]
-            for p in parts
-        ]
+        frames = [tensor_to_frames(p) for p in parts]
         tag = mode.encode()
         copy = mode == "update"
 
