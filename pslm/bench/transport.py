@@ -3,10 +3,11 @@
 N bytes of parameters, split evenly over S peer processes, zero-copy frames of <= 16 MiB.
 
 pslm: a local cluster with S servers and this process as its only worker, N bytes of parameters
-as 12 equal fp32 tensors (like a small model's layers; 4 MiB chunks spread over the servers), SGD
-with lr 0; each step is one ``push_pull``: gradients up, the server's update, parameters down
-and copied into the caller's tensors. Throughput = 2N / time. Over the socket (``shm=False``),
-as between machines: this is the network path the raw baselines measure.
+as 12 equal fp32 tensors (like a small model's layers; 4 MiB chunks spread over the servers) in
+the storage ``PSClient.allocate`` gives them, as a pslm worker keeps its parameters and
+gradients; SGD with lr 0; each step is one ``push_pull``: gradients up, the server's update,
+parameters down and copied into the caller's tensors. Throughput = 2N / time. Over the socket
+(``shm=False``), as between machines: this is the network path the raw baselines measure.
 
 Raw, three baselines with S plain pyzmq processes:
 - one-way: N bytes sent, each peer acknowledges with an empty frame; throughput = N / time.
@@ -251,9 +252,12 @@ class _Cluster:
         client = self.client = PSClient(ClientConfig(scheduler=self.cluster.scheduler_address))
         n = nbytes // 4
         parts = -(-n // TENSORS)
-        out = {f"t{i}": t for i, t in enumerate(torch.zeros(n).split(parts))}
-        grads = {f"t{i}": t for i, t in enumerate(torch.ones(n).split(parts))}
-        client.init(out, OptimizerConfig(name="sgd", lr=0.0), shm=self.shm)
+        initial = {f"t{i}": t for i, t in enumerate(torch.zeros(n).split(parts))}
+        client.init(initial, OptimizerConfig(name="sgd", lr=0.0), shm=self.shm)
+        # the storage a worker gives its parameters and gradients (pslm.train.worker does)
+        out, grads = client.allocate(), client.allocate()
+        for g in grads.values():
+            g.fill_(1.0)
         if self.shm and (client.memory is None or len(client.memory.active) != self.n):
             raise RuntimeError("the servers did not take shared memory")
         clock = iter(range(1 << 62))
