@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pslm.bench.consistency import clock_bound
+from pslm.bench.consistency import clock_bound, straggler_bounds
 from pslm.errors import ConfigError
 from pslm.ps.consistency import Consistency, StalenessGate
 from tests.test_train import pslm
@@ -59,6 +59,16 @@ def test_clock_bound_replays_the_straggler_draws() -> None:
     assert ssp == sorted(ssp, reverse=True) and ssp[1] > ssp[3]
     slow = clock_bound(lambda r, t: 1.0 if r == 1 else 0.0, 30, 2, None)  # one 2x slower
     assert slow == 40.0  # 60 shares: worker 0 trains 40 while worker 1 trains 20
+
+
+def test_straggler_bounds_follow_the_number_of_workers() -> None:
+    calm = straggler_bounds(50, "", "", workers=4)
+    assert calm["ssp:3"] == calm["asp"] == 1.0  # nobody waits when nobody straggles
+    two, four = (straggler_bounds(200, "", "0.1:5", workers=w) for w in (2, 4))
+    for b in (two, four):
+        assert 1.0 >= b["ssp:1"] >= b["ssp:3"] >= b["asp"]  # type: ignore[operator]
+    # BSP waits for the slowest of four, so the others can win more by not waiting
+    assert four["asp"] < two["asp"]  # type: ignore[operator]
 
 
 def _train(setup: dict[str, Path], name: str, *extra: str) -> Path:

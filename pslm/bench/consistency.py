@@ -43,6 +43,8 @@ from pslm.train.config import TrainConfig, TrainSection
 
 MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")
 EXTEND = 2
+WORKERS = 2
+"""Workers of every run here (and of ``straggler_bounds`` unless told otherwise)."""
 """How much longer than BSP the other models may train to reach BSP's final loss."""
 CODECS = {"none": ("none", "none"), "bf16": ("bf16", "bf16"), "topk1%": ("topk:0.01", "none")}
 SEED = 1337
@@ -121,7 +123,7 @@ def _run(
                 "seed": SEED,
             },
             "cluster": {
-                "workers": 2,
+                "workers": WORKERS,
                 "servers": 2,
                 "consistency": consistency,
                 "push_codec": push,
@@ -134,7 +136,7 @@ def _run(
     with tempfile.TemporaryDirectory(prefix="pslm-consistency-") as tmp:
         launch = LaunchConfig(
             num_servers=2,
-            num_workers=2,
+            num_workers=WORKERS,
             worker="pslm.train.worker:run",
             run_dir=tmp,
             worker_args={"config": cfg.to_dict(), "run_dir": tmp, "data_path": str(data.path)},
@@ -162,18 +164,20 @@ def clock_bound(
     return sorted(x for row in done for x in row)[horizon - 1]
 
 
-def straggler_bounds(steps: int, slow: str, straggle: str) -> dict[str, float | None]:
+def straggler_bounds(
+    steps: int, slow: str, straggle: str, workers: int = WORKERS
+) -> dict[str, float | None]:
     """Per mode, ``clock_bound`` for the run's straggler draws as a fraction of BSP's (None
     for local SGD, whose steps are not all exchanges)."""
     train = TrainSection(steps=steps, seed=SEED, slow_worker=slow, straggle=straggle)
 
     def draw(rank: int, step: int) -> float:
-        return train.slowdown(rank, step, 2)
+        return train.slowdown(rank, step, workers)
 
-    bsp = clock_bound(draw, steps, 2, 0)
+    bsp = clock_bound(draw, steps, workers, 0)
     kinds = {"ssp:1": 1, "ssp:3": 3, "asp": None}
     out: dict[str, float | None] = {"bsp": 1.0, "bsp+overlap": 1.0, "local:4": None}
-    out.update({m: round(clock_bound(draw, steps, 2, b) / bsp, 3) for m, b in kinds.items()})
+    out.update({m: round(clock_bound(draw, steps, workers, b) / bsp, 3) for m, b in kinds.items()})
     return out
 
 
@@ -238,7 +242,7 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], out: Path) ->
             ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=mode)
         ax.set_xlabel("training time (s), evaluations left out")
         ax.set_ylabel("validation loss")
-        ax.set_title(f"tiny Shakespeare, 2 workers, stragglers: {scenario}")
+        ax.set_title(f"tiny Shakespeare, {WORKERS} workers, stragglers: {scenario}")
         ax.legend()
         fig.tight_layout()
         path = out / f"consistency-{scenario}.png"
