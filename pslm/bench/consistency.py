@@ -43,9 +43,9 @@ from pslm.train.config import TrainConfig, TrainSection
 
 MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")
 EXTEND = 2
+"""How much longer than BSP the other models may train to reach BSP's final loss."""
 WORKERS = 2
 """Workers of every run here (and of ``straggler_bounds`` unless told otherwise)."""
-"""How much longer than BSP the other models may train to reach BSP's final loss."""
 CODECS = {"none": ("none", "none"), "bf16": ("bf16", "bf16"), "topk1%": ("topk:0.01", "none")}
 SEED = 1337
 """Every run's seed: its initial values, batches and straggler draws."""
