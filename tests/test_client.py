@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pslm.ps.layout import adjacent
+from pslm.ps.layout import Slot, adjacent, span_of
 
 
 def test_adjacent_views_are_spanned_without_copies() -> None:
@@ -16,3 +16,19 @@ def test_adjacent_views_are_spanned_without_copies() -> None:
     assert adjacent([b, a]) is None  # out of order
     assert adjacent([a, torch.arange(4.0)]) is None  # another storage
     assert adjacent([flat[2:5].half(), flat[5:6].half()]) is None
+
+
+def test_a_run_of_chunks_is_spanned_where_adjacent_would_span_their_views() -> None:
+    flat = torch.arange(12.0)
+    tensors = {"a": flat[0:4].view(2, 2), "b": flat[4:10], "c": flat[10:12], "x": torch.zeros(6)}
+    run = [Slot(0, "a", 2, 2), Slot(1, "b", 0, 6), Slot(2, "c", 0, 1)]
+    span = span_of(tensors, run)
+    assert span is not None and span.data_ptr() == flat[2:].data_ptr()
+    assert torch.equal(span, flat[2:11])
+    views = [tensors[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
+    assert adjacent(views) is not None  # the same answer as over the views
+    assert span_of(tensors, [Slot(0, "a", 0, 2), Slot(1, "b", 0, 6)]) is None  # a gap
+    assert span_of(tensors, [Slot(1, "b", 0, 6), Slot(0, "a", 0, 4)]) is None  # out of order
+    assert span_of(tensors, [Slot(2, "c", 0, 2), Slot(3, "x", 0, 6)]) is None  # two storages
+    strided = {"t": torch.arange(8.0).view(2, 4).t()}  # not contiguous: never spanned
+    assert span_of(strided, [Slot(0, "t", 0, 8)]) is None

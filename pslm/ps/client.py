@@ -32,7 +32,7 @@ from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
-from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, sq_norm
+from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, span_of, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.shared import WorkerMemory
@@ -847,14 +847,18 @@ class PSClient:
         """``server``'s dense chunks of ``tensors`` as message pieces (``KeySpace.pieces``): a
         lone chunk is a view, runs of small chunks are copied into one new buffer."""
         assert self.keyspace is not None
-        flat = {n: t.reshape(-1) for n, t in tensors.items()}
         slots = self._layout[server]
         out = []
         for lo, hi in self.keyspace.pieces(server):
-            views = [flat[s.name][s.offset : s.offset + s.length] for s in slots[lo:hi]]
-            run = adjacent(views)
-            # a fresh buffer when copying: zmq may still be sending an earlier one
-            out.append(run if run is not None else torch.cat(views))
+            run = span_of(tensors, slots[lo:hi])
+            if run is None:  # a fresh buffer: zmq may still be sending an earlier one
+                run = torch.cat(
+                    [
+                        tensors[s.name].reshape(-1)[s.offset : s.offset + s.length]
+                        for s in slots[lo:hi]
+                    ]
+                )
+            out.append(run)
         return out
 
     def scatter(

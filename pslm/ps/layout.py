@@ -2,6 +2,7 @@
 
     slot = Slot(key, name, offset, length)          # one chunk of one named tensor
     span = adjacent(views)                          # one view over back-to-back views, or None
+    span = span_of(tensors, run)                    # the same for a run of slots, or None
     runs = runs_of(slots, grads)                    # chunks that can travel as one tensor
     copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
 
@@ -72,6 +73,28 @@ def adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
     )
 
 
+def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.Tensor | None:
+    """One 1-D tensor over the chunks ``run`` of ``tensors`` if they lie back to back in one
+    storage (as ``PSClient.allocate`` lays them out), else None. The same as ``adjacent`` over
+    the chunks' views, without making the views (this is on every step's path)."""
+    first = tensors[run[0].name]
+    storage = first.untyped_storage()
+    size = first.element_size()
+    start = end = first.data_ptr() + run[0].offset * size
+    for slot in run:
+        t = tensors[slot.name]
+        if t.dtype != first.dtype or not t.is_contiguous():
+            return None
+        if t.untyped_storage().data_ptr() != storage.data_ptr():
+            return None
+        if t.data_ptr() + slot.offset * size != end:
+            return None
+        end += slot.length * size
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, (start - storage.data_ptr()) // size, ((end - start) // size,), (1,)
+    )
+
+
 def runs_of(slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
     """``slots`` (one server's, in shard order) in runs: consecutive positions whose
     gradients lie back to back in memory travel as one tensor."""
@@ -96,11 +119,11 @@ def copy_run(
         raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
     if check_only:
         return
-    views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
-    span = adjacent(views)
+    span = span_of(out, run)
     if span is not None:
         span.copy_(t)
         return
+    views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
     for view, part in zip(views, t.split([s.length for s in run]), strict=True):
         view.copy_(part)
 

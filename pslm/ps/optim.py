@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import torch
-from torch.optim.adam import adam as _adam
-from torch.optim.sgd import sgd as _sgd
 
 from pslm.errors import ConfigError
 
@@ -229,30 +227,24 @@ class SGDRule:
         weight_decay: float,
         grad_scale: torch.Tensor | None = None,
     ) -> None:
-        bufs: list[torch.Tensor | None] = list(state.get("momentum_buffer", [None] * len(params)))
-        first = bool(self.cfg.momentum) and bool(steps) and steps[0].item() == 0
-        if first:
-            # torch starts the momentum buffer as a copy of the first gradient (no dampening)
-            bufs = [None] * len(params)
-        _sgd(
+        momentum = self.cfg.momentum
+        # torch starts the momentum buffer as a copy of the first gradient (no dampening)
+        first = bool(momentum) and bool(steps) and steps[0].item() == 0
+        torch._fused_sgd_(  # what torch.optim.SGD(fused=True) runs, minus its per-call sorting
             params,
             grads,
-            bufs,
-            fused=True,
-            grad_scale=grad_scale,
+            state["momentum_buffer"] if momentum else [],
             weight_decay=weight_decay,
-            momentum=self.cfg.momentum,
+            momentum=momentum,
             lr=lr,
             dampening=self.cfg.dampening,
             nesterov=self.cfg.nesterov,
             maximize=False,
+            is_first_step=first,
+            grad_scale=grad_scale,
+            found_inf=None,
         )
-        if first:
-            for view, buf in zip(state["momentum_buffer"], bufs, strict=True):
-                assert buf is not None
-                view.copy_(buf)
-        for s in steps:
-            s.add_(1)
+        torch._foreach_add_(steps, 1)
 
 
 class AdamRule:
@@ -275,23 +267,25 @@ class AdamRule:
         weight_decay: float,
         grad_scale: torch.Tensor | None = None,
     ) -> None:
-        _adam(
+        # what torch.optim.Adam(W)(fused=True) runs, minus its per-call sorting by device
+        torch._foreach_add_(steps, 1)
+        fused = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        fused(
             params,
             grads,
             state["exp_avg"],
             state["exp_avg_sq"],
             [],
             steps,
-            fused=True,
-            grad_scale=grad_scale,
-            decoupled_weight_decay=self.decoupled,
             amsgrad=False,
+            lr=lr,
             beta1=self.cfg.betas[0],
             beta2=self.cfg.betas[1],
-            lr=lr,
             weight_decay=weight_decay,
             eps=self.cfg.eps,
             maximize=False,
+            grad_scale=grad_scale,
+            found_inf=None,
         )
 
 
