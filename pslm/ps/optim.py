@@ -205,7 +205,8 @@ class UpdateRule(Protocol):
         grad_scale: torch.Tensor | None = None,
     ) -> None:
         """Update ``params`` in place from ``grads / grad_scale`` (aligned lists of 1-D fp32
-        views); the kernels overwrite ``grads`` with the divided values."""
+        views); the kernels overwrite ``grads`` with the divided values. ``steps`` already
+        count this update (1 on the first), as torch's optimizers count ``state["step"]``."""
         ...
 
 
@@ -229,7 +230,7 @@ class SGDRule:
     ) -> None:
         momentum = self.cfg.momentum
         # torch starts the momentum buffer as a copy of the first gradient (no dampening)
-        first = bool(momentum) and bool(steps) and steps[0].item() == 0
+        first = bool(momentum) and bool(steps) and steps[0].item() == 1
         torch._fused_sgd_(  # what torch.optim.SGD(fused=True) runs, minus its per-call sorting
             params,
             grads,
@@ -244,7 +245,6 @@ class SGDRule:
             grad_scale=grad_scale,
             found_inf=None,
         )
-        torch._foreach_add_(steps, 1)
 
 
 class AdamRule:
@@ -267,8 +267,8 @@ class AdamRule:
         weight_decay: float,
         grad_scale: torch.Tensor | None = None,
     ) -> None:
-        # what torch.optim.Adam(W)(fused=True) runs, minus its per-call sorting by device
-        torch._foreach_add_(steps, 1)
+        # what torch.optim.Adam(W)(fused=True) runs (after counting the step), minus its
+        # per-call sorting by device
         fused = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         fused(
             params,

@@ -85,8 +85,9 @@ class ShardStore:
         self.rule = build_rule(optimizer)
         self.state = {name: torch.zeros(n) for name in self.rule.state_names}
         self.state_views = {k: list(v.split(self.lengths)) for k, v in self.state.items()}
-        # one step counter per chunk: the fused kernels increment each one they are given
-        self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.chunks]
+        # one step counter per chunk (0-d views of one buffer: a group is counted in one op)
+        self.step_counts = torch.zeros(len(self.chunks), dtype=torch.float32)
+        self.steps = list(self.step_counts.unbind())
         self._grad = torch.empty(0)
         self.version = 0
         """Number of updates applied."""
@@ -383,6 +384,7 @@ class ShardStore:
         for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, self.n_dense, 0.0)):
             if lo == hi:
                 continue
+            self.step_counts[lo:hi].add_(1)  # the rules see this update's step number
             self.rule.step(
                 self.views[lo:hi],
                 [_dense(g) for g in grads[lo:hi]],
