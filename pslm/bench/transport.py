@@ -15,9 +15,9 @@ Raw, three baselines with S plain pyzmq processes:
   the same traffic as a push_pull, with nothing done to it; throughput = 2N / time.
 - floor: echo plus the memory passes a push_pull cannot do without, in plain torch and no pslm
   code: each peer runs the same fused SGD kernel over the received gradient into its own
-  parameters and answers with them; this process copies the answers into its tensors. It is
-  the least time any implementation of this push_pull takes on the machine (its ratio to raw
-  one-way bounds pslm's), and pslm / floor is what pslm's own code costs.
+  parameters and answers with them; this process copies the answers into its tensors. Its
+  ratio to raw one-way estimates how close to raw any implementation can come here (a
+  reference, not a strict bound), and pslm / floor is what pslm's own code costs.
 
 pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CURVE: every byte
 encrypted), to show what encryption costs.
