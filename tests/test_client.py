@@ -32,3 +32,8 @@ def test_a_run_of_chunks_is_spanned_where_adjacent_would_span_their_views() -> N
     assert span_of(tensors, [Slot(2, "c", 0, 2), Slot(3, "x", 0, 6)]) is None  # two storages
     strided = {"t": torch.arange(8.0).view(2, 4).t()}  # not contiguous: never spanned
     assert span_of(strided, [Slot(0, "t", 0, 8)]) is None
+    param = torch.nn.Parameter(torch.zeros(4))  # parameters given as ``out`` can be filled
+    span = span_of({"w": param}, [Slot(0, "w", 0, 4)])
+    assert span is not None and not span.requires_grad
+    span.copy_(torch.ones(4))
+    assert float(param.detach().sum()) == 4.0

@@ -68,9 +68,7 @@ def adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
             return None
         end += v.numel() * size
     n = (end - first.data_ptr()) // size
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        storage, first.storage_offset(), (n,), (1,)
-    )
+    return first.detach().as_strided((n,), (1,), first.storage_offset())  # (no autograd)
 
 
 def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.Tensor | None:
@@ -90,9 +88,8 @@ def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.T
         if t.data_ptr() + slot.offset * size != end:
             return None
         end += slot.length * size
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
-        storage, (start - storage.data_ptr()) // size, ((end - start) // size,), (1,)
-    )
+    offset = (start - storage.data_ptr()) // size
+    return first.detach().as_strided(((end - start) // size,), (1,), offset)  # (no autograd)
 
 
 def runs_of(slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:

@@ -87,7 +87,6 @@ def _view(buf: Any, dtype: torch.dtype) -> torch.Tensor:
         # (tests, small copied frames), never the zero-copy path.
         return torch.frombuffer(bytearray(mv), dtype=dtype)
     raw = torch.frombuffer(mv, dtype=torch.uint8)
-    size = torch.empty((), dtype=dtype).element_size()
-    if raw.data_ptr() % size:  # ZeroMQ packs small frames at any offset: align by copying
+    if raw.data_ptr() % dtype.itemsize:  # ZeroMQ packs small frames at any offset: align by copying
         raw = raw.clone()
     return raw.view(dtype)
