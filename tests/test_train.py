@@ -319,6 +319,8 @@ def test_interrupted_training_leaves_no_process_and_keeps_checkpoints(setup, tmp
     try:
         pids = _wait_for(lambda: _pids(run), "the cluster")
         _wait_for(lambda: (run / "checkpoints" / "step_0000010").exists(), "a checkpoint")
+        # as if the signal came while a checkpoint was being written (it may: one every 10 steps)
+        (run / "checkpoints" / ".tmp-step_0099990").mkdir()
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)
         else:

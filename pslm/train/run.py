@@ -100,8 +100,7 @@ def resume(run_dir: Path, *, restarts: int | None = None) -> int:
         data = _classify_data(run_dir)
     else:
         data = run_data(run_dir, cfg, "the run cannot continue on the same data")
-    for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a checkpoint cut short
-        shutil.rmtree(stale, ignore_errors=True)
+    _drop_partial_checkpoints(run_dir)
     kept = _truncate_metrics(run_dir / "metrics.jsonl", step, meta.get("record"))
     console.print(f"[bold]pslm train --resume[/] {run_dir} from {checkpoint.name}")
     _describe(cfg, data, Path(cfg.data.name).name)
@@ -132,6 +131,12 @@ def finetune(
         tests = record["split"]["test"]
         console.print(f"pre-training read {saw['test']} of the {tests} test texts (unlabelled)")
     return _launch(cfg, data, path, started, resume_from=None)
+
+
+def _drop_partial_checkpoints(run_dir: Path) -> None:
+    """Remove checkpoints cut short (``.tmp-*``: never published). Only while nothing runs."""
+    for stale in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _lost_shards(run_dir: Path) -> list[int]:
@@ -226,7 +231,8 @@ def _launch(
             f"from {last.name}"
         )
         return resume(run_dir, restarts=left - 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # every process has stopped (leaving ``with cluster`` did it)
+        _drop_partial_checkpoints(run_dir)  # one that was being written when the signal came
         last = latest_checkpoint(run_dir)
         console.print(f"\ninterrupted; every process stopped. Last checkpoint: {last or 'none'}")
         raise
