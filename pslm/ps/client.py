@@ -32,7 +32,7 @@ from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
-from pslm.ps.layout import Expect, Slot, adjacent, copy_run, runs_of, span_of, sq_norm
+from pslm.ps.layout import Expect, Slot, copy_run, runs_of, span_of, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.shared import WorkerMemory
@@ -783,11 +783,12 @@ class PSClient:
         """Runs of dense chunks of ``grads``, a run a tensor, through the push codec."""
         out = []
         for run in runs:
-            views = [grads[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
-            span = adjacent(views)
-            out += self.feedback.encode(
-                f"{share}/k{run[0].key}", span if span is not None else torch.cat(views)
-            )
+            span = span_of(grads, run)
+            if span is None:
+                span = torch.cat(
+                    [grads[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
+                )
+            out += self.feedback.encode(f"{share}/k{run[0].key}", span)
         return out
 
     def runs_of(self, slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:

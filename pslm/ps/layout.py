@@ -1,8 +1,7 @@
 """Where a server's chunks live in a worker's tensors, and how they travel.
 
     slot = Slot(key, name, offset, length)          # one chunk of one named tensor
-    span = adjacent(views)                          # one view over back-to-back views, or None
-    span = span_of(tensors, run)                    # the same for a run of slots, or None
+    span = span_of(tensors, run)                    # one view over back-to-back chunks, or None
     runs = runs_of(slots, grads)                    # chunks that can travel as one tensor
     copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
 
@@ -53,28 +52,11 @@ class Expect:
     """The pieces may come back through shared memory (``pslm.ps.shared``)."""
 
 
-def adjacent(views: list[torch.Tensor]) -> torch.Tensor | None:
-    """One tensor spanning ``views`` if they lie back to back in one storage, else None."""
-    if len(views) == 1:
-        return views[0]
-    first = views[0]
-    storage = first.untyped_storage()
-    size = first.element_size()
-    end = first.data_ptr() + first.numel() * size
-    for v in views[1:]:
-        if v.dtype != first.dtype or v.untyped_storage().data_ptr() != storage.data_ptr():
-            return None
-        if v.data_ptr() != end:
-            return None
-        end += v.numel() * size
-    n = (end - first.data_ptr()) // size
-    return first.detach().as_strided((n,), (1,), first.storage_offset())  # (no autograd)
-
-
 def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.Tensor | None:
-    """One 1-D tensor over the chunks ``run`` of ``tensors`` if they lie back to back in one
-    storage (as ``PSClient.allocate`` lays them out), else None. The same as ``adjacent`` over
-    the chunks' views, without making the views (this is on every step's path)."""
+    """One 1-D view over the chunks ``run`` of ``tensors`` if they lie back to back in one
+    storage (as ``PSClient.allocate`` lays them out), else None (then they travel copied).
+    Found from the tensors' addresses, without making a view per chunk: this is on every
+    step's path."""
     first = tensors[run[0].name]
     storage = first.untyped_storage()
     size = first.element_size()
@@ -98,10 +80,7 @@ def runs_of(slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[li
     runs: list[list[Slot]] = []
     for slot in slots:
         if runs and slot.position == runs[-1][-1].position + 1:
-            prev = runs[-1][-1]
-            a = grads[prev.name].reshape(-1)[prev.offset : prev.offset + prev.length]
-            b = grads[slot.name].reshape(-1)[slot.offset : slot.offset + slot.length]
-            if adjacent([a, b]) is not None:
+            if span_of(grads, [runs[-1][-1], slot]) is not None:
                 runs[-1].append(slot)
                 continue
         runs.append([slot])
