@@ -284,10 +284,16 @@ def test_serve_follows_a_training_cluster(trained: Path, tmp_path: Path) -> None
         train.communicate(timeout=30)
 
 
-@pytest.mark.parametrize("consistency", ["bsp", "ssp:2"])
-def test_reader_snapshots_are_whole(tmp_path: Path, consistency: str) -> None:
+@pytest.mark.parametrize(
+    ("consistency", "lag"),
+    [("bsp", 0.0), ("bsp", 0.01), ("ssp:2", 0.0)],
+    ids=["bsp", "bsp-lagging", "ssp"],
+)
+def test_reader_snapshots_are_whole(tmp_path: Path, consistency: str, lag: float) -> None:
     """Every parameter is minus its version, so a snapshot shows exactly which version each
-    shard's part came from: under BSP all one version, under SSP each shard whole."""
+    shard's part came from: under BSP all one version, under SSP each shard whole. A reader
+    that lags (as on a loaded machine: here it takes ``lag`` seconds to look at each batch of
+    replies, while the cluster makes several steps) still gets one version under BSP."""
     cfg = launch_config(
         tmp_path,
         num_servers=3,
@@ -296,6 +302,15 @@ def test_reader_snapshots_are_whole(tmp_path: Path, consistency: str) -> None:
         worker_args={"steps": 4000, "numel": 3000, "consistency": consistency},
     )
     with LocalCluster(cfg) as cluster, ParameterReader(cluster.scheduler_address) as reader:
+        wait, rounds = reader.channel.wait, []
+
+        def lagging_wait(*args: Any, **kwargs: Any) -> Any:
+            replies = wait(*args, **kwargs)
+            rounds.append(len(replies))
+            time.sleep(lag)
+            return replies
+
+        reader.channel.wait = lagging_wait  # type: ignore[method-assign]
         versions = []
         deadline = time.monotonic() + 60
         while len(versions) < 15 and time.monotonic() < deadline and not cluster.poll():
@@ -319,5 +334,6 @@ def test_reader_snapshots_are_whole(tmp_path: Path, consistency: str) -> None:
             if consistency == "bsp":
                 assert snap.consistent, snap.versions
             versions.append(snap.version)
+        print(f"{len(versions)} snapshots in {sum(r == 3 for r in rounds)} rounds of reads")
     assert len(versions) >= 3 and versions == sorted(versions)
     assert versions[-1] > versions[0]

@@ -81,8 +81,10 @@ To a server (from workers):
 
 To a server (from readers: serving processes, which take no part in training):
     read       {keys, min_version, pull_codec} -> {version} + one tensor per key (keys []:
-               the version alone); at once, or under BSP with min_version = version + 1 once
-               the server has it; refused by a backup (``backup``)
+               the version alone); at once, or under BSP with min_version up to
+               READ_AHEAD past the version, as soon as that version is applied (so
+               readers asking every server for one version get that version from each);
+               refused by a backup (``backup``)
 
 Between servers (notices):
     norm       {server, clock, sq} the server's part of the squared global gradient norm
@@ -132,6 +134,9 @@ def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any =
 
 
 MAX_SCALARS = 64
+
+READ_AHEAD = 64
+"""The furthest past its version that a server lets a reader's ``read`` wait (BSP)."""
 
 
 def scalars(raw: dict[str, Any]) -> dict[str, float]:

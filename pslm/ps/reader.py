@@ -9,8 +9,11 @@ asks the scheduler for the key space and the shard table (``status``), and each 
 server for its chunks (op ``read``). ``read`` returns one complete parameter set in new
 tensors: the caller can swap it in while earlier snapshots are still in use. Under BSP every
 chunk of it comes from one version: the servers of a step do not update at the same instant,
-so a server found one version behind is asked for the next one, as a pull does. Under SSP and
-ASP there is no common version; each shard's part is whole, and ``version`` is the lowest.
+so when the shards' versions differ, every server is asked for a version a little ahead, and
+each answers as it applies that version (never holding up training). ``consistent`` says
+whether that succeeded within ATTEMPTS rounds (it fails only when the reader is starved for
+many steps); the caller reads again. Under SSP and ASP there is no common version; each
+shard's part is whole, and ``version`` is the lowest.
 
 A reader is not thread-safe: use it from one thread.
 """
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from pslm.errors import ClusterError, ProtocolError, PSLMError, RefusedError
+from pslm.ps import protocol
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.table import Table
 from pslm.wire.message import Message
@@ -85,18 +89,21 @@ class ParameterReader:
         got = self._ask(everyone, 0, out)
         versions = {s: v for s, (v, _) in got.items()}
         synchronous = all(sync for _, sync in got.values())
+        lead = 1
         for _ in range(ATTEMPTS if synchronous else 0):
-            top = max(versions.values())
-            behind = [s for s, v in versions.items() if v < top]
-            if not behind:
+            if len(set(versions.values())) == 1:
                 break
-            try:  # one version behind: the answer waits for the next
-                again = self._ask(behind, top, out)
+            # Every shard is asked for one version ahead of the newest seen: each server
+            # answers the moment it applies that version, so all answers agree unless a
+            # server was past it already (the reader was slow): then ahead by more.
+            target = max(versions.values()) + lead
+            try:
+                versions = {s: v for s, (v, _) in self._ask(everyone, target, out).items()}
             except RefusedError as exc:
                 if exc.code != "bad_clock":
                     raise
-                again = self._ask(everyone, 0, out)  # further behind: start over
-            versions.update({s: v for s, (v, _) in again.items()})
+                versions = {s: v for s, (v, _) in self._ask(everyone, 0, out).items()}
+            lead = min(2 * lead, protocol.READ_AHEAD)
         ordered = tuple(versions[s] for s in everyone)
         return Snapshot(min(ordered), ordered, out, synchronous)
 

@@ -525,7 +525,7 @@ class Server:
     def _read(self, peer: bytes, msg: Message) -> None:
         """A reader's request (a serving process, ``pslm.ps.reader``): chunks ``keys`` whole
         (none: only the version), taking no part in training. Under BSP ``min_version`` may
-        ask for the next version, and the answer waits for it."""
+        ask for a version up to READ_AHEAD ahead, and the answer is sent as it is applied."""
         store = self._store()
         if not self.primary:
             raise RefusedError(f"the backup of shard {self.shard}: read its server", code="backup")
@@ -538,11 +538,12 @@ class Server:
         min_version = protocol.field(msg, "min_version", int, 0)
         if self.consistency.asynchronous or min_version <= store.version:
             self._send_params(peer, msg, selection, synchronous=not self.consistency.asynchronous)
-        elif min_version == store.version + 1:
+        elif min_version <= store.version + protocol.READ_AHEAD:
             self.parked.append((peer, msg, min_version, selection))
         else:
             raise RefusedError(
-                f"read for version {min_version}: the server is at {store.version}",
+                f"read for version {min_version}: the server is at {store.version}, and waits "
+                f"for at most {protocol.READ_AHEAD} versions ahead",
                 code="bad_clock",
             )
 
