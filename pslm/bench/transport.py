@@ -19,6 +19,11 @@ Raw, three baselines with S plain pyzmq processes:
   ratio to raw one-way estimates how close to raw any implementation can come here (a
   reference, not a strict bound), and pslm / floor is what pslm's own code costs.
 
+Where a step's time goes: ``floor_peer_ms`` is the median time a floor peer takes from
+receiving the gradient to answering, ``pslm_server_ms`` the same for pslm's servers (their
+``held_s``: from the push's receipt, decoded, to the reply); the rest of a step is the
+transfers and the sender's own work.
+
 pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CURVE: every byte
 encrypted), to show what encryption costs.
 
@@ -31,6 +36,7 @@ Medians over repetitions, the four measured in turn in one run; ratios are pslm 
 from __future__ import annotations
 
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,7 +54,7 @@ from pslm.wire.frames import tensor_to_frames
 SIZES = {"3MiB": 3 << 20, "100MiB": 100 << 20}
 TENSORS = 12
 ECHO = """
-import ctypes, zmq
+import ctypes, struct, time, zmq
 import torch
 torch.set_num_threads(1)
 libc = ctypes.CDLL(None)  # the allocator settings pslm uses (tune_allocator), for fairness
@@ -59,6 +65,7 @@ print(s.bind_to_random_port("tcp://127.0.0.1"), flush=True)
 replies = {}
 while True:
     frames = s.recv_multipart(copy=False)
+    start = time.perf_counter()
     mode = frames[1].bytes
     if len(frames) == 2 and mode == b"stop":
         break
@@ -72,8 +79,9 @@ while True:
                           dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
     if mode == b"ack":
         s.send_multipart([frames[0], b""])
-    else:
-        s.send_multipart([frames[0], b"h", *[p.numpy() for p in params]], copy=False)
+    else:  # with the seconds from receipt to this reply (as pslm's held_s)
+        held = struct.pack("<d", time.perf_counter() - start)
+        s.send_multipart([frames[0], held, *[p.numpy() for p in params]], copy=False)
 """
 
 
@@ -90,6 +98,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ):
             for label, nbytes in SIZES.items():
                 n = reps if nbytes < (16 << 20) else max(3, reps // 2)
+                raw.held.clear()
+                ps.held.clear()
                 one_way, echo, floor, step, secure_step, shm_step = _in_turn(
                     [
                         raw.prepare(nbytes, "ack"),
@@ -117,8 +127,10 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "raw_echo_GBps": round(gbps["echo"], 3),
                         "floor_GBps": round(gbps["floor"], 3),
                         "floor_step_ms": round(floor * 1e3, 2),
+                        "floor_peer_ms": _median_ms(raw.held),
                         "pslm_GBps": round(gbps["pslm"], 3),
                         "pslm_step_ms": round(step * 1e3, 2),
+                        "pslm_server_ms": _median_ms(ps.held),
                         "pslm_secure_GBps": round(gbps["secure"], 3),
                         "secure_vs_pslm": round(gbps["secure"] / gbps["pslm"], 3),
                         "pslm_shm_GBps": round(gbps["shm"], 3),
@@ -149,6 +161,11 @@ def _in_turn(fns: list[Any], reps: int) -> list[float]:
     return [statistics.median(t[2:]) for t in times]
 
 
+def _median_ms(held: list[float]) -> float:
+    """The median of per-step server times (the longest of a step's servers), in ms."""
+    return round(statistics.median(held) * 1e3, 3) if held else 0.0
+
+
 def _timed(fn: Any) -> float:
     start = time.perf_counter()
     fn()
@@ -163,6 +180,8 @@ class _Receivers:
         self.n = n
         self.procs: list[subprocess.Popen[str]] = []
         self.socks: list[zmq.Socket[Any]] = []
+        self.held: list[float] = []
+        """Per floor step: the longest any peer took from receipt to reply."""
 
     def __enter__(self) -> _Receivers:
         try:
@@ -199,14 +218,18 @@ class _Receivers:
         def send() -> None:
             for s, fr in zip(self.socks, frames, strict=True):
                 s.send_multipart([tag, *fr], copy=False)
+            held = 0.0
             for s, o in zip(self.socks, outs, strict=True):
                 reply = s.recv_multipart(copy=False)
                 if copy:  # as pslm fills the caller's tensors
+                    held = max(held, struct.unpack("<d", reply[0].bytes)[0])
                     at = 0
                     for f in reply[1:]:
                         got = torch.frombuffer(f.buffer, dtype=torch.float32)
                         o[at : at + got.numel()].copy_(got)
                         at += got.numel()
+            if copy:
+                self.held.append(held)
 
         return send
 
@@ -235,6 +258,8 @@ class _Cluster:
         self.tmp = tempfile.TemporaryDirectory(prefix="pslm-bench-")
         self.cluster: LocalCluster | None = None
         self.client: PSClient | None = None
+        self.held: list[float] = []
+        """Per step: the servers' ``held_s`` (receipt of the push to the reply)."""
 
     def __enter__(self) -> _Cluster:
         return self
@@ -263,7 +288,7 @@ class _Cluster:
         clock = iter(range(1 << 62))
 
         def step() -> None:
-            client.wait(client.push_pull(grads, out, clock=next(clock)))
+            self.held.append(client.wait(client.push_pull(grads, out, clock=next(clock))).held_s)
 
         return step
 
