@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pslm.errors import RefusedError, RequestTimeout
+from pslm.errors import ConfigError, RefusedError, RequestTimeout
 from pslm.ps.client import ClientConfig, PSClient
 from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig, ScheduleConfig
@@ -286,6 +286,59 @@ def test_push_pull_through_shared_memory_equals_the_socket(one_worker_cluster) -
     body = {"worker": 0, "clock": 4, "shm": "pslm-w0-another", "reply_params": True}
     with pytest.raises(RefusedError, match="no shared memory"):  # not the segment it attached
         client.channel.request("server-0", Message("push", body=body))
+    client.close()
+
+
+def test_a_planned_push_pull_follows_the_tensors_it_is_given(one_worker_cluster) -> None:
+    """push_pull between the same two mappings reuses a plan of where each piece goes; any
+    change to the mappings (another tensor, new storage in place, a wrong shape) is seen."""
+    client = _client(one_worker_cluster)
+    shapes = {"w": (20, 20), "v": (30,), "b": (30,), "u": (10, 40), "x": (300,)}
+    client.init(
+        {k: torch.zeros(s) for k, s in shapes.items()},
+        OptimizerConfig(name="sgd", lr=1.0),
+        chunk_bytes=2_000,  # a chunk per tensor, pieces of several chunks on both servers
+        shm=False,
+    )
+    grads, out = client.allocate(), client.allocate()  # the layout plans are made for
+    truth = {k: torch.zeros(s) for k, s in shapes.items()}  # what the servers hold
+
+    def step(clock: int, grads: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        assert client.wait(client.push_pull(grads, out, clock=clock)).version == clock + 1
+        for k in truth:
+            truth[k] -= grads[k]
+            assert torch.equal(out[k], truth[k]), (clock, k)
+
+    for g in grads.values():
+        g.copy_(torch.randn_like(g))
+    step(0, grads, out)
+    plan = client._plan
+    assert plan is not None and len(plan.pushes) == 2
+    grads["v"].mul_(3)  # new values in the same memory: sent as they are
+    step(1, grads, out)
+    assert client._plan is plan
+    old, before = out, {k: v.clone() for k, v in out.items()}
+    out = client.allocate()  # other tensors: filled, the old ones left alone
+    step(2, grads, out)
+    assert all(torch.equal(old[k], before[k]) for k in old)
+    assert client._plan is not None and client._plan is not plan
+    fresh = client.allocate()
+    for k in out:  # new storage under the same tensor objects
+        out[k].data = fresh[k]
+    step(3, grads, out)
+    fresh = client.allocate()
+    for k in grads:  # likewise for the gradients, with new values
+        grads[k].data = fresh[k].copy_(torch.randn_like(grads[k]))
+    step(4, grads, out)
+    assert client._plan is not None
+    out["b"] = torch.zeros(30)  # a tensor outside the layout: no plan, the general path
+    step(5, grads, out)
+    assert client._plan is None
+    with pytest.raises(ConfigError, match="shape"):
+        client.push_pull({**grads, "v": torch.ones(31)}, out, clock=6)
+    with pytest.raises(ConfigError, match="missing"):
+        client.push_pull(grads, {k: out[k] for k in ("w", "v", "b")}, clock=6)
+    step(6, grads, out)  # nothing was pushed by the refused calls
     client.close()
 
 

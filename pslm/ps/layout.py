@@ -4,6 +4,7 @@
     span = span_of(tensors, run)                    # one view over back-to-back chunks, or None
     runs = runs_of(slots, grads)                    # chunks that can travel as one tensor
     copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
+    plan = Plan.make(grads, out, layout, pieces)    # a push_pull between two mappings, once
 
 The client (``pslm.ps.client``) keeps one list of Slots per server, in the server's shard
 order; messages carry pieces, runs or single chunks of them (``pslm.ps.parts``).
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from pslm.errors import ProtocolError
+from pslm.wire.message import Message, encode_tensors
 
 
 class Slot(NamedTuple):
@@ -108,3 +110,70 @@ def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
     """The squared norm of all of ``grads``: fp32 norms per tensor, squared and summed in
     float64 in the mapping's order (what SSP/ASP clip each push by)."""
     return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
+
+
+def signature(tensors: Mapping[str, torch.Tensor]) -> list[tuple[Any, ...]]:
+    """What a Plan over ``tensors`` depends on: each name, tensor, address, shape, strides and
+    dtype (a tensor given new storage or a new shape in place changes it)."""
+    return [(n, id(t), t.data_ptr(), t.shape, t.stride(), t.dtype) for n, t in tensors.items()]
+
+
+@dataclass(slots=True)
+class Plan:
+    """A ``push_pull`` between one pair of mappings, worked out once: for each server, the
+    spans of the gradients its push carries and of ``out`` that its reply fills, one per
+    piece. Valid while both mappings keep the tensors they had (``key``); it holds them, so
+    their ids stay theirs."""
+
+    key: list[tuple[Any, ...]]
+    pushes: list[list[torch.Tensor]]
+    fills: list[list[torch.Tensor]]
+    nbytes: int
+    """Tensor bytes a push sends."""
+    held: tuple[Any, ...]
+    wires: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
+    """Each server's push tensors encoded once (``Message.wire``)."""
+
+    @classmethod
+    def make(
+        cls,
+        grads: Mapping[str, torch.Tensor],
+        out: Mapping[str, torch.Tensor],
+        layout: Sequence[Sequence[Slot]],
+        pieces: Sequence[Sequence[tuple[int, int]]],
+    ) -> Plan | None:
+        """None unless every piece is one span in both mappings (``PSClient.allocate``'s
+        layout, or tensors of one chunk each); both must hold every dense tensor."""
+        pushes: list[list[torch.Tensor]] = []
+        fills: list[list[torch.Tensor]] = []
+        for slots, mine in zip(layout, pieces, strict=True):
+            pushes.append([])
+            fills.append([])
+            for lo, hi in mine:
+                g, o = span_of(grads, slots[lo:hi]), span_of(out, slots[lo:hi])
+                if g is None or o is None:
+                    return None
+                pushes[-1].append(g)
+                fills[-1].append(o)
+        nbytes = sum(t.numel() * t.element_size() for server in pushes for t in server)
+        held = (tuple(grads.values()), tuple(out.values()))
+        wires = [encode_tensors(tensors) for tensors in pushes]
+        return cls(signature(grads) + signature(out), pushes, fills, nbytes, held, wires)
+
+    def fill(self, replies: Mapping[int, Message], servers: Mapping[int, int]) -> None:
+        """Copy the replies (request id -> Message; ``servers``: request id -> server) into
+        ``out``, once every one of them has been checked (all or nothing)."""
+        for rid, reply in replies.items():
+            s = servers[rid]
+            if reply.body.get("shm"):
+                raise ProtocolError(f"server {s} answered through memory it was not given")
+            spans = self.fills[s]
+            if len(reply.tensors) != len(spans):
+                n = len(reply.tensors)
+                raise ProtocolError(f"reply has {n} tensors, expected {len(spans)}")
+            for t, span in zip(reply.tensors, spans, strict=True):
+                if t.dim() != 1 or t.numel() != span.numel():
+                    raise ProtocolError(f"server {s}: a reply tensor has the wrong size")
+        for rid, reply in replies.items():
+            for t, span in zip(reply.tensors, self.fills[servers[rid]], strict=True):
+                span.copy_(t)

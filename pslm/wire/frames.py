@@ -75,7 +75,7 @@ def tensor_from_frames(parts: Sequence[Any], dtype: str, shape: Sequence[int]) -
         flat = _view(parts[0], torch_dtype)
     else:
         flat = torch.cat([_view(p, torch.uint8) for p in parts]).view(torch_dtype)
-    return flat.view(tuple(shape))
+    return flat if len(shape) == 1 else flat.view(tuple(shape))
 
 
 def _view(buf: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _view(buf: Any, dtype: torch.dtype) -> torch.Tensor:
         # torch cannot wrap read-only memory without a warning; only bytes objects get here
         # (tests, small copied frames), never the zero-copy path.
         return torch.frombuffer(bytearray(mv), dtype=dtype)
-    raw = torch.frombuffer(mv, dtype=torch.uint8)
-    if raw.data_ptr() % dtype.itemsize:  # ZeroMQ packs small frames at any offset: align by copying
-        raw = raw.clone()
-    return raw.view(dtype)
+    t = torch.frombuffer(mv, dtype=dtype)  # (sizes are checked: a whole number of items)
+    if t.data_ptr() % dtype.itemsize:  # ZeroMQ packs small frames at any offset: align by copying
+        t = torch.frombuffer(mv, dtype=torch.uint8).clone().view(dtype)
+    return t

@@ -61,6 +61,9 @@ class Message:
     id: int = 0
     body: dict[str, Any] = field(default_factory=dict)
     tensors: list[torch.Tensor] = field(default_factory=list)
+    wire: tuple[list[Any], list[Any]] | None = None
+    """``encode_tensors(tensors)`` made ahead, for tensors sent again and again from the same
+    memory (a planned push_pull); None: made at each ``encode``."""
 
     def reply(self, op: str = "ok", **body: Any) -> Message:
         """A reply to this message: same id, the given op and body."""
@@ -74,16 +77,22 @@ def frame_count(nbytes: int) -> int:
 
 def encode(msg: Message) -> list[Any]:
     """Frames for ``msg``: header bytes, then zero-copy views of each tensor's memory."""
-    descs = []
-    frames: list[Any] = [b""]
-    if msg.tensors:
-        from pslm.wire.frames import dtype_name, tensor_to_frames
-    for t in msg.tensors:
-        descs.append([dtype_name(t.dtype), list(t.shape)])
-        frames.extend(tensor_to_frames(t))
+    descs, data = msg.wire or encode_tensors(msg.tensors)
     header = {"v": VERSION, "op": msg.op, "id": msg.id, "body": msg.body, "t": descs}
-    frames[0] = msgpack.packb(header, use_bin_type=True)
-    return frames
+    return [msgpack.packb(header, use_bin_type=True), *data]
+
+
+def encode_tensors(tensors: Sequence[torch.Tensor]) -> tuple[list[Any], list[Any]]:
+    """The header's descriptors of ``tensors`` and their data frames (zero-copy views: the
+    memory must stay as it is until the frames are sent)."""
+    descs: list[Any] = []
+    data: list[Any] = []
+    if tensors:
+        from pslm.wire.frames import dtype_name, tensor_to_frames
+    for t in tensors:
+        descs.append([dtype_name(t.dtype), list(t.shape)])
+        data.extend(tensor_to_frames(t))
+    return descs, data
 
 
 def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE) -> Message:
