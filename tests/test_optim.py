@@ -223,10 +223,14 @@ def test_relocated_parameters_leave_the_old_memory_alone() -> None:
     store = ShardStore(ks, 0, OptimizerConfig(name="sgd", lr=1.0))
     store.load([torch.arange(20.0)])
     sent = store.packed[0]  # what a reply in flight still reads
+    (_, (frame,)) = store.packed_wire  # the frame replies are made of
     store.relocate_params()
     store.apply([torch.ones(16), torch.ones(4)])
+    store.apply([torch.ones(16), torch.ones(4)])  # (the second with everything made once)
     assert torch.equal(sent, torch.arange(20.0))
-    assert torch.equal(store.packed[0], torch.arange(20.0) - 1)
+    assert bytes(frame) == torch.arange(20.0).numpy().tobytes()
+    assert torch.equal(store.packed[0], torch.arange(20.0) - 2)
+    assert bytes(store.packed_wire[1][0]) == store.packed[0].numpy().tobytes()
     assert store.views[0].data_ptr() == store.params.data_ptr() != sent.data_ptr()
 
 

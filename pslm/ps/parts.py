@@ -61,6 +61,11 @@ class Selection:
             return cls(True, [(p, p + 1) for p in range(store.n_dense, len(store.chunks))])
         return cls(False, [(store.position[k], store.position[k] + 1) for k in keys])
 
+    @property
+    def dense_only(self) -> bool:
+        """The dense pieces and nothing else."""
+        return self.pieces and not self.spans and not self.rows
+
     def tensors(self, store: ShardStore) -> list[torch.Tensor]:
         """Views of the current parameters (rows: a gathered copy)."""
         n_pieces = len(store.keyspace.pieces(store.server))

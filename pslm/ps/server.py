@@ -757,9 +757,10 @@ class Server:
             tensors = [codec.encode(t)[0] for t in tensors]
         self.counts["bytes_out"] += sum(t.nbytes for t in tensors)
         body = {"version": store.version, **extra, **({"shm": True} if shm else {})}
-        tracker = self.listener.send(
-            peer, Message("ok", id=msg.id, body=body, tensors=tensors), track=True
-        )
+        dense = selection.dense_only and codec.lossless and not shm  # the pieces as they are
+        reply = Message("ok", id=msg.id, body=body, tensors=tensors)
+        reply.wire = store.packed_wire if dense else None
+        tracker = self.listener.send(peer, reply, track=True)
         if tracker is not None and not tracker.done:
             self.trackers.append(tracker)
 

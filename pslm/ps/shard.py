@@ -25,6 +25,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 from pslm.errors import ConfigError, RefusedError
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig, build_rule
+from pslm.wire.message import encode_tensors
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -57,6 +59,20 @@ def clip_coef(sq_norm: float, max_norm: float) -> float:
     if max_norm <= 0:
         return 1.0
     return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Dense chunks [lo, hi) updated in one kernel call: views of their parameters, state
+    and step counters (``counts``: the counters as one tensor)."""
+
+    lo: int
+    hi: int
+    decayed: bool
+    counts: torch.Tensor
+    params: list[torch.Tensor]
+    state: dict[str, list[torch.Tensor]]
+    steps: list[torch.Tensor]
 
 
 class ShardStore:
@@ -91,6 +107,7 @@ class ShardStore:
         self._grad = torch.empty(0)
         self.version = 0
         """Number of updates applied."""
+        self._groups: list[_Group] | None = None
 
     def relocate_params(self) -> None:
         """Move the parameters to new memory (the old stays valid for whoever still reads it)."""
@@ -107,7 +124,10 @@ class ShardStore:
         pieces = self.keyspace.pieces(self.server)
         # what a message carries: views of the flat buffer, one per piece, then the row chunks
         self.packed = [params[starts[lo] : starts[hi]] for lo, hi in pieces]
+        self.packed_wire = encode_tensors(self.packed[: len(pieces)])
+        """The dense pieces as a reply carries them (``Message.wire``), made once."""
         self.packed += self.views[self.n_dense :]
+        self._groups = None
 
     @property
     def numel(self) -> int:
@@ -380,21 +400,38 @@ class ShardStore:
             if multiplier == 1.0
             else torch.tensor(1.0 / multiplier if multiplier else math.inf)
         )
-        d = self.n_decay
-        for lo, hi, wd in ((0, d, self.optimizer.weight_decay), (d, self.n_dense, 0.0)):
-            if lo == hi:
-                continue
-            self.step_counts[lo:hi].add_(1)  # the rules see this update's step number
+        for group in self._dense_groups():
+            group.counts.add_(1)  # the rules see this update's step number
             self.rule.step(
-                self.views[lo:hi],
-                [_dense(g) for g in grads[lo:hi]],
-                {k: v[lo:hi] for k, v in self.state_views.items()},
-                self.steps[lo:hi],
+                group.params,
+                [_dense(x) for x in grads[group.lo : group.hi]],
+                group.state,
+                group.steps,
                 lr=lr,
-                weight_decay=wd,
+                weight_decay=self.optimizer.weight_decay if group.decayed else 0.0,
                 grad_scale=scale,
             )
         self.version += 1
+
+    def _dense_groups(self) -> list[_Group]:
+        """The dense chunks with weight decay, then those without, as the kernels take them
+        (made once: they are on every update's path)."""
+        if self._groups is None:
+            d = self.n_decay
+            self._groups = [
+                _Group(
+                    lo,
+                    hi,
+                    decayed,
+                    self.step_counts[lo:hi],
+                    self.views[lo:hi],
+                    {k: v[lo:hi] for k, v in self.state_views.items()},
+                    self.steps[lo:hi],
+                )
+                for lo, hi, decayed in ((0, d, True), (d, self.n_dense, False))
+                if lo < hi
+            ]
+        return self._groups
 
     def _lazy_adam(self, k: int, grad: RowGrad, multiplier: float, lr: float) -> None:
         """SparseAdam's update of the rows in ``grad`` of row chunk ``k`` (its formula, step for
