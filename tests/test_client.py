@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pslm.ps.layout import Slot, span_of
+from pslm.ps.layout import Plan, Slot, span_of
 
 
 def test_back_to_back_chunks_are_spanned_without_copies() -> None:
@@ -48,3 +49,39 @@ def test_a_run_of_chunks_within_tensors_is_spanned() -> None:
     assert span is not None and not span.requires_grad
     span.copy_(torch.ones(4))
     assert float(param.detach().sum()) == 4.0
+
+
+def test_a_plan_checks_every_reply_before_it_fills_anything() -> None:
+    from pslm.errors import ProtocolError
+    from pslm.wire.message import Message
+
+    flat_g, flat_o = torch.ones(10), torch.zeros(10)
+    grads = {"a": flat_g[:4], "b": flat_g[4:6], "c": flat_g[6:]}
+    out = {"a": flat_o[:4], "b": flat_o[4:6], "c": flat_o[6:]}
+    # server 0 holds a and b back to back (one piece), server 1 holds c
+    layout = [
+        [Slot(0, "a", 0, 4, position=0), Slot(1, "b", 0, 2, position=1)],
+        [Slot(2, "c", 0, 4)],
+    ]
+    plan = Plan.make(grads, out, layout, [[(0, 2)], [(0, 1)]])
+    assert plan is not None and plan.nbytes == 40
+    assert [[t.data_ptr() for t in p] for p in plan.pushes] == [
+        [flat_g.data_ptr()],
+        [flat_g[6:].data_ptr()],
+    ]
+    good = {1: Message("ok", body={}, tensors=[torch.full((6,), 2.0)])}
+    for bad in (
+        [torch.full((5,), 3.0)],  # wrong size
+        [torch.full((4,), 3, dtype=torch.int64)],  # not floats
+        [torch.full((4,), 3.0), torch.full((4,), 3.0)],  # one tensor too many
+    ):
+        replies = {**good, 2: Message("ok", body={}, tensors=bad)}
+        with pytest.raises(ProtocolError):
+            plan.fill(replies, {1: 0, 2: 1})
+        assert torch.equal(flat_o, torch.zeros(10))  # all or nothing: server 0's reply waits
+    shm = {**good, 2: Message("ok", body={"shm": True}, tensors=[])}
+    with pytest.raises(ProtocolError, match="memory"):
+        plan.fill(shm, {1: 0, 2: 1})
+    plan.fill({**good, 2: Message("ok", body={}, tensors=[torch.full((4,), 3.0)])}, {1: 0, 2: 1})
+    assert flat_o.tolist() == [2.0] * 6 + [3.0] * 4
+    assert Plan.make(grads, {**out, "b": torch.zeros(2)}, layout, [[(0, 2)], [(0, 1)]]) is None

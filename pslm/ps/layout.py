@@ -93,8 +93,8 @@ def copy_run(
     t: torch.Tensor, run: list[Slot], out: Mapping[str, torch.Tensor], check_only: bool
 ) -> None:
     """Copy ``t``, the values of the chunks ``run`` back to back, into ``out``."""
-    if t.dim() != 1 or t.numel() != sum(s.length for s in run):
-        raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size")
+    if t.dim() != 1 or t.numel() != sum(s.length for s in run) or not t.is_floating_point():
+        raise ProtocolError(f"reply tensor for {run[0].name!r}... has the wrong size or type")
     if check_only:
         return
     span = span_of(out, run)
@@ -172,8 +172,8 @@ class Plan:
                 n = len(reply.tensors)
                 raise ProtocolError(f"reply has {n} tensors, expected {len(spans)}")
             for t, span in zip(reply.tensors, spans, strict=True):
-                if t.dim() != 1 or t.numel() != span.numel():
-                    raise ProtocolError(f"server {s}: a reply tensor has the wrong size")
+                if t.dim() != 1 or t.numel() != span.numel() or not t.is_floating_point():
+                    raise ProtocolError(f"server {s}: a reply tensor has the wrong size or type")
         for rid, reply in replies.items():
             for t, span in zip(reply.tensors, self.fills[servers[rid]], strict=True):
                 span.copy_(t)
