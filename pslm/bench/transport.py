@@ -5,8 +5,9 @@ N bytes of parameters, split evenly over S peer processes, zero-copy frames of <
 pslm: a local cluster with S servers and this process as its only worker, N bytes of parameters
 as 12 equal fp32 tensors (like a small model's layers; 4 MiB chunks spread over the servers) in
 the storage ``PSClient.allocate`` gives them, as a pslm worker keeps its parameters and
-gradients; SGD with lr 0; each step is one ``push_pull``: gradients up, the server's update,
-parameters down and copied into the caller's tensors. Throughput = 2N / time. Over the socket
+gradients (so ``push_pull`` follows its plan, as in training); SGD with lr 0; each step is one
+``push_pull``: gradients up, the server's update, parameters down and copied into the caller's
+tensors. Throughput = 2N / time. Over the socket
 (``shm=False``), as between machines: this is the network path the raw baselines measure.
 
 Raw, three baselines with S plain pyzmq processes:
