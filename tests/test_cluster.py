@@ -293,11 +293,11 @@ def test_a_planned_push_pull_follows_the_tensors_it_is_given(one_worker_cluster)
     """push_pull between the same two mappings reuses a plan of where each piece goes; any
     change to the mappings (another tensor, new storage in place, a wrong shape) is seen."""
     client = _client(one_worker_cluster)
-    shapes = {"w": (20, 20), "v": (30,), "b": (30,), "u": (10, 40), "x": (300,)}
+    shapes = {"w": (20, 20), "v": (30,), "b": (30,), "u": (10, 40), "x": (300,), "t": (700,)}
     client.init(
         {k: torch.zeros(s) for k, s in shapes.items()},
         OptimizerConfig(name="sgd", lr=1.0),
-        chunk_bytes=2_000,  # a chunk per tensor, pieces of several chunks on both servers
+        chunk_bytes=2_000,  # pieces of several small tensors on both servers; t in two chunks
         shm=False,
     )
     grads, out = client.allocate(), client.allocate()  # the layout plans are made for

@@ -109,14 +109,28 @@ def test_malformed_descriptions_raise_config_error(d) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 600_000), max_size=40))
-def test_pieces_cover_the_shard_and_pack_only_small_chunks(lengths) -> None:
-    pieces = pack_pieces(lengths)
+@given(st.lists(st.tuples(st.integers(1, 600_000), st.booleans()), max_size=40))
+def test_pieces_cover_the_shard_and_pack_only_small_whole_tensors(chunks) -> None:
+    lengths = [n for n, _ in chunks]
+    alone = [a for _, a in chunks]
+    pieces = pack_pieces(lengths, alone)
     assert [i for lo, hi in pieces for i in range(lo, hi)] == list(range(len(lengths)))
     for lo, hi in pieces:
         if hi - lo > 1:
             assert all(n * 4 < SMALL_CHUNK for n in lengths[lo:hi])
+            assert not any(alone[lo:hi])
             assert sum(lengths[lo:hi]) * 4 <= PIECE_BYTES
+
+
+def test_the_short_last_chunk_of_a_large_tensor_travels_alone() -> None:
+    # 4.5 MiB: a 4 MiB chunk and a 0.5 MiB one, which would otherwise be packed with the biases
+    named = [("big", (1152, 1024)), ("b1", (1024,)), ("b2", (1024,))]
+    ks = KeySpace.build(named, 1)
+    shard = ks.shard(0)
+    by_piece = [
+        [ks.tensors[shard[i].tensor].name for i in range(lo, hi)] for lo, hi in ks.pieces(0)
+    ]
+    assert sorted(map(sorted, by_piece)) == [["b1", "b2"], ["big"], ["big"]]
 
 
 def test_a_model_of_small_tensors_travels_in_few_pieces() -> None:

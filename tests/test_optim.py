@@ -135,14 +135,21 @@ def test_pushes_are_unpacked_into_chunk_views_without_copies() -> None:
 
 
 def test_push_of_wrong_shape_or_dtype_is_refused() -> None:
-    ks = KeySpace.build([("w", (4, 4))], 1, chunk_bytes=32)
-    store = ShardStore(ks, 0, OptimizerConfig())
-    with pytest.raises(RefusedError, match="1 pieces"):
-        store.unpack([torch.zeros(8), torch.zeros(8)], "push")
-    with pytest.raises(RefusedError, match=r"shape \[16\]"):
-        store.unpack([torch.zeros(15)], "push")
+    ks = KeySpace.build([("w", (4, 4)), ("b", (2,)), ("c", (2,))], 1, chunk_bytes=32)
+    store = ShardStore(ks, 0, OptimizerConfig())  # pieces: w's two chunks alone, b and c packed
+    assert ks.pieces(0) == [(0, 1), (1, 2), (2, 4)]
+    with pytest.raises(RefusedError, match="3 pieces"):
+        store.unpack([torch.zeros(8), torch.zeros(8), torch.zeros(2), torch.zeros(2)], "push")
+    with pytest.raises(RefusedError, match=r"shape \[4\]"):
+        store.unpack([torch.zeros(8), torch.zeros(8), torch.zeros(3)], "push")
     with pytest.raises(RefusedError, match="int64"):
-        store.unpack([torch.zeros(16, dtype=torch.int64)], "push")
+        store.unpack([torch.zeros(8), torch.zeros(8, dtype=torch.int64), torch.zeros(4)], "push")
+    assert [t.numel() for t in store.unpack([torch.zeros(8)] * 2 + [torch.zeros(4)], "")] == [
+        8,
+        8,
+        2,
+        2,
+    ]
 
 
 def test_clip_coef_matches_clip_grad_norm() -> None:

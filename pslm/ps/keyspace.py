@@ -14,9 +14,11 @@ How the assignment is made (deterministic, documented because clients and server
 3. On each server, chunks whose tensor takes weight decay come first, then the other dense
    chunks, then the chunks of row tensors, each group in key order; that is the order of the
    server's flat buffer and of every message to it.
-4. On the wire, a server's dense chunks travel as pieces: a chunk of SMALL_CHUNK bytes or more
-   is a piece of its own; runs of smaller chunks are packed into pieces of up to PIECE_BYTES.
-   Each piece is one frame, so a model of many small tensors costs a few frames, not hundreds.
+4. On the wire, a server's dense chunks travel as pieces: a chunk of SMALL_CHUNK bytes or more,
+   or any chunk of a tensor cut into several, is a piece of its own; runs of smaller chunks
+   (whole small tensors) are packed into pieces of up to PIECE_BYTES. Each piece is one frame,
+   so a model of many small tensors costs a few frames, not hundreds; and tensors laid out
+   back to back in piece order (``PSClient.allocate``) make every piece one span of memory.
 
 Row tensors (``rows``, e.g. an untied token embedding) are pushed and pulled by rows: a step
 touches only the rows of the tokens in its batch. Their chunks hold whole rows (chunk_bytes
@@ -100,7 +102,10 @@ class KeySpace:
         self._shards = [sorted(b, key=self._shard_order) for b in buckets]
         self._dense = [sum(not self.tensors[c.tensor].rows for c in b) for b in self._shards]
         self._pieces = [
-            pack_pieces([c.length for c in shard[:n]])
+            pack_pieces(
+                [c.length for c in shard[:n]],
+                [c.length != self.tensors[c.tensor].numel for c in shard[:n]],
+            )
             for shard, n in zip(self._shards, self._dense, strict=True)
         ]
 
@@ -223,18 +228,20 @@ def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) ->
         raise ConfigError(f"more than {MAX_CHUNKS} chunks: raise chunk_bytes ({chunk_bytes})")
 
 
-def pack_pieces(lengths: Sequence[int]) -> list[tuple[int, int]]:
-    """Ranges of chunk positions sent as one piece each (rule 4 of the module docstring)."""
+def pack_pieces(lengths: Sequence[int], alone: Sequence[bool] = ()) -> list[tuple[int, int]]:
+    """Ranges of chunk positions sent as one piece each (rule 4 of the module docstring);
+    ``alone[i]``: chunk i is part of a tensor of several chunks, a piece of its own."""
     pieces: list[tuple[int, int]] = []
     lo, size = 0, 0
     for i, n in enumerate(lengths):
         nbytes = n * PARAM_BYTES
-        if nbytes >= SMALL_CHUNK or size + nbytes > PIECE_BYTES:
+        single = nbytes >= SMALL_CHUNK or (i < len(alone) and alone[i])
+        if single or size + nbytes > PIECE_BYTES:
             if lo < i:
                 pieces.append((lo, i))
             lo, size = i, 0
         size += nbytes
-        if nbytes >= SMALL_CHUNK:
+        if single:
             pieces.append((i, i + 1))
             lo, size = i + 1, 0
     if lo < len(lengths):
