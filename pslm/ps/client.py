@@ -32,7 +32,7 @@ from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Heartbeat, Membership, register
 from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
-from pslm.ps.layout import Expect, Plan, Slot, copy_run, runs_of, signature, span_of, sq_norm
+from pslm.ps.layout import Expect, Plan, Slot, copy_run, gather, runs_of, signature, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.shared import WorkerMemory
@@ -193,9 +193,9 @@ class PSClient:
         self.channel.watch = self.follow_servers
         self._steering = Steering()
         self._plan: Plan | None = None
-        """The last push_pull's Plan (``_planned``), and the key of the last pair of mappings
-        that had none."""
+        """The last push_pull's Plan (``_planned``)."""
         self._no_plan: list[Any] = []
+        """The signature of the last pair of mappings no plan could be made for."""
 
     @property
     def rank(self) -> int:
@@ -844,12 +844,7 @@ class PSClient:
         """Runs of dense chunks of ``grads``, a run a tensor, through the push codec."""
         out = []
         for run in runs:
-            span = span_of(grads, run)
-            if span is None:
-                span = torch.cat(
-                    [grads[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in run]
-                )
-            out += self.feedback.encode(f"{share}/k{run[0].key}", span)
+            out += self.feedback.encode(f"{share}/k{run[0].key}", gather(grads, run))
         return out
 
     def runs_of(self, slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
@@ -901,27 +896,14 @@ class PSClient:
     def _pack_all(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
         """All of ``server``'s chunks of ``tensors``: the dense pieces, then each row chunk."""
         rows = self._layout[server][self._n_dense(server) :]
-        return self._pack(tensors, server) + [
-            tensors[s.name].reshape(-1)[s.offset : s.offset + s.length] for s in rows
-        ]
+        return self._pack(tensors, server) + [s.view(tensors) for s in rows]
 
     def _pack(self, tensors: Mapping[str, torch.Tensor], server: int) -> list[torch.Tensor]:
         """``server``'s dense chunks of ``tensors`` as message pieces (``KeySpace.pieces``): a
         lone chunk is a view, runs of small chunks are copied into one new buffer."""
         assert self.keyspace is not None
         slots = self._layout[server]
-        out = []
-        for lo, hi in self.keyspace.pieces(server):
-            run = span_of(tensors, slots[lo:hi])
-            if run is None:  # a fresh buffer: zmq may still be sending an earlier one
-                run = torch.cat(
-                    [
-                        tensors[s.name].reshape(-1)[s.offset : s.offset + s.length]
-                        for s in slots[lo:hi]
-                    ]
-                )
-            out.append(run)
-        return out
+        return [gather(tensors, slots[lo:hi]) for lo, hi in self.keyspace.pieces(server)]
 
     def scatter(
         self,

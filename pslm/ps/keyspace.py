@@ -228,14 +228,14 @@ def _check(tensors: Sequence[TensorSpec], num_servers: int, chunk_bytes: int) ->
         raise ConfigError(f"more than {MAX_CHUNKS} chunks: raise chunk_bytes ({chunk_bytes})")
 
 
-def pack_pieces(lengths: Sequence[int], alone: Sequence[bool] = ()) -> list[tuple[int, int]]:
+def pack_pieces(lengths: Sequence[int], alone: Sequence[bool]) -> list[tuple[int, int]]:
     """Ranges of chunk positions sent as one piece each (rule 4 of the module docstring);
     ``alone[i]``: chunk i is part of a tensor of several chunks, a piece of its own."""
     pieces: list[tuple[int, int]] = []
     lo, size = 0, 0
     for i, n in enumerate(lengths):
         nbytes = n * PARAM_BYTES
-        single = nbytes >= SMALL_CHUNK or (i < len(alone) and alone[i])
+        single = nbytes >= SMALL_CHUNK or alone[i]
         if single or size + nbytes > PIECE_BYTES:
             if lo < i:
                 pieces.append((lo, i))

@@ -34,6 +34,10 @@ class Slot(NamedTuple):
     position: int = 0
     """Where the chunk stands in its server's shard order."""
 
+    def view(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This chunk of ``tensors``: a 1-D view of its tensor."""
+        return tensors[self.name].reshape(-1)[self.offset : self.offset + self.length]
+
     def rows_in(self, rows: torch.Tensor) -> torch.Tensor:
         """The rows of sorted global ``rows`` that fall in this row chunk."""
         first = self.offset // self.width
@@ -76,6 +80,13 @@ def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.T
     return first.detach().as_strided(((end - start) // size,), (1,), offset)  # (no autograd)
 
 
+def gather(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.Tensor:
+    """The chunks ``run`` of ``tensors`` as one 1-D tensor: their span if they lie back to
+    back, else a fresh copy (zmq may still be sending an earlier one)."""
+    span = span_of(tensors, run)
+    return span if span is not None else torch.cat([s.view(tensors) for s in run])
+
+
 def runs_of(slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
     """``slots`` (one server's, in shard order) in runs: consecutive positions whose
     gradients lie back to back in memory travel as one tensor."""
@@ -101,9 +112,8 @@ def copy_run(
     if span is not None:
         span.copy_(t)
         return
-    views = [out[s.name].view(-1)[s.offset : s.offset + s.length] for s in run]
-    for view, part in zip(views, t.split([s.length for s in run]), strict=True):
-        view.copy_(part)
+    for slot, part in zip(run, t.split([s.length for s in run]), strict=True):
+        slot.view(out).copy_(part)
 
 
 def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
@@ -127,12 +137,12 @@ class Plan:
 
     key: list[tuple[Any, ...]]
     pushes: list[list[torch.Tensor]]
+    wires: list[tuple[list[Any], list[Any]]]
+    """Each server's push tensors encoded once (``Message.wire``)."""
     fills: list[list[torch.Tensor]]
     nbytes: int
     """Tensor bytes a push sends."""
     held: tuple[Any, ...]
-    wires: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
-    """Each server's push tensors encoded once (``Message.wire``)."""
 
     @classmethod
     def make(
@@ -158,7 +168,7 @@ class Plan:
         nbytes = sum(t.numel() * t.element_size() for server in pushes for t in server)
         held = (tuple(grads.values()), tuple(out.values()))
         wires = [encode_tensors(tensors) for tensors in pushes]
-        return cls(signature(grads) + signature(out), pushes, fills, nbytes, held, wires)
+        return cls(signature(grads) + signature(out), pushes, wires, fills, nbytes, held)
 
     def fill(self, replies: Mapping[int, Message], servers: Mapping[int, int]) -> None:
         """Copy the replies (request id -> Message; ``servers``: request id -> server) into
@@ -170,7 +180,7 @@ class Plan:
             spans = self.fills[s]
             if len(reply.tensors) != len(spans):
                 n = len(reply.tensors)
-                raise ProtocolError(f"reply has {n} tensors, expected {len(spans)}")
+                raise ProtocolError(f"server {s}: reply has {n} tensors, expected {len(spans)}")
             for t, span in zip(reply.tensors, spans, strict=True):
                 if t.dim() != 1 or t.numel() != span.numel() or not t.is_floating_point():
                     raise ProtocolError(f"server {s}: a reply tensor has the wrong size or type")
