@@ -170,9 +170,10 @@ class Plan:
         wires = [encode_tensors(tensors) for tensors in pushes]
         return cls(signature(grads) + signature(out), pushes, wires, fills, nbytes, held)
 
-    def fill(self, replies: Mapping[int, Message], servers: Mapping[int, int]) -> None:
+    def fill(self, replies: Mapping[int, Message], servers: Mapping[int, int]) -> int:
         """Copy the replies (request id -> Message; ``servers``: request id -> server) into
-        ``out``, once every one of them has been checked (all or nothing)."""
+        ``out``, once every one of them has been checked (all or nothing); returns the bytes
+        they carried."""
         for rid, reply in replies.items():
             s = servers[rid]
             if reply.body.get("shm"):
@@ -184,6 +185,9 @@ class Plan:
             for t, span in zip(reply.tensors, spans, strict=True):
                 if t.dim() != 1 or t.numel() != span.numel() or not t.is_floating_point():
                     raise ProtocolError(f"server {s}: a reply tensor has the wrong size or type")
+        received = 0
         for rid, reply in replies.items():
             for t, span in zip(reply.tensors, self.fills[servers[rid]], strict=True):
                 span.copy_(t)
+                received += t.nbytes
+        return received

@@ -70,7 +70,7 @@ from pslm.ps.shared import SharedPaths
 from pslm.ps.steering import IN_FORCE, SETTINGS, optimizer_settings
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
-from pslm.wire.transport import Channel, Connection, Listener, Poller, tcp_address
+from pslm.wire.transport import Channel, Connection, Listener, Poller, readable, tcp_address
 
 log = logging.getLogger("pslm.server")
 
@@ -255,7 +255,7 @@ class Server:
         while True:
             for _ in poller.poll(0.2):
                 self._serve_one()
-            if sched_socket.poll(0):
+            if readable(sched_socket):
                 for notice in self.scheduler.drain("scheduler"):
                     if notice.op == "shutdown":
                         self.stopping = True
@@ -651,7 +651,7 @@ class Server:
             # unless live settings changed clipping: a worker yet to learn of it sends none)
             multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
         fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
-        steered = self._steer(push.scalars, newest_only=True)
+        steered = self._in_force() if self.backup is not None else {}  # (for the backup)
         if not self._replicate(
             "async", fp32, multiplier, step=push.clock, share=share, scalars=steered
         ):
@@ -980,10 +980,9 @@ class Server:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _steer(self, scalars: dict[str, float], *, newest_only: bool = False) -> dict[str, float]:
+    def _steer(self, scalars: dict[str, float], *, newest_only: bool = False) -> None:
         """Put the live settings a push (SSP/ASP) or a clock (BSP) carries in force
-        (``pslm.ps.steering``; SSP/ASP: only if no newer ones are); returns scalars that
-        describe the settings in force, for the backup."""
+        (``pslm.ps.steering``; SSP/ASP: only if no newer ones are)."""
         store = self._store()
         version = scalars.get(IN_FORCE)
         if version is not None and not (newest_only and version < self.steered):
@@ -991,7 +990,11 @@ class Server:
             if changed:
                 log.info("from version %d on: %s (live settings)", store.version, changed)
             self.steered = version
-        return {f"min.{k}": float(getattr(store.optimizer, k)) for k in SETTINGS.values()}
+
+    def _in_force(self) -> dict[str, float]:
+        """Scalars that describe the live settings in force, for the backup."""
+        optimizer = self._store().optimizer
+        return {f"min.{k}": float(getattr(optimizer, k)) for k in SETTINGS.values()}
 
     def _stats(self) -> dict[str, float]:
         """What the heartbeats report (read from their thread: plain numbers)."""

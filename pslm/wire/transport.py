@@ -40,6 +40,15 @@ log = logging.getLogger("pslm.wire")
 INTERRUPT_EVERY = 0.1
 """Seconds between two questions to a wait's ``interrupt``."""
 
+# ZeroMQ's flags as plain ints: pyzmq's enums combine in Python code, on every message
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether ``sock`` has a message waiting (no Poller: one option read)."""
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)
+
 
 def context() -> zmq.Context[Any]:
     """The process-wide ZeroMQ context (one per process, shared by all threads)."""
@@ -94,7 +103,7 @@ class Listener:
         """
         try:  # never blocks: a ROUTER drops what a gone or full peer cannot take
             out = self.socket.send_multipart(
-                [peer, *encode(msg)], copy=False, track=track, flags=zmq.NOBLOCK
+                [peer, *encode(msg)], copy=False, track=track, flags=_NOBLOCK
             )
         except zmq.ZMQError as exc:
             raise TransportError(f"send to peer failed: {exc}") from exc
@@ -311,9 +320,9 @@ class Channel:
 
     def _take(self, conn: Connection) -> None:
         sock = conn.socket
-        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # cheaper than ending on zmq.Again
+        while readable(sock):  # cheaper than ending on zmq.Again
             try:
-                frames = sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                frames = sock.recv_multipart(copy=False, flags=_NOBLOCK)
             except zmq.Again:
                 return
             try:
