@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from pslm.lm.tokenizer import train_tokenizer
 from pslm.ps.launch import LocalCluster
 from pslm.ps.reader import ParameterReader
 from pslm.serve.app import Limits, chat_prompt, create_app
-from pslm.serve.model import ServedModel, State
+from pslm.serve.model import Follower, ServedModel, State
 from tests.conftest import REPO, launch_config
 from tests.test_train import CONFIG, _story, pslm, start_run
 
@@ -150,6 +151,32 @@ def test_not_ready_until_parameters_arrive() -> None:
     assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 503
     served.current = state
     assert client.post("/v1/generate", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_stop_waits_for_the_followers_round() -> None:
+    """A follower thread still inside torch when the process exits aborts it ("terminate called
+    without an active exception"): ``stop`` returns once the round in progress is over."""
+    served = _served()
+    assert served.current is not None
+    tensors = {n: p.detach().clone() for n, p in served.current.model.named_parameters()}
+    follower = Follower(served, "tcp://127.0.0.1:9", every=0.01)  # (no scheduler is asked)
+    inside, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def refresh(reader: ParameterReader) -> bool:  # a round that outlasts the stop request
+        inside.set()
+        release.wait(30)
+        served.take(tensors, 1, "cpu")
+        finished.set()
+        return True
+
+    follower.refresh = refresh  # type: ignore[method-assign]
+    follower.start()
+    assert inside.wait(30)
+    assert not follower.stop(timeout=0.05) and follower.is_alive()  # still in its round
+    release.set()
+    assert follower.stop(timeout=30)
+    assert finished.is_set() and not follower.is_alive()
+    assert served.current is not None and served.current.version == 1
 
 
 # --- a real serving process ---------------------------------------------------------------------

@@ -180,13 +180,13 @@ class Server:
         self.beat: Heartbeat | None = None
         self.retry_backup_at = 0.0
         self.steered = 0.0
+        """The version of the live settings in force (``pslm.ps.steering``)."""
         self.fence: tuple[int, Consistency] | None = None
         """A change of the consistency model: at this clock, to this model (``_fence``)."""
         self.read_up_to = 0
         """SSP/ASP: the highest clock a read was answered at."""
         self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
         """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
-        """The version of the live settings in force (``pslm.ps.steering``)."""
         self.shared = SharedPaths()
         """Workers on this machine that push through shared memory (``pslm.ps.shared``)."""
 

@@ -9,12 +9,15 @@ The API is in ``pslm.serve.app``; what is served, and how it follows the cluster
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pslm.errors import ConfigError
+
+log = logging.getLogger("pslm.serve")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,8 +103,8 @@ def serve(cfg: ServeConfig) -> int:
     except KeyboardInterrupt:  # Ctrl-C: uvicorn finished the requests and stopped
         pass
     finally:
-        if follower is not None:
-            follower.stop()
+        if follower is not None and not follower.stop():
+            log.warning("the follower is still reading from the cluster; exiting anyway")
         sock.close()
     return 0
 

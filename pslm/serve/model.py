@@ -150,5 +150,10 @@ class Follower(threading.Thread):
         finally:
             reader.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop after the round in progress and wait for it (at most ``timeout`` seconds): a
+        thread still inside torch while the interpreter exits aborts the process. False if it
+        did not stop in time."""
         self.stop_event.set()
+        self.join(timeout)
+        return not self.is_alive()
