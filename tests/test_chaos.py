@@ -39,6 +39,7 @@ def _whole(run: Path) -> dict[str, int]:
     return {v: alive[v] for v in victims} if all(v in alive for v in victims) else {}
 
 
+@pytest.mark.slow  # (each kill on its own: tests/test_failures.py, in the default suite)
 def test_chaos_kills_cost_nothing(tmp_path: Path) -> None:
     (tmp_path / "story.txt").write_text(_story())
     config = CONFIG.replace("steps = 30", f"steps = {STEPS}")

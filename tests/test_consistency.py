@@ -124,6 +124,7 @@ def test_asp_never_waits_and_its_staleness_grows(setup) -> None:
     assert recs[-1]["staleness_max"] > 3
 
 
+@pytest.mark.slow  # (four runs of 400 steps; `pslm bench consistency` measures the same)
 def test_ssp_asp_and_local_sgd_train_as_well_as_bsp_on_the_same_samples(setup) -> None:
     losses, pushed = {}, {}
     modes = ("bsp", "ssp:1", "asp", "local:4")

@@ -43,9 +43,8 @@ def _args(setup: dict[str, Path], run: Path, *extra: str) -> list[str]:
 
 # asynchronous runs repeat exactly only with one worker (with two, the order of their pushes
 # depends on timing)
-@pytest.mark.parametrize(  # BSP resumes are also in test_train and test_steering
-    "consistency, workers", [pytest.param("bsp", 2, marks=pytest.mark.slow), ("ssp:1", 1)]
-)
+@pytest.mark.slow  # (BSP resumes are in the default suite too: test_train and test_steering)
+@pytest.mark.parametrize("consistency, workers", [("bsp", 2), ("ssp:1", 1)])
 def test_a_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(
     setup, consistency: str, workers: int
 ) -> None:
