@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -233,3 +237,39 @@ def test_frames_at_odd_offsets_are_aligned() -> None:
     buf = bytearray(1) + bytearray(t.numpy().tobytes())
     out = tensor_from_frames([memoryview(buf)[1:]], "f32", [100])
     assert out.data_ptr() % 4 == 0 and torch.equal(out, t)
+
+
+PEER = """
+import sys, msgpack, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.connect(sys.argv[1])
+s.send(msgpack.packb({"v": 1, "op": "hello", "id": 1, "body": {}, "t": []}))
+while True:
+    s.recv_multipart()
+"""
+
+
+def test_sent_is_done_once_zeromq_has_sent_the_frames() -> None:
+    """``Listener.send(track=True)``: not done while a peer that reads nothing holds up a large
+    message (its last frame is small: copied when sent, so the large one before it is what is
+    watched), done as soon as the peer reads it."""
+    listener = Listener()
+    peer = subprocess.Popen([sys.executable, "-c", PEER, listener.address])
+    try:
+        assert listener.socket.poll(30_000), "the peer did not say hello"
+        identity, _ = listener.recv()
+        os.kill(peer.pid, signal.SIGSTOP)  # reads nothing: 64 MiB cannot all leave
+        big = torch.ones(16 << 20)
+        msg = Message("ok", tensors=[big, torch.ones(3)])
+        sent = listener.send(identity, msg, track=True)
+        assert sent is not None and not sent.done
+        assert not sent.wait(0.2)  # the peer is still stopped
+        os.kill(peer.pid, signal.SIGCONT)
+        assert sent.wait(30) and sent.done
+        small = listener.send(identity, Message("ok", tensors=[torch.ones(3)]), track=True)
+        assert small is not None and small.done  # copied when sent: nothing to wait for
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+        peer.kill()
+        peer.wait()
+        listener.close()

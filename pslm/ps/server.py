@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
 from pslm.ps import protocol
 from pslm.ps.consistency import Consistency, StalenessGate
@@ -70,7 +68,15 @@ from pslm.ps.shared import SharedPaths
 from pslm.ps.steering import IN_FORCE, SETTINGS, optimizer_settings
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
-from pslm.wire.transport import Channel, Connection, Listener, Poller, readable, tcp_address
+from pslm.wire.transport import (
+    Channel,
+    Connection,
+    Listener,
+    Poller,
+    Sent,
+    readable,
+    tcp_address,
+)
 
 log = logging.getLogger("pslm.server")
 
@@ -155,7 +161,7 @@ class Server:
         self.incoming: dict[int, PendingPush] = {}  # pushes whose parts are still arriving
         self.after_update: list[Reply] = []  # push parts waiting for the update
         self.parked: list[tuple[bytes, Message, int, Selection]] = []
-        self.trackers: list[zmq.MessageTracker] = []
+        self.trackers: list[Sent] = []
         self.stopping = False
         self.consistency = Consistency()
         self.gate = StalenessGate(0, 0)
@@ -760,9 +766,9 @@ class Server:
         dense = selection.dense_only and codec.lossless and not shm  # the pieces as they are
         reply = Message("ok", id=msg.id, body=body, tensors=tensors)
         reply.wire = store.packed_wire if dense else None
-        tracker = self.listener.send(peer, reply, track=True)
-        if tracker is not None and not tracker.done:
-            self.trackers.append(tracker)
+        sent = self.listener.send(peer, reply, track=True)
+        if sent is not None and not sent.done:
+            self.trackers.append(sent)
 
     def _make_params_writable(self) -> None:
         """Make sure no earlier reply is still being read from the parameter memory.
@@ -775,10 +781,8 @@ class Server:
         store = self._store()
         deadline = time.monotonic() + READER_GRACE
         pending = [t for t in self.trackers if not t.done]
-        for tracker in pending:
-            try:
-                tracker.wait(max(0.0, deadline - time.monotonic()))
-            except zmq.NotDone:
+        for sent in pending:
+            if not sent.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("a reader is slow; updating a copy of the parameters")
                 store.relocate_params()
                 break

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import zmq
 
 from pslm.errors import (
@@ -95,24 +98,77 @@ class Listener:
             exc.sender = peer
             raise
 
-    def send(self, peer: bytes, msg: Message, *, track: bool = False) -> zmq.MessageTracker | None:
+    def send(self, peer: bytes, msg: Message, *, track: bool = False) -> Sent | None:
         """Queue ``msg`` for ``peer`` without copying tensor memory.
 
-        With ``track=True`` returns a tracker that is done once ZeroMQ no longer reads the
+        With ``track=True`` returns a ``Sent`` that is done once ZeroMQ no longer reads the
         tensors' memory; until then they must not be modified.
         """
+        frames = encode(msg)
+        sent = Sent.watch(frames, self.socket.copy_threshold) if track else None
         try:  # never blocks: a ROUTER drops what a gone or full peer cannot take
-            out = self.socket.send_multipart(
-                [peer, *encode(msg)], copy=False, track=track, flags=_NOBLOCK
-            )
+            self.socket.send_multipart([peer, *frames], copy=False, flags=_NOBLOCK)
         except zmq.ZMQError as exc:
             raise TransportError(f"send to peer failed: {exc}") from exc
-        return out if track else None
+        return sent
 
     def close(self) -> None:
         if self.watch is not None:
             self.watch.close()
         self.socket.close()
+
+
+class Sent:
+    """Whether ZeroMQ has finished reading the memory of a message sent without copying.
+
+        frames = encode(msg)
+        sent = Sent.watch(frames, socket.copy_threshold)   # before sending the frames
+        ...
+        sent.done / sent.wait(timeout)
+
+    pyzmq keeps the object it was given for a frame it does not copy alive until libzmq has
+    sent that frame, then drops it (from its garbage-collector thread), so a weak reference to
+    the object dies at that moment. ``watch`` puts a numpy view (which can be weakly referred
+    to; a memoryview cannot) in place of the last frame pyzmq will not copy: libzmq sends and
+    releases a message's frames in order, so once that one is released, all are. Frames below
+    the copy threshold are copied when sent and read nothing later. (pyzmq's own tracking of a
+    multipart send follows its last frame only: when that one is small, and so copied, the
+    tracker is done at once while the large frames before it are still being sent.)
+    """
+
+    __slots__ = ("_ref", "_waiter")
+
+    def __init__(self, frame: Any | None):
+        waiter: list[threading.Event | None] = [None]  # (made only if someone waits)
+        self._waiter = waiter
+
+        def released(_: Any) -> None:  # pyzmq's thread: the frame is sent
+            event = waiter[0]
+            if event is not None:
+                event.set()
+
+        self._ref = None if frame is None else weakref.ref(frame, released)
+
+    @classmethod
+    def watch(cls, frames: list[Any], copy_threshold: int) -> Sent:
+        """Watch ``frames`` (about to be sent; the list is changed in place)."""
+        for i in range(len(frames) - 1, 0, -1):  # frame 0 is the header (bytes)
+            frame = frames[i]
+            if isinstance(frame, memoryview) and frame.nbytes >= copy_threshold:
+                frames[i] = view = np.frombuffer(frame, dtype=np.uint8)
+                return cls(view)
+        return cls(None)  # every frame is copied when sent
+
+    @property
+    def done(self) -> bool:
+        return self._ref is None or self._ref() is None
+
+    def wait(self, timeout: float) -> bool:
+        """Block until done, at most ``timeout`` seconds; whether it is done."""
+        if self.done:
+            return True
+        self._waiter[0] = event = threading.Event()
+        return self.done or event.wait(timeout)  # (released between the two checks: done)
 
 
 class Connection:
