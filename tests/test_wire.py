@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pslm.errors import ProtocolError, RefusedError, RequestTimeout
+from pslm.wire import auth
 from pslm.wire.frames import DTYPES, tensor_from_frames, tensor_to_frames
 from pslm.wire.message import MAX_FRAME, Message, decode, encode
 from pslm.wire.transport import Channel, Listener, Poller, tcp_address
@@ -253,6 +254,8 @@ def test_sent_is_done_once_zeromq_has_sent_the_frames() -> None:
     """``Listener.send(track=True)``: not done while a peer that reads nothing holds up a large
     message (its last frame is small: copied when sent, so the large one before it is what is
     watched), done as soon as the peer reads it."""
+    security = auth.current()  # (a cluster started earlier in this process installs one)
+    auth.install(None)  # the peer is plain pyzmq
     listener = Listener()
     peer = subprocess.Popen([sys.executable, "-c", PEER, listener.address])
     try:
@@ -273,3 +276,4 @@ def test_sent_is_done_once_zeromq_has_sent_the_frames() -> None:
         peer.kill()
         peer.wait()
         listener.close()
+        auth.install(security)
