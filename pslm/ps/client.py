@@ -603,15 +603,16 @@ class PSClient:
         finally:
             self._waiting = False
         self._release(req)
-        received = 0
         if req.plan is not None:
             received = req.plan.fill(replies, req.ids)
-        elif req.out is not None:  # every reply checked before any is copied: all or nothing
-            for rid, reply in replies.items():
-                self.scatter(reply, req.ids[rid], req.expect[rid], req.out, check_only=True)
-            for rid, reply in replies.items():
-                self.scatter(reply, req.ids[rid], req.expect[rid], req.out)
-        for rid, r in replies.items() if self._retained else ():  # applied: need not be kept
+        else:
+            received = sum(t.nbytes for r in replies.values() for t in r.tensors)
+            if req.out is not None:  # every reply checked before any is copied: all or nothing
+                for rid, reply in replies.items():
+                    self.scatter(reply, req.ids[rid], req.expect[rid], req.out, check_only=True)
+                for rid, reply in replies.items():
+                    self.scatter(reply, req.ids[rid], req.expect[rid], req.out)
+        for rid, r in replies.items():  # what a server has applied need not be kept
             s, v = req.ids[rid], int(r.body.get("version", 0))
             if s in self._retained:
                 self._retained[s] = [(c, m) for c, m in self._retained[s] if c >= v]
@@ -628,8 +629,6 @@ class PSClient:
             if isinstance(raw, dict):
                 scalars.update({str(k): float(v) for k, v in raw.items()})
             held = max(held, float(r.body.get("held_s", 0.0)))
-            if req.plan is None:
-                received += sum(t.nbytes for t in r.tensors)
             if r.body.get("shm") and self.memory is not None:
                 received += self.memory.nbytes(req.ids[rid])
             if not by and isinstance(r.body.get("by"), list):

@@ -212,8 +212,7 @@ class PendingPush:
 
     def check(self, part: Part) -> None:
         """Refuse a part that repeats a chunk, or a final part that leaves chunks missing."""
-        fresh = self.missing == len(self.grads)  # (a push in one part: nothing to repeat)
-        if not fresh and any(self.grads[p] is not None for p in part.positions):
+        if any(self.grads[p] is not None for p in part.positions):
             raise RefusedError(
                 f"push for clock {self.clock} repeats chunks already pushed", code="duplicate"
             )
@@ -234,5 +233,5 @@ class PendingPush:
 
     @property
     def complete_grads(self) -> list[Grad]:
-        assert self.missing == 0  # (every chunk is counted in once: see check)
+        assert self.missing == 0 and all(g is not None for g in self.grads)
         return self.grads  # type: ignore[return-value]

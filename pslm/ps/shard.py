@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -306,8 +306,7 @@ class ShardStore:
     def add_delta(self, deltas: Sequence[Grad], multiplier: float = 1.0) -> None:
         """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""
         for view, delta in zip(self.views, deltas, strict=True):
-            assert isinstance(delta, torch.Tensor), "local SGD has no row tensors"
-            view.add_(delta, alpha=multiplier)
+            view.add_(_dense(delta), alpha=multiplier)
         self.version += 1
 
     def reduce(self, pushes: Sequence[tuple[float, Sequence[Grad]]]) -> tuple[list[Grad], float]:
@@ -326,7 +325,7 @@ class ShardStore:
             self._reduce_rows([(w, _rows(g[k])) for w, g in pushes], k, equal)
             for k in range(self.n_dense, len(self.chunks))
         ]
-        dense = [(w, _dense(g[: self.n_dense])) for w, g in pushes]
+        dense = [(w, [_dense(x) for x in g[: self.n_dense]]) for w, g in pushes]
         return [*self._reduce_dense(dense, equal), *rows], factor
 
     def _reduce_rows(self, grads: list[tuple[float, RowGrad]], k: int, equal: bool) -> RowGrad:
@@ -405,7 +404,7 @@ class ShardStore:
             group.counts.add_(1)  # the rules see this update's step number
             self.rule.step(
                 group.params,
-                _dense(grads[group.lo : group.hi]),
+                [_dense(x) for x in grads[group.lo : group.hi]],
                 group.state,
                 group.steps,
                 lr=lr,
@@ -458,10 +457,9 @@ class ShardStore:
         self.views[k].view(-1, w).index_add_(0, rows, -step_size * numer.div_(denom))
 
 
-def _dense(grads: Sequence[Grad]) -> list[torch.Tensor]:
-    """``grads`` of dense chunks (the first ``n_dense`` positions hold nothing else: every
-    path that fills them makes tensors; not checked one by one, on every update's path)."""
-    return cast(list[torch.Tensor], list(grads))
+def _dense(g: Grad) -> torch.Tensor:
+    assert isinstance(g, torch.Tensor), "a row gradient where a dense chunk belongs"
+    return g
 
 
 def _rows(g: Grad) -> RowGrad:
