@@ -107,6 +107,36 @@ def test_two_shards_match_torch_optim(cfg: OptimizerConfig) -> None:
     assert all(store.version == 10 for store in stores)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-clip{c.clip_norm}")
+def test_an_update_in_stages_equals_one_apply(cfg: OptimizerConfig) -> None:
+    """A server answers each reply once its chunks are updated (``ShardStore.update``): spans
+    in any order, overlapping, partly repeated, must give exactly ``apply``'s result, with
+    every chunk stepped once and the version moved only by ``finish``."""
+    gen = torch.Generator().manual_seed(1)
+    init = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    ks = KeySpace.build(((n, s) for n, s in SHAPES.items()), 1, chunk_bytes=16)
+    whole, staged = ShardStore(ks, 0, cfg), ShardStore(ks, 0, cfg)
+    for store in (whole, staged):
+        store.load(_pieces(ks, 0, init))
+    n = whole.n_dense
+    assert n >= 6  # enough chunks for the spans below to split the decay groups
+    for _ in range(4):
+        grads = _slices(ks, 0, {k: torch.randn(s, generator=gen) for k, s in SHAPES.items()})
+        whole.apply([g.clone() for g in grads], 0.7)
+        update = staged.update([g.clone() for g in grads], 0.7)
+        for lo, hi in [(n - 2, n), (1, 4), (2, 5), (n - 2, n + 3)]:
+            update.span(lo, hi)
+            assert staged.version == whole.version - 1
+        update.finish()
+        assert staged.version == whole.version
+    for a, b in zip(whole.views, staged.views, strict=True):
+        assert torch.equal(a, b)
+    for name, views in whole.state_views.items():
+        for a, b in zip(views, staged.state_views[name], strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(whole.step_counts, staged.step_counts)
+
+
 def test_weighted_mean_and_single_push() -> None:
     ks = KeySpace.build([("w", (4, 4))], 1, chunk_bytes=16)
     store = ShardStore(ks, 0, OptimizerConfig(name="sgd", lr=1.0))

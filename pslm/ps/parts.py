@@ -66,6 +66,12 @@ class Selection:
         """The dense pieces and nothing else."""
         return self.pieces and not self.spans and not self.rows
 
+    def dense_spans(self, store: ShardStore) -> list[tuple[int, int]]:
+        """The dense chunks a reply carries, as shard positions [lo, hi)."""
+        if self.pieces:
+            return [(0, store.n_dense)]
+        return [(lo, min(hi, store.n_dense)) for lo, hi in self.spans if lo < store.n_dense]
+
     def tensors(self, store: ShardStore) -> list[torch.Tensor]:
         """Views of the current parameters (rows: a gathered copy)."""
         n_pieces = len(store.keyspace.pieces(store.server))

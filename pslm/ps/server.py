@@ -726,32 +726,46 @@ class Server:
         if not replicated:
             return  # no answer: the requests go to the shard's new server
         self._make_params_writable()
+        replies = sorted(self.after_update, key=lambda r: r.priority)  # next forward's first
+        self.after_update = []
+        said = {"scalars": scalars, "by": by}
+        sent = 0
         try:
             if self.local:  # the pushes are parameter changes: average them in
                 store.add_delta(clock.grads, multiplier)
             else:
-                store.apply(clock.grads, multiplier)
-        except Exception as exc:  # never leave a clock half-applied: refuse it whole
+                update = store.update(clock.grads, multiplier)
+                if self.fence is None:  # (a change of model waits for the whole update)
+                    for r in replies:  # each as soon as its chunks are updated
+                        for lo, hi in r.selection.dense_spans(store):
+                            update.span(lo, hi)
+                        self._answer(r, clock, version=store.version + 1, **said)
+                        sent += 1
+                update.finish()
+        except Exception as exc:  # refuse what is left of the clock (the kernels do not fail
+            # on checked input: this is a bug's way out, not a path a push can take)
             log.exception("update for clock %d failed", store.version)
+            self.after_update = replies[sent:]
             self._abandon_clock(f"the update for clock {store.version} failed: {exc!r}")
             return
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
-        mode = self._switch_if_due()  # (the replies tell the workers)
-        replies, self.after_update = self.after_update, []
         self.last_scalars, self.last_by = scalars, by
-        now = time.monotonic()
-        for r in sorted(replies, key=lambda r: r.priority):  # what the next forward needs first
-            held = now - clock.arrived[int(r.msg.body.get("share", r.msg.body["worker"]))]
-            self._send_params(
-                r.peer, r.msg, r.selection, scalars=scalars, held_s=round(held, 6), by=by, **mode
-            )
+        mode = self._switch_if_due()  # (the replies tell the workers)
+        for r in replies[sent:]:
+            self._answer(r, clock, version=store.version, **said, **mode)
         parked, self.parked = self.parked, []
         for peer, msg, min_version, selection in parked:
             if min_version <= store.version:
                 self._send_params(peer, msg, selection)
             else:
                 self.parked.append((peer, msg, min_version, selection))
+
+    def _answer(self, r: Reply, clock: Clock, **said: Any) -> None:
+        """A push's reply with the parameters after its clock's update: the version, the
+        clock's scalars and who pushed (``said``), and how long the server held the push."""
+        held = time.monotonic() - clock.arrived[int(r.msg.body.get("share", r.msg.body["worker"]))]
+        self._send_params(r.peer, r.msg, r.selection, held_s=round(held, 6), **said)
 
     def _send_params(
         self, peer: bytes, msg: Message, selection: Selection, **extra: object

@@ -75,6 +75,41 @@ class _Group:
     steps: list[torch.Tensor]
 
 
+class Update:
+    """One optimizer step over a shard's dense chunks, taken in stages (``ShardStore.update``):
+    a server answers each reply as soon as the chunks it carries are updated, while the rest
+    are being updated and ZeroMQ sends the earlier replies."""
+
+    def __init__(
+        self, store: ShardStore, grads: Sequence[Grad], lr: float, scale: torch.Tensor | None
+    ):
+        self.store = store
+        self.grads = grads
+        self.lr = lr
+        self.scale = scale
+        self.done = [False] * store.n_dense
+
+    def span(self, lo: int, hi: int) -> None:
+        """Update the dense chunks in [lo, hi) not updated yet (each exactly once)."""
+        hi = min(hi, self.store.n_dense)
+        k = lo
+        while k < hi:
+            if self.done[k]:
+                k += 1
+                continue
+            end = k
+            while end < hi and not self.done[end]:
+                self.done[end] = True
+                end += 1
+            self.store._step_chunks(self.grads, k, end, self.lr, self.scale)
+            k = end
+
+    def finish(self) -> None:
+        """The chunks not updated yet, then the version: the step is complete."""
+        self.span(0, self.store.n_dense)
+        self.store.version += 1
+
+
 class ShardStore:
     """Parameters and optimizer state of the chunks one server holds."""
 
@@ -388,6 +423,14 @@ class ShardStore:
         ``step`` (default: the version, as under BSP; asynchronous updates give the pushing
         worker's clock). The kernels overwrite ``grads`` with the multiplied values.
         """
+        self.update(grads, multiplier, step).finish()
+
+    def update(
+        self, grads: Sequence[Grad], multiplier: float = 1.0, step: int | None = None
+    ) -> Update:
+        """``apply``'s step taken in stages: row chunks now, dense chunks as ``Update.span``
+        asks for them, the rest and the version with ``Update.finish``. The kernels are
+        elementwise, so the stages change nothing in the result."""
         lr = self.optimizer.lr_at(self.version if step is None else step)
         for k in range(self.n_dense, len(self.chunks)):
             g = grads[k]
@@ -400,18 +443,27 @@ class ShardStore:
             if multiplier == 1.0
             else torch.tensor(1.0 / multiplier if multiplier else math.inf)
         )
+        return Update(self, grads, lr, scale)
+
+    def _step_chunks(
+        self, grads: Sequence[Grad], lo: int, hi: int, lr: float, scale: torch.Tensor | None
+    ) -> None:
+        """The optimizer over dense chunks [lo, hi), one kernel call per decay group."""
         for group in self._dense_groups():
-            group.counts.add_(1)  # the rules see this update's step number
+            a, b = max(lo, group.lo) - group.lo, min(hi, group.hi) - group.lo
+            if a >= b:
+                continue
+            whole = a == 0 and b == group.hi - group.lo
+            (group.counts if whole else group.counts[a:b]).add_(1)  # this update's step number
             self.rule.step(
-                group.params,
-                [_dense(x) for x in grads[group.lo : group.hi]],
-                group.state,
-                group.steps,
+                group.params if whole else group.params[a:b],
+                [_dense(x) for x in grads[group.lo + a : group.lo + b]],
+                group.state if whole else {k: v[a:b] for k, v in group.state.items()},
+                group.steps if whole else group.steps[a:b],
                 lr=lr,
                 weight_decay=self.optimizer.weight_decay if group.decayed else 0.0,
                 grad_scale=scale,
             )
-        self.version += 1
 
     def _dense_groups(self) -> list[_Group]:
         """The dense chunks with weight decay, then those without, as the kernels take them
