@@ -342,6 +342,44 @@ def test_a_planned_push_pull_follows_the_tensors_it_is_given(one_worker_cluster)
     client.close()
 
 
+def test_a_large_planned_push_pull_travels_in_parts(one_worker_cluster, monkeypatch) -> None:
+    """Over PART_BYTES of dense chunks to one server, a planned push_pull sends its pieces in
+    parts; each part's reply comes as soon as its chunks are updated and fills its spans of
+    ``out``. The result is the whole update, and the same clock pushed again is taken once."""
+    import pslm.ps.layout
+
+    monkeypatch.setattr(pslm.ps.layout, "PART_BYTES", 1_000)  # parts of about 1 kB
+    client = _client(one_worker_cluster)
+    shapes = {"w": (20, 20), "v": (30,), "b": (30,), "u": (10, 40), "x": (300,), "t": (700,)}
+    client.init(
+        {k: torch.zeros(s) for k, s in shapes.items()},
+        OptimizerConfig(name="sgd", lr=1.0, momentum=0.5),
+        chunk_bytes=1_000,
+        shm=False,
+    )
+    grads, out = client.allocate(), client.allocate()
+    truth = {k: torch.zeros(s) for k, s in shapes.items()}
+    momentum = {k: torch.zeros(s) for k, s in shapes.items()}
+    for clock in range(3):
+        for k, g in grads.items():
+            g.copy_(torch.randn_like(g))
+            momentum[k] = g.clone() if clock == 0 else momentum[k] * 0.5 + g
+            truth[k] -= momentum[k]
+        done = client.wait(client.push_pull(grads, out, clock=clock))
+        assert done.version == clock + 1
+        assert done.bytes_sent == done.bytes_received == 4 * sum(t.numel() for t in truth.values())
+        for k in truth:
+            torch.testing.assert_close(out[k], truth[k], rtol=1e-6, atol=1e-6)
+        again = {k: v.clone() for k, v in out.items()}
+        for v in out.values():
+            v.zero_()
+        assert client.wait(client.push_pull(grads, out, clock=clock)).version == clock + 1
+        assert all(torch.equal(out[k], again[k]) for k in out)  # answered, not applied twice
+    plan = client._plan
+    assert plan is not None and all(len(m) >= 3 for m in plan.messages)  # parts on both servers
+    client.close()
+
+
 def test_pull_from_a_killed_server_raises_the_named_timeout(one_worker_cluster) -> None:
     client = _client(one_worker_cluster, timeout=1.5)
     client.init(

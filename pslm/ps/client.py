@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -118,6 +118,7 @@ class _Request:
     sent: int = 0  # tensor bytes
     shared: tuple[int, ...] = ()  # servers it went to through shared memory
     plan: Plan | None = None  # a planned push_pull: where its replies go
+    parts: dict[int, int] = field(default_factory=dict)  # request id -> part (planned parts)
 
 
 def on_this_machine(address: str) -> bool:
@@ -585,15 +586,26 @@ class PSClient:
         """Block until request ``ts`` is complete; return what the servers said.
 
         The values it fetched change in ``out`` all at once, when every server has answered:
-        never half of them. Raises RequestTimeout after ``timeout`` seconds (default: the
-        client's), RefusedError if a server refused the request, and Interrupted when
-        ``interrupt()`` (asked every 0.1 s) says True: then nothing has changed yet and
-        ``wait(ts)`` may be called again.
+        never half of them - except where a server's share is pushed in parts (a planned
+        ``push_pull`` of over PART_BYTES of dense chunks to one server): each part's values are
+        copied as they arrive, so after an error some may be new; ``push_pull`` the same clock
+        again (it is taken once) to have them all. Raises RequestTimeout after ``timeout``
+        seconds (default: the client's), RefusedError if a server refused the request, and
+        Interrupted when ``interrupt()`` (asked every 0.1 s) says True: then nothing has
+        changed yet (but for parts, as above) and ``wait(ts)`` may be called again.
         """
         req = self._requests.pop(ts)
+        plan, parts = req.plan, req.parts
+
+        def fill_part(rid: int, reply: Message) -> None:  # (a part: copied as it arrives)
+            if plan is not None and rid in parts:
+                plan.fill_part(reply, req.ids[rid], parts[rid])
+
         self._waiting = True
         try:
-            replies = self.channel.wait(req.ids, timeout, interrupt=interrupt)
+            replies = self.channel.wait(
+                req.ids, timeout, interrupt=interrupt, on_reply=fill_part if parts else None
+            )
         except Interrupted:
             self._requests[ts] = req
             raise
@@ -603,8 +615,11 @@ class PSClient:
         finally:
             self._waiting = False
         self._release(req)
-        if req.plan is not None:
-            received = req.plan.fill(replies, req.ids)
+        if plan is not None:
+            whole = {rid: r for rid, r in replies.items() if rid not in parts}
+            received = plan.fill(whole, req.ids)
+            in_parts = (r for rid, r in replies.items() if rid in parts)
+            received += sum(t.nbytes for r in in_parts for t in r.tensors)
         else:
             received = sum(t.nbytes for r in replies.values() for t in r.tensors)
             if req.out is not None:  # every reply checked before any is copied: all or nothing
@@ -768,16 +783,19 @@ class PSClient:
             raise ConfigError(f"push weight must be positive, got {weight}")
         body = self.push_header(clock, weight, reply_params=True, share=share)
         ids: dict[int, int] = {}
-        for s, tensors in enumerate(plan.pushes):
+        parts: dict[int, int] = {}
+        for s, messages in enumerate(plan.messages):
             mine = scalars_for(s, scalars)
-            msg = Message(
-                "push",
-                body={**body, "scalars": mine} if mine else body,
-                tensors=tensors,
-                wire=plan.wires[s],
-            )
-            ids[self.channel.send(f"server-{s}", msg)] = s
-        return self._track(_Request(ids, {}, out, plan.nbytes, plan=plan))
+            for i, (part, tensors, wire) in enumerate(messages):
+                fields = {**body, **part}
+                if mine and part.get("final", True):  # the scalars come with the last part
+                    fields["scalars"] = mine
+                msg = Message("push", body=fields, tensors=tensors, wire=wire)
+                rid = self.channel.send(f"server-{s}", msg)
+                ids[rid] = s
+                if part:
+                    parts[rid] = i
+        return self._track(_Request(ids, {}, out, plan.nbytes, plan=plan, parts=parts))
 
     def _unshare(self, server: int, msg: Message) -> Message:
         """A request sent again to ``server``'s new address: a push that went through shared

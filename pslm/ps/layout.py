@@ -21,6 +21,10 @@ import torch
 from pslm.errors import ProtocolError
 from pslm.wire.message import Message, encode_tensors
 
+PART_BYTES = 16 << 20
+"""A planned push to one server of more dense bytes than this travels in parts of about this
+size (``Plan``)."""
+
 
 class Slot(NamedTuple):
     """Where one chunk lives in the caller's tensors."""
@@ -122,6 +126,20 @@ def sq_norm(grads: Mapping[str, torch.Tensor]) -> float:
     return sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values())
 
 
+def _parts(pieces: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """Pieces in parts of at least PART_BYTES (the last may be smaller), as ranges [a, b)."""
+    parts: list[tuple[int, int]] = []
+    a = size = 0
+    for i, piece in enumerate(pieces):
+        size += piece.numel() * piece.element_size()
+        if size >= PART_BYTES:
+            parts.append((a, i + 1))
+            a, size = i + 1, 0
+    if a < len(pieces):
+        parts.append((a, len(pieces)))
+    return parts
+
+
 def signature(tensors: Mapping[str, torch.Tensor]) -> list[tuple[Any, ...]]:
     """What a Plan over ``tensors`` depends on: each name, tensor, address, shape, strides and
     dtype (a tensor given new storage or a new shape in place changes it)."""
@@ -133,12 +151,19 @@ class Plan:
     """A ``push_pull`` between one pair of mappings, worked out once: for each server, the
     spans of the gradients its push carries and of ``out`` that its reply fills, one per
     piece. Valid while both mappings keep the tensors they had (``key``); it holds them, so
-    their ids stay theirs."""
+    their ids stay theirs.
+
+    A server's pieces travel in one message, or, over PART_BYTES of them, in parts of about
+    PART_BYTES (``pslm.ps.parts``): the server answers each part as soon as its chunks are
+    updated, and its new values are copied into ``out`` while the next part is on its way."""
 
     key: list[tuple[Any, ...]]
     pushes: list[list[torch.Tensor]]
-    wires: list[tuple[list[Any], list[Any]]]
-    """Each server's push tensors encoded once (``Message.wire``)."""
+    messages: list[list[tuple[dict[str, Any], list[torch.Tensor], Any]]]
+    """Each server's push messages: (body fields of the part, or none for a whole push;
+    tensors; the tensors encoded once, ``Message.wire``)."""
+    parts: list[list[tuple[int, int]]]
+    """Each server's messages as ranges [a, b) of its pieces."""
     fills: list[list[torch.Tensor]]
     nbytes: int
     """Tensor bytes a push sends."""
@@ -156,6 +181,8 @@ class Plan:
         layout, or tensors of one chunk each); both must hold every dense tensor."""
         pushes: list[list[torch.Tensor]] = []
         fills: list[list[torch.Tensor]] = []
+        messages: list[list[tuple[dict[str, Any], list[torch.Tensor], Any]]] = []
+        parts: list[list[tuple[int, int]]] = []
         for slots, mine in zip(layout, pieces, strict=True):
             pushes.append([])
             fills.append([])
@@ -165,29 +192,57 @@ class Plan:
                     return None
                 pushes[-1].append(g)
                 fills[-1].append(o)
+            groups = _parts(fills[-1])
+            if len(groups) <= 1:  # (a server without dense chunks still hears the push)
+                messages.append([({}, pushes[-1], encode_tensors(pushes[-1]))])
+                parts.append(groups)
+                continue
+            messages.append([])
+            for i, (a, b) in enumerate(groups):
+                part = {
+                    "keys": [slot.key for lo, hi in mine[a:b] for slot in slots[lo:hi]],
+                    "runs": [hi - lo for lo, hi in mine[a:b]],  # a piece is a run of chunks
+                    "seq": i,
+                    "final": i == len(groups) - 1,
+                    "priority": i,
+                }
+                tensors = pushes[-1][a:b]
+                messages[-1].append((part, tensors, encode_tensors(tensors)))
+            parts.append(groups)
         nbytes = sum(t.numel() * t.element_size() for server in pushes for t in server)
         held = (tuple(grads.values()), tuple(out.values()))
-        wires = [encode_tensors(tensors) for tensors in pushes]
-        return cls(signature(grads) + signature(out), pushes, wires, fills, nbytes, held)
+        key = signature(grads) + signature(out)
+        return cls(key, pushes, messages, parts, fills, nbytes, held)
 
     def fill(self, replies: Mapping[int, Message], servers: Mapping[int, int]) -> int:
-        """Copy the replies (request id -> Message; ``servers``: request id -> server) into
-        ``out``, once every one of them has been checked (all or nothing); returns the bytes
-        they carried."""
+        """Copy the replies to whole pushes (request id -> Message; ``servers``: request id
+        -> server) into ``out``, once every one of them has been checked (all or nothing);
+        returns the bytes they carried."""
         for rid, reply in replies.items():
-            s = servers[rid]
-            if reply.body.get("shm"):
-                raise ProtocolError(f"server {s} answered through memory it was not given")
-            spans = self.fills[s]
-            if len(reply.tensors) != len(spans):
-                n = len(reply.tensors)
-                raise ProtocolError(f"server {s}: reply has {n} tensors, expected {len(spans)}")
-            for t, span in zip(reply.tensors, spans, strict=True):
-                if t.dim() != 1 or t.numel() != span.numel() or not t.is_floating_point():
-                    raise ProtocolError(f"server {s}: a reply tensor has the wrong size or type")
+            self._check(reply, servers[rid], self.fills[servers[rid]])
         received = 0
         for rid, reply in replies.items():
             for t, span in zip(reply.tensors, self.fills[servers[rid]], strict=True):
                 span.copy_(t)
                 received += t.nbytes
         return received
+
+    def fill_part(self, reply: Message, server: int, part: int) -> int:
+        """Check and copy the reply to part ``part`` of ``server``'s push; returns its bytes."""
+        a, b = self.parts[server][part]
+        spans = self.fills[server][a:b]
+        self._check(reply, server, spans)
+        for t, span in zip(reply.tensors, spans, strict=True):
+            span.copy_(t)
+        return sum(t.nbytes for t in reply.tensors)
+
+    @staticmethod
+    def _check(reply: Message, s: int, spans: Sequence[torch.Tensor]) -> None:
+        if reply.body.get("shm"):
+            raise ProtocolError(f"server {s} answered through memory it was not given")
+        if len(reply.tensors) != len(spans):
+            n = len(reply.tensors)
+            raise ProtocolError(f"server {s}: reply has {n} tensors, expected {len(spans)}")
+        for t, span in zip(reply.tensors, spans, strict=True):
+            if t.dim() != 1 or t.numel() != span.numel() or not t.is_floating_point():
+                raise ProtocolError(f"server {s}: a reply tensor has the wrong size or type")
