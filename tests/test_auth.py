@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import zmq
 
-from pslm.errors import RequestTimeout
+from pslm.errors import RequestTimeout, TransportError
 from pslm.ps.client import ClientConfig, PSClient
 from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig
 from pslm.wire import auth
-from pslm.wire.auth import Security
+from pslm.wire.auth import MIN_SECRET, Security
 from pslm.wire.message import Message
-from pslm.wire.transport import Channel
+from pslm.wire.transport import Channel, Connection, Listener, Poller
 from tests.conftest import launch_config
 
 
@@ -81,3 +83,53 @@ def test_secret_files_and_settings_are_checked(tmp_path: Path) -> None:
     env.pop("PSLM_SECRET", None)
     res = pslm("server", "--scheduler", "127.0.0.1:1", env=env)
     assert res.returncode == 1 and "--secure needs a cluster secret" in res.stderr
+
+
+@pytest.fixture
+def restore_security():
+    security = auth.current()
+    yield
+    auth.install(security)
+
+
+def _ping(listener: Listener, timeout: float) -> Message:
+    channel = Channel(timeout=timeout)
+    try:
+        channel.connect("l", listener.address)
+        rid = channel.send("l", Message("ping"))
+        if Poller(listener).poll(timeout):
+            peer, msg = listener.recv()
+            listener.send(peer, msg.reply())
+        return channel.wait([rid])[rid]
+    finally:
+        channel.close()
+
+
+def test_a_secret_longer_than_plain_allows_still_proves_itself(restore_security) -> None:
+    secret = "s" * 300  # PLAIN carries passwords of at most 255 bytes
+    auth.install(Security.from_secret(secret))
+    listener = Listener()
+    try:
+        assert _ping(listener, 10.0).op == "ok"
+        auth.install(Security.from_secret(secret[:-1] + "t"))  # differs past byte 255
+        with pytest.raises(RequestTimeout):
+            _ping(listener, 0.5)
+    finally:
+        listener.close()
+
+
+def test_a_socket_whose_security_setup_fails_is_closed(monkeypatch, restore_security) -> None:
+    configured: list[zmq.Socket] = []
+
+    def fail(self: Security, sock: zmq.Socket) -> None:
+        configured.append(sock)
+        raise zmq.ZMQError(errno.EINVAL)
+
+    monkeypatch.setattr(Security, "present", fail)
+    monkeypatch.setattr(Security, "serve", fail)
+    auth.install(Security.from_secret("x" * MIN_SECRET))
+    with pytest.raises(TransportError):
+        Connection("tcp://127.0.0.1:1", send_timeout=1.0)
+    with pytest.raises(TransportError):
+        Listener()
+    assert len(configured) == 2 and all(sock.closed for sock in configured)

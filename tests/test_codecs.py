@@ -92,3 +92,31 @@ def test_malformed_parts_are_refused(spec, parts, fragment) -> None:
 def test_unknown_codecs(spec: str) -> None:
     with pytest.raises(ConfigError):
         get_codec(spec)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16"])
+def test_casts_clamp_beyond_the_format_and_feedback_carries_the_excess(spec: str) -> None:
+    big = 1e5 if spec == "fp16" else 3.4e38  # beyond each format's largest value
+    ef = ErrorFeedback(get_codec(spec))
+    produced = torch.zeros(2, dtype=torch.float64)
+    applied = torch.zeros(2, dtype=torch.float64)
+    for g in ([big, 1.0], [1.0, 1.0], [1.0, 1.0]):
+        x = torch.tensor(g)
+        produced += x.double()
+        applied += ef.codec.decode(_wire(ef.encode("k", x)), 2).double()
+        assert bool(torch.isfinite(ef.residual["k"]).all())  # not inf, then nan for good
+    torch.testing.assert_close(applied + ef.residual["k"].double(), produced, rtol=1e-6, atol=0)
+
+
+def test_int8_encodes_finite_values_whose_range_exceeds_fp32() -> None:
+    ef = ErrorFeedback(get_codec("int8"))
+    x = torch.tensor([-3e38, 3e38, 1.0])
+    y = ef.codec.decode(_wire(ef.encode("k", x)), 3)
+    assert bool(torch.isfinite(y).all()) and bool(torch.isfinite(ef.residual["k"]).all())
+    assert float(y[0]) == float(x[0]) and float(y[1]) > 0  # cut at the top: the rest is residual
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_int8_refuses_non_finite_input_saying_so(bad: float) -> None:
+    with pytest.raises(ProtocolError, match="inf or nan"):
+        get_codec("int8").encode(torch.tensor([1.0, bad]))

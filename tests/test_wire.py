@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pslm.errors import ProtocolError, RefusedError, RequestTimeout
-from pslm.wire import auth
+from pslm.wire import auth, transport
 from pslm.wire.frames import DTYPES, tensor_from_frames, tensor_to_frames
 from pslm.wire.message import MAX_FRAME, Message, decode, encode
 from pslm.wire.transport import Channel, Listener, Poller, tcp_address
@@ -80,6 +80,10 @@ def _header(**fields: object) -> bytes:
         ([b"\xc1"], "msgpack"),
         ([msgpack.packb([1, 2])], "must be a map"),
         ([_header(v=2)], "version"),
+        ([_header(v=True)], "version"),
+        ([_header(v=1.0)], "version"),
+        ([_header(body={b"worker": 1})], "keys must be strings"),
+        ([_header(body={"a": [{"b": {b"deep": 1}}]})], "keys must be strings"),
         ([_header(id=-1)], "request id"),
         ([_header(op="")], "op must be"),
         ([_header(t=[["f64", [2]]]), b"x" * 16], "dtype"),
@@ -89,6 +93,9 @@ def _header(**fields: object) -> bytes:
         ([_header(t=[["f32", [2]]])], "data frames"),
         ([_header(t=[["f32", [2]]]), b"x" * 7], "bytes"),
         ([_header(t=[["f32", [1 << 40]]]), b""], "limit"),
+        # empty, but its other dimensions would overflow strides or allocate 64 GiB in a sum
+        ([_header(t=[["f32", [0, 2**48, 2**48]]]), b""], "limit"),
+        ([_header(t=[["f32", [0, 2**34]]]), b""], "limit"),
         ([msgpack.packb({"v": 1, "op": "x", "id": 1, "body": msgpack.ExtType(1, b"")})], "ext"),
     ],
 )
@@ -97,10 +104,23 @@ def test_malformed_messages_are_refused(frames: list[bytes], fragment: str) -> N
         decode(frames)
 
 
-def test_refusal_keeps_the_request_id_when_the_header_is_readable() -> None:
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [_header(id=42, t=[["f32", [2]]]), b"x"],
+        [_header(id=42, v=2)],  # another version: answered, not left to time out
+        [_header(id=42, body={b"k": 1})],
+    ],
+)
+def test_refusal_keeps_the_request_id_when_the_header_is_readable(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError) as info:
-        decode([_header(id=42, t=[["f32", [2]]]), b"x"])
+        decode(frames)
     assert info.value.request_id == 42
+
+
+def test_an_empty_tensor_with_small_dimensions_still_round_trips() -> None:
+    t = torch.zeros(0, 3, 5)
+    assert decode(encode(Message("x", tensors=[t]))).tensors[0].shape == (0, 3, 5)
 
 
 @settings(max_examples=300, deadline=None)
@@ -276,4 +296,95 @@ def test_sent_is_done_once_zeromq_has_sent_the_frames() -> None:
         peer.kill()
         peer.wait()
         listener.close()
+        auth.install(security)
+
+
+def _answer_one(listener: Listener, **body: object) -> None:
+    assert Poller(listener).poll(5.0)
+    peer, msg = listener.recv()
+    listener.send(peer, msg.reply(**body))
+
+
+def test_waiting_for_an_id_named_twice_returns_its_reply() -> None:
+    listener = Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("peer", listener.address)
+    rid = channel.send("peer", Message("ping"))
+    _answer_one(listener, n=1)
+    assert channel.wait([rid, rid]) == {rid: Message("ok", id=rid, body={"n": 1})}
+    channel.close()
+    listener.close()
+
+
+def test_a_reply_from_another_peer_than_the_one_asked_is_dropped() -> None:
+    a, b = Listener(), Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("a", a.address)
+    channel.connect("b", b.address)
+    ra = channel.send("a", Message("pull"))
+    rb = channel.send("b", Message("pull"))
+    assert Poller(b).poll(5.0)
+    peer_b, msg_b = b.recv()
+    b.send(peer_b, Message("ok", id=ra, body={"from": "b"}))  # guesses a's request id
+    b.send(peer_b, msg_b.reply(**{"from": "b"}))
+    channel.wait([rb])  # b's forged reply came before this one: it has been taken
+    _answer_one(a, **{"from": "a"})
+    assert channel.wait([ra])[ra].body == {"from": "a"}
+    channel.close()
+    a.close()
+    b.close()
+
+
+def test_unread_notices_are_capped_keeping_the_newest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(transport, "MAX_NOTICES", 5)
+    listener = Listener()
+    channel = Channel(timeout=5.0)
+    channel.connect("peer", listener.address)
+    rid = channel.send("peer", Message("ping"))
+    assert Poller(listener).poll(5.0)
+    peer, msg = listener.recv()
+    for n in range(8):
+        listener.send(peer, Message("note", body={"n": n}))
+    listener.send(peer, msg.reply())
+    channel.wait([rid])
+    assert [m.body["n"] for _, m in channel.notices] == [3, 4, 5, 6, 7]
+    assert channel.dropped_notices == 3 and "notices dropped" in caplog.text
+    channel.close()
+    listener.close()
+
+
+FLOODER = """
+import sys, time, msgpack, zmq
+s = zmq.Context().socket(zmq.ROUTER)
+s.bind("tcp://127.0.0.1:*")
+print(s.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+peer = s.recv_multipart()[0]  # a request, never answered
+notice = msgpack.packb({"v": 1, "op": "note", "id": 0, "body": {}, "t": []})
+end = time.monotonic() + 30
+while time.monotonic() < end:  # a ROUTER drops what the peer cannot take yet
+    s.send_multipart([peer, notice])
+"""
+
+
+def test_a_flooding_peer_cannot_hold_a_wait_past_its_timeout() -> None:
+    security = auth.current()
+    auth.install(None)  # the flooder is plain pyzmq
+    channel = Channel(timeout=0.5)
+    flooder = subprocess.Popen([sys.executable, "-c", FLOODER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert flooder.stdout is not None
+        channel.connect("flooder", flooder.stdout.readline().strip())
+        rid = channel.send("flooder", Message("pull"))
+        assert channel.socket("flooder").poll(30_000)  # the flood has begun
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout, match="flooder"):
+            channel.wait([rid])
+        assert time.monotonic() - start < 0.5 + 5.0  # the flood goes on for 30 s
+        assert len(channel.notices) <= transport.MAX_NOTICES
+    finally:
+        with flooder:  # (closes its stdout)
+            flooder.kill()
+        channel.close()
         auth.install(security)

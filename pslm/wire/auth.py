@@ -9,8 +9,9 @@ connection only from a peer that proves the secret, and every connection this pr
 proves it. A refused peer's messages never reach the request loop; the refusal is logged (at
 most once a minute per address). Two mechanisms:
 
-- PLAIN (the default with a secret): the peer presents the secret when it connects. Cheap,
-  but the secret crosses the network in clear: fine on loopback or a trusted network.
+- PLAIN (the default with a secret): the peer presents the secret when it connects (a secret
+  longer than PLAIN's 255 bytes: its SHA-256). Cheap, but the secret crosses the network in
+  clear: fine on loopback or a trusted network.
 - CURVE (``encrypt``): both sides' key pairs are derived from the secret (HMAC-SHA256), so
   whoever knows the secret can connect and nobody else can, and every byte is encrypted.
   Encryption costs throughput (``pslm bench transport`` measures it).
@@ -41,6 +42,8 @@ log = logging.getLogger("pslm.auth")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 USER = b"pslm"
 MIN_SECRET = 16
+MAX_PLAIN = 255
+"""Longest password ZeroMQ's PLAIN mechanism carries, in bytes."""
 LOG_EVERY = 60.0
 """Seconds between two log lines about refusals from one address."""
 
@@ -65,6 +68,13 @@ class Security:
         seed = hmac.new(self.secret, b"pslm-curve-" + role, hashlib.sha256).digest()
         secret = z85.encode(seed)
         return zmq.curve_public(secret), secret
+
+    @property
+    def password(self) -> bytes:
+        """What PLAIN presents: the secret, or a digest of one too long for PLAIN."""
+        if len(self.secret) <= MAX_PLAIN:
+            return self.secret
+        return hashlib.sha256(b"pslm-plain-" + self.secret).hexdigest().encode()
 
     @property
     def domain(self) -> bytes:
@@ -94,7 +104,7 @@ class Security:
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         else:
             sock.setsockopt(zmq.PLAIN_USERNAME, USER)
-            sock.setsockopt(zmq.PLAIN_PASSWORD, self.secret)
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self.password)
 
     def allows(self, mechanism: bytes, credentials: list[bytes]) -> bool:
         """Whether a peer's credentials prove the secret (constant-time comparisons)."""
@@ -107,7 +117,7 @@ class Security:
             mechanism == b"PLAIN"
             and len(credentials) == 2
             and _same(credentials[0], USER)
-            and _same(credentials[1], self.secret)
+            and _same(credentials[1], self.password)
         )
 
 

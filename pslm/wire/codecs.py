@@ -6,8 +6,10 @@
     ef = ErrorFeedback(codec)
     parts = ef.encode("server-0/piece-3", grad)  # adds last step's residual, keeps the new one
 
-Stated errors (per element): ``bf16``/``fp16`` round to the nearest value of the format;
-``int8`` maps [min, max] of each chunk onto 256 levels, error <= (max - min) / 510;
+Stated errors (per element): ``bf16``/``fp16`` round to the nearest value of the format and
+send a value beyond its range as the format's largest; ``int8`` maps [min, max] of each chunk
+onto 256 levels, error <= (max - min) / 510 (a range wider than fp32's largest value is cut at
+the top; ``int8`` refuses inf and nan);
 ``topk:R`` sends the ceil(R * n) entries of largest magnitude of each chunk exactly and drops
 the rest, which error feedback carries into the next step, so no gradient mass is lost over
 steps.
@@ -21,6 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from pslm.errors import ConfigError, ProtocolError
+
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 class Codec:
@@ -57,9 +61,12 @@ class Cast(Codec):
     def __init__(self, name: str, dtype: torch.dtype):
         self.name = name
         self.dtype = dtype
+        self.limit = torch.finfo(dtype).max
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x.to(self.dtype)]
+        # clamped, not cast to inf: error feedback then carries the excess to the next step
+        # instead of an inf that makes the key's residual inf and nan for good
+        return [x.clamp(-self.limit, self.limit).to(self.dtype)]
 
     def decode(self, parts: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
         (x,) = self._expect(parts)
@@ -79,10 +86,15 @@ class Int8(Codec):
     elementwise = False  # one scale per encoded tensor: per chunk
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        lo, hi = (x.min(), x.max()) if x.numel() else (torch.tensor(0.0), torch.tensor(0.0))
-        scale = (hi - lo).clamp_min(1e-30)
+        lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ProtocolError(f"int8: cannot encode inf or nan (values from {lo} to {hi})")
+        # in float64: max - min of finite fp32 values may exceed fp32's largest value; the
+        # scale sent is cut there, values above lo + scale go as the top level (x - lo is
+        # then inf in fp32, clamped to 255) and error feedback carries the excess
+        scale = min(max(hi - lo, 1e-30), FP32_MAX)
         q = ((x - lo) * (255.0 / scale)).round_().clamp_(0, 255).to(torch.uint8)
-        return [q, torch.stack([lo, scale]).float()]
+        return [q, torch.tensor([lo, scale], dtype=torch.float32)]
 
     def decode(self, parts: Sequence[torch.Tensor], numel: int) -> torch.Tensor:
         q, params = self._expect(parts)

@@ -9,7 +9,8 @@ Header (a msgpack map, string keys):
     v      int       protocol version, must equal VERSION
     op     str       what the message asks or answers (the layers above define the ops)
     id     int       request id chosen by the sender; a reply carries the id of its request
-    body   map       op-specific fields; plain msgpack values only (no extension types)
+    body   map       op-specific fields; plain msgpack values only (no extension types), and
+                     every map key at any depth a string
     t      array     one [dtype, shape] pair per tensor; dtype is a wire name from frames.DTYPES
 
 Then, for every tensor in order, its bytes in ``frame_count(nbytes)`` frames of at most
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import msgpack
 
@@ -103,7 +104,9 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE) -> Me
     """
     try:
         return _decode(frames, max_bytes)
-    except ProtocolError:
+    except ProtocolError as exc:
+        if exc.request_id is None:  # e.g. another version, or a bytes key: still answerable
+            exc.request_id = _readable_id(frames)
         raise
     except Exception as exc:  # a hole in the checks below must not become a crash
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -115,13 +118,18 @@ def decode(frames: Sequence[Any], *, max_bytes: int = DEFAULT_MAX_MESSAGE) -> Me
 def _readable_id(frames: Sequence[Any]) -> int | None:
     """The request id of a message whose header parses, else None."""
     try:
-        header = msgpack.unpackb(
-            _buffer(frames[0]), raw=False, strict_map_key=True, ext_hook=_refuse_ext
-        )
+        raw = _buffer(frames[0])
+        if raw.nbytes > MAX_HEADER:
+            return None
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
         rid = header["id"]
-        return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else None
+        return rid if _valid_id(rid) else None
     except Exception:
         return None
+
+
+def _valid_id(rid: Any) -> TypeGuard[int]:
+    return type(rid) is int and 0 <= rid <= MAX_ID
 
 
 def _decode(frames: Sequence[Any], max_bytes: int) -> Message:
@@ -162,7 +170,8 @@ def _parse_header(raw: memoryview) -> Any:
         return msgpack.unpackb(
             raw,
             raw=False,
-            strict_map_key=True,
+            strict_map_key=True,  # (str or bytes keys; _str_keys refuses bytes)
+            object_hook=_str_keys,
             ext_hook=_refuse_ext,
         )
     except ProtocolError:
@@ -175,13 +184,22 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed in headers")
 
 
+def _str_keys(m: dict[Any, Any]) -> dict[Any, Any]:
+    """Refuse a map with a bytes key (a body's keys are compared with str names above)."""
+    for k in m:
+        if type(k) is not str:
+            raise ProtocolError(f"map keys must be strings, got {type(k).__name__} {k!r:.40}")
+    return m
+
+
 def _check_header(header: Any) -> tuple[str, int, dict[str, Any], list[Any]]:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
-    if header.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r}, expected {VERSION}")
+    version = header.get("v")
+    if type(version) is not int or version != VERSION:  # (True == 1.0 == 1)
+        raise ProtocolError(f"protocol version {version!r}, expected {VERSION}")
     rid = header.get("id")
-    if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_ID:
+    if not _valid_id(rid):
         raise ProtocolError(f"request id must be an integer in [0, 2**63), got {rid!r}")
     op = header.get("op")
     body = header.get("body", {})
@@ -211,11 +229,15 @@ def _check_tensors(descs: list[Any], max_bytes: int) -> list[int]:
             raise ProtocolError(f"tensor {i}: dtype {dtype!r} is not one of {sorted(ITEMSIZE)}")
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM):
             raise ProtocolError(f"tensor {i}: shape must be a list of <= {MAX_NDIM} ints")
-        numel = 1
+        numel = span = 1
         for d in shape:
             if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= MAX_DIM:
                 raise ProtocolError(f"tensor {i}: bad dimension {d!r} in shape {shape!r}")
             numel *= d
+            span *= max(d, 1)
+        # an empty tensor's other dimensions still set its strides and what ops on it allocate
+        if span * ITEMSIZE[dtype] > max_bytes:
+            raise ProtocolError(f"tensor {i}: shape {shape!r} exceeds the {max_bytes}-byte limit")
         nbytes = numel * ITEMSIZE[dtype]
         total += nbytes
         if total > max_bytes:

@@ -42,6 +42,13 @@ log = logging.getLogger("pslm.wire")
 
 INTERRUPT_EVERY = 0.1
 """Seconds between two questions to a wait's ``interrupt``."""
+TAKE_BATCH = 256
+"""Most messages a Channel takes from one connection at a time, so that a peer sending without
+pause cannot keep a wait past its deadline."""
+MAX_NOTICES = 1024
+"""Most unread notices a Channel keeps; beyond that the oldest are dropped."""
+LOG_DROPS_EVERY = 60.0
+"""Seconds between two log lines about dropped notices."""
 
 # ZeroMQ's flags as plain ints: pyzmq's enums combine in Python code, on every message
 _POLLIN = int(zmq.POLLIN)
@@ -76,13 +83,15 @@ class Listener:
         self.socket = _socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone peers are dropped
         security = auth.current()
-        if security is not None:  # only peers that prove the cluster secret get through
-            security.serve(self.socket)
         try:
+            if security is not None:  # only peers that prove the cluster secret get through
+                security.serve(self.socket)
             self.socket.bind(bind)
-        except zmq.ZMQError as exc:
+        except Exception as exc:  # (a socket that fails to be set up is closed, not leaked)
             self.socket.close()
-            raise TransportError(f"cannot listen on {bind}: {exc}") from exc
+            if isinstance(exc, zmq.ZMQError):
+                raise TransportError(f"cannot listen on {bind}: {exc}") from exc
+            raise
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.watch = None if security is None else auth.HandshakeWatch(self.socket, self.address)
         if self.watch is not None:
@@ -179,13 +188,15 @@ class Connection:
         self.socket = _socket(zmq.DEALER)
         self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout * 1000)))
         security = auth.current()
-        if security is not None:
-            security.present(self.socket)
         try:
+            if security is not None:
+                security.present(self.socket)
             self.socket.connect(address)
-        except zmq.ZMQError as exc:
+        except Exception as exc:  # (a socket that fails to be set up is closed, not leaked)
             self.socket.close()
-            raise TransportError(f"cannot connect to {address}: {exc}") from exc
+            if isinstance(exc, zmq.ZMQError):
+                raise TransportError(f"cannot connect to {address}: {exc}") from exc
+            raise
 
     def send(self, msg: Message) -> None:
         """Queue ``msg``; blocks at most the send timeout if the peer's queue is full."""
@@ -234,8 +245,9 @@ class Channel:
     Not thread-safe. ``send`` returns at once; ``wait`` blocks until every named request has
     its reply, raising RequestTimeout when the deadline passes and RefusedError when a peer
     answered with an ``error`` message. Replies to requests nobody waits for any more (after a
-    timeout) are dropped. Messages with id 0 are notices a peer sent unasked; ``notices``
-    collects them (a caller polling ``socket(name)`` itself calls ``drain(name)``).
+    timeout) are dropped, and so are replies from another peer than the one asked. Messages
+    with id 0 are notices a peer sent unasked; ``notices`` collects them, the newest
+    MAX_NOTICES (a caller polling ``socket(name)`` itself calls ``drain(name)``).
     """
 
     def __init__(self, *, timeout: float):
@@ -249,6 +261,9 @@ class Channel:
         self._sent: dict[int, Message] = {}  # request id -> the request, to send again
         self._replies: dict[int, Message] = {}
         self.notices: list[tuple[str, Message]] = []
+        self.dropped_notices = 0
+        """How many notices were dropped unread (beyond MAX_NOTICES)."""
+        self._drops_logged = -LOG_DROPS_EVERY
         self.watch: Callable[[], None] | None = None
         """Called every INTERRUPT_EVERY seconds while waiting (e.g. to follow peers that moved
         and ``reroute`` to them)."""
@@ -310,7 +325,7 @@ class Channel:
         every INTERRUPT_EVERY seconds; when it says True, Interrupted is raised and the
         requests stay pending, to be waited for again (their deadline starts anew).
         """
-        ids = list(ids)
+        ids = list(dict.fromkeys(ids))  # (an id named twice is waited for once)
         names = {i: self._pending.get(i, "?") for i in ids}
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -364,7 +379,8 @@ class Channel:
         return self._conn(name).socket
 
     def drain(self, name: str) -> list[Message]:
-        """Take what arrived from ``name``; return and forget the notices among it."""
+        """Take what arrived from ``name`` (at most TAKE_BATCH messages: the socket stays
+        readable if more wait); return and forget the notices among it."""
         self._take(self._conn(name))
         mine = [m for n, m in self.notices if n == name]
         self.notices = [(n, m) for n, m in self.notices if n != name]
@@ -375,23 +391,46 @@ class Channel:
             self.disconnect(name)
 
     def _take(self, conn: Connection) -> None:
+        """Take at most TAKE_BATCH waiting messages from ``conn``: the caller checks its
+        deadline between two calls."""
         sock = conn.socket
-        while readable(sock):  # cheaper than ending on zmq.Again
+        for _ in range(TAKE_BATCH):
+            if not readable(sock):  # cheaper than ending on zmq.Again
+                break
             try:
                 frames = sock.recv_multipart(copy=False, flags=_NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 reply = decode(frames)
             except ProtocolError as exc:
                 log.warning("dropped a malformed reply from %s: %s", conn.address, exc)
                 continue
-            if reply.id in self._pending:
+            asked = self._pending.get(reply.id)
+            if asked is not None and self._conns.get(asked) is conn:
                 self._replies[reply.id] = reply
+            elif asked is not None:  # ids are guessable: only the peer asked may answer
+                log.warning("dropped reply %d from %s: asked of %s", reply.id, conn.address, asked)
             elif reply.id == 0:
                 self.notices.append((self._name_of(conn), reply))
             else:
                 log.debug("dropped a late reply %d from %s", reply.id, conn.address)
+        self._trim_notices()
+
+    def _trim_notices(self) -> None:
+        excess = len(self.notices) - MAX_NOTICES
+        if excess <= 0:
+            return
+        del self.notices[:excess]  # nobody reads them (or a peer floods): keep the newest
+        self.dropped_notices += excess
+        now = time.monotonic()
+        if now - self._drops_logged >= LOG_DROPS_EVERY:  # a flood must not flood the log too
+            self._drops_logged = now
+            log.warning(
+                "%d unread notices dropped so far, the oldest first (at most %d are kept)",
+                self.dropped_notices,
+                MAX_NOTICES,
+            )
 
     def _name_of(self, conn: Connection) -> str:
         return next(n for n, c in self._conns.items() if c is conn)
