@@ -1,7 +1,7 @@
 """What a push message carries, checked and decoded, and what a reply selects.
 
     part = decode_part(msg, store)          # ProtocolError / RefusedError if malformed
-    pending = PendingPush.start(clock, weight, store)
+    pending = PendingPush.start(clock, weight, store, worker)
     pending.check(part); pending.add(part)  # check first: a refused part changes nothing
     if pending.complete: ...                # every chunk arrived and the final part with them
     Selection.of_pull(store, keys).tensors(store)   # what a reply carries
@@ -203,18 +203,24 @@ class PendingPush:
 
     clock: int
     weight: float
+    worker: int
+    """Who sends the parts: the share's holder (a part from another worker means this one
+    died and its share went to that one, which pushes the share anew)."""
     grads: list[Grad | None]
     missing: int
     scalars: dict[str, float] = field(default_factory=dict)
     sq_norm: float | None = None
     replies: list[Reply] = field(default_factory=list)
+    acks: list[tuple[bytes, Message]] = field(default_factory=list)
+    """(peer, part) of parts without ``reply_params`` acknowledged once the push is applied
+    (SSP/ASP, where the worker keeps no copy to send again: on the backup too)."""
     seqs: set[int] = field(default_factory=set)
     """The ``seq`` of every part taken (a part sent again is recognised by it)."""
 
     @classmethod
-    def start(cls, clock: int, weight: float, store: ShardStore) -> PendingPush:
+    def start(cls, clock: int, weight: float, store: ShardStore, worker: int) -> PendingPush:
         n = len(store.chunks)
-        return cls(clock, weight, [None] * n, n)
+        return cls(clock, weight, worker, [None] * n, n)
 
     def check(self, part: Part) -> None:
         """Refuse a part that repeats a chunk, or a final part that leaves chunks missing."""

@@ -8,7 +8,8 @@ arrived: the weighted mean of the gradients (summed in share order, so runs repe
 global-norm clipping, one optimizer step; the version becomes c + 1. A pull asking for
 ``min_version`` is answered once the version reaches it. A share is a part of every global
 batch: share r is worker r's, until the scheduler leases it to another worker (its worker
-died); the server does not care who pushes a share, only that each is taken once a clock.
+died); the server does not care who pushes a share, only that each is taken once a clock (a
+push in parts is one worker's: a part from another worker starts the share's push anew).
 
 SSP and ASP (``consistency``): each push is applied on arrival as one optimizer step with that
 worker's gradient (clipped by the norm the worker computed for it, at the learning rate of its
@@ -399,10 +400,14 @@ class Server:
         scalars = protocol.scalars(protocol.field(msg, "scalars", dict, {}))
         seq = protocol.field(msg, "seq", int, 0)
         part = decode_part(msg, store)
-        if self._replayed(peer, msg, share, clock, seq, part):
+        if self._replayed(peer, msg, share, worker, clock, seq, part):
             return
         self._check_clock(share, clock)
-        pending = self.incoming.get(share) or PendingPush.start(clock, weight, store)
+        pending = self.incoming.get(share)
+        if pending is not None and pending.worker != worker:
+            self._discard(share, pending, worker)
+            pending = None
+        pending = pending or PendingPush.start(clock, weight, store, worker)
         pending.check(part)
         steered = IN_FORCE in scalars  # its own settings say whether it is clipped
         if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
@@ -412,19 +417,41 @@ class Server:
         pending.seqs.add(seq)
         if with_params:
             pending.replies.append(Reply(part.priority, peer, msg, part.reply))
-        else:
+        elif self.consistency.asynchronous:  # once applied, on the backup too (_push_now)
+            pending.acks.append((peer, msg))
+        else:  # BSP: the worker keeps a copy to send again until its clock is applied
             self.listener.send(peer, msg.reply(version=store.version))
         self.incoming[share] = pending
         if part.final:
             del self.incoming[share]
-            self._complete(share, worker, pending)
+            self._complete(share, pending)
+
+    def _discard(self, share: int, pending: PendingPush, worker: int) -> None:
+        """``worker`` pushes ``share``, which another worker had begun to push in parts: that
+        one died and the share is ``worker``'s now, pushed anew. The dead one's parts go; what
+        waits for them is refused."""
+        log.warning(
+            "share %d's push for clock %d: worker %d's %d parts dropped, worker %d pushes it now",
+            share,
+            pending.clock,
+            pending.worker,
+            len(pending.seqs),
+            worker,
+        )
+        why = f"share {share}'s push for clock {pending.clock} is worker {worker}'s now"
+        for r in pending.replies:
+            self.listener.send(r.peer, protocol.error(r.msg, "superseded", why))
+        for peer, msg in pending.acks:
+            self.listener.send(peer, protocol.error(msg, "superseded", why))
+        del self.incoming[share]
 
     def _replayed(
-        self, peer: bytes, msg: Message, share: int, clock: int, seq: int, part: Part
+        self, peer: bytes, msg: Message, share: int, worker: int, clock: int, seq: int, part: Part
     ) -> bool:
         """Answer a message of a push this server has already taken - a client retrying after
         a timeout, a replay, or the new holder of a dead worker's share pushing what that
-        worker had pushed - without taking it again (exactly once). False if new."""
+        worker had pushed whole - without taking it again (exactly once). False if new (a
+        part is the same only from the same worker: the new holder's parts are its own)."""
         store = self._store()
         with_params = bool(msg.body.get("reply_params"))
         due = self.gate.clocks[share] if self.consistency.asynchronous else store.version
@@ -450,16 +477,29 @@ class Server:
             if clock != store.version:
                 return False  # too early: refused as such
             self._hold_or_ack(peer, msg, part, self.after_update)  # waits with the others
-        elif pending is not None and pending.clock == clock and seq in pending.seqs:
-            self._hold_or_ack(peer, msg, part, pending.replies)
+        elif pending is not None and (pending.clock, pending.worker) == (clock, worker):
+            if seq not in pending.seqs:
+                return False
+            acks = pending.acks if self.consistency.asynchronous else None
+            self._hold_or_ack(peer, msg, part, pending.replies, acks)
         else:
             return False
         log.info("share %d's push for clock %d (part %d) again: not taken twice", share, clock, seq)
         return True
 
-    def _hold_or_ack(self, peer: bytes, msg: Message, part: Part, replies: list[Reply]) -> None:
+    def _hold_or_ack(
+        self,
+        peer: bytes,
+        msg: Message,
+        part: Part,
+        replies: list[Reply],
+        acks: list[tuple[bytes, Message]] | None = None,
+    ) -> None:
+        """A repeated message: answered with the others (``acks``: acknowledged with them)."""
         if msg.body.get("reply_params"):
             replies.append(Reply(part.priority, peer, msg, part.reply))
+        elif acks is not None:
+            acks.append((peer, msg))
         else:
             self.listener.send(peer, msg.reply(version=self._store().version, duplicate=True))
 
@@ -484,7 +524,7 @@ class Server:
         if share in self.clock.pushes:
             raise RefusedError(f"share {share} was pushed for clock {clock}", code="duplicate")
 
-    def _complete(self, share: int, worker: int, push: PendingPush) -> None:
+    def _complete(self, share: int, push: PendingPush) -> None:
         """Every part of a share's push has arrived: apply it (SSP/ASP) or count it in."""
         replies = sorted(push.replies, key=lambda r: r.priority)
         if self.consistency.asynchronous:
@@ -493,7 +533,7 @@ class Server:
         self.clock.pushes[share] = (push.weight, push.complete_grads)
         self.clock.scalars[share] = push.scalars
         self.clock.arrived[share] = time.monotonic()
-        self.clock.pushed_by[share] = worker
+        self.clock.pushed_by[share] = push.worker
         self.after_update.extend(replies)
         self._advance()
 
@@ -542,6 +582,7 @@ class Server:
             raise RefusedError("read: keys not held by this server", code="bad_key")
         selection = Selection.of_pull(store, keys)
         min_version = protocol.field(msg, "min_version", int, 0)
+        _pull_codec(msg)  # refuse a bad one now, not when the version comes
         if self.consistency.asynchronous or min_version <= store.version:
             self._send_params(peer, msg, selection, synchronous=not self.consistency.asynchronous)
         elif min_version <= store.version + protocol.READ_AHEAD:
@@ -648,8 +689,9 @@ class Server:
     # --- SSP and ASP: every push is an update ----------------------------------------------
 
     def _push_now(self, share: int, push: PendingPush, replies: list[Reply]) -> None:
-        """Apply one share's push at once, then answer it (with parameters: once the gate
-        lets its pusher read at the next clock)."""
+        """Apply one share's push at once, then answer it: acknowledge its parts (only now:
+        the worker keeps no copy, so an acknowledged push must be on the backup too), and
+        with parameters once the gate lets its pusher read at the next clock."""
         store = self._store()
         self._steer(push.scalars, newest_only=True)  # (clipping may have changed)
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
@@ -665,6 +707,8 @@ class Server:
         self._make_params_writable()
         store.apply(fp32, multiplier, step=push.clock)
         self.gate.advance(share)
+        for peer, msg in push.acks:
+            self.listener.send(peer, msg.reply(version=store.version))
         for r in replies:
             self.reads.append(_Read(r.peer, r.msg, push.clock + 1, r.selection, push.scalars))
         self._release_reads()
@@ -754,12 +798,26 @@ class Server:
         mode = self._switch_if_due()  # (the replies tell the workers)
         for r in replies[sent:]:
             self._answer(r, clock, version=store.version, **said, **mode)
+        self._release_parked()
+
+    def _release_parked(self) -> None:
+        """Answer the parked pulls and reads whose version is reached, each alone: one that
+        fails is refused, the others are still answered. After a switch to SSP or ASP, which
+        wait for no version, the reads parked ahead are answered now, as ``_read`` answers
+        them there (a pull asks for one version ahead at most: none is parked by then)."""
+        store = self._store()
+        asynchronous = self.consistency.asynchronous
         parked, self.parked = self.parked, []
         for peer, msg, min_version, selection in parked:
-            if min_version <= store.version:
-                self._send_params(peer, msg, selection)
-            else:
+            if min_version > store.version and not asynchronous:
                 self.parked.append((peer, msg, min_version, selection))
+                continue
+            read = {"synchronous": not asynchronous} if msg.op == "read" else {}
+            try:
+                self._send_params(peer, msg, selection, **read)
+            except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
+                log.exception("answering a parked %r failed", msg.op)
+                self._refuse(peer, msg, getattr(exc, "code", "internal"), str(exc))
 
     def _answer(self, r: Reply, clock: Clock, **said: Any) -> None:
         """A push's reply with the parameters after its clock's update: the version, the
@@ -771,8 +829,8 @@ class Server:
         self, peer: bytes, msg: Message, selection: Selection, **extra: object
     ) -> None:
         store = self._store()
-        tensors, shm = self.shared.reply(msg, store, selection.tensors(store))
         codec = _pull_codec(msg)
+        tensors, shm = self.shared.reply(msg, store, selection.tensors(store))
         if not codec.lossless:  # a cast: new tensors, half the bytes
             tensors = [codec.encode(t)[0] for t in tensors]
         self.counts["bytes_out"] += sum(t.nbytes for t in tensors)

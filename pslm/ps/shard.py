@@ -55,10 +55,12 @@ Grad = torch.Tensor | RowGrad
 
 
 def clip_coef(sq_norm: float, max_norm: float) -> float:
-    """The factor ``clip_grad_norm_`` multiplies gradients by, from the global squared norm."""
+    """The factor ``clip_grad_norm_`` multiplies gradients by, from the global squared norm:
+    NaN for a NaN norm, as torch's clamp gives (every gradient becomes NaN, not unclipped)."""
     if max_norm <= 0:
         return 1.0
-    return min(1.0, max_norm / (math.sqrt(sq_norm) + 1e-6))
+    coef = max_norm / (math.sqrt(sq_norm) + 1e-6)
+    return coef if math.isnan(coef) else min(1.0, coef)
 
 
 @dataclass(frozen=True, slots=True)
