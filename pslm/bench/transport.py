@@ -31,17 +31,25 @@ encrypted), to show what encryption costs.
 pslm shm: the same push_pull through shared memory (``PSClient.init``'s default when worker and
 servers share a machine, ``pslm.ps.shared``), to show what the same-machine path saves.
 
-Medians over repetitions, the four measured in turn in one run; ratios are pslm / raw.
+CPU: ``*_cpu_ms`` is the CPU time (user and system, every thread) that this process and the
+peers, or the servers, use together per step of a contender, read from ``/proc`` (Linux);
+``*_cores`` is that over the step's wall time: how many cores the contender keeps busy. Near
+the machine's core count a contender is bound by the work itself (mostly memory copies), and
+only less work, not better overlap, makes it faster.
+
+Medians over repetitions, the contenders measured in turn in one run; ratios are pslm / raw.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,17 +109,16 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 n = reps if nbytes < (16 << 20) else max(3, reps // 2)
                 raw.held.clear()
                 ps.held.clear()
-                one_way, echo, floor, step, secure_step, shm_step = _in_turn(
-                    [
-                        raw.prepare(nbytes, "ack"),
-                        raw.prepare(nbytes, "echo"),
-                        raw.prepare(nbytes, "update"),
-                        ps.prepare(nbytes),
-                        secure.prepare(nbytes),
-                        shared.prepare(nbytes),
-                    ],
-                    n,
-                )
+                contenders = [
+                    (raw.prepare(nbytes, "ack"), raw.pids),
+                    (raw.prepare(nbytes, "echo"), raw.pids),
+                    (raw.prepare(nbytes, "update"), raw.pids),
+                    (ps.prepare(nbytes), ps.pids),
+                    (secure.prepare(nbytes), secure.pids),
+                    (shared.prepare(nbytes), shared.pids),
+                ]
+                times, cpu = _in_turn(contenders, n)
+                one_way, echo, floor, step, secure_step, shm_step = times
                 gbps = {
                     "one_way": nbytes / one_way / 1e9,
                     "echo": 2 * nbytes / echo / 1e9,
@@ -137,6 +144,12 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         "pslm_shm_GBps": round(gbps["shm"], 3),
                         "pslm_shm_step_ms": round(shm_step * 1e3, 2),
                         "shm_vs_pslm": round(gbps["shm"] / gbps["pslm"], 3),
+                        "one_way_cpu_ms": round(cpu[0] * 1e3, 2),
+                        "floor_cpu_ms": round(cpu[2] * 1e3, 2),
+                        "pslm_cpu_ms": round(cpu[3] * 1e3, 2),
+                        "one_way_cores": round(cpu[0] / one_way, 2),
+                        "floor_cores": round(cpu[2] / floor, 2),
+                        "pslm_cores": round(cpu[3] / step, 2),
                         "vs_one_way": round(gbps["pslm"] / gbps["one_way"], 3),
                         "vs_echo": round(gbps["pslm"] / gbps["echo"], 3),
                         "floor_vs_one_way": round(gbps["floor"] / gbps["one_way"], 3),
@@ -152,14 +165,36 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     }
 
 
-def _in_turn(fns: list[Any], reps: int) -> list[float]:
-    """Median seconds of each function, called in turn ``reps`` times after two warm-ups
-    (the first large messages fault pages in)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps + 2):
-        for t, fn in zip(times, fns, strict=True):
-            t.append(_timed(fn))
-    return [statistics.median(t[2:]) for t in times]
+def _in_turn(
+    contenders: list[tuple[Any, Callable[[], list[int]]]], reps: int
+) -> tuple[list[float], list[float]]:
+    """Each contender's (function, the processes it runs in besides this one) called in turn
+    ``reps`` times after two warm-ups (the first large messages fault pages in): the median
+    seconds of a call, and the mean CPU seconds a call took in all those processes."""
+    times: list[list[float]] = [[] for _ in contenders]
+    cpu = [0.0 for _ in contenders]
+    for rep in range(reps + 2):
+        for i, (fn, pids) in enumerate(contenders):
+            procs = [os.getpid(), *pids()]
+            before = _cpu_s(procs)
+            times[i].append(_timed(fn))
+            if rep >= 2:
+                cpu[i] += _cpu_s(procs) - before
+    return [statistics.median(t[2:]) for t in times], [c / reps for c in cpu]
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user and system, all threads) the processes ``pids`` have used so far;
+    0 for a process that is gone or where there is no ``/proc``."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _median_ms(held: list[float]) -> float:
@@ -203,6 +238,9 @@ class _Receivers:
                 s.close()
             raise
         return self
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def prepare(self, nbytes: int, mode: str) -> Any:
         """``mode``: ``ack`` (one-way), ``echo``, or ``update`` (the floor: the peers update
@@ -292,6 +330,10 @@ class _Cluster:
             self.held.append(client.wait(client.push_pull(grads, out, clock=next(clock))).held_s)
 
         return step
+
+    def pids(self) -> list[int]:
+        """The servers' processes (the scheduler's too: it is idle during a step)."""
+        return self.cluster.pids if self.cluster is not None else []
 
     def _stop(self) -> None:
         if self.client is not None:
