@@ -255,7 +255,8 @@ class LocalCluster:
         """Block until the job is done and the cluster has shut itself down.
 
         Raises LaunchError (with the tail of the child's log) as soon as any child fails, and
-        after ``timeout`` seconds if given.
+        after ``timeout`` seconds if given. A child still running ``heartbeat_timeout`` + 10 s
+        after the job is stopped (a warning, not a failure).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.poll():
@@ -267,16 +268,22 @@ class LocalCluster:
                 with suppress(subprocess.TimeoutExpired):
                     running.proc.wait(0.1)
         grace = time.monotonic() + self.cfg.heartbeat_timeout + 10.0
+        late: list[Child] = []
         for c in self.children:  # the scheduler stops the servers once the workers finalized
             with suppress(subprocess.TimeoutExpired):
                 c.proc.wait(max(0.0, grace - time.monotonic()))
             if c.proc.poll() is None:
                 log.warning("%s did not exit after the job; stopping it", c.name)
-        self._check_children()
+                late.append(c)
+        self._check_children()  # before the stop: the signal it ends by is no failure
+        self._terminate(late)
 
     def stop(self) -> None:
         """Stop every child still running: SIGTERM, then SIGKILL after ``stop_timeout``."""
-        alive = [c for c in self.children if c.proc.poll() is None]
+        self._terminate(self.children)
+
+    def _terminate(self, children: list[Child]) -> None:
+        alive = [c for c in children if c.proc.poll() is None]
         for c in alive:
             with suppress(ProcessLookupError):
                 c.proc.send_signal(signal.SIGTERM)

@@ -3,7 +3,7 @@
 Every message is a ``pslm.wire.Message``; ``id`` 0 marks a notice (no reply expected).
 
 To the scheduler (from any node unless said otherwise):
-    register   {role, rank (-1: any), address, pid, host}
+    register   {role, rank (-1: any), address, pid (required, 1 to 2**31-1), host}
                -> {id, rank, num_workers, num_servers, heartbeat_interval,
                    heartbeat_timeout, late, shard, primary, table, servers, backups}; sent once
                the cluster is complete. With replicas, server ranks from num_servers on are
@@ -30,8 +30,8 @@ To the scheduler (from any node unless said otherwise):
                moving: {share: worker}, retired: [worker], stop}
     release    {node, share, clock} (the holder of a moving share) -> the new leases; the
                share's new holder pushes it from ``clock``
-    finalize   {node} (workers) -> {} once every live worker holding shares finalized; the
-               servers are then told to shut down
+    finalize   {node} (workers) -> {} once every live worker holding shares finalized (at
+               once if the cluster is stopping); the servers are then told to shut down
     leave      {node} (servers, on exit) -> {}
     shutdown   {} -> {}; stops the whole cluster
     status     {} -> {nodes: [...], num_workers, num_servers, keyspace (its fingerprint),

@@ -133,7 +133,7 @@ class Barrier:
     group: str
     members: set[str] = field(default_factory=set)
     """Who must arrive: the group's live nodes when the barrier began (workers: those holding
-    shares), less those that die meanwhile."""
+    shares), less those that die or leave meanwhile."""
     waiting: dict[str, Message] = field(default_factory=dict)  # node id -> request
     peers: dict[str, bytes] = field(default_factory=dict)
     values: dict[str, dict[str, float]] = field(default_factory=dict)  # node id -> values
@@ -148,6 +148,8 @@ class Barrier:
 
 
 MAX_VALUES = 64
+MAX_PID = 2**31 - 1
+"""The largest process id a node may report (``pid_t`` is 32 bits; Linux stops at 2**22)."""
 SHARD_LOST = 3
 """The scheduler's exit code when a shard died with no synced backup."""
 STATE_FILE = "scheduler-state.json"
@@ -261,11 +263,14 @@ class Scheduler:
                 f"the cluster is complete ({self.cfg.num_servers} servers, "
                 f"{self.cfg.num_workers} workers) and has no backups; a server cannot join it"
             )
+        pid = protocol.field(msg, "pid", int)
+        if not 1 <= pid <= MAX_PID:  # (0 and -1 would always look alive to os.kill)
+            raise ProtocolError(f"register: pid {pid} is not a process id (1 to {MAX_PID})")
         node = NodeRecord(
             role=role,
             requested_rank=protocol.field(msg, "rank", int, -1),
             address=protocol.field(msg, "address", str, ""),
-            pid=protocol.field(msg, "pid", int, 0),
+            pid=pid,
             host=protocol.field(msg, "host", str, ""),
             peer=peer,
         )
@@ -364,6 +369,7 @@ class Scheduler:
         shard, primary = self.shards.role_of(node.id)
         node.state = "dead"
         log.warning("%s is dead: %s", node.id, why)
+        self._excuse(node.id)
         if shard < 0:
             return
         if not primary:
@@ -441,6 +447,9 @@ class Scheduler:
         node.rank = rank
         node.state = "alive"
         node.last_seen = time.monotonic()
+        # a finalize the dead one left is not this one's (kept until now: a worker only
+        # thought dead that comes back is still answered)
+        self.finalizing.pop(node.id, None)
         self.nodes[node.id] = node
         self.listener.send(node.peer, self._membership(node, msg, late=True))
         log.info("%s joined late (pid %d)", node.id, node.pid)
@@ -450,12 +459,9 @@ class Scheduler:
     def _worker_died(self, node: NodeRecord, why: str) -> None:
         node.state = "dead"
         log.warning("%s is dead: %s", node.id, why)
-        live = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
-        for share, taker in self.leases.orphan(node.rank, live):
+        for share, taker in self.leases.orphan(node.rank, self._trainers()):
             log.warning("share %d of every batch: worker-%d -> worker-%d", share, node.rank, taker)
-        for name in list(self.barriers):
-            self.barriers[name].members.discard(node.id)
-            self._release_barrier(name)
+        self._excuse(node.id)
         self._finish_if_done()
         parked, self.parked = self.parked, []
         for late, msg in parked:  # one of them takes the rank
@@ -466,9 +472,17 @@ class Scheduler:
         self._rebalance()
 
     def _rebalance(self) -> None:
-        idle = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
-        for share, joiner in self.leases.rebalance(idle):
+        for share, joiner in self.leases.rebalance(self._trainers()):
             log.info("share %d will move to worker-%d at a clock boundary", share, joiner)
+
+    def _trainers(self) -> list[int]:
+        """The ranks of the live workers that may take a share: not those that finalized
+        (they push nothing more)."""
+        return [
+            n.rank
+            for n in self.nodes.values()
+            if n.role == "worker" and n.live and n.id not in self.finalizing
+        ]
 
     def _leases(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
@@ -574,6 +588,13 @@ class Scheduler:
         self._release_barrier(name)
         return None
 
+    def _excuse(self, node_id: str) -> None:
+        """``node_id`` is live no more (dead, left, finalized): no barrier waits for it, and
+        those complete without it are released."""
+        for name in list(self.barriers):
+            self.barriers[name].members.discard(node_id)
+            self._release_barrier(name)
+
     def _release_barrier(self, name: str) -> None:
         """Answer a barrier whose members have all arrived (the dead excused)."""
         barrier = self.barriers[name]
@@ -652,9 +673,8 @@ class Scheduler:
                 f"{node_id}'s shares cannot move to other workers (ssp, asp, local sgd and "
                 "overlap keep each share on its worker): stop the job instead"
             )
-        live = [n.rank for n in self.nodes.values() if n.role == "worker" and n.live]
         try:
-            moves = self.leases.retire(node.rank, live)
+            moves = self.leases.retire(node.rank, self._trainers())
         except ValueError as exc:
             raise ClusterError(f"cannot remove {node_id}: {exc}") from None
         for share, taker in moves:
@@ -705,9 +725,12 @@ class Scheduler:
         node = self._node(msg)
         if node.role != "worker":
             raise ClusterError("only workers finalize")
-        if node.rank in self.leases.retired and not self.leases.held_by(node.rank):
-            node.state = "exited"  # removed: it leaves, the job goes on
-            log.info("%s left the job (removed)", node.id)
+        removed = node.rank in self.leases.retired and not self.leases.held_by(node.rank)
+        if removed or self.stopping_since is not None:  # it leaves; nothing to wait for
+            node.state = "exited"
+            why = "removed" if removed else "the cluster stops"
+            log.info("%s left the job (%s)", node.id, why)
+            self._excuse(node.id)
             self._write_cluster()
             return msg.reply()
         self.finalizing[node.id] = (peer, msg)
@@ -715,7 +738,8 @@ class Scheduler:
         return None
 
     def _finish_if_done(self) -> None:
-        """Stop the cluster once every live worker that holds shares has finalized."""
+        """Stop the cluster once every live worker that holds shares has finalized (the stop
+        answers them)."""
         if not self.finalizing or self.stopping_since is not None:
             return
         holders = {
@@ -723,17 +747,14 @@ class Scheduler:
             for n in self.nodes.values()
             if n.role == "worker" and n.live and self.leases.held_by(n.rank)
         }
-        if not holders <= set(self.finalizing):
-            return
-        for node_id, (p, req) in self.finalizing.items():
-            self.nodes[node_id].state = "exited"
-            self.listener.send(p, req.reply())
-        self._stop("every worker finalized")
+        if holders <= set(self.finalizing):
+            self._stop("every worker finalized")
 
     def _leave(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
         node.state = "exited"
         log.info("%s left", node.id)
+        self._excuse(node.id)
         self._write_cluster()
         return msg.reply()
 
@@ -746,6 +767,11 @@ class Scheduler:
             return
         log.info("shutting down: %s", why)
         self.stopping_since = time.monotonic()
+        finalizing, self.finalizing = self.finalizing, {}
+        for node_id, (peer, req) in finalizing.items():  # whatever stopped it: answered
+            self.nodes[node_id].state = "exited"
+            self._excuse(node_id)
+            self.listener.send(peer, req.reply())
         for node in self.nodes.values():  # (a recovered scheduler tells them by heartbeat)
             if node.role == "server" and node.state != "exited" and node.peer:
                 self.listener.send(node.peer, Message("shutdown"))

@@ -1,0 +1,276 @@
+"""The scheduler at its edges: finalizes while the cluster stops, a registration with a pid no
+process has, the share and the finalize of a worker that dies, barriers whose members die or
+leave; and the launcher stopping a child still running after the job.
+
+Real scheduler and server processes on 127.0.0.1; this test process is every worker (a
+PSClient each). A test that speaks in a node's name says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from pslm.errors import RefusedError
+from pslm.ps.client import ClientConfig, PSClient
+from pslm.ps.launch import Child, LocalCluster
+from pslm.ps.leases import Leases
+from pslm.ps.optim import OptimizerConfig
+from pslm.wire.message import Message
+from pslm.wire.transport import Channel
+from tests.conftest import launch_config
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _cluster(
+    tmp_path: Path, workers: int, *, replicas: int = 0, init: bool = False
+) -> Iterator[tuple[LocalCluster, list[PSClient]]]:
+    """A scheduler and one server (and its backup with ``replicas``, not started again when
+    it dies); this process is every worker, a client each, with ``{"w": zeros(4)}``
+    initialised (SGD at learning rate 1, BSP) if ``init``."""
+    lc = launch_config(
+        tmp_path,
+        num_servers=1,
+        num_workers=workers,
+        worker=None,
+        replicas=replicas,
+        server_restarts=0,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=2.0,
+    )
+
+    def join(rank: int) -> PSClient:  # registration and init wait for every worker
+        client = _client(cluster, rank)
+        if init:
+            client.init({"w": torch.zeros(4)}, OptimizerConfig(name="sgd", lr=1.0), shm=False)
+        return client
+
+    with LocalCluster(lc) as cluster, ThreadPoolExecutor(workers) as pool:
+        clients = list(pool.map(join, range(workers)))
+        try:
+            yield cluster, clients
+        finally:
+            for client in clients:
+                client._disconnect()
+
+
+def _client(cluster: LocalCluster, rank: int) -> PSClient:
+    return PSClient(ClientConfig(scheduler=cluster.scheduler_address, rank=rank, timeout=10.0))
+
+
+def _ask(client: PSClient, op: str, **body: Any) -> Message:
+    """A request to the scheduler on ``client``'s connection: handled after everything the
+    client sent before."""
+    return client.channel.request("scheduler", Message(op, body=body))
+
+
+def _send(client: PSClient, op: str, **body: Any) -> int:
+    """A request to the scheduler whose reply is waited for later; its id."""
+    return client.channel.send("scheduler", Message(op, body=body))
+
+
+def _states(cluster: LocalCluster) -> dict[str, str]:
+    doc = json.loads((cluster.run_dir / "cluster.json").read_text())
+    return {n["id"]: n["state"] for n in doc["nodes"]}
+
+
+def _until(check: Callable[[], T | None], what: str, within: float = 30.0) -> T:
+    """Ask ``check`` (a round trip to the cluster) again until it has an answer."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        answer = check()
+        if answer is not None:
+            return answer
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- finalize -----------------------------------------------------------------------------
+
+
+def test_finalizes_are_answered_when_the_cluster_stops(tmp_path) -> None:
+    """Worker 1 finalizes and waits for worker 0; the cluster is told to shut down; then worker
+    0 finalizes before a heartbeat told it of the stop (its heartbeats end here, to hold that
+    window open). Neither is left waiting for a reply until its close() times out."""
+    with _cluster(tmp_path, 2) as (cluster, (w0, w1)):
+        waiting = _send(w1, "finalize", node="worker-1")
+        _ask(w1, "status")  # (the finalize is in)
+        w0.heartbeat.close()
+        _ask(w0, "shutdown")
+        w1.channel.wait([waiting], timeout=5.0)
+        w0.close()  # its finalize
+        cluster.wait(timeout=30)
+        assert cluster.children[0].proc.returncode == 0  # the scheduler
+    assert _states(cluster) == {"server-0": "exited", "worker-0": "exited", "worker-1": "exited"}
+
+
+def test_a_registration_with_a_pid_no_process_has_is_refused(tmp_path) -> None:
+    """pid 2**40 made later joins fail (OverflowError where the scheduler checks that a node's
+    process runs), 0 and -1 made the node look alive for ever (os.kill signals a process
+    group then): refused; the scheduler stays up and the cluster fills as usual."""
+    lc = launch_config(tmp_path, num_servers=1, num_workers=1, worker=None)
+    with LocalCluster(lc) as cluster:
+        channel = Channel(timeout=5.0)
+        channel.connect("scheduler", cluster.scheduler_address)
+        try:
+            for pid in (2**40, 2**31, 0, -1):
+                body = {
+                    "role": "worker",
+                    "rank": -1,
+                    "address": "",
+                    "pid": pid,
+                    "host": socket.gethostname(),
+                }
+                with pytest.raises(RefusedError, match=f"pid {pid} is not a process id"):
+                    channel.request("scheduler", Message("register", body=body))
+        finally:
+            channel.close()
+        client = _client(cluster, -1)
+        assert client.rank == 0
+        client.close()
+        cluster.wait(timeout=30)
+
+
+# --- workers that die ---------------------------------------------------------------------
+
+
+def test_a_dead_workers_share_goes_to_a_worker_still_training(tmp_path) -> None:
+    """Worker 0 pushes its share of the last clock and finalizes; worker 1 dies before
+    pushing its own. Its share goes to worker 2, which pushes it, and the clock is applied.
+    (Given to worker 0, with the fewest shares and the lowest rank, it was never pushed.)"""
+    with _cluster(tmp_path, 3, init=True) as (cluster, (w0, w1, w2)):
+        ones = {"w": torch.ones(4)}
+        w0.wait(w0.push(ones, clock=0))
+        finalized = _send(w0, "finalize", node="worker-0")
+        w2.wait(w2.push(ones, clock=0))
+        w1._disconnect()  # dies: its heartbeats stop
+
+        def moved() -> Leases | None:
+            leases = w2.leases()
+            return leases if leases.holders[1] != 1 else None
+
+        assert _until(moved, "worker 1's share to move").holders == (0, 2, 2)
+        w2.wait(w2.push(ones, clock=0, share=1))
+        out = {"w": torch.zeros(4)}
+        assert w2.wait(w2.pull(out, version=1)).version == 1
+        assert torch.equal(out["w"], -torch.ones(4))  # the mean of the three shares' ones
+        w2.close()
+        w0.channel.wait([finalized], timeout=5.0)
+        cluster.wait(timeout=30)
+
+
+def test_the_finalize_of_a_worker_that_died_is_not_its_successors(tmp_path) -> None:
+    """Worker 1 finalizes, then dies; a new worker takes its rank and, at a clock boundary,
+    its share. When worker 0 finalizes, the job goes on until the new worker 1 finalizes too:
+    the dead one's finalize does not count for it (it stopped the cluster, the new worker
+    marked exited while it was training)."""
+    with _cluster(tmp_path, 2) as (cluster, (w0, w1)):
+        _send(w1, "finalize", node="worker-1")
+        _ask(w1, "status")  # (the finalize is in)
+        w1._disconnect()  # dies waiting for the reply
+        again = _client(cluster, 1)  # registered once worker 1 is declared dead
+        try:
+            assert again.late and w0.leases().moving == {1: 1}
+            assert w0.release(1, clock=0).holders == (0, 1)
+            finalized = _send(w0, "finalize", node="worker-0")
+            nodes = _ask(w0, "status").body["nodes"]
+            assert {n["id"]: n["state"] for n in nodes}["worker-1"] == "alive"
+            again.close()
+        finally:
+            again._disconnect()
+        w0.channel.wait([finalized], timeout=5.0)
+        cluster.wait(timeout=30)
+    assert _states(cluster)["worker-1"] == "exited"
+
+
+# --- barriers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["killed", "interrupted"])
+def test_a_server_that_dies_or_leaves_is_not_waited_for_at_a_barrier(tmp_path, how) -> None:
+    """A barrier of the group "all": worker 0 and server 0 arrive, then the backup server 1
+    is killed (declared dead) or interrupted (it leaves): the barrier is released without it.
+    Servers take no barriers in pslm, so the test arrives in server 0's name."""
+    with _cluster(tmp_path, 1, replicas=1) as (cluster, (w0,)):
+        arrived = [
+            _send(w0, "barrier", node=node, name="b", group="all", values={"one": 1.0})
+            for node in ("worker-0", "server-0")
+        ]
+        _ask(w0, "status")  # (the barrier began: server 1 is one of its members)
+        backup = next(c for c in cluster.children if c.name == "server-1")
+        os.kill(backup.proc.pid, signal.SIGKILL if how == "killed" else signal.SIGINT)
+        replies = w0.channel.wait(arrived, timeout=15.0)
+        assert [r.body["values"] for r in replies.values()] == [{"one": 2.0}] * 2
+        assert backup.proc.wait(10) == (-signal.SIGKILL if how == "killed" else 130)
+        w0.close()
+        cluster.wait(timeout=30)
+    assert _states(cluster)["server-1"] == ("dead" if how == "killed" else "exited")
+
+
+def test_a_removed_worker_that_leaves_is_not_waited_for_at_a_barrier(tmp_path) -> None:
+    """Worker 0 arrives at a barrier of both workers; worker 1 is removed (pslm ctl
+    remove-worker), hands its share over and leaves: the barrier is released without it."""
+    with _cluster(tmp_path, 2) as (cluster, (w0, w1)):
+        for client in (w0, w1):
+            client.report("shares_move", 1.0)  # (as the training loop says under BSP)
+        arrived = _send(w0, "barrier", node="worker-0", name="b", group="workers")
+
+        def remove() -> dict[str, Any] | None:
+            try:
+                return _ask(w0, "ctl", action="remove-worker", node="worker-1").body
+            except RefusedError as exc:  # until a heartbeat brought shares_move
+                if "has not reported" not in str(exc):
+                    raise
+                return None
+
+        assert _until(remove, "worker 1's removal")["moves"] == {"1": 0}
+        assert w1.release(1, clock=0).holders == (0, 0)
+        w1.close()  # its finalize: it leaves
+        w0.channel.wait([arrived], timeout=5.0)
+        w0.close()
+        cluster.wait(timeout=30)
+    assert _states(cluster) == {"server-0": "exited", "worker-0": "exited", "worker-1": "exited"}
+
+
+# --- the launcher -------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # (waits out the launcher's grace of heartbeat timeout + 10 s)
+def test_a_child_still_running_after_the_job_is_stopped(tmp_path) -> None:
+    """A process of the cluster that does not exit after the job (one that sleeps, in the
+    place of a hung server) is stopped by ``wait``, as its warning says; the job succeeds."""
+    lc = launch_config(
+        tmp_path,
+        worker="tests.workers:idle",
+        worker_args={"steps": 2},
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+    )
+    with LocalCluster(lc) as cluster:
+        log_path = tmp_path / "hung.log"
+        with open(log_path, "wb") as out:
+            hung = subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(600)"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        cluster.children.append(Child("server", 2, hung, log_path))
+        cluster.wait(timeout=60)
+        assert hung.poll() == -signal.SIGTERM
+        codes = [c.proc.returncode for c in cluster.children if c.proc is not hung]
+    assert codes == [0] * 5
