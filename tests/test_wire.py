@@ -381,7 +381,9 @@ def test_a_flooding_peer_cannot_hold_a_wait_past_its_timeout() -> None:
         start = time.monotonic()
         with pytest.raises(RequestTimeout, match="flooder"):
             channel.wait([rid])
-        assert time.monotonic() - start < 0.5 + 5.0  # the flood goes on for 30 s
+        # far below the flood's 30 s (the old loop stayed until it ended), with room for a
+        # slow machine
+        assert time.monotonic() - start < 10.0
         assert len(channel.notices) <= transport.MAX_NOTICES
     finally:
         with flooder:  # (closes its stdout)

@@ -87,10 +87,11 @@ class Listener:
             if security is not None:  # only peers that prove the cluster secret get through
                 security.serve(self.socket)
             self.socket.bind(bind)
-        except Exception as exc:  # (a socket that fails to be set up is closed, not leaked)
+        except zmq.ZMQError as exc:
             self.socket.close()
-            if isinstance(exc, zmq.ZMQError):
-                raise TransportError(f"cannot listen on {bind}: {exc}") from exc
+            raise TransportError(f"cannot listen on {bind}: {exc}") from exc
+        except BaseException:  # (a socket that fails to be set up is closed, not leaked)
+            self.socket.close()
             raise
         self.address: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.watch = None if security is None else auth.HandshakeWatch(self.socket, self.address)
@@ -192,10 +193,11 @@ class Connection:
             if security is not None:
                 security.present(self.socket)
             self.socket.connect(address)
-        except Exception as exc:  # (a socket that fails to be set up is closed, not leaked)
+        except zmq.ZMQError as exc:
             self.socket.close()
-            if isinstance(exc, zmq.ZMQError):
-                raise TransportError(f"cannot connect to {address}: {exc}") from exc
+            raise TransportError(f"cannot connect to {address}: {exc}") from exc
+        except BaseException:  # (a socket that fails to be set up is closed, not leaked)
+            self.socket.close()
             raise
 
     def send(self, msg: Message) -> None:
