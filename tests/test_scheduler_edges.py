@@ -222,6 +222,38 @@ def test_a_server_that_dies_or_leaves_is_not_waited_for_at_a_barrier(tmp_path, h
     assert _states(cluster)["server-1"] == ("dead" if how == "killed" else "exited")
 
 
+def _synced_shard(cluster: LocalCluster) -> dict[str, Any] | None:
+    """Shard 0's entry in cluster.json once its backup holds a whole copy; else None."""
+    doc = json.loads((cluster.run_dir / "cluster.json").read_text())
+    shard = doc["shards"][0] if doc.get("shards") else None
+    return shard if shard is not None and shard["backup"] and shard["synced"] else None
+
+
+def test_a_server_that_leaves_mid_run_is_replaced_by_its_backup(tmp_path) -> None:
+    """Ctrl-C on a shard's server while the job runs (it leaves, as a server does on an
+    unhandled error): its backup serves the shard at once, as after a death, and the worker's
+    next push_pull is answered there with nothing lost. It used to be marked as exited and
+    kept in the shard table: the backup was never promoted and the worker's request timed out."""
+    with _cluster(tmp_path, 1, replicas=1, init=True) as (cluster, (w0,)):
+        _until(lambda: _synced_shard(cluster), "the backup's copy")
+        grads, out = {"w": torch.ones(4)}, {"w": torch.zeros(4)}
+        for clock in range(3):
+            w0.wait(w0.push_pull(grads, out, clock=clock))
+        primary = next(c for c in cluster.children if c.name == "server-0")
+        os.kill(primary.proc.pid, signal.SIGINT)
+        assert primary.proc.wait(10) == 130
+        grads["w"].fill_(2.0)
+        w0.wait(w0.push_pull(grads, out, clock=3), timeout=8.0)  # (within the heartbeat timeout)
+        assert out["w"].tolist() == [-5.0] * 4  # SGD, learning rate 1: -(1 + 1 + 1 + 2)
+        doc = json.loads((cluster.run_dir / "cluster.json").read_text())
+        assert doc["shards"][0]["primary"] == "server-1"  # (and no backup: none restarts)
+        assert _states(cluster)["server-0"] == "exited"
+        w0.close()
+        cluster.wait(timeout=30)
+    log = (cluster.run_dir / "logs" / "scheduler.log").read_text()
+    assert "server-0 left while the job runs" in log
+
+
 def test_a_removed_worker_that_leaves_is_not_waited_for_at_a_barrier(tmp_path) -> None:
     """Worker 0 arrives at a barrier of both workers; worker 1 is removed (pslm ctl
     remove-worker), hands its share over and leaves: the barrier is released without it."""

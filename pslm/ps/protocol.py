@@ -32,7 +32,8 @@ To the scheduler (from any node unless said otherwise):
                share's new holder pushes it from ``clock``
     finalize   {node} (workers) -> {} once every live worker holding shares finalized (at
                once if the cluster is stopping); the servers are then told to shut down
-    leave      {node} (servers, on exit) -> {}
+    leave      {node} (servers, on exit) -> {}; a server leaving a running job that did not
+               stop (Ctrl-C, an error) is handled as a dead one: its backup serves its shard
     shutdown   {} -> {}; stops the whole cluster
     status     {} -> {nodes: [...], num_workers, num_servers, keyspace (its fingerprint),
                run_dir, table, servers, backups}

@@ -365,10 +365,12 @@ class Scheduler:
         self._write_cluster()
         return self._membership(node, msg, late=True)
 
-    def _server_died(self, node: NodeRecord, why: str) -> None:
+    def _server_died(self, node: NodeRecord, why: str, *, left: bool = False) -> None:
+        """A server is gone (``left``: it said so) while the job runs: its backup serves its
+        shard, or it drops out as a backup, or the shard is lost."""
         shard, primary = self.shards.role_of(node.id)
-        node.state = "dead"
-        log.warning("%s is dead: %s", node.id, why)
+        node.state = "exited" if left else "dead"
+        log.warning("%s %s", node.id, why if left else f"is dead: {why}")
         self._excuse(node.id)
         if shard < 0:
             return
@@ -752,6 +754,11 @@ class Scheduler:
 
     def _leave(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
+        if node.role == "server" and node.live and self.complete and self.stopping_since is None:
+            # not told to stop (Ctrl-C, an unhandled error): its shard is served on as after
+            # a death, not left waiting for a server that is gone
+            self._server_died(node, "left while the job runs", left=True)
+            return msg.reply()
         node.state = "exited"
         log.info("%s left", node.id)
         self._excuse(node.id)
