@@ -1,6 +1,7 @@
 """The scheduler at its edges: finalizes while the cluster stops, a registration with a pid no
-process has, the share and the finalize of a worker that dies, barriers whose members die or
-leave; and the launcher stopping a child still running after the job.
+process has or that died before the cluster filled, the share and the finalize of a worker that
+dies, barriers whose members die or leave, a server that leaves mid-run; and the launcher
+stopping a child still running after the job.
 
 Real scheduler and server processes on 127.0.0.1; this test process is every worker (a
 PSClient each). A test that speaks in a node's name says why.
@@ -144,6 +145,40 @@ def test_a_registration_with_a_pid_no_process_has_is_refused(tmp_path) -> None:
         assert client.rank == 0
         client.close()
         cluster.wait(timeout=30)
+
+
+def test_a_node_that_dies_before_the_cluster_fills_gives_its_rank_to_its_restart(
+    tmp_path,
+) -> None:
+    """Worker 0 registers and its process dies while the cluster is still filling (a
+    short-lived process stands for it; the registration is what a worker sends); its restart
+    asks for rank 0 again and gets it, and the cluster fills with the live one. The dead
+    registration used to keep the rank: every restart was refused as "already taken"."""
+    lc = launch_config(tmp_path, num_servers=1, num_workers=2, worker=None)
+    with LocalCluster(lc) as cluster:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        channel = Channel(timeout=5.0)
+        channel.connect("scheduler", cluster.scheduler_address)
+        try:
+            body = {"role": "worker", "rank": 0, "address": "", "pid": gone.pid}
+            channel.send(
+                "scheduler", Message("register", body={**body, "host": socket.gethostname()})
+            )
+            channel.request("scheduler", Message("status"))  # (handled after the register)
+            with ThreadPoolExecutor(2) as pool:
+                clients = list(pool.map(lambda r: _client(cluster, r), (0, 1)))
+        finally:
+            channel.close()
+        assert [c.rank for c in clients] == [0, 1]
+        doc = json.loads((cluster.run_dir / "cluster.json").read_text())
+        pids = {n["id"]: n["pid"] for n in doc["nodes"]}
+        assert pids["worker-0"] == pids["worker-1"] == os.getpid()  # (this process is both)
+        with ThreadPoolExecutor(2) as pool:  # (a close waits for every worker's)
+            list(pool.map(PSClient.close, clients))
+        cluster.wait(timeout=30)
+    log = (cluster.run_dir / "logs" / "scheduler.log").read_text()
+    assert f"pid {gone.pid}" in log and "is gone" in log
 
 
 # --- workers that die ---------------------------------------------------------------------

@@ -284,6 +284,7 @@ class Scheduler:
                 raise ProtocolError(f"register: {exc}") from None
         if self.complete:
             return self._join(node, msg) if role == "worker" else self._join_server(node, msg)
+        self._drop_gone_joiners()
         taken = [n for n, _ in self.joining if n.role == role]
         if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
             raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
@@ -294,6 +295,24 @@ class Scheduler:
         if len(self.joining) == self._size("server") + self.cfg.num_workers:
             self._start_cluster()
         return None  # answered when the cluster is complete
+
+    def _drop_gone_joiners(self) -> None:
+        """Forget registrations, still waiting for the cluster to fill, whose process is gone
+        (on this host: elsewhere a process cannot be looked at, and nodes send no heartbeats
+        before they are members): a node that died meanwhile leaves its rank to its restart."""
+        here = socket.gethostname()
+        kept = []
+        for node, msg in self.joining:
+            if node.host == here and not _pid_alive(node.pid):
+                log.warning(
+                    "%s registration (rank %d, pid %d) dropped: its process is gone",
+                    node.role,
+                    node.requested_rank,
+                    node.pid,
+                )
+                continue
+            kept.append((node, msg))
+        self.joining = kept
 
     def _size(self, role: str) -> int:
         """Processes of ``role``: a server per shard, and as many backups with replicas."""
