@@ -41,6 +41,7 @@ test-slow: setup  ## the long tests, kept out of the default suite
 
 bench: setup
 	$(VENV)/bin/pslm bench transport
+	$(VENV)/bin/pslm bench pipeline
 	$(VENV)/bin/pslm bench ps
 	$(VENV)/bin/pslm bench train
 	$(VENV)/bin/pslm bench recovery

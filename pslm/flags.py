@@ -384,7 +384,7 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> argpa
         "name",
         choices=[
             *("transport", "ps", "train", "quality", "consistency", "recovery", "overlap"),
-            *("serve", "launchers"),
+            *("serve", "launchers", "pipeline"),
         ],
         help="which benchmark",
     )

@@ -14,6 +14,7 @@ from rich.table import Table
 
 BENCHES = {
     "transport": "pslm.bench.transport",
+    "pipeline": "pslm.bench.pipeline",
     "ps": "pslm.bench.ps",
     "train": "pslm.bench.train",
     "quality": "pslm.bench.quality",
