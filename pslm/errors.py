@@ -12,7 +12,9 @@
     │   │                          lost, a model declared differently by two workers
     │   └── Interrupted            a wait gave way to something more urgent (a lease changed);
     │                              the request is still pending and can be waited for again
-    └── LaunchError                a process started by the local launcher failed
+    ├── LaunchError                a process started by the local launcher failed
+    └── ShardFailed                a server's copy of its shard can no longer be trusted (an
+                                   update failed half-way); the server leaves, its backup serves
 
 Third-party errors are converted at the boundary (``raise TransportError(...) from exc``), so
 callers catch pslm errors only. ``assert`` guards internal invariants, never user input.
@@ -67,3 +69,9 @@ class LaunchError(PSLMError):
 
 class Interrupted(ClusterError):
     """A wait returned early because its ``interrupt`` said so; the request is still pending."""
+
+
+class ShardFailed(PSLMError):
+    """A server's update failed part-way, so its copy of the shard is no longer one version:
+    the server must stop serving it (it leaves, and the scheduler hands the shard to its
+    backup, which holds the whole clock, or sends the job back to its checkpoint)."""

@@ -1,5 +1,6 @@
 """The server at its edges: requests parked for a later version, a share's push begun by a
-worker that died, pushes acknowledged under SSP with a backup, and clipping a NaN norm.
+worker that died, pushes acknowledged under SSP with a backup, an update that fails part-way,
+and clipping a NaN norm.
 
 Real processes on 127.0.0.1 where a cluster can reach the state; a Server object driven
 in-process with fake sockets where it cannot (each such test says why).
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from pslm.errors import RefusedError, RequestTimeout
+from pslm.errors import RefusedError, RequestTimeout, ShardFailed
 from pslm.ps.client import ClientConfig, PSClient
 from pslm.ps.consistency import Consistency
 from pslm.ps.control import Membership
@@ -26,7 +27,7 @@ from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Selection
 from pslm.ps.server import Server, ServerConfig
-from pslm.ps.shard import ShardStore, clip_coef
+from pslm.ps.shard import ShardStore, Update, clip_coef
 from pslm.wire.message import Message
 from tests.conftest import launch_config
 
@@ -143,6 +144,12 @@ class _Listener:
 
     def __init__(self, events: list[tuple[Any, ...]]):
         self.events = events
+
+        self.incoming: list[tuple[bytes, Message]] = []
+        """What ``recv`` hands out, in order."""
+
+    def recv(self) -> tuple[bytes, Message]:
+        return self.incoming.pop(0)
 
     def send(self, peer: bytes, msg: Message, *, track: bool = False) -> None:
         self.events.append(("reply", peer, msg))
@@ -282,6 +289,40 @@ def test_under_ssp_a_push_is_acknowledged_once_on_the_backup(make_server) -> Non
     server._dispatch(b"w1", _push(1, 12, _ones(server)))
     assert events == [("backup", "update")]  # and no reply
     assert server.store.version == 1 and server.gate.clocks == [1, 0] and server.demoted
+
+
+def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkeypatch) -> None:
+    """In-process: no input reaches a failing kernel (each push is checked on arrival), so a
+    stand-in fails the second span of a staged update. The first reply is out, one chunk is
+    stepped and the other not: the request loop lets ShardFailed through (the server leaves
+    and its backup, which has the whole clock, serves the shard) instead of answering on
+    from a shard that is half one version and half the next."""
+    server, events = make_server()
+    spans: list[tuple[int, int]] = []
+    stepped = Update.span
+
+    def span(self: Update, lo: int, hi: int) -> None:
+        spans.append((lo, hi))
+        if len(spans) == 2:
+            raise RuntimeError("a kernel failed")
+        stepped(self, lo, hi)
+
+    monkeypatch.setattr(Update, "span", span)
+    a, b = (c.key for c in server.store.chunks)
+
+    def part(w: int, seq: int) -> tuple[bytes, Message]:  # (chunk a, then chunk b)
+        grad, key = (torch.ones(16), a) if seq == 0 else (torch.ones(4), b)
+        body = {"keys": [key], "seq": seq, "final": seq == 1, "priority": seq}
+        return b"w%d" % w, _push(w, 10 * (seq + 1) + w, [grad], reply_params=True, **body)
+
+    for w in (0, 1):
+        server._dispatch(*part(w, 0))
+    server.listener.incoming = [part(w, 1) for w in (0, 1)]  # type: ignore[attr-defined]
+    server._serve_one()  # worker 0's last part: the clock waits for worker 1's
+    with pytest.raises(ShardFailed, match="failed part-way"):
+        server._serve_one()
+    assert _replies(events) == {10: ["ok"]}  # (worker 0's first part, then the failure)
+    assert server.store.version == 0
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

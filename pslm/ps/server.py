@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pslm.errors import ClusterError, ConfigError, ProtocolError, PSLMError, RefusedError
+from pslm.errors import (
+    ClusterError,
+    ConfigError,
+    ProtocolError,
+    PSLMError,
+    RefusedError,
+    ShardFailed,
+)
 from pslm.ps import protocol
 from pslm.ps.consistency import Consistency, StalenessGate
 from pslm.ps.control import Heartbeat, Membership, Table, register
@@ -289,6 +296,8 @@ class Server:
         self.counts["messages"] += 1
         try:
             self._dispatch(peer, msg)
+        except ShardFailed:
+            raise  # (the server leaves: answering on would serve a shard half-stepped)
         except (ProtocolError, ConfigError, ClusterError) as exc:
             self._refuse(peer, msg, getattr(exc, "code", "refused"), str(exc))
         except Exception as exc:  # a bug must not take the shard down with it
@@ -786,12 +795,13 @@ class Server:
                         self._answer(r, clock, version=store.version + 1, **said)
                         sent += 1
                 update.finish()
-        except Exception as exc:  # refuse what is left of the clock (the kernels do not fail
-            # on checked input: this is a bug's way out, not a path a push can take)
+        except Exception as exc:  # (the kernels do not fail on checked input: a bug's way
+            # out, not a path a push can take) some chunks may be stepped and others not
             log.exception("update for clock %d failed", store.version)
-            self.after_update = replies[sent:]
-            self._abandon_clock(f"the update for clock {store.version} failed: {exc!r}")
-            return
+            raise ShardFailed(
+                f"shard {self.shard}: the update for clock {store.version} failed part-way "
+                f"({exc!r}); leaving, so that the shard is served from its backup"
+            ) from exc
         self.clock = Clock(norms=self.future_norms)
         self.future_norms = {}
         self.last_scalars, self.last_by = scalars, by
@@ -859,13 +869,6 @@ class Server:
                 store.relocate_params()
                 break
         self.trackers = []
-
-    def _abandon_clock(self, reason: str) -> None:
-        """Refuse every request waiting on this clock and forget its pushes."""
-        for r in self.after_update:
-            self.listener.send(r.peer, protocol.error(r.msg, "update_failed", reason))
-        self.after_update = []
-        self.clock = Clock()
 
     # --- replication ------------------------------------------------------------------------
 
