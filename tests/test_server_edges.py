@@ -1,6 +1,6 @@
 """The server at its edges: requests parked for a later version, a share's push begun by a
-worker that died, pushes acknowledged under SSP with a backup, an update that fails part-way,
-and clipping a NaN norm.
+worker that died, pushes acknowledged under SSP with a backup, a waiting read that fails, an
+update that fails part-way, and clipping a NaN norm.
 
 Real processes on 127.0.0.1 where a cluster can reach the state; a Server object driven
 in-process with fake sockets where it cannot (each such test says why).
@@ -26,7 +26,7 @@ from pslm.ps.keyspace import KeySpace
 from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Selection
-from pslm.ps.server import Server, ServerConfig
+from pslm.ps.server import Server, ServerConfig, _Read
 from pslm.ps.shard import ShardStore, Update, clip_coef
 from pslm.wire.message import Message
 from tests.conftest import launch_config
@@ -263,6 +263,20 @@ def test_a_parked_request_that_fails_is_refused_alone(make_server) -> None:
     assert replies == {10: ["ok"], 11: ["ok"], 6: ["ok"], 5: ["error"]}
     refusal = next(e[2] for e in events if e[2].id == 5)
     assert refusal.body["code"] == "bad_codec" and server.parked == []
+
+
+def test_under_ssp_a_waiting_read_that_fails_is_refused_alone(make_server) -> None:
+    """In-process, as the test above for BSP's parked requests: a read waiting for the
+    staleness gate that fails when let through (a bad codec, refused on arrival, so a real
+    cluster cannot queue one) is refused alone; the push that opened the gate is answered
+    with its parameters. The failure used to drop every read queued after it and refuse the
+    push, although it was applied."""
+    server, events = make_server(Consistency.parse("ssp:1"))
+    bad = Message("read", id=5, body={"pull_codec": "int8"})
+    server.reads.append(_Read(b"reader", bad, 0, Selection.of_pull(server._store(), [0]), None))
+    server._dispatch(b"w0", _push(0, 10, _ones(server), reply_params=True))
+    assert _replies(events) == {5: ["error"], 10: ["ok"]} and server.store.version == 1
+    assert server.reads == []
 
 
 def test_under_ssp_a_push_is_acknowledged_once_on_the_backup(make_server) -> None:

@@ -723,7 +723,8 @@ class Server:
         self._release_reads()
 
     def _release_reads(self) -> None:
-        """Answer every waiting read the staleness gate now lets through."""
+        """Answer every waiting read the staleness gate now lets through, each alone: one
+        that fails is refused, the others are still answered (as ``_release_parked``)."""
         mode = self._switch_if_due()
         waiting, self.reads = self.reads, []
         for read in waiting:
@@ -737,7 +738,11 @@ class Server:
             extra: dict[str, Any] = {"staleness": staleness, **mode}
             if read.scalars is not None:
                 extra["scalars"] = read.scalars
-            self._send_params(read.peer, read.msg, read.selection, **extra)
+            try:
+                self._send_params(read.peer, read.msg, read.selection, **extra)
+            except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
+                log.exception("answering a waiting %r failed", read.msg.op)
+                self._refuse(read.peer, read.msg, getattr(exc, "code", "internal"), str(exc))
 
     # --- BSP --------------------------------------------------------------------------------
 
