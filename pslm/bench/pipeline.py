@@ -20,7 +20,6 @@ from __future__ import annotations
 import statistics
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import zmq
 
+from pslm.bench.transport import start_peers, stop_peers
 from pslm.wire.frames import tensor_to_frames
 from pslm.wire.message import MAX_FRAME
 from pslm.wire.transport import tune_allocator
@@ -119,20 +119,7 @@ class _Peers:
         self.socks: list[zmq.Socket[Any]] = []
 
     def __enter__(self) -> _Peers:
-        try:
-            for _ in range(self.n):
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", PEER], stdout=subprocess.PIPE, text=True
-                )
-                self.procs.append(proc)
-                assert proc.stdout is not None
-                sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(f"tcp://127.0.0.1:{int(proc.stdout.readline())}")
-                self.socks.append(sock)
-        except BaseException:
-            self.__exit__()
-            raise
+        self.procs, self.socks = start_peers(PEER, self.n)
         return self
 
     def _shares(self, t: torch.Tensor) -> list[torch.Tensor]:
@@ -193,11 +180,4 @@ class _Peers:
         return step
 
     def __exit__(self, *exc: object) -> None:
-        for sock in self.socks:
-            sock.send(b"stop")
-            sock.close()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_peers(self.procs, self.socks)

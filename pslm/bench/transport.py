@@ -208,6 +208,43 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
+def start_peers(script: str, n: int) -> tuple[list[subprocess.Popen[str]], list[zmq.Socket[Any]]]:
+    """``n`` Python processes running ``script`` (which binds a ROUTER on 127.0.0.1 and prints
+    its port) and a DEALER connected to each; if one fails to start, all are stopped."""
+    procs: list[subprocess.Popen[str]] = []
+    socks: list[zmq.Socket[Any]] = []
+    try:
+        for _ in range(n):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{int(proc.stdout.readline())}")
+            socks.append(sock)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        for sock in socks:
+            sock.close()
+        raise
+    return procs, socks
+
+
+def stop_peers(procs: list[subprocess.Popen[str]], socks: list[zmq.Socket[Any]]) -> None:
+    """Tell the peers of ``start_peers`` to stop (a ``stop`` message), and wait for them."""
+    for sock in socks:
+        sock.send(b"stop")
+        sock.close()
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class _Receivers:
     """``n`` plain pyzmq peers; ``prepare`` returns one delivery of nbytes (echoed back or
     acknowledged)."""
@@ -220,23 +257,7 @@ class _Receivers:
         """Per floor step: the longest any peer took from receipt to reply."""
 
     def __enter__(self) -> _Receivers:
-        try:
-            for _ in range(self.n):
-                p = subprocess.Popen(
-                    [sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True
-                )
-                self.procs.append(p)
-                assert p.stdout is not None
-                sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(f"tcp://127.0.0.1:{int(p.stdout.readline())}")
-                self.socks.append(sock)
-        except BaseException:
-            for proc in self.procs:
-                proc.kill()
-            for s in self.socks:
-                s.close()
-            raise
+        self.procs, self.socks = start_peers(ECHO, self.n)
         return self
 
     def pids(self) -> list[int]:
@@ -273,14 +294,7 @@ class _Receivers:
         return send
 
     def __exit__(self, *exc: object) -> None:
-        for s in self.socks:
-            s.send(b"stop")
-            s.close()
-        for p in self.procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_peers(self.procs, self.socks)
 
 
 class _Cluster:
