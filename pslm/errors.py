@@ -73,5 +73,6 @@ class Interrupted(ClusterError):
 
 class ShardFailed(PSLMError):
     """A server's update failed part-way, so its copy of the shard is no longer one version:
-    the server must stop serving it (it leaves, and the scheduler hands the shard to its
-    backup, which holds the whole clock, or sends the job back to its checkpoint)."""
+    the server must stop serving it. It leaves, and the scheduler hands the shard to its
+    backup (which holds the whole clock), drops it if it was the backup, or - no backup left -
+    sends the job back to its checkpoint."""

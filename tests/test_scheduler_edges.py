@@ -1,7 +1,7 @@
 """The scheduler at its edges: finalizes while the cluster stops, a registration with a pid no
 process has or that died before the cluster filled, the share and the finalize of a worker that
-dies, barriers whose members die or leave, a server that leaves mid-run; and the launcher
-stopping a child still running after the job.
+dies, barriers whose members die or leave, a server that leaves mid-run (and a leave in its
+name from elsewhere); and the launcher stopping a child still running after the job.
 
 Real scheduler and server processes on 127.0.0.1; this test process is every worker (a
 PSClient each). A test that speaks in a node's name says why.
@@ -278,7 +278,7 @@ def test_a_server_that_leaves_mid_run_is_replaced_by_its_backup(tmp_path) -> Non
         os.kill(primary.proc.pid, signal.SIGINT)
         assert primary.proc.wait(10) == 130
         grads["w"].fill_(2.0)
-        w0.wait(w0.push_pull(grads, out, clock=3), timeout=8.0)  # (within the heartbeat timeout)
+        w0.wait(w0.push_pull(grads, out, clock=3), timeout=8.0)  # (an exited node: no health check)
         assert out["w"].tolist() == [-5.0] * 4  # SGD, learning rate 1: -(1 + 1 + 1 + 2)
         doc = json.loads((cluster.run_dir / "cluster.json").read_text())
         assert doc["shards"][0]["primary"] == "server-1"  # (and no backup: none restarts)
@@ -287,6 +287,27 @@ def test_a_server_that_leaves_mid_run_is_replaced_by_its_backup(tmp_path) -> Non
         cluster.wait(timeout=30)
     log = (cluster.run_dir / "logs" / "scheduler.log").read_text()
     assert "server-0 left while the job runs" in log
+
+
+def test_a_leave_in_a_servers_name_from_another_process_is_ignored(tmp_path) -> None:
+    """A leave that names server 0 but comes from another connection than the one it
+    registered on (a process that a restarted one replaced, or anyone who knows the name) is
+    ignored: server 0 stays the shard's server and the job goes on. Taken as server 0's own
+    leave, it would have lost the shard (no backup) and stopped the job."""
+    with _cluster(tmp_path, 1, init=True) as (cluster, (w0,)):
+        channel = Channel(timeout=5.0)
+        channel.connect("scheduler", cluster.scheduler_address)
+        try:
+            channel.request("scheduler", Message("leave", body={"node": "server-0"}))
+        finally:
+            channel.close()
+        out = {"w": torch.zeros(4)}
+        w0.wait(w0.push_pull({"w": torch.ones(4)}, out, clock=0))
+        assert out["w"].tolist() == [-1.0] * 4 and _states(cluster)["server-0"] == "alive"
+        w0.close()
+        cluster.wait(timeout=30)
+    log = (cluster.run_dir / "logs" / "scheduler.log").read_text()
+    assert "server-0: a leave from another process than the one registered: ignored" in log
 
 
 def test_a_removed_worker_that_leaves_is_not_waited_for_at_a_barrier(tmp_path) -> None:

@@ -26,6 +26,8 @@ from pslm.ps.keyspace import KeySpace
 from pslm.ps.launch import LocalCluster
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Selection
+from pslm.ps.replica import Update as ReplicaUpdate
+from pslm.ps.replica import update_message
 from pslm.ps.server import Server, ServerConfig, _Read
 from pslm.ps.shard import ShardStore, Update, clip_coef
 from pslm.wire.message import Message
@@ -307,10 +309,11 @@ def test_under_ssp_a_push_is_acknowledged_once_on_the_backup(make_server) -> Non
 
 def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkeypatch) -> None:
     """In-process: no input reaches a failing kernel (each push is checked on arrival), so a
-    stand-in fails the second span of a staged update. The first reply is out, one chunk is
-    stepped and the other not: the request loop lets ShardFailed through (the server leaves
-    and its backup, which has the whole clock, serves the shard) instead of answering on
-    from a shard that is half one version and half the next."""
+    stand-in fails the second span of a staged update (worker 1's reply, after worker 0's
+    went out with chunk a stepped; chunk b is not): the request loop lets ShardFailed through
+    (the server leaves and its backup, which has the whole clock, serves the shard) instead
+    of answering on from a shard that is half one version and half the next. A backup whose
+    copy of the same update fails leaves the same way (and is dropped)."""
     server, events = make_server()
     spans: list[tuple[int, int]] = []
     stepped = Update.span
@@ -337,6 +340,20 @@ def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkey
         server._serve_one()
     assert _replies(events) == {10: ["ok"]}  # (worker 0's first part, then the failure)
     assert server.store.version == 0
+
+    backup, _ = make_server()
+    backup.primary = False
+    grads: list[Any] = [torch.ones(16), torch.ones(4)]
+    update = update_message(
+        ReplicaUpdate(kind="bsp", version=0, multiplier=1.0, grads=grads, step=0)
+    )
+
+    def fail(self: ReplicaUpdate, store: ShardStore) -> None:
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(ReplicaUpdate, "apply", fail)
+    with pytest.raises(ShardFailed, match="backup of shard 0"):
+        backup._dispatch(b"primary", update)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

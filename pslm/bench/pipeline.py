@@ -168,7 +168,10 @@ class _Peers:
             answered = [0] * self.n
             left = sum(len(m) for m in per_peer)
             while left:  # each answer as it comes, from whichever peer
-                for sock, _ in poller.poll(60_000):
+                ready = poller.poll(60_000)
+                if not ready:
+                    raise RuntimeError("a peer did not answer within 60 s")
+                for sock, _ in ready:
                     peer = peer_of[sock]
                     reply = sock.recv_multipart(copy=False)
                     spans = per_peer[peer][answered[peer]][1]  # (a peer answers in order)

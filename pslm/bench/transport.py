@@ -237,7 +237,7 @@ def stop_peers(procs: list[subprocess.Popen[str]], socks: list[zmq.Socket[Any]])
     """Tell the peers of ``start_peers`` to stop (a ``stop`` message), and wait for them."""
     for sock in socks:
         sock.send(b"stop")
-        sock.close()
+        sock.close(linger=1000)  # (the sockets' LINGER 0 would drop the stop)
     for proc in procs:
         try:
             proc.wait(5)

@@ -284,8 +284,13 @@ class Scheduler:
                 raise ProtocolError(f"register: {exc}") from None
         if self.complete:
             return self._join(node, msg) if role == "worker" else self._join_server(node, msg)
-        self._drop_gone_joiners()
         taken = [n for n, _ in self.joining if n.role == role]
+        mine = node.requested_rank >= 0 and any(
+            n.requested_rank == node.requested_rank for n in taken
+        )
+        if mine or len(taken) >= limit:  # a node that died meanwhile may hold the place
+            self._drop_gone_joiners(role)
+            taken = [n for n, _ in self.joining if n.role == role]
         if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
             raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
         if len(taken) >= limit:
@@ -296,20 +301,19 @@ class Scheduler:
             self._start_cluster()
         return None  # answered when the cluster is complete
 
-    def _drop_gone_joiners(self) -> None:
-        """Forget registrations, still waiting for the cluster to fill, whose process is gone
-        (on this host: elsewhere a process cannot be looked at, and nodes send no heartbeats
-        before they are members): a node that died meanwhile leaves its rank to its restart."""
+    def _drop_gone_joiners(self, role: str) -> None:
+        """Forget the registrations of ``role``, still waiting for the cluster to fill, whose
+        process is gone (on this host: elsewhere a process cannot be looked at, and nodes send
+        no heartbeats before they are members), so that a node that died meanwhile leaves its
+        place to its restart. Each is told (if it lives after all, where pids are not this
+        host's, it hears why instead of waiting for the cluster)."""
         here = socket.gethostname()
         kept = []
         for node, msg in self.joining:
-            if node.host == here and not _pid_alive(node.pid):
-                log.warning(
-                    "%s registration (rank %d, pid %d) dropped: its process is gone",
-                    node.role,
-                    node.requested_rank,
-                    node.pid,
-                )
+            if node.role == role and node.host == here and not _pid_alive(node.pid):
+                why = f"{role} registration (rank {node.requested_rank}, pid {node.pid}) dropped"
+                log.warning("%s: its process is gone", why)
+                self.listener.send(node.peer, protocol.error(msg, "gone", f"{why}: no such pid"))
                 continue
             kept.append((node, msg))
         self.joining = kept
@@ -773,10 +777,16 @@ class Scheduler:
 
     def _leave(self, peer: bytes, msg: Message) -> Message:
         node = self._node(msg)
+        if node.peer and peer != node.peer:  # (b"": a recovered scheduler knows no peers)
+            log.warning(
+                "%s: a leave from another process than the one registered: ignored", node.id
+            )
+            return msg.reply()  # (one that a new process replaced since; it has no say)
         if node.role == "server" and node.live and self.complete and self.stopping_since is None:
             # not told to stop (Ctrl-C, an unhandled error): its shard is served on as after
             # a death, not left waiting for a server that is gone
             self._server_died(node, "left while the job runs", left=True)
+            self._write_cluster()  # (also when it held no shard any more)
             return msg.reply()
         node.state = "exited"
         log.info("%s left", node.id)

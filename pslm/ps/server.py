@@ -733,8 +733,6 @@ class Server:
                 self.reads.append(read)
                 continue
             staleness = self.gate.staleness(read.clock)
-            self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
-            self.read_up_to = max(self.read_up_to, read.clock)
             extra: dict[str, Any] = {"staleness": staleness, **mode}
             if read.scalars is not None:
                 extra["scalars"] = read.scalars
@@ -743,6 +741,9 @@ class Server:
             except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
                 log.exception("answering a waiting %r failed", read.msg.op)
                 self._refuse(read.peer, read.msg, getattr(exc, "code", "internal"), str(exc))
+                continue
+            self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
+            self.read_up_to = max(self.read_up_to, read.clock)
 
     # --- BSP --------------------------------------------------------------------------------
 
@@ -797,7 +798,7 @@ class Server:
                     for r in replies:  # each as soon as its chunks are updated
                         for lo, hi in r.selection.dense_spans(store):
                             update.span(lo, hi)
-                        self._answer(r, clock, version=store.version + 1, **said)
+                        self._answer_alone(r, clock, version=store.version + 1, **said)
                         sent += 1
                 update.finish()
         except Exception as exc:  # (the kernels do not fail on checked input: a bug's way
@@ -812,7 +813,7 @@ class Server:
         self.last_scalars, self.last_by = scalars, by
         mode = self._switch_if_due()  # (the replies tell the workers)
         for r in replies[sent:]:
-            self._answer(r, clock, version=store.version, **said, **mode)
+            self._answer_alone(r, clock, version=store.version, **said, **mode)
         self._release_parked()
 
     def _release_parked(self) -> None:
@@ -833,6 +834,15 @@ class Server:
             except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
                 log.exception("answering a parked %r failed", msg.op)
                 self._refuse(peer, msg, getattr(exc, "code", "internal"), str(exc))
+
+    def _answer_alone(self, r: Reply, clock: Clock, **said: Any) -> None:
+        """``_answer``, or a refusal of this one reply if making it fails (checked on
+        arrival: a bug's way out), so that the others and the update go on."""
+        try:
+            self._answer(r, clock, **said)
+        except Exception as exc:
+            log.exception("answering a push failed")
+            self._refuse(r.peer, r.msg, getattr(exc, "code", "internal"), str(exc))
 
     def _answer(self, r: Reply, clock: Clock, **said: Any) -> None:
         """A push's reply with the parameters after its clock's update: the version, the
@@ -1047,10 +1057,14 @@ class Server:
         self.listener.send(peer, msg.reply(version=update.version))
         try:
             update.apply(store)
-        except Exception:  # deterministic: the server fails alike; the next sync repairs
-            log.exception("applying update %d failed; waiting for a new copy", update.version)
-            self.store = None
-            return
+        except Exception as exc:  # (a bug's way out) this copy is half one version: the
+            # backup leaves and is dropped (its server, failing alike, leaves too: the shard
+            # is lost and the job goes back to its checkpoint)
+            log.exception("applying update %d failed", update.version)
+            raise ShardFailed(
+                f"backup of shard {self.shard}: applying update {update.version} failed "
+                f"part-way ({exc!r}); leaving"
+            ) from exc
         # norms that came meanwhile were for the clock just applied or the next (as in
         # _advance); the backup gathers none of its own
         self.clock = Clock(norms=self.future_norms)
