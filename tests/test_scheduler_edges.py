@@ -90,6 +90,13 @@ def _states(cluster: LocalCluster) -> dict[str, str]:
     return {n["id"]: n["state"] for n in doc["nodes"]}
 
 
+def _joined(cluster: LocalCluster, name: str) -> bool | None:
+    """True once server ``name`` logged its membership: from then on, Ctrl-C makes it leave
+    (before, it does not know its own name yet, and its silence makes it dead)."""
+    path = cluster.run_dir / "logs" / f"{name}.log"
+    return True if path.exists() and " listening on " in path.read_text() else None
+
+
 def _until(check: Callable[[], T | None], what: str, within: float = 30.0) -> T:
     """Ask ``check`` (a round trip to the cluster) again until it has an answer."""
     deadline = time.monotonic() + within
@@ -248,6 +255,7 @@ def test_a_server_that_dies_or_leaves_is_not_waited_for_at_a_barrier(tmp_path, h
         ]
         _ask(w0, "status")  # (the barrier began: server 1 is one of its members)
         backup = next(c for c in cluster.children if c.name == "server-1")
+        _until(lambda: _joined(cluster, "server-1"), "server 1 to take its membership")
         os.kill(backup.proc.pid, signal.SIGKILL if how == "killed" else signal.SIGINT)
         replies = w0.channel.wait(arrived, timeout=15.0)
         assert [r.body["values"] for r in replies.values()] == [{"one": 2.0}] * 2
