@@ -17,17 +17,15 @@ Each is measured in turn with raw one-way (N bytes sent, an empty acknowledgemen
 
 from __future__ import annotations
 
-import statistics
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import zmq
 
-from pslm.bench.transport import start_peers, stop_peers
+from pslm.bench.transport import in_turn, start_peers, stop_peers
 from pslm.wire.frames import tensor_to_frames
 from pslm.wire.message import MAX_FRAME
 from pslm.wire.transport import tune_allocator
@@ -89,7 +87,8 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                     contenders[f"pipe{k}"] = peers.exchange(nbytes, k, late=False)
                     if k > 1:
                         contenders[f"late{k}"] = peers.exchange(nbytes, k, late=True)
-                times = _in_turn(contenders, n)
+                medians, _ = in_turn([(fn, list) for fn in contenders.values()], n)
+                times = dict(zip(contenders, medians, strict=True))
                 row: dict[str, Any] = {"servers": servers, "size": label}
                 row["raw_one_way_GBps"] = round(nbytes / times["one_way"] / 1e9, 3)
                 for name, t in times.items():
@@ -97,17 +96,6 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         row[name] = round(2 * times["one_way"] / t, 3)
                 rows.append(row)
     return {"bench": "pipeline", "rows": rows}
-
-
-def _in_turn(contenders: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Median seconds of each contender, called in turn ``reps`` times after two warm-ups."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(reps + 2):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
 class _Peers:

@@ -117,7 +117,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                     (secure.prepare(nbytes), secure.pids),
                     (shared.prepare(nbytes), shared.pids),
                 ]
-                times, cpu = _in_turn(contenders, n)
+                times, cpu = in_turn(contenders, n)
                 one_way, echo, floor, step, secure_step, shm_step = times
                 gbps = {
                     "one_way": nbytes / one_way / 1e9,
@@ -165,7 +165,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     }
 
 
-def _in_turn(
+def in_turn(
     contenders: list[tuple[Any, Callable[[], list[int]]]], reps: int
 ) -> tuple[list[float], list[float]]:
     """Each contender's (function, the processes it runs in besides this one) called in turn

@@ -284,14 +284,17 @@ class Scheduler:
                 raise ProtocolError(f"register: {exc}") from None
         if self.complete:
             return self._join(node, msg) if role == "worker" else self._join_server(node, msg)
+
+        def clash(taken: list[NodeRecord]) -> bool:
+            return node.requested_rank >= 0 and node.requested_rank in {
+                n.requested_rank for n in taken
+            }
+
         taken = [n for n, _ in self.joining if n.role == role]
-        mine = node.requested_rank >= 0 and any(
-            n.requested_rank == node.requested_rank for n in taken
-        )
-        if mine or len(taken) >= limit:  # a node that died meanwhile may hold the place
+        if clash(taken) or len(taken) >= limit:  # a node that died meanwhile may hold the place
             self._drop_gone_joiners(role)
             taken = [n for n, _ in self.joining if n.role == role]
-        if node.requested_rank >= 0 and any(n.requested_rank == node.requested_rank for n in taken):
+        if clash(taken):
             raise ClusterError(f"{role} rank {node.requested_rank} is already taken")
         if len(taken) >= limit:
             raise ClusterError(f"already {limit} {role}s registered")
@@ -313,7 +316,11 @@ class Scheduler:
             if node.role == role and node.host == here and not _pid_alive(node.pid):
                 why = f"{role} registration (rank {node.requested_rank}, pid {node.pid}) dropped"
                 log.warning("%s: its process is gone", why)
-                self.listener.send(node.peer, protocol.error(msg, "gone", f"{why}: no such pid"))
+                told = (
+                    f"{why}: host {here} has no such process; a node in another pid namespace "
+                    "(a container) needs a host name of its own"
+                )
+                self.listener.send(node.peer, protocol.error(msg, "gone", told))
                 continue
             kept.append((node, msg))
         self.joining = kept
@@ -395,7 +402,8 @@ class Scheduler:
         node.state = "exited" if left else "dead"
         log.warning("%s %s", node.id, why if left else f"is dead: {why}")
         self._excuse(node.id)
-        if shard < 0:
+        if shard < 0:  # (no role left: demoted, or dropped as a backup before)
+            self._write_cluster()
             return
         if not primary:
             self.shards.drop_backup(shard)
@@ -786,7 +794,6 @@ class Scheduler:
             # not told to stop (Ctrl-C, an unhandled error): its shard is served on as after
             # a death, not left waiting for a server that is gone
             self._server_died(node, "left while the job runs", left=True)
-            self._write_cluster()  # (also when it held no shard any more)
             return msg.reply()
         node.state = "exited"
         log.info("%s left", node.id)

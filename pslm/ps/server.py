@@ -44,7 +44,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -736,11 +738,8 @@ class Server:
             extra: dict[str, Any] = {"staleness": staleness, **mode}
             if read.scalars is not None:
                 extra["scalars"] = read.scalars
-            try:
-                self._send_params(read.peer, read.msg, read.selection, **extra)
-            except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
-                log.exception("answering a waiting %r failed", read.msg.op)
-                self._refuse(read.peer, read.msg, getattr(exc, "code", "internal"), str(exc))
+            send = partial(self._send_params, read.peer, read.msg, read.selection, **extra)
+            if not self._alone(read.peer, read.msg, send):
                 continue
             self.staleness_seen[staleness] = self.staleness_seen.get(staleness, 0) + 1
             self.read_up_to = max(self.read_up_to, read.clock)
@@ -829,20 +828,23 @@ class Server:
                 self.parked.append((peer, msg, min_version, selection))
                 continue
             read = {"synchronous": not asynchronous} if msg.op == "read" else {}
-            try:
-                self._send_params(peer, msg, selection, **read)
-            except Exception as exc:  # (checked on arrival: a bug's way out, for this one only)
-                log.exception("answering a parked %r failed", msg.op)
-                self._refuse(peer, msg, getattr(exc, "code", "internal"), str(exc))
+            self._alone(peer, msg, partial(self._send_params, peer, msg, selection, **read))
+
+    def _alone(self, peer: bytes, msg: Message, answer: Callable[[], None]) -> bool:
+        """Run ``answer`` (one of several replies due at once); if it fails, refuse ``msg``
+        alone, so that the others go on (requests are checked on arrival: a bug's way out).
+        Returns whether it was answered."""
+        try:
+            answer()
+        except Exception as exc:
+            log.exception("answering a %r failed", msg.op)
+            self._refuse(peer, msg, getattr(exc, "code", "internal"), str(exc))
+            return False
+        return True
 
     def _answer_alone(self, r: Reply, clock: Clock, **said: Any) -> None:
-        """``_answer``, or a refusal of this one reply if making it fails (checked on
-        arrival: a bug's way out), so that the others and the update go on."""
-        try:
-            self._answer(r, clock, **said)
-        except Exception as exc:
-            log.exception("answering a push failed")
-            self._refuse(r.peer, r.msg, getattr(exc, "code", "internal"), str(exc))
+        """``_answer``, or a refusal of this one reply (``_alone``): the update goes on."""
+        self._alone(r.peer, r.msg, lambda: self._answer(r, clock, **said))
 
     def _answer(self, r: Reply, clock: Clock, **said: Any) -> None:
         """A push's reply with the parameters after its clock's update: the version, the
