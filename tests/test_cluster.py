@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -468,8 +469,8 @@ def test_push_parts_are_checked_and_a_refused_part_changes_nothing(one_worker_cl
     seqs = iter(range(100))
 
     def part(name: str, keys: list[int], tensors: list[torch.Tensor], final: bool) -> None:
-        body = client.push_header(0, 1.0, reply_params=False)
-        body.update(keys=keys, final=final, seq=next(seqs))  # each part a new one
+        head = client.push_header(0, 1.0, reply_params=False)
+        body = replace(head, keys=keys, final=final, seq=next(seqs)).to_body()  # each a new part
         client.channel.request(
             f"server-{server[name]}", Message("push", body=body, tensors=tensors)
         )
@@ -503,8 +504,8 @@ def test_a_run_of_consecutive_chunks_travels_as_one_tensor(one_worker_cluster) -
     assert held == {0: ["a", "c"], 1: ["b", "d"]}  # largest first, least loaded, lower key
 
     def part(server: int, keys: list[int], runs: list[int], tensors: list[torch.Tensor]):
-        body = client.push_header(0, 1.0, reply_params=True)
-        body.update(keys=keys, runs=runs, final=True)
+        head = client.push_header(0, 1.0, reply_params=True)
+        body = replace(head, keys=keys, runs=runs, final=True).to_body()
         msg = Message("push", body=body, tensors=tensors)
         return client.channel.request(f"server-{server}", msg)
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +119,8 @@ def test_a_dead_workers_part_is_not_taken_for_the_new_holders_push(tmp_path) -> 
     with _cluster(tmp_path, 2) as (dead, heir):
         assert dead.keyspace is not None
         key = {dead.keyspace.tensors[c.tensor].name: c.key for c in dead.keyspace.chunks}
-        body = dead.push_header(0, 1.0, reply_params=True)
-        body.update(keys=[key["a"]], final=False, seq=0)
+        head = dead.push_header(0, 1.0, reply_params=True)
+        body = replace(head, keys=[key["a"]], final=False, seq=0).to_body()
         part = dead.channel.send(
             "server-0", Message("push", body=body, tensors=[torch.full((16,), 100.0)])
         )

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -35,6 +35,7 @@ from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
 from pslm.ps.layout import Expect, Plan, Slot, copy_run, gather, runs_of, signature, sq_norm
 from pslm.ps.leases import Leases
 from pslm.ps.optim import OptimizerConfig
+from pslm.ps.push import PushHeader, check_codecs
 from pslm.ps.shared import WorkerMemory
 from pslm.ps.steering import Steering
 from pslm.wire.codecs import ErrorFeedback, get_codec
@@ -71,16 +72,6 @@ class ClientConfig:
             raise ConfigError(str(exc)) from None
         if self.timeout <= 0 or self.register_timeout <= 0:
             raise ConfigError("timeouts must be positive")
-
-
-PULL_CODECS = ("none", "bf16", "fp16")
-
-
-def check_codecs(push: str, pull: str) -> str:
-    """The push codec's canonical name; ConfigError for an unknown push or pull codec."""
-    if pull not in PULL_CODECS:
-        raise ConfigError(f"pulls take {', '.join(PULL_CODECS)}, not {pull!r}")
-    return get_codec(push).name
 
 
 def scalars_for(server: int, scalars: Mapping[str, float] | None) -> dict[str, float]:
@@ -707,38 +698,36 @@ class PSClient:
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
         wanted = self.row_selection(rows)
-        body = self.push_header(clock, weight, reply_params=out is not None, share=share)
+        head = self.push_header(clock, weight, reply_params=out is not None, share=share)
         if self.clips_each_push:
-            body["sq_norm"] = sq_norm(grads)
+            head.sq_norm = sq_norm(grads)
         ids: dict[int, int] = {}
         expect: dict[int, Expect] = {}
         sent = 0
         shared: list[int] = []
         for s in range(self.num_servers):
-            mine = scalars_for(s, scalars)
-            extra: dict[str, Any] = {"scalars": mine} if mine else {}
+            mine = replace(head, scalars=scalars_for(s, scalars))
             memory = self.memory
             if out is not None and memory is not None and memory.ready(s):
                 sent += memory.stage(s, self._pack(grads, s))
                 memory.exchanges += 1
                 shared.append(s)
-                extra["shm"] = memory.segment.name
+                mine.shm = memory.segment.name
                 tensors = []
             else:
-                tensors = self._encode_dense(grads, s, body["share"])
+                tensors = self._encode_dense(grads, s, head.share)
             row_slots = self._layout[s][self._n_dense(s) :]
             row_tensors, row_expect = self.encode_rows(grads, row_slots, wanted)
-            if row_slots:
-                extra["row_keys"] = [slot.key for slot in row_slots]
+            mine.row_keys = [slot.key for slot in row_slots]
             tensors += row_tensors
             sent += sum(t.numel() * t.element_size() for t in tensors)
-            msg = Message("push", body={**body, **extra}, tensors=tensors)
+            msg = Message("push", body=mine.to_body(), tensors=tensors)
             rid = self.channel.send(f"server-{s}", msg)
             if out is None and self.consistency.kind == "bsp":  # acknowledged before applied
                 copy = Message("push", body=msg.body, tensors=[t.clone() for t in tensors])
                 self._retained.setdefault(s, []).append((clock, copy))
             ids[rid] = s
-            expect[rid] = Expect(pieces=True, rows=row_expect, shared="shm" in extra)
+            expect[rid] = Expect(pieces=True, rows=row_expect, shared=mine.shm is not None)
         if self.memory is not None:
             self.memory.busy.update(shared)
         return self._track(_Request(ids, expect, out, sent, tuple(shared)))
@@ -781,19 +770,19 @@ class PSClient:
         self.follow_servers()
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
-        body = self.push_header(clock, weight, reply_params=True, share=share)
+        head = self.push_header(clock, weight, reply_params=True, share=share)
         ids: dict[int, int] = {}
         parts: dict[int, int] = {}
         for s, messages in enumerate(plan.messages):
             mine = scalars_for(s, scalars)
             for i, (part, tensors, wire) in enumerate(messages):
-                fields = {**body, **part}
-                if mine and part.get("final", True):  # the scalars come with the last part
-                    fields["scalars"] = mine
-                msg = Message("push", body=fields, tensors=tensors, wire=wire)
+                this = head if part is None else head.with_part(part)
+                if part is None or part.final:  # the scalars come with the last part
+                    this = replace(this, scalars=mine)
+                msg = Message("push", body=this.to_body(), tensors=tensors, wire=wire)
                 rid = self.channel.send(f"server-{s}", msg)
                 ids[rid] = s
-                if part:
+                if part is not None:
                     parts[rid] = i
         return self._track(_Request(ids, {}, out, plan.nbytes, plan=plan, parts=parts))
 
@@ -808,19 +797,19 @@ class PSClient:
 
     def push_header(
         self, clock: int, weight: float, *, reply_params: bool, share: int | None = None
-    ) -> dict[str, Any]:
-        """The body fields every push message of this worker carries."""
+    ) -> PushHeader:
+        """What every push message of this worker for ``clock`` carries."""
         if share is not None and not 0 <= share < self.num_workers:
             raise ConfigError(f"share must lie in [0, {self.num_workers}), got {share}")
-        return {
-            "worker": self.rank,
-            "share": self.rank if share is None else share,
-            "clock": clock,
-            "weight": float(weight),
-            "reply_params": reply_params,
-            "codec": self.feedback.codec.name,
-            "pull_codec": self.pull_codec,
-        }
+        return PushHeader(
+            worker=self.rank,
+            share=self.rank if share is None else share,
+            clock=clock,
+            weight=float(weight),
+            reply_params=reply_params,
+            codec=self.feedback.codec.name,
+            pull_codec=self.pull_codec,
+        )
 
     def row_selection(
         self, rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from pslm.errors import ClusterError, ConfigError
 from pslm.ps.client import Completion, PSClient, scalars_for
 from pslm.ps.layout import Expect, Slot, sq_norm
+from pslm.ps.push import PushPart
 from pslm.wire.message import Message
 
 
@@ -153,15 +153,10 @@ class Exchange:
             raise ClusterError(f"the push for clock {self.clock} is already finished")
         self.client.check_tensors(grads, "push", full=True)
         rest = [b for b, done in enumerate(self.pushed) if not done]
-        extra: dict[str, Any] = {}
-        if self.client.clips_each_push:
-            extra["sq_norm"] = sq_norm(grads)  # the whole push is clipped by its own norm
+        # the whole push is clipped by its own norm
+        norm = sq_norm(grads) if self.client.clips_each_push else None
         for s in range(self.client.num_servers):
-            mine = dict(extra)
-            sent = scalars_for(s, scalars)
-            if sent:
-                mine["scalars"] = sent
-            self._send(s, rest, grads, final=True, extra=mine)
+            self._send(s, rest, grads, final=True, sq=norm, scalars=scalars_for(s, scalars))
         self.pushed = [True] * len(self.plan)
         self.finished = True
 
@@ -202,7 +197,8 @@ class Exchange:
         grads: Mapping[str, torch.Tensor],
         *,
         final: bool,
-        extra: dict[str, Any] | None = None,
+        sq: float | None = None,
+        scalars: dict[str, float] | None = None,
     ) -> None:
         mine = [
             b
@@ -221,22 +217,24 @@ class Exchange:
         tensors = self.client.encode_runs(grads, runs, share)
         row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
         params = bool(mine)
-        body = self.client.push_header(
+        head = self.client.push_header(
             self.clock, self.weight, reply_params=params, share=self.share
+        ).with_part(
+            PushPart(
+                keys=[slot.key for slot in dense],
+                runs=[len(run) for run in runs],
+                seq=self.seq[server],
+                final=final,
+                priority=min((self.plan.buckets[b].priority for b in mine), default=0),
+            )
         )
-        body.update(
-            keys=[slot.key for slot in dense],
-            runs=[len(run) for run in runs],
-            row_keys=[slot.key for slot in row_slots],
-            final=final,
-            seq=self.seq[server],
-            priority=min((self.plan.buckets[b].priority for b in mine), default=0),
-            **(extra or {}),
-        )
+        head.row_keys = [slot.key for slot in row_slots]
+        head.sq_norm = sq
+        head.scalars = scalars or {}
         tensors += row_tensors
         self.seq[server] += 1
         rid = self.client.channel.send(
-            f"server-{server}", Message("push", body=body, tensors=tensors)
+            f"server-{server}", Message("push", body=head.to_body(), tensors=tensors)
         )
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
         self.sent[rid] = _Sent(server, Expect(runs=runs, rows=row_expect), params)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pslm.errors import ProtocolError
+from pslm.ps.push import PushPart
 from pslm.wire.message import Message, encode_tensors
 
 PART_BYTES = 16 << 20
@@ -159,8 +160,8 @@ class Plan:
 
     key: list[tuple[Any, ...]]
     pushes: list[list[torch.Tensor]]
-    messages: list[list[tuple[dict[str, Any], list[torch.Tensor], Any]]]
-    """Each server's push messages: (body fields of the part, or none for a whole push;
+    messages: list[list[tuple[PushPart | None, list[torch.Tensor], Any]]]
+    """Each server's push messages: (which part of the push it is, or None for a whole push;
     tensors; the tensors encoded once, ``Message.wire``)."""
     parts: list[list[tuple[int, int]]]
     """Each server's messages as ranges [a, b) of its pieces."""
@@ -181,7 +182,7 @@ class Plan:
         layout, or tensors of one chunk each); both must hold every dense tensor."""
         pushes: list[list[torch.Tensor]] = []
         fills: list[list[torch.Tensor]] = []
-        messages: list[list[tuple[dict[str, Any], list[torch.Tensor], Any]]] = []
+        messages: list[list[tuple[PushPart | None, list[torch.Tensor], Any]]] = []
         parts: list[list[tuple[int, int]]] = []
         for slots, mine in zip(layout, pieces, strict=True):
             pushes.append([])
@@ -194,18 +195,18 @@ class Plan:
                 fills[-1].append(o)
             groups = _parts(fills[-1])
             if len(groups) <= 1:  # (a server without dense chunks still hears the push)
-                messages.append([({}, pushes[-1], encode_tensors(pushes[-1]))])
+                messages.append([(None, pushes[-1], encode_tensors(pushes[-1]))])
                 parts.append(groups)
                 continue
             messages.append([])
             for i, (a, b) in enumerate(groups):
-                part = {
-                    "keys": [slot.key for lo, hi in mine[a:b] for slot in slots[lo:hi]],
-                    "runs": [hi - lo for lo, hi in mine[a:b]],  # a piece is a run of chunks
-                    "seq": i,
-                    "final": i == len(groups) - 1,
-                    "priority": i,
-                }
+                part = PushPart(
+                    keys=[slot.key for lo, hi in mine[a:b] for slot in slots[lo:hi]],
+                    runs=[hi - lo for lo, hi in mine[a:b]],  # a piece is a run of chunks
+                    seq=i,
+                    final=i == len(groups) - 1,
+                    priority=i,
+                )
                 tensors = pushes[-1][a:b]
                 messages[-1].append((part, tensors, encode_tensors(tensors)))
             parts.append(groups)

@@ -1,6 +1,7 @@
 """What a push message carries, checked and decoded, and what a reply selects.
 
-    part = decode_part(msg, store)          # ProtocolError / RefusedError if malformed
+    head = PushHeader.decode(msg, num_workers)   # ProtocolError if a field is malformed
+    part = decode_part(head, msg.tensors, store)  # RefusedError if the tensors are
     pending = PendingPush.start(clock, weight, store, worker)
     pending.check(part); pending.add(part)  # check first: a refused part changes nothing
     if pending.complete: ...                # every chunk arrived and the final part with them
@@ -32,8 +33,8 @@ from typing import Any
 
 import torch
 
-from pslm.errors import ProtocolError, RefusedError
-from pslm.ps import protocol
+from pslm.errors import RefusedError
+from pslm.ps.push import PushHeader
 from pslm.ps.shard import Grad, ShardStore
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import Message
@@ -95,29 +96,25 @@ class Part:
     """The worker's squared gradient norm (SSP/ASP with clipping; final parts)."""
 
 
-def decode_part(msg: Message, store: ShardStore) -> Part:
-    """Check and decode a push message's tensors; nothing is copied that need not be."""
-    keys = protocol.field(msg, "keys", (list, type(None)), None)
-    row_keys = protocol.field(msg, "row_keys", list, [])
-    final = protocol.field(msg, "final", bool, True)
-    priority = protocol.field(msg, "priority", int, 0)
-    raw_sq = protocol.field(msg, "sq_norm", (int, float, type(None)), None)
-    codec = get_codec(protocol.field(msg, "codec", str, "none"))
+def decode_part(head: PushHeader, t: list[torch.Tensor], store: ShardStore) -> Part:
+    """Check and decode the tensors ``t`` of a push message with header ``head``; nothing is
+    copied that need not be."""
+    keys = head.keys
+    codec = get_codec(head.codec)
     dense_pos = list(range(store.n_dense)) if keys is None else _positions(keys, store, dense=True)
-    row_pos = _positions(row_keys, store, dense=False)
+    row_pos = _positions(head.row_keys, store, dense=False)
     whole = keys is None and codec.elementwise
     # what each group of codec.parts tensors carries: pieces, or runs of chunks
-    spans = [(p, p + 1) for p in dense_pos] if keys is None else _spans(msg, dense_pos, codec)
+    spans = [(p, p + 1) for p in dense_pos] if keys is None else _spans(head, dense_pos, codec)
     n_units = len(store.keyspace.pieces(store.server)) if whole else len(spans)
     n_dense = n_units * codec.parts
-    if len(msg.tensors) != n_dense + ROW_TENSORS * len(row_pos):
+    if len(t) != n_dense + ROW_TENSORS * len(row_pos):
         raise RefusedError(
-            f"push has {len(msg.tensors)} tensors; {n_units} "
+            f"push has {len(t)} tensors; {n_units} "
             f"{'pieces' if whole else 'chunks'} in {codec.name} and {len(row_pos)} row chunks "
             f"take {n_dense + ROW_TENSORS * len(row_pos)}",
             code="bad_shape",
         )
-    t = msg.tensors
     n = codec.parts
     if whole:
         sizes = [x.numel() for x in store.packed[:n_units]]
@@ -140,16 +137,13 @@ def decode_part(msg: Message, store: ShardStore) -> Part:
         rows, values, want = t[n_dense + ROW_TENSORS * j : n_dense + ROW_TENSORS * (j + 1)]
         grads.append(store.row_grad(rows, values, pos))
         reply.rows.append((pos, store.check_rows(want, pos, "push")))
-    sq = None if raw_sq is None else float(raw_sq)
-    if sq is not None and not sq >= 0:  # nan or negative
-        raise ProtocolError(f"push: sq_norm must be >= 0, got {sq}")
-    return Part(dense_pos + row_pos, grads, reply, final, priority, sq)
+    return Part(dense_pos + row_pos, grads, reply, head.final, head.priority, head.sq_norm)
 
 
-def _spans(msg: Message, positions: list[int], codec: Codec) -> list[tuple[int, int]]:
+def _spans(head: PushHeader, positions: list[int], codec: Codec) -> list[tuple[int, int]]:
     """The runs of a keyed part as [lo, hi) shard positions; refused unless each run's chunks
     are consecutive (and runs longer than one chunk go with an elementwise codec)."""
-    runs = protocol.field(msg, "runs", list, None)
+    runs = head.runs
     if runs is None:
         return [(p, p + 1) for p in positions]
     if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in runs) or sum(

@@ -107,7 +107,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pslm.errors import ProtocolError
+from pslm.errors import ProtocolError, RefusedError
 from pslm.wire.message import Message
 
 ROLES = ("server", "worker")
@@ -152,6 +152,17 @@ def scalars(raw: dict[str, Any]) -> dict[str, float]:
             raise ProtocolError(f"scalar {name!r} is not a number")
         out[name] = float(value)
     return out
+
+
+PULL_CODECS = ("none", "bf16", "fp16")
+"""The codecs replies of parameters may be encoded with (``pslm.wire.codecs``: casts)."""
+
+
+def pull_codec(name: str) -> str:
+    """``name`` if pulls take that codec; RefusedError (``bad_codec``) if not."""
+    if name not in PULL_CODECS:
+        raise RefusedError(f"pulls take {', '.join(PULL_CODECS)}, not {name!r}", code="bad_codec")
+    return name
 
 
 def ints(raw: list[Any], limit: int = 1 << 16) -> list[int]:

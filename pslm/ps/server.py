@@ -42,7 +42,6 @@ never sees a half-updated chunk.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from pslm.ps.control import Heartbeat, Membership, Table, register
 from pslm.ps.keyspace import KeySpace
 from pslm.ps.optim import OptimizerConfig
 from pslm.ps.parts import Part, PendingPush, Reply, Selection, decode_part
+from pslm.ps.push import PushHeader
 from pslm.ps.replica import (
     BackupLink,
     Snapshot,
@@ -399,34 +399,27 @@ class Server:
     def _push(self, peer: bytes, msg: Message) -> None:
         """A push, or one part of it (``pslm.ps.parts``); applied once complete."""
         store = self._store()
-        worker = self._worker(msg)
-        msg = self.shared.push(msg, worker, store)
-        share = self._share(msg, worker)
-        clock = protocol.field(msg, "clock", int)
-        weight = float(protocol.field(msg, "weight", (int, float), 1.0))
-        with_params = protocol.field(msg, "reply_params", bool, False)
-        if not (weight > 0 and math.isfinite(weight)):
-            raise ProtocolError(f"push: weight must be a positive number, got {weight}")
-        _pull_codec(msg)  # refuse a bad one now, not after the update
-        scalars = protocol.scalars(protocol.field(msg, "scalars", dict, {}))
-        seq = protocol.field(msg, "seq", int, 0)
-        part = decode_part(msg, store)
-        if self._replayed(peer, msg, share, worker, clock, seq, part):
+        assert self.me is not None
+        head = PushHeader.decode(msg, self.me.num_workers)
+        share, worker, clock = head.share, head.worker, head.clock
+        tensors = self.shared.push(head, msg.tensors, store)
+        part = decode_part(head, tensors, store)
+        if self._replayed(peer, msg, head, part):
             return
         self._check_clock(share, clock)
         pending = self.incoming.get(share)
         if pending is not None and pending.worker != worker:
             self._discard(share, pending, worker)
             pending = None
-        pending = pending or PendingPush.start(clock, weight, store, worker)
+        pending = pending or PendingPush.start(clock, head.weight, store, worker)
         pending.check(part)
-        steered = IN_FORCE in scalars  # its own settings say whether it is clipped
+        steered = IN_FORCE in head.scalars  # its own settings say whether it is clipped
         if part.final and self.consistency.asynchronous and store.optimizer.clip_norm > 0:
             if pending.sq_norm is None and part.sq_norm is None and not steered:
                 raise ProtocolError("push: sq_norm is needed with clipping under SSP/ASP")
-        pending.add(part, scalars)
-        pending.seqs.add(seq)
-        if with_params:
+        pending.add(part, head.scalars)
+        pending.seqs.add(head.seq)
+        if head.reply_params:
             pending.replies.append(Reply(part.priority, peer, msg, part.reply))
         elif self.consistency.asynchronous:  # once applied, on the backup too (_push_now)
             pending.acks.append((peer, msg))
@@ -456,15 +449,13 @@ class Server:
             self.listener.send(peer, protocol.error(msg, "superseded", why))
         del self.incoming[share]
 
-    def _replayed(
-        self, peer: bytes, msg: Message, share: int, worker: int, clock: int, seq: int, part: Part
-    ) -> bool:
+    def _replayed(self, peer: bytes, msg: Message, head: PushHeader, part: Part) -> bool:
         """Answer a message of a push this server has already taken - a client retrying after
         a timeout, a replay, or the new holder of a dead worker's share pushing what that
         worker had pushed whole - without taking it again (exactly once). False if new (a
         part is the same only from the same worker: the new holder's parts are its own)."""
         store = self._store()
-        with_params = bool(msg.body.get("reply_params"))
+        share, worker, clock, with_params = head.share, head.worker, head.clock, head.reply_params
         due = self.gate.clocks[share] if self.consistency.asynchronous else store.version
         pending = self.incoming.get(share)
         if clock < due:  # applied already
@@ -487,27 +478,30 @@ class Server:
         elif not self.consistency.asynchronous and share in self.clock.pushes:
             if clock != store.version:
                 return False  # too early: refused as such
-            self._hold_or_ack(peer, msg, part, self.after_update)  # waits with the others
+            self._hold_or_ack(peer, msg, head, part, self.after_update)  # waits with the others
         elif pending is not None and (pending.clock, pending.worker) == (clock, worker):
-            if seq not in pending.seqs:
+            if head.seq not in pending.seqs:
                 return False
             acks = pending.acks if self.consistency.asynchronous else None
-            self._hold_or_ack(peer, msg, part, pending.replies, acks)
+            self._hold_or_ack(peer, msg, head, part, pending.replies, acks)
         else:
             return False
-        log.info("share %d's push for clock %d (part %d) again: not taken twice", share, clock, seq)
+        log.info(
+            "share %d's push for clock %d (part %d) again: not taken twice", share, clock, head.seq
+        )
         return True
 
     def _hold_or_ack(
         self,
         peer: bytes,
         msg: Message,
+        head: PushHeader,
         part: Part,
         replies: list[Reply],
         acks: list[tuple[bytes, Message]] | None = None,
     ) -> None:
         """A repeated message: answered with the others (``acks``: acknowledged with them)."""
-        if msg.body.get("reply_params"):
+        if head.reply_params:
             replies.append(Reply(part.priority, peer, msg, part.reply))
         elif acks is not None:
             acks.append((peer, msg))
@@ -1114,14 +1108,6 @@ class Server:
             )
         return self.store
 
-    def _share(self, msg: Message, worker: int) -> int:
-        """The share a push is for (default: the pushing worker's own)."""
-        assert self.me is not None
-        share = protocol.field(msg, "share", int, worker)
-        if not 0 <= share < self.me.num_workers:
-            raise ProtocolError(f"{msg.op}: share {share} is not in [0, {self.me.num_workers})")
-        return share
-
     def _worker(self, msg: Message) -> int:
         assert self.me is not None
         worker = protocol.field(msg, "worker", int)
@@ -1140,14 +1126,8 @@ class Server:
             log.debug("could not say goodbye to the scheduler: %s", exc)
 
 
-PULL_CODECS = ("none", "bf16", "fp16")
-
-
 def _pull_codec(msg: Message) -> Codec:
-    name = protocol.field(msg, "pull_codec", str, "none")
-    if name not in PULL_CODECS:
-        raise RefusedError(f"pulls take {', '.join(PULL_CODECS)}, not {name!r}", code="bad_codec")
-    return get_codec(name)
+    return get_codec(protocol.pull_codec(protocol.field(msg, "pull_codec", str, "none")))
 
 
 def shard_file(rank: int, num_servers: int) -> str:

@@ -7,7 +7,7 @@
 
     paths = SharedPaths()                                          # the server's side
     paths.attach(msg, worker, store)         # map the worker's segment (RefusedError if it is off)
-    msg = paths.push(msg, worker, store)     # a push whose dense pieces are in the segment
+    tensors = paths.push(head, msg.tensors, store)   # a push's dense pieces from the segment
     tensors, shm = paths.reply(msg, store, tensors)   # write the values there, send the rest
 
 A worker's segment holds, for each server on its machine, a gradient region and an inbox, each
@@ -36,6 +36,7 @@ import torch
 from pslm.errors import ProtocolError, RefusedError
 from pslm.ps import protocol
 from pslm.ps.keyspace import KeySpace
+from pslm.ps.push import PushHeader
 from pslm.ps.shard import ShardStore
 from pslm.wire.message import Message
 from pslm.wire.shm import Segment, attach
@@ -163,23 +164,25 @@ class SharedPaths:
         )
         return msg.reply()
 
-    def push(self, msg: Message, worker: int, store: ShardStore) -> Message:
-        """``msg`` with its dense pieces read from ``worker``'s segment, if marked ``shm``
-        (with the segment's name)."""
-        if "shm" not in msg.body:
-            return msg
-        mapped = self._mapped(msg, worker)
-        if mapped is None:
+    def push(
+        self, head: PushHeader, tensors: list[torch.Tensor], store: ShardStore
+    ) -> list[torch.Tensor]:
+        """The tensors of a push: with its dense pieces read from the worker's segment first,
+        if its header names one (``shm``)."""
+        if head.shm is None:
+            return tensors
+        mapped = self.by_worker.get(head.worker)
+        if mapped is None or mapped.name != head.shm:
             raise RefusedError(
-                f"push: worker {worker} has no shared memory on this server", code="no_shm"
+                f"push: worker {head.worker} has no shared memory on this server", code="no_shm"
             )
-        if protocol.field(msg, "keys", (list, type(None)), None) is not None:
+        if head.keys is not None:
             raise RefusedError("push: shm carries all dense chunks, without keys", code="no_shm")
-        if protocol.field(msg, "codec", str, "none") != "none":
+        if head.codec != "none":
             raise RefusedError("push: shm carries fp32 gradients only", code="no_shm")
-        if protocol.field(msg, "pull_codec", str, "none") != "none":
+        if head.pull_codec != "none":
             raise RefusedError("push: shm replies carry fp32 values only", code="no_shm")
-        return Message(msg.op, id=msg.id, body=msg.body, tensors=mapped.grad + msg.tensors)
+        return mapped.grad + tensors
 
     def reply(
         self, msg: Message, store: ShardStore, tensors: list[torch.Tensor]
