@@ -59,7 +59,7 @@ def _security(args: argparse.Namespace) -> Any:
 
 
 def _role_setup(role: str, args: argparse.Namespace, *, threads: bool = True) -> None:
-    from pslm.ps.launch import supervise_self
+    from pslm.ps.launch.local import supervise_self
     from pslm.wire import auth
     from pslm.wire.transport import tune_allocator
 
@@ -111,7 +111,7 @@ def _attach(args: argparse.Namespace, run: str | None) -> str:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from pslm.ps.steering import parse_assignments
+    from pslm.ps.core.steering import parse_assignments
     from pslm.wire.message import Message
     from pslm.wire.transport import Channel
 
@@ -209,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _scheduler(args: argparse.Namespace) -> int:
-    from pslm.ps.scheduler import Scheduler, SchedulerConfig
+    from pslm.ps.control.scheduler import Scheduler, SchedulerConfig
 
     cfg = SchedulerConfig(
         num_workers=_require(args.num_workers, "--num-workers", "PSLM_NUM_WORKERS"),
@@ -229,7 +229,7 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from pslm.ps.server import Server, ServerConfig
+    from pslm.ps.server.loop import Server, ServerConfig
 
     cfg = ServerConfig(
         scheduler=_require(args.scheduler, "--scheduler", "PSLM_SCHEDULER"),
@@ -243,8 +243,8 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from pslm.ps.client import ClientConfig
-    from pslm.ps.launch import run_worker
+    from pslm.ps.client.client import ClientConfig
+    from pslm.ps.launch.local import run_worker
 
     try:
         kwargs = json.loads(args.args)
@@ -318,7 +318,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pslm.ps.client import ClientConfig
+    from pslm.ps.client.client import ClientConfig
     from pslm.train.config import TrainConfig, load_config
     from pslm.train.role import worker
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from pslm.errors import ConfigError
-from pslm.ps.client import PSClient
-from pslm.ps.launch import LaunchConfig, LocalCluster
-from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.client.client import PSClient
+from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 
 IN, HIDDEN, OUT = 32, 128, 4
 

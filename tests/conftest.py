@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pslm.ps.launch import LaunchConfig
+from pslm.ps.launch.local import LaunchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

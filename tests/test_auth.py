@@ -11,9 +11,9 @@ import torch
 import zmq
 
 from pslm.errors import RequestTimeout, TransportError
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import LocalCluster
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import LocalCluster
 from pslm.wire import auth
 from pslm.wire.auth import MIN_SECRET, Security
 from pslm.wire.message import Message

@@ -8,9 +8,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import LocalCluster
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import LocalCluster
 from pslm.wire import auth
 from pslm.wire.message import Message, decode, encode
 from tests.conftest import launch_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pslm.ps.layout import Plan, Slot, span_of
+from pslm.ps.client.layout import Plan, Slot, span_of
 
 
 def test_back_to_back_chunks_are_spanned_without_copies() -> None:

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pslm.errors import ConfigError, RefusedError, RequestTimeout
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import LocalCluster
-from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.launch.local import LocalCluster
 from tests.conftest import launch_config
 from tests.models import global_batch, loss_of, make_model
 
@@ -347,9 +347,9 @@ def test_a_large_planned_push_pull_travels_in_parts(one_worker_cluster, monkeypa
     """Over PART_BYTES of dense chunks to one server, a planned push_pull sends its pieces in
     parts; each part's reply comes as soon as its chunks are updated and fills its spans of
     ``out``. The result is the whole update, and the same clock pushed again is taken once."""
-    import pslm.ps.layout
+    import pslm.ps.client.layout
 
-    monkeypatch.setattr(pslm.ps.layout, "PART_BYTES", 1_000)  # parts of about 1 kB
+    monkeypatch.setattr(pslm.ps.client.layout, "PART_BYTES", 1_000)  # parts of about 1 kB
     client = _client(one_worker_cluster)
     shapes = {"w": (20, 20), "v": (30,), "b": (30,), "u": (10, 40), "x": (300,), "t": (700,)}
     client.init(
@@ -522,7 +522,7 @@ def test_a_run_of_consecutive_chunks_travels_as_one_tensor(one_worker_cluster) -
 def test_pushes_sent_twice_are_applied_once(one_worker_cluster) -> None:
     """A client may send a push again (after a timeout): the server answers it as it answered
     the first time and does not apply it twice; parts likewise."""
-    from pslm.ps.exchange import BucketPlan, Exchange
+    from pslm.ps.client.exchange import BucketPlan, Exchange
     from pslm.wire.message import Message
 
     client = _client(one_worker_cluster)

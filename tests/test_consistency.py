@@ -12,7 +12,7 @@ import pytest
 
 from pslm.bench.consistency import clock_bound, straggler_bounds
 from pslm.errors import ConfigError
-from pslm.ps.consistency import Consistency, StalenessGate
+from pslm.ps.core.consistency import Consistency, StalenessGate
 from tests.test_train import pslm
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pslm.ps.leases import NOBODY, ShareLeases
+from pslm.ps.control.leases import NOBODY, ShareLeases
 from tests.conftest import REPO
 from tests.test_train import CONFIG, _story, _wait_for, metrics, pslm
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pslm.errors import ConfigError
-from pslm.ps.keyspace import PIECE_BYTES, SMALL_CHUNK, KeySpace, pack_pieces
+from pslm.ps.core.keyspace import PIECE_BYTES, SMALL_CHUNK, KeySpace, pack_pieces
 
 shapes = st.lists(
     st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple), min_size=1, max_size=12

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pslm.errors import LaunchError
-from pslm.ps.launch import LocalCluster
+from pslm.ps.launch.local import LocalCluster
 from tests.conftest import REPO, alive, launch_config
 
 

@@ -1,4 +1,5 @@
-"""The layering rules of DESIGN.md: imports only point downward."""
+"""The layering rules of DESIGN.md: imports only point downward, between packages and between
+the planes of ``pslm/ps`` (REDESIGN.md)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,30 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+# the planes of pslm/ps: which parts of pslm each may import (``ps.X``: a plane, or
+# ``ps.X.Y``: one module of it); top-level packages other than ps as in ALLOWED
+PLANES = {
+    "core": {"errors", "wire", "ps.core"},
+    "control": {"errors", "wire", "ps.core", "ps.control"},
+    "server": {"errors", "wire", "ps.core", "ps.control.node", "ps.control.table", "ps.server"},
+    "client": {
+        "errors",
+        "wire",
+        "ps.core",
+        "ps.control.node",
+        "ps.control.table",
+        "ps.control.leases",
+        "ps.client",
+    },
+    "launch": {"errors", "wire", "ps.core", "ps.control", "ps.client", "ps.launch"},
+}
+
+
+def _allowed(name: str, rules: set[str]) -> bool:
+    """Whether ``pslm.<name>`` (dotted, without ``pslm.``) falls under one of ``rules``."""
+    return any(name == r or name.startswith(r + ".") for r in rules)
+
+
 def _modules(layer: str) -> list[Path]:
     return sorted((PKG / layer).rglob("*.py"))
 
@@ -44,6 +69,21 @@ def test_layers_import_only_downward(layer: str) -> None:
                 assert parts[1] in ALLOWED[layer], f"{path.relative_to(PKG)} imports {name}"
 
 
+@pytest.mark.parametrize("plane", sorted(PLANES))
+def test_planes_of_ps_import_only_what_their_rules_allow(plane: str) -> None:
+    for path in _modules(f"ps/{plane}"):
+        for name in _imports(path):
+            if not name.startswith("pslm."):
+                continue
+            ok = _allowed(name.removeprefix("pslm."), PLANES[plane])
+            assert ok, f"{path.relative_to(PKG)} imports {name} (not in {sorted(PLANES[plane])})"
+
+
+def test_every_module_of_ps_lies_in_a_plane() -> None:
+    loose = {p.name for p in (PKG / "ps").glob("*.py")} - {"__init__.py", "plan.py"}
+    assert not loose, f"pslm/ps/{sorted(loose)} belong in one of {sorted(PLANES)}"
+
+
 @pytest.mark.parametrize("layer", ["wire", "ps"])
 def test_wire_and_ps_know_tensors_not_modules(layer: str) -> None:
     for path in _modules(layer):
@@ -52,5 +92,5 @@ def test_wire_and_ps_know_tensors_not_modules(layer: str) -> None:
 
 
 def test_scheduler_starts_without_torch() -> None:
-    code = "import sys, pslm.ps.scheduler, pslm.cli; sys.exit('torch' in sys.modules)"
+    code = "import sys, pslm.ps.control.scheduler, pslm.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pslm.errors import ConfigError, RefusedError
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig, ScheduleConfig
-from pslm.ps.shard import RowGrad, ShardStore, clip_coef
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.server.shard import RowGrad, ShardStore, clip_coef
 
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "ln": (3,)}
 

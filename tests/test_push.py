@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pslm.errors import ConfigError, ProtocolError, RefusedError
-from pslm.ps.push import PushHeader, PushPart, check_codecs
+from pslm.ps.core.push import PushHeader, PushPart, check_codecs
 from pslm.wire.message import Message, decode, encode
 
 FULL = PushHeader(

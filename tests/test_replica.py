@@ -7,11 +7,18 @@ import pytest
 import torch
 
 from pslm.errors import ProtocolError, RefusedError
-from pslm.ps.consistency import Consistency
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.replica import Snapshot, Update, read_sync, read_update, sync_message, update_message
-from pslm.ps.shard import RowGrad, ShardStore
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.server.replica import (
+    Snapshot,
+    Update,
+    read_sync,
+    read_update,
+    sync_message,
+    update_message,
+)
+from pslm.ps.server.shard import RowGrad, ShardStore
 from pslm.wire.message import Message, decode, encode
 
 ADAMW = OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, clip_norm=1.0)

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 from pslm.errors import RefusedError
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import Child, LocalCluster
-from pslm.ps.leases import Leases
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.control.leases import Leases
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import Child, LocalCluster
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
 from tests.conftest import launch_config

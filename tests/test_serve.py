@@ -1,5 +1,5 @@
 """pslm serve: the HTTP API (in-process and as a real process on 127.0.0.1), and reading a live
-cluster's parameters (``pslm.ps.reader``) while it trains."""
+cluster's parameters (``pslm.ps.client.reader``) while it trains."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pslm.lm.classifier import GPTClassifier
 from pslm.lm.generate import generate
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import train_tokenizer
-from pslm.ps.launch import LocalCluster
-from pslm.ps.reader import ParameterReader
+from pslm.ps.client.reader import ParameterReader
+from pslm.ps.launch.local import LocalCluster
 from pslm.serve.app import Limits, chat_prompt, create_app
 from pslm.serve.model import Follower, ServedModel, State
 from tests.conftest import REPO, launch_config

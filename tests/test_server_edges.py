@@ -20,17 +20,17 @@ import pytest
 import torch
 
 from pslm.errors import RefusedError, RequestTimeout, ShardFailed
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.consistency import Consistency
-from pslm.ps.control import Membership
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.launch import LocalCluster
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.parts import Selection
-from pslm.ps.replica import Update as ReplicaUpdate
-from pslm.ps.replica import update_message
-from pslm.ps.server import Server, ServerConfig, _Read
-from pslm.ps.shard import ShardStore, Update, clip_coef
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.control.node import Membership
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import LocalCluster
+from pslm.ps.server.intake import Selection
+from pslm.ps.server.loop import Server, ServerConfig, _Read
+from pslm.ps.server.replica import Update as ReplicaUpdate
+from pslm.ps.server.replica import update_message
+from pslm.ps.server.shard import ShardStore, Update, clip_coef
 from pslm.wire.message import Message
 from tests.conftest import launch_config
 
@@ -71,7 +71,7 @@ def _zeros() -> dict[str, torch.Tensor]:
 
 
 def _read(client: PSClient, **body: Any) -> int:
-    """Send a reader's ``read`` of every chunk of server 0 (as ``pslm.ps.reader`` does)."""
+    """Send a reader's ``read`` of every chunk of server 0 (as ``pslm.ps.client.reader`` does)."""
     assert client.keyspace is not None
     keys = [c.key for c in client.keyspace.shard(0)]
     return client.channel.send("server-0", Message("read", body={"keys": keys, **body}))

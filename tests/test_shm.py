@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from pslm.errors import ProtocolError
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import LocalCluster
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import LocalCluster
 from pslm.wire.shm import Segment, attach, boot_id
 from tests.conftest import launch_config
 

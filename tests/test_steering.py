@@ -14,9 +14,9 @@ import pytest
 from safetensors.torch import load_file
 
 from pslm.errors import ConfigError
-from pslm.ps.optim import OptimizerConfig, ScheduleConfig
-from pslm.ps.server import Clock, _mean_scalars
-from pslm.ps.steering import KNOWN, Steering, SteeringLog, parse_assignments
+from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.core.steering import KNOWN, Steering, SteeringLog, parse_assignments
+from pslm.ps.server.loop import Clock, _mean_scalars
 from tests.test_train import pslm, start_run
 
 

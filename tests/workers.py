@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from pslm.ps.client import PSClient
-from pslm.ps.exchange import BucketPlan, Exchange
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import PSClient
+from pslm.ps.client.exchange import BucketPlan, Exchange
+from pslm.ps.core.optim import OptimizerConfig
 from tests.models import global_batch, loss_of, make_model
 
 
@@ -31,7 +31,7 @@ def train(
 ) -> None:
     """BSP training on this worker's slice of each global batch; saves the final parameters.
 
-    ``overlap``: each step's exchange goes in parts (``pslm.ps.exchange``), bucket by bucket.
+    ``overlap``: each step's exchange goes in parts (``pslm.ps.client.exchange``), bucket by bucket.
     ``rows``: the token embedding ``tok.weight`` is a row tensor. ``shm``: push_pull through
     shared memory (``PSClient.init``).
     """
@@ -115,7 +115,7 @@ def idle(client: PSClient, *, steps: int) -> None:
 def steady(client: PSClient, *, steps: int, numel: int, consistency: str = "bsp") -> None:
     """Every parameter equals minus the number of updates applied: SGD with lr 1 on
     gradients of ones, in small chunks spread over the servers (for readers' tests)."""
-    from pslm.ps.consistency import Consistency
+    from pslm.ps.core.consistency import Consistency
 
     data = {"a": torch.zeros(numel), "b": torch.zeros(numel)}
     mode = Consistency.parse(consistency)

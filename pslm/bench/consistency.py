@@ -38,7 +38,7 @@ from typing import Any
 from pslm.errors import ConfigError
 from pslm.lm.corpus import load_corpus
 from pslm.lm.data import PreparedData, prepare
-from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.train.config import TrainConfig, TrainSection
 
 MODES = ("bsp", "bsp+overlap", "ssp:1", "ssp:3", "asp", "local:4")

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.shard import ShardStore, clip_coef
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.server.shard import ShardStore, clip_coef
 
 SIZES = {"0.8M": 800_000, "26M": 26_214_400}  # the tiny GPT's size; 100 MiB of fp32
 CASES = [("1 push", 1, 0.0), ("2 pushes", 2, 0.0), ("1 push + clip", 1, 1.0)]

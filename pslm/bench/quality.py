@@ -27,7 +27,7 @@ from pslm.errors import ConfigError
 from pslm.lm.corpus import load_corpus
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, prepare
 from pslm.lm.model import GPT
-from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.train.config import TrainConfig, load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shakespeare-char.toml"

@@ -40,7 +40,7 @@ from pslm.lm.checkpoint import write_run_model
 from pslm.lm.data import GlobalBatches, PreparedData, get_batch, worker_slice
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import CharTokenizer
-from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.train.config import TrainConfig
 
 VOCAB, BLOCK, PER_WORKER = 65, 64, 12

@@ -29,7 +29,7 @@ pslm secure: the same push_pull on a cluster started with ``secure`` (ZeroMQ CUR
 encrypted), to show what encryption costs.
 
 pslm shm: the same push_pull through shared memory (``PSClient.init``'s default when worker and
-servers share a machine, ``pslm.ps.shared``), to show what the same-machine path saves.
+servers share a machine, ``pslm.ps.client.shm``), to show what the same-machine path saves.
 
 CPU: ``*_cpu_ms`` is the CPU time (user and system, every thread) that this process and the
 peers, or the servers, use together per step of a contender, read from ``/proc`` (Linux);
@@ -55,9 +55,9 @@ from typing import Any
 import torch
 import zmq
 
-from pslm.ps.client import ClientConfig, PSClient
-from pslm.ps.launch import LaunchConfig, LocalCluster
-from pslm.ps.optim import OptimizerConfig
+from pslm.ps.client.client import ClientConfig, PSClient
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.wire.frames import tensor_to_frames
 
 SIZES = {"3MiB": 3 << 20, "100MiB": 100 << 20}

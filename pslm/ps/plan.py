@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pslm.errors import ConfigError
-from pslm.ps.consistency import Consistency
+from pslm.ps.core.consistency import Consistency
 
 CODEC_BYTES = {"none": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0}
 

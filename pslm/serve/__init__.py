@@ -125,7 +125,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _run_dir_of(scheduler: str) -> str:
     """The run directory the cluster's scheduler writes (for its tokenizer and model)."""
-    from pslm.ps.reader import ParameterReader
+    from pslm.ps.client.reader import ParameterReader
 
     with ParameterReader(scheduler, timeout=10.0) as reader:
         run_dir = str(reader.status().get("run_dir") or "")

@@ -27,8 +27,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pslm.errors import ConfigError, PSLMError
-from pslm.ps.reader import SchedulerLink
-from pslm.ps.steering import Steering
+from pslm.ps.client.reader import SchedulerLink
+from pslm.ps.core.steering import Steering
 
 MAX_RECORDS = 5000
 

@@ -27,7 +27,7 @@ from pslm.lm.checkpoint import assemble, load_classifier, load_model, read_run_m
 from pslm.lm.classifier import GPTClassifier
 from pslm.lm.model import GPT
 from pslm.lm.tokenizer import Tokenizer, load_tokenizer
-from pslm.ps.reader import ParameterReader
+from pslm.ps.client.reader import ParameterReader
 
 log = logging.getLogger("pslm.serve")
 

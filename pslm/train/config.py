@@ -22,9 +22,9 @@ from typing import Any
 from pslm.errors import ConfigError
 from pslm.lm.model import PRESETS, GPTConfig
 from pslm.lm.tokenizer import KINDS
-from pslm.ps.client import check_codecs
-from pslm.ps.consistency import Consistency
-from pslm.ps.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
+from pslm.ps.core.push import check_codecs
 
 
 @dataclass(kw_only=True, slots=True)
@@ -252,13 +252,13 @@ class ClusterSection:
     """With overlap: gradients travel in buckets of about this many bytes."""
     shm: bool = True
     """Workers and servers on the same machine exchange dense values through shared memory
-    instead of the socket (uncompressed, without overlap; ``pslm.ps.shared``). The same
+    instead of the socket (uncompressed, without overlap; ``pslm.ps.client.shm``). The same
     values either way; false: the socket always (to measure the network path)."""
     secure: bool = False
     """Encrypt all traffic (ZeroMQ CURVE). Either way every node must prove the cluster's
     secret, which the launcher makes up for each run."""
     launcher: str = "local"
-    """``local`` (processes on this machine) or ``ray`` (Ray actors, ``pslm.ps.raylaunch``)."""
+    """``local`` (processes on this machine) or ``ray`` (Ray actors, ``pslm.ps.launch.ray``)."""
     ray_address: str = ""
     """The Ray cluster: ``auto``, ``ray://host:port``, ``local`` (a private one on this
     machine); empty: ``auto`` if RAY_ADDRESS is set, else ``local``."""

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pslm.ps.client import Completion, PSClient
-from pslm.ps.exchange import BucketPlan, Exchange
+from pslm.ps.client.client import Completion, PSClient
+from pslm.ps.client.exchange import BucketPlan, Exchange
 
 
 @dataclass(slots=True)

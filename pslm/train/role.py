@@ -22,8 +22,8 @@ from pslm.errors import ConfigError
 from pslm.lm.checkpoint import write_run_model
 from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import prepare
-from pslm.ps.client import ClientConfig
-from pslm.ps.launch import run_worker
+from pslm.ps.client.client import ClientConfig
+from pslm.ps.launch.local import run_worker
 from pslm.train.config import TrainConfig, dump_toml
 
 

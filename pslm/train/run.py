@@ -29,7 +29,7 @@ from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
 from pslm.lm.model import GPT
-from pslm.ps.launch import LaunchConfig, LocalCluster
+from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.train import finetune as ft
 from pslm.train.config import TrainConfig, dump_toml, load_config
 from pslm.train.evaluate import run_data
@@ -243,7 +243,7 @@ def _launch(
 def _cluster(cfg: TrainConfig, launch: LaunchConfig) -> LocalCluster:
     if cfg.cluster.launcher == "local":
         return LocalCluster(launch)
-    from pslm.ps.raylaunch import RayCluster
+    from pslm.ps.launch.ray import RayCluster
 
     address = cfg.cluster.ray_address or ("auto" if os.environ.get("RAY_ADDRESS") else "local")
     gpus = 1.0 if cfg.train.device.startswith("cuda") else 0.0

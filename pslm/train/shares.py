@@ -6,8 +6,8 @@
     orphans = keeper.taken_over(pushed)   # shares given to this worker since, not yet pushed
     start = keeper.await_share(timeout)   # a late worker: the clock its shares start at
 
-Share r is worker r's until a worker dies (``pslm.ps.leases``). The worker holding share 0 is
-the leader: it writes metrics and checkpoints.
+Share r is worker r's until a worker dies (``pslm.ps.control.leases``). The worker holding
+share 0 is the leader: it writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import time
 
 from pslm.errors import ClusterError, RefusedError
-from pslm.ps.client import PSClient
-from pslm.ps.leases import Leases
+from pslm.ps.client.client import PSClient
+from pslm.ps.control.leases import Leases
 
 log = logging.getLogger("pslm.shares")
 

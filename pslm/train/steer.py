@@ -1,5 +1,5 @@
 """The training loop's side of live settings (``pslm ctl``; the protocol is in
-``pslm.ps.steering``).
+``pslm.ps.core.steering``).
 
     live = LiveSettings(client, optimizer, start=None)
     client.push_pull(..., scalars={"loss": loss, **live.scalars()})
@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 from pslm.errors import ClusterError
-from pslm.ps.client import Completion, PSClient
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.steering import KNOWN, Steering
+from pslm.ps.client.client import Completion, PSClient
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.core.steering import KNOWN, Steering
 
 log = logging.getLogger("pslm.worker")
 

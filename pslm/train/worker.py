@@ -21,10 +21,10 @@ import torch
 from pslm.errors import Interrupted, RefusedError
 from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import PreparedData, worker_slice
-from pslm.ps.client import Completion, PSClient
-from pslm.ps.consistency import Consistency
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.steering import Steering
+from pslm.ps.client.client import Completion, PSClient
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.core.steering import Steering
 from pslm.train.config import TrainConfig
 from pslm.train.overlap import Overlap
 from pslm.train.shares import ShareKeeper

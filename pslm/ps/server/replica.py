@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from pslm.errors import ProtocolError, RefusedError
-from pslm.ps import protocol
-from pslm.ps.consistency import Consistency
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.shard import Grad, RowGrad, ShardStore
-from pslm.ps.steering import optimizer_settings
+from pslm.ps.core import protocol
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.core.steering import optimizer_settings
+from pslm.ps.server.shard import Grad, RowGrad, ShardStore
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
 

@@ -5,10 +5,7 @@
     mine.stage(0, pieces)          # a push_pull's dense gradients for server 0, into the segment
     mine.inbox(0)                  # after the reply: server 0's new values, as pieces
 
-    paths = SharedPaths()                                          # the server's side
-    paths.attach(msg, worker, store)         # map the worker's segment (RefusedError if it is off)
-    tensors = paths.push(head, msg.tensors, store)   # a push's dense pieces from the segment
-    tensors, shm = paths.reply(msg, store, tensors)   # write the values there, send the rest
+The server's side is ``pslm.ps.server.shm.SharedPaths``.
 
 A worker's segment holds, for each server on its machine, a gradient region and an inbox, each
 as long as the server's dense chunks (in shard order, the layout of ``KeySpace.pieces``). A
@@ -33,19 +30,8 @@ from typing import Any
 
 import torch
 
-from pslm.errors import ProtocolError, RefusedError
-from pslm.ps import protocol
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.push import PushHeader
-from pslm.ps.shard import ShardStore
-from pslm.wire.message import Message
-from pslm.wire.shm import Segment, attach
-
-
-def _dense_sizes(keyspace: KeySpace, server: int) -> list[int]:
-    """The element count of each of ``server``'s dense pieces."""
-    lengths = [c.length for c in keyspace.shard(server)]
-    return [sum(lengths[lo:hi]) for lo, hi in keyspace.pieces(server)]
+from pslm.ps.core.keyspace import KeySpace
+from pslm.wire.shm import Segment
 
 
 @dataclass(slots=True)
@@ -69,7 +55,7 @@ class WorkerMemory:
     @classmethod
     def create(cls, keyspace: KeySpace, servers: Sequence[int], rank: int) -> WorkerMemory | None:
         """A segment for ``servers`` (those with dense chunks), or None if none has any."""
-        sizes = {s: _dense_sizes(keyspace, s) for s in servers}
+        sizes = {s: keyspace.piece_sizes(s) for s in servers}
         sizes = {s: v for s, v in sizes.items() if sum(v)}
         if not sizes:
             return None
@@ -124,82 +110,3 @@ class WorkerMemory:
 
     def close(self) -> None:
         self.segment.close()
-
-
-@dataclass(slots=True)
-class _Mapped:
-    name: str
-    grad: list[torch.Tensor]
-    inbox: torch.Tensor
-
-
-class SharedPaths:
-    """A server's view of the segments of the workers on its machine."""
-
-    def __init__(self) -> None:
-        self.by_worker: dict[int, _Mapped] = {}
-
-    def attach(self, msg: Message, worker: int, store: ShardStore) -> Message:
-        """Map the segment an ``attach`` request describes; refused unless its regions fit."""
-        desc = protocol.field(msg, "segment", dict)
-        grad = protocol.field(msg, "grad", int)
-        inbox = protocol.field(msg, "inbox", int)
-        sizes = _dense_sizes(store.keyspace, store.server)
-        n = sum(sizes)
-        numel = desc.get("numel")
-        if not n:
-            raise RefusedError("attach: this server holds no dense chunks", code="no_shm")
-        if not isinstance(numel, int) or not all(
-            0 <= at and at + n <= numel for at in (grad, inbox)
-        ):
-            raise RefusedError("attach: the regions do not fit the segment", code="no_shm")
-        if grad < inbox < grad + n or inbox < grad < inbox + n:
-            raise RefusedError("attach: the regions overlap", code="no_shm")
-        try:
-            memory = attach(desc, min_numel=n)
-        except ProtocolError as exc:
-            raise RefusedError(f"attach: {exc}", code="no_shm") from None
-        self.by_worker[worker] = _Mapped(
-            str(desc["name"]), list(memory[grad : grad + n].split(sizes)), memory[inbox : inbox + n]
-        )
-        return msg.reply()
-
-    def push(
-        self, head: PushHeader, tensors: list[torch.Tensor], store: ShardStore
-    ) -> list[torch.Tensor]:
-        """The tensors of a push: with its dense pieces read from the worker's segment first,
-        if its header names one (``shm``)."""
-        if head.shm is None:
-            return tensors
-        mapped = self.by_worker.get(head.worker)
-        if mapped is None or mapped.name != head.shm:
-            raise RefusedError(
-                f"push: worker {head.worker} has no shared memory on this server", code="no_shm"
-            )
-        if head.keys is not None:
-            raise RefusedError("push: shm carries all dense chunks, without keys", code="no_shm")
-        if head.codec != "none":
-            raise RefusedError("push: shm carries fp32 gradients only", code="no_shm")
-        if head.pull_codec != "none":
-            raise RefusedError("push: shm replies carry fp32 values only", code="no_shm")
-        return mapped.grad + tensors
-
-    def reply(
-        self, msg: Message, store: ShardStore, tensors: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], bool]:
-        """For a reply with ``tensors`` (dense pieces first) to ``msg``: the tensors left to
-        send, and whether the dense values went to the worker's inbox instead."""
-        if "shm" not in msg.body:  # reads and pulls carry no worker field
-            return tensors, False
-        mapped = self._mapped(msg, protocol.field(msg, "worker", int))
-        if mapped is None:  # a worker that died and was replaced since
-            return tensors, False
-        n_pieces = len(store.keyspace.pieces(store.server))
-        mapped.inbox.copy_(store.params[: mapped.inbox.numel()])
-        return tensors[n_pieces:], True
-
-    def _mapped(self, msg: Message, worker: int) -> _Mapped | None:
-        """The segment a message marked ``shm`` names, if ``worker`` attached it."""
-        name = msg.body.get("shm")
-        mapped = self.by_worker.get(worker)
-        return mapped if name is not None and mapped is not None and mapped.name == name else None

@@ -34,8 +34,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pslm.errors import ConfigError, RefusedError
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig, build_rule
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.server.rules import build_rule
 from pslm.wire.message import encode_tensors
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -29,15 +29,15 @@ from typing import Any, NamedTuple
 import torch
 
 from pslm.errors import ClusterError, ConfigError, Interrupted, ProtocolError
-from pslm.ps.consistency import Consistency
-from pslm.ps.control import Heartbeat, Membership, register
-from pslm.ps.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
-from pslm.ps.layout import Expect, Plan, Slot, copy_run, gather, runs_of, signature, sq_norm
-from pslm.ps.leases import Leases
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.push import PushHeader, check_codecs
-from pslm.ps.shared import WorkerMemory
-from pslm.ps.steering import Steering
+from pslm.ps.client.layout import Expect, Plan, Slot, copy_run, gather, runs_of, signature, sq_norm
+from pslm.ps.client.shm import WorkerMemory
+from pslm.ps.control.leases import Leases
+from pslm.ps.control.node import Heartbeat, Membership, register
+from pslm.ps.core.consistency import Consistency
+from pslm.ps.core.keyspace import DEFAULT_CHUNK_BYTES, KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.core.push import PushHeader, check_codecs
+from pslm.ps.core.steering import Steering
 from pslm.wire.codecs import ErrorFeedback, get_codec
 from pslm.wire.message import Message
 from pslm.wire.shm import available as shm_available
@@ -213,7 +213,7 @@ class PSClient:
         return self.heartbeat.lease_version
 
     def leases(self) -> Leases:
-        """Who holds each share of the global batch now (``pslm.ps.leases``). Blocks for one
+        """Who holds each share of the global batch now (``pslm.ps.control.leases``). Blocks for one
         round trip to the scheduler."""
         self._check_alive()
         reply = self.channel.request("scheduler", Message("leases", body={"node": self.me.node_id}))
@@ -337,7 +337,7 @@ class PSClient:
         already, and it pulls the parameters of the clock where its share starts.
 
         ``shm``: ``push_pull`` moves the dense chunks of servers on this machine through shared
-        memory instead of the socket (``pslm.ps.shared``; without compression only), the same
+        memory instead of the socket (``pslm.ps.client.shm``; without compression only), the same
         values at a fraction of the cost. False: everything takes the socket.
         """
         self.consistency = consistency
@@ -834,7 +834,7 @@ class PSClient:
         self, grads: Mapping[str, torch.Tensor], server: int, share: int
     ) -> list[torch.Tensor]:
         """All of ``server``'s dense chunks of ``grads`` as a push carries them: in pieces for
-        elementwise codecs, else one chunk at a time (``pslm.ps.parts``). Lossy codecs keep
+        elementwise codecs, else one chunk at a time (``pslm.ps.server.intake``). Lossy codecs keep
         their residual per share and piece (or chunk)."""
         if not self.feedback.codec.elementwise:
             slots = self._layout[server][: self._n_dense(server)]
@@ -856,7 +856,7 @@ class PSClient:
 
     def runs_of(self, slots: Sequence[Slot], grads: Mapping[str, torch.Tensor]) -> list[list[Slot]]:
         """``slots`` (one server's, in shard order) in runs that travel as one tensor each
-        (``pslm.ps.layout.runs_of``; single chunks for codecs that are not elementwise)."""
+        (``pslm.ps.client.layout.runs_of``; single chunks for codecs that are not elementwise)."""
         if not self.feedback.codec.elementwise:
             return [[slot] for slot in slots]
         return runs_of(slots, grads)

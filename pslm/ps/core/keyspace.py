@@ -150,6 +150,11 @@ class KeySpace:
         ``shard(server)``."""
         return self._pieces[server]
 
+    def piece_sizes(self, server: int) -> list[int]:
+        """The element count of each of ``server``'s dense pieces."""
+        lengths = [c.length for c in self.shard(server)]
+        return [sum(lengths[lo:hi]) for lo, hi in self.pieces(server)]
+
     def dense(self, server: int) -> int:
         """How many of ``server``'s chunks are dense: they come first in ``shard(server)``,
         the chunks of row tensors after them."""

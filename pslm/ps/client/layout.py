@@ -6,8 +6,8 @@
     copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
     plan = Plan.make(grads, out, layout, pieces)    # a push_pull between two mappings, once
 
-The client (``pslm.ps.client``) keeps one list of Slots per server, in the server's shard
-order; messages carry pieces, runs or single chunks of them (``pslm.ps.parts``).
+The client (``pslm.ps.client.client``) keeps one list of Slots per server, in the server's shard
+order; messages carry pieces, runs or single chunks of them (``pslm.ps.server.intake``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pslm.errors import ProtocolError
-from pslm.ps.push import PushPart
+from pslm.ps.core.push import PushPart
 from pslm.wire.message import Message, encode_tensors
 
 PART_BYTES = 16 << 20
@@ -60,7 +60,7 @@ class Expect:
     runs: list[list[Slot]] = field(default_factory=list)
     rows: list[tuple[Slot, torch.Tensor]] = field(default_factory=list)
     shared: bool = False
-    """The pieces may come back through shared memory (``pslm.ps.shared``)."""
+    """The pieces may come back through shared memory (``pslm.ps.client.shm``)."""
 
 
 def span_of(tensors: Mapping[str, torch.Tensor], run: Sequence[Slot]) -> torch.Tensor | None:
@@ -155,7 +155,7 @@ class Plan:
     their ids stay theirs.
 
     A server's pieces travel in one message, or, over PART_BYTES of them, in parts of about
-    PART_BYTES (``pslm.ps.parts``): the server answers each part as soon as its chunks are
+    PART_BYTES (``pslm.ps.server.intake``): the server answers each part as soon as its chunks are
     updated, and its new values are copied into ``out`` while the next part is on its way."""
 
     key: list[tuple[Any, ...]]

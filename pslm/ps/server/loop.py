@@ -57,14 +57,15 @@ from pslm.errors import (
     RefusedError,
     ShardFailed,
 )
-from pslm.ps import protocol
-from pslm.ps.consistency import Consistency, StalenessGate
-from pslm.ps.control import Heartbeat, Membership, Table, register
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.optim import OptimizerConfig
-from pslm.ps.parts import Part, PendingPush, Reply, Selection, decode_part
-from pslm.ps.push import PushHeader
-from pslm.ps.replica import (
+from pslm.ps.control.node import Heartbeat, Membership, Table, register
+from pslm.ps.core import protocol
+from pslm.ps.core.consistency import Consistency, StalenessGate
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.optim import OptimizerConfig
+from pslm.ps.core.push import PushHeader
+from pslm.ps.core.steering import IN_FORCE, SETTINGS, optimizer_settings
+from pslm.ps.server.intake import Part, PendingPush, Reply, Selection, decode_part
+from pslm.ps.server.replica import (
     BackupLink,
     Snapshot,
     Update,
@@ -73,9 +74,8 @@ from pslm.ps.replica import (
     sync_message,
     update_message,
 )
-from pslm.ps.shard import Grad, ShardStore, clip_coef
-from pslm.ps.shared import SharedPaths
-from pslm.ps.steering import IN_FORCE, SETTINGS, optimizer_settings
+from pslm.ps.server.shard import Grad, ShardStore, clip_coef
+from pslm.ps.server.shm import SharedPaths
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
 from pslm.wire.transport import (
@@ -148,8 +148,6 @@ class Clock:
     """Share -> the worker whose push of it was taken."""
 
 
-DEMOTED = 3
-"""Exit code of a server whose shard is served by another now (it was thought dead)."""
 READER_GRACE = 1.0
 """Seconds an update waits for ZeroMQ to finish sending earlier replies before it copies."""
 
@@ -196,7 +194,7 @@ class Server:
         self.beat: Heartbeat | None = None
         self.retry_backup_at = 0.0
         self.steered = 0.0
-        """The version of the live settings in force (``pslm.ps.steering``)."""
+        """The version of the live settings in force (``pslm.ps.core.steering``)."""
         self.fence: tuple[int, Consistency] | None = None
         """A change of the consistency model: at this clock, to this model (``_fence``)."""
         self.read_up_to = 0
@@ -204,7 +202,7 @@ class Server:
         self.counts = {"bytes_in": 0, "bytes_out": 0, "messages": 0}
         """Tensor bytes received and sent, messages taken (reported with heartbeats)."""
         self.shared = SharedPaths()
-        """Workers on this machine that push through shared memory (``pslm.ps.shared``)."""
+        """Workers on this machine that push through shared memory (``pslm.ps.client.shm``)."""
 
     @property
     def local(self) -> bool:
@@ -278,7 +276,7 @@ class Server:
             if beat.table is not None and not self.stopping:
                 self._follow(beat.table)
             if self.demoted:
-                return DEMOTED
+                return protocol.DEMOTED
             if self.stopping or beat.stop_requested.is_set():
                 log.info("%s shutting down", self.me.node_id if self.me else "server")
                 return 0
@@ -397,7 +395,7 @@ class Server:
         return msg.reply(version=store.version)
 
     def _push(self, peer: bytes, msg: Message) -> None:
-        """A push, or one part of it (``pslm.ps.parts``); applied once complete."""
+        """A push, or one part of it (``pslm.ps.server.intake``); applied once complete."""
         store = self._store()
         assert self.me is not None
         head = PushHeader.decode(msg, self.me.num_workers)
@@ -574,7 +572,7 @@ class Server:
             self.parked.append((peer, msg, min_version, selection))
 
     def _read(self, peer: bytes, msg: Message) -> None:
-        """A reader's request (a serving process, ``pslm.ps.reader``): chunks ``keys`` whole
+        """A reader's request (a serving process, ``pslm.ps.client.reader``): chunks ``keys`` whole
         (none: only the version), taking no part in training. Under BSP ``min_version`` may
         ask for a version up to READ_AHEAD ahead, and the answer is sent as it is applied."""
         store = self._store()
@@ -1076,7 +1074,7 @@ class Server:
 
     def _steer(self, scalars: dict[str, float], *, newest_only: bool = False) -> None:
         """Put the live settings a push (SSP/ASP) or a clock (BSP) carries in force
-        (``pslm.ps.steering``; SSP/ASP: only if no newer ones are)."""
+        (``pslm.ps.core.steering``; SSP/ASP: only if no newer ones are)."""
         store = self._store()
         version = scalars.get(IN_FORCE)
         if version is not None and not (newest_only and version < self.steered):

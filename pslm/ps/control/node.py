@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pslm.errors import ProtocolError, PSLMError, RequestTimeout
-from pslm.ps.steering import Steering
-from pslm.ps.table import Table
+from pslm.ps.control.table import Table
+from pslm.ps.core.steering import Steering
 from pslm.wire import auth
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel

@@ -8,7 +8,7 @@ effect at one clock on every worker and server.
 
 The scheduler keeps the versions (``SteeringLog``) and sends the newest with every heartbeat
 reply. Workers do not act on what their heartbeat brought, which arrives at different steps
-on each: every push carries, as reduced scalars (``pslm.ps.server``: names starting ``min.``
+on each: every push carries, as reduced scalars (``pslm.ps.server.loop``: names starting ``min.``
 are reduced by their minimum), the newest version the worker knows (``min.ctl_known``) and
 the settings of the version in force (``min.ctl``, ``min.lr``, ...). Under BSP the servers'
 replies for clock c carry the minimum of the known versions, the same for every worker: the
@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pslm.errors import ConfigError
-from pslm.ps.consistency import Consistency
+from pslm.ps.core.consistency import Consistency
 
 SETTINGS = {"lr": "lr", "clip": "clip_norm", "weight_decay": "weight_decay"}
 """What ``set`` may change -> the optimizer field it overrides."""
 ACTIONS = ("set", "pause", "resume", "checkpoint")
 """Changes of settings (``remove-worker`` and ``add-worker`` change membership: the
-scheduler's ``pslm.ps.leases``)."""
+scheduler's ``pslm.ps.control.leases``)."""
 KNOWN = "min.ctl_known"
 IN_FORCE = "min.ctl"
 
@@ -50,7 +50,7 @@ class Steering:
     weight_decay: float | None = None
     consistency: str = ""
     """The consistency model asked for ("": the run's own); the servers switch at a clock
-    the leading worker sets (``pslm.ps.server``'s fence)."""
+    the leading worker sets (``pslm.ps.server.loop``'s fence)."""
     paused: bool = False
     checkpoints: int = 0
     """Checkpoints asked for so far (each one is written once, at the clock it takes effect)."""

@@ -8,9 +8,9 @@
     Selection.of_pull(store, keys).tensors(store)   # what a reply carries
 
 A worker's push for one clock reaches a server as one message, or as several parts when it
-overlaps pushing with backward (``pslm.ps.exchange``): each part carries some chunks, the last
-one says ``final``. The server applies the push once every chunk has arrived. A part that asks
-for parameters back (``reply_params``) is answered after the update with the same chunks,
+overlaps pushing with backward (``pslm.ps.client.exchange``): each part carries some chunks,
+the last one says ``final``. The server applies the push once every chunk has arrived. A part
+that asks for parameters back (``reply_params``) is answered after the update with the same chunks,
 replies going out in increasing ``priority`` (the order the next forward pass needs them).
 
 Tensors of a push, in order:
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from pslm.errors import RefusedError
-from pslm.ps.push import PushHeader
-from pslm.ps.shard import Grad, ShardStore
+from pslm.ps.core.push import PushHeader
+from pslm.ps.server.shard import Grad, ShardStore
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import Message
 

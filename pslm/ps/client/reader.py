@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from pslm.errors import ClusterError, ProtocolError, PSLMError, RefusedError
-from pslm.ps import protocol
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.table import Table
+from pslm.ps.control.table import Table
+from pslm.ps.core import protocol
+from pslm.ps.core.keyspace import KeySpace
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel, tcp_address
 

@@ -13,7 +13,7 @@ To the scheduler (from any node unless said otherwise):
     heartbeat  {node, stats: {name: number}} -> {stop: bool, leases: version of the share
                leases, epoch, steering, table, servers, backups}: ``stats`` what the node
                reports (servers: bytes in and out, messages, version, shard; workers:
-               shares_move), ``steering`` the newest live settings (``pslm.ps.steering``),
+               shares_move), ``steering`` the newest live settings (``pslm.ps.core.steering``),
                the shard table (``table`` its version; ``servers`` the
                address serving each shard, ``backups`` its backup's or ""); ``epoch`` names
                the scheduler's incarnation (also in the register reply): when it changes, a
@@ -56,7 +56,7 @@ To a server (from workers):
     push       {worker, share, clock, seq, weight, reply_params, scalars: {name: number},
                codec, pull_codec, sq_norm (SSP/ASP with clipping), keys, runs, row_keys,
                final, priority}
-               + gradients (``pslm.ps.parts``: all dense chunks as pieces, or the chunks
+               + gradients (``pslm.ps.server.intake``: all dense chunks as pieces, or the chunks
                ``keys`` one by one; then rows of the row chunks ``row_keys``) -> {version} at
                once, or, with reply_params, the same chunks' values after the update (rows: the
                rows asked for) with {scalars: each one's weighted mean over the workers (names
@@ -112,6 +112,12 @@ from pslm.wire.message import Message
 
 ROLES = ("server", "worker")
 GROUPS = ("workers", "servers", "all")
+
+SHARD_LOST = 3
+"""The scheduler's exit code when a shard is lost: its server died with no synced backup (the
+launcher then does not restart the scheduler: the job goes back to its checkpoint)."""
+DEMOTED = 3
+"""A server's exit code when its shard is served by another now (it was thought dead)."""
 
 
 def error(request: Message | int, code: str, message: str) -> Message:

@@ -35,12 +35,12 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from pslm.errors import ConfigError, LaunchError
-from pslm.ps.scheduler import SHARD_LOST
+from pslm.ps.core.protocol import SHARD_LOST
 from pslm.wire import auth
 from pslm.wire.auth import Security
 
 if TYPE_CHECKING:
-    from pslm.ps.client import ClientConfig
+    from pslm.ps.client.client import ClientConfig
 
 log = logging.getLogger("pslm.launch")
 
@@ -86,8 +86,8 @@ class LaunchConfig:
     place of the dead one); 0: a dead worker fails the job."""
     replicas: int = 0
     steering: str = ""
-    """The job's live settings to start from (JSON; ``pslm.ps.steering``)."""
-    """Backups per shard (0 or 1), each a server process of its own (``pslm.ps.server``).
+    """The job's live settings to start from (JSON; ``pslm.ps.core.steering``)."""
+    """Backups per shard (0 or 1), each a server process of its own (``pslm.ps.server.loop``).
     With backups a dead server is started again (up to ``server_restarts`` times in all)
     and becomes a backup; without, a dead server fails the job."""
     server_restarts: int = 3
@@ -118,7 +118,7 @@ class Child:
     role: str
     rank: int
     proc: Any
-    """A ``subprocess.Popen`` (or what stands for one: ``pslm.ps.raylaunch.ActorProcess``)."""
+    """A ``subprocess.Popen`` (or what stands for one: ``pslm.ps.launch.ray.ActorProcess``)."""
     log_path: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -400,7 +400,7 @@ class LocalCluster:
         log_path: Path,
         again: bool,
     ) -> Any:
-        """Start ``pslm ARGS`` (a Popen; ``pslm.ps.raylaunch`` starts it in a Ray actor)."""
+        """Start ``pslm ARGS`` (a Popen; ``pslm.ps.launch.ray`` starts it in a Ray actor)."""
         with open(log_path, "ab" if again else "wb") as logf:
             return subprocess.Popen(
                 [sys.executable, "-m", "pslm", *args],
@@ -465,7 +465,7 @@ def run_worker(target: str, client_cfg: ClientConfig, args: dict[str, Any]) -> N
 
     The client finalizes when the function returns, and only then.
     """
-    from pslm.ps.client import PSClient  # here: the launcher itself needs no torch
+    from pslm.ps.client.client import PSClient  # here: the launcher itself needs no torch
 
     module_name, _, func_name = target.partition(":")
     try:

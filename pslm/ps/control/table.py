@@ -6,7 +6,7 @@
     Table.from_body(heartbeat_reply.body) # what a node learns of it, with every heartbeat
 
 The table has a version that grows with every change; nodes follow it through their
-heartbeats (``pslm.ps.control``): servers to take a shard over or to find a new backup,
+heartbeats (``pslm.ps.control.node``): servers to take a shard over or to find a new backup,
 workers to send a shard's requests to its new server.
 """
 
@@ -114,7 +114,7 @@ class ShardTable(Generic[N]):
         return table
 
     def to_body(self) -> dict[str, Any]:
-        """What membership and heartbeat replies carry (``pslm.ps.control.Table``)."""
+        """What membership and heartbeat replies carry (``pslm.ps.control.table.Table``)."""
         return {
             "table": self.version,
             "servers": [p.address if p is not None else "" for p in self.primary],

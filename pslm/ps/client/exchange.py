@@ -9,10 +9,11 @@
 
 Buckets group tensors in the order backward produces their gradients (last layers first), up
 to ``bucket_bytes`` each, like DDP's buckets. ``push`` sends a bucket's chunks to each server
-that holds some of them, as one part of this worker's push for ``clock`` (``pslm.ps.parts``);
-each server answers each part after the update with those chunks' new values, the bucket the
-next forward pass needs first (the one pushed last) first. The result is the same as one
-``PSClient.push_pull``: the same gradients reach the same update, only sooner.
+that holds some of them, as one part of this worker's push for ``clock``
+(``pslm.ps.server.intake``); each server answers each part after the update with those
+chunks' new values, the bucket the next forward pass needs first (the one pushed last)
+first. The result is the same as one ``PSClient.push_pull``: the same gradients reach the same
+update, only sooner.
 
 ``push`` and ``finish`` return at once; ``wait`` and ``complete`` block, each at most the
 client's timeout (RequestTimeout). Not thread-safe, like the client: use it from the thread
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pslm.errors import ClusterError, ConfigError
-from pslm.ps.client import Completion, PSClient, scalars_for
-from pslm.ps.layout import Expect, Slot, sq_norm
-from pslm.ps.push import PushPart
+from pslm.ps.client.client import Completion, PSClient, scalars_for
+from pslm.ps.client.layout import Expect, Slot, sq_norm
+from pslm.ps.core.push import PushPart
 from pslm.wire.message import Message
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from pslm.errors import ConfigError, ProtocolError
-from pslm.ps import protocol
+from pslm.ps.core import protocol
 from pslm.wire.codecs import get_codec
 from pslm.wire.message import Message
 
@@ -42,7 +42,7 @@ class PushPart(NamedTuple):
 
 @dataclass(kw_only=True, slots=True)
 class PushHeader:
-    """The body of a ``push`` message (``pslm.ps.protocol``)."""
+    """The body of a ``push`` message (``pslm.ps.core.protocol``)."""
 
     worker: int
     """The pushing worker's rank."""
@@ -73,7 +73,7 @@ class PushHeader:
     priority: int = 0
     shm: str | None = None
     """The name of the worker's shared segment holding the dense gradients
-    (``pslm.ps.shared``), if they travel there."""
+    (``pslm.ps.client.shm``), if they travel there."""
 
     def with_part(self, part: PushPart) -> PushHeader:
         """This header for one part of the push."""

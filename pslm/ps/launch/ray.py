@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pslm.errors import ConfigError
-from pslm.ps.launch import PARENT_ENV, LaunchConfig, LocalCluster
+from pslm.ps.launch.local import PARENT_ENV, LaunchConfig, LocalCluster
 
 log = logging.getLogger("pslm.launch")
 

@@ -167,7 +167,7 @@ class ShareLeases:
 
 
 class Leases(NamedTuple):
-    """Who holds each share (``pslm.ps.leases``), as the scheduler sent it."""
+    """Who holds each share (``pslm.ps.control.leases``), as the scheduler sent it."""
 
     version: int
     holders: tuple[int, ...]

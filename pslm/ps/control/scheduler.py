@@ -8,7 +8,7 @@ every registration with the node's rank and the server addresses. From then on i
 heartbeats (a node silent for ``heartbeat_timeout`` is dead, in ``cluster.json``), runs
 barriers, keeps the key space the workers declared, and shuts the servers down once every
 worker has finalized. It also keeps the leases of the shares of every global batch
-(``pslm.ps.leases``): a dead worker's shares go to live workers at once, and a worker that
+(``pslm.ps.control.leases``): a dead worker's shares go to live workers at once, and a worker that
 registers late - a dead one restarted - takes the dead one's rank and gets a share back at a
 clock boundary. Ops: ``protocol``.
 """
@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError
-from pslm.ps import protocol
-from pslm.ps.keyspace import KeySpace
-from pslm.ps.leases import ShareLeases
-from pslm.ps.steering import SteeringLog
-from pslm.ps.table import ShardTable
+from pslm.ps.control.leases import ShareLeases
+from pslm.ps.control.table import ShardTable
+from pslm.ps.core import protocol
+from pslm.ps.core.keyspace import KeySpace
+from pslm.ps.core.steering import SteeringLog
 from pslm.wire.message import Message
 from pslm.wire.transport import Listener, Poller, tcp_address
 
@@ -63,7 +63,7 @@ class SchedulerConfig:
     """Backups per shard (0 or 1): each is a server process of its own that keeps a copy of
     the shard and takes over when the shard's server dies."""
     steering: str = ""
-    """The job's live settings to start from (JSON of ``pslm.ps.steering.Steering``: a run
+    """The job's live settings to start from (JSON of ``pslm.ps.core.steering.Steering``: a run
     resumed from a checkpoint keeps what ``pslm ctl`` set before)."""
     recover: bool = False
     """Take over a running cluster from the state a previous scheduler kept in ``run_dir``
@@ -150,8 +150,6 @@ class Barrier:
 MAX_VALUES = 64
 MAX_PID = 2**31 - 1
 """The largest process id a node may report (``pid_t`` is 32 bits; Linux stops at 2**22)."""
-SHARD_LOST = 3
-"""The scheduler's exit code when a shard died with no synced backup."""
 STATE_FILE = "scheduler-state.json"
 """In the run directory: what a restarted scheduler takes over (``--recover``)."""
 RELEASED_KEPT = 64
@@ -415,7 +413,7 @@ class Scheduler:
         else:  # the launcher starts the cluster again from the last checkpoint
             self.shards.lost.append(shard)
             log.error("shard %d is lost: its server died and it has no synced backup", shard)
-            self.exit_code = SHARD_LOST
+            self.exit_code = protocol.SHARD_LOST
             self._stop(f"shard {shard} is lost")
         self.shards.version += 1
         self._write_cluster()

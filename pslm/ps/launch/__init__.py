@@ -1,0 +1,1 @@
+"""Starting a cluster: local processes (``local``) or Ray actors (``ray``)."""
