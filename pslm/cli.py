@@ -229,7 +229,7 @@ def _scheduler(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
-    from pslm.ps.server.loop import Server, ServerConfig
+    from pslm.ps.server.loop import ServerConfig, serve
 
     cfg = ServerConfig(
         scheduler=_require(args.scheduler, "--scheduler", "PSLM_SCHEDULER"),
@@ -239,7 +239,7 @@ def _server(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     _role_setup("server", args)
-    return Server(cfg).run()
+    return serve(cfg)
 
 
 def _run_worker(args: argparse.Namespace) -> int:

@@ -10,15 +10,9 @@ from pslm.errors import ProtocolError, RefusedError
 from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.optim import OptimizerConfig
-from pslm.ps.server.replica import (
-    Snapshot,
-    Update,
-    read_sync,
-    read_update,
-    sync_message,
-    update_message,
-)
+from pslm.ps.server.replica import Update, read_update, update_message
 from pslm.ps.server.shard import RowGrad, ShardStore
+from pslm.ps.server.state import ShardState
 from pslm.wire.message import Message, decode, encode
 
 ADAMW = OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, clip_norm=1.0)
@@ -50,9 +44,10 @@ def test_a_synced_backup_follows_the_server_bit_for_bit() -> None:
     server = _server()
     for seed in range(2):  # the server is a few updates in when the backup appears
         server.apply(_grads(server, seed), 0.5)
-    snap = Snapshot(store=server, consistency=Consistency(), clocks=[2, 2], by=[0, 1])
-    copy = read_sync(_wire(sync_message(0, snap)), shard=0, num_workers=2)
-    assert copy.store.version == 2 and copy.clocks == [2, 2] and copy.by == [0, 1]
+    snap = ShardState.fresh(server, Consistency(), num_workers=2, clock=2)
+    snap.by = [0, 1]
+    copy = ShardState.from_message(_wire(snap.to_message(0)), shard=0, num_workers=2)
+    assert copy.store.version == 2 and copy.gate.clocks == [2, 2] and copy.by == [0, 1]
     for seed in range(2, 5):
         grads = _grads(server, seed)
         update = Update(kind="bsp", version=server.version, multiplier=0.7, grads=grads, step=seed)
@@ -66,8 +61,8 @@ def test_a_synced_backup_follows_the_server_bit_for_bit() -> None:
 
 def test_bad_replication_messages_change_nothing() -> None:
     server = _server()
-    snap = Snapshot(store=server, consistency=Consistency(), clocks=[0])
-    backup = read_sync(_wire(sync_message(0, snap)), shard=0, num_workers=1).store
+    snap = ShardState.fresh(server, Consistency(), num_workers=1, clock=0)
+    backup = ShardState.from_message(_wire(snap.to_message(0)), shard=0, num_workers=1).store
     before = {k: v.clone() for k, v in backup.state_tensors().items()}
     good = Update(kind="bsp", version=0, multiplier=1.0, grads=_grads(server, 0), step=0)
     msg = update_message(good)
@@ -106,13 +101,13 @@ def test_bad_replication_messages_change_nothing() -> None:
     for bad, error, fragment in cases:
         with pytest.raises(error, match=fragment):
             read_update(_wire(bad), backup, num_workers=1)
-    sync = sync_message(0, snap)
+    sync = snap.to_message(0)
     with pytest.raises(RefusedError, match="backup of shard 1"):
-        read_sync(_wire(sync), shard=1, num_workers=1)
+        ShardState.from_message(_wire(sync), shard=1, num_workers=1)
     with pytest.raises(ProtocolError, match="clocks"):
-        read_sync(_wire(sync), shard=0, num_workers=3)
+        ShardState.from_message(_wire(sync), shard=0, num_workers=3)
     short = Message("sync", body=sync.body, tensors=[sync.tensors[0][:-1], *sync.tensors[1:]])
     with pytest.raises(RefusedError, match="expected fp32"):
-        read_sync(_wire(short), shard=0, num_workers=1)
+        ShardState.from_message(_wire(short), shard=0, num_workers=1)
     for k, v in backup.state_tensors().items():
         assert torch.equal(v, before[k]), k

@@ -2,8 +2,9 @@
 worker that died, pushes acknowledged under SSP with a backup, a waiting read that fails, an
 update that fails part-way, and clipping a NaN norm.
 
-Real processes on 127.0.0.1 where a cluster can reach the state; a Server object driven
-in-process with fake sockets where it cannot (each such test says why).
+Real processes on 127.0.0.1 where a cluster can reach the state; where it cannot (each such
+test says why), a registered Server in this process, handed requests as its loop hands them,
+its replies recorded and its backup and scheduler stood in for.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.launch.local import LocalCluster
-from pslm.ps.server.intake import Selection
-from pslm.ps.server.loop import Server, ServerConfig, _Read
-from pslm.ps.server.replica import Update as ReplicaUpdate
-from pslm.ps.server.replica import update_message
-from pslm.ps.server.shard import ShardStore, Update, clip_coef
+from pslm.ps.server.asynchronous import WaitingRead
+from pslm.ps.server.loop import Role, Server, ServerConfig
+from pslm.ps.server.replica import Update, update_message
+from pslm.ps.server.replies import Selection
+from pslm.ps.server.shard import ShardStore, StagedUpdate, clip_coef
 from pslm.wire.message import Message
+from pslm.wire.transport import Channel, Listener
 from tests.conftest import launch_config
 
 SGD = OptimizerConfig(name="sgd", lr=1.0)
@@ -142,23 +144,14 @@ def test_a_dead_workers_part_is_not_taken_for_the_new_holders_push(tmp_path) -> 
 # --- a Server object in-process, with fake sockets -------------------------------------------
 
 
-class _Listener:
-    """Stands in for the server's socket: records every reply (peer, message)."""
+class _Outbox:
+    """Stands in for the server's socket on the way out: records every reply (peer, message)."""
 
     def __init__(self, events: list[tuple[Any, ...]]):
         self.events = events
 
-        self.incoming: list[tuple[bytes, Message]] = []
-        """What ``recv`` hands out, in order."""
-
-    def recv(self) -> tuple[bytes, Message]:
-        return self.incoming.pop(0)
-
     def send(self, peer: bytes, msg: Message, *, track: bool = False) -> None:
         self.events.append(("reply", peer, msg))
-
-    def close(self) -> None:
-        pass
 
 
 class _Backup:
@@ -195,18 +188,20 @@ Make = Callable[..., tuple[Server, list[tuple[Any, ...]]]]
 
 @pytest.fixture
 def make_server() -> Iterator[Make]:
-    """A factory of initialised servers of shard 0 (one server, two workers) whose replies go
-    to a list of events; ``consistency`` as in an ``init`` message."""
-    channels = []  # (a test may put a fake scheduler in place of the real channel)
+    """A factory of registered, initialised servers of shard 0 (one server, two workers) whose
+    replies go to a list of events; ``consistency`` as in an ``init`` message. Their sockets
+    are bound on 127.0.0.1 but nothing connects to them: requests are handed to
+    ``Server.handle``, as its loop does."""
+    sockets: list[Listener | Channel] = []
 
     def make(consistency: Consistency | None = None) -> tuple[Server, list[tuple[Any, ...]]]:
-        server = Server(ServerConfig(scheduler="tcp://127.0.0.1:1"))
-        channels.append(server.scheduler)
-        server.listener.close()
+        listener = Listener("tcp://127.0.0.1:*")
+        scheduler = Channel(timeout=1.0)
+        sockets.extend([listener, scheduler])
         events: list[tuple[Any, ...]] = []
-        server.listener = _Listener(events)  # type: ignore[assignment]
-        server.me = Membership("server-0", 0, 2, 1, ("tcp://127.0.0.1:1",), 1.0, 5.0, shard=0)
-        server.shard = 0
+        me = Membership("server-0", 0, 2, 1, (listener.address,), 1.0, 5.0, shard=0)
+        cfg = ServerConfig(scheduler="tcp://127.0.0.1:1")
+        server = Server(cfg, me, listener, scheduler, listener.address, outbox=_Outbox(events))
         ks = KeySpace.build([("a", (4, 4)), ("b", (4,))], 1)
         body = {
             "worker": 0,
@@ -214,13 +209,14 @@ def make_server() -> Iterator[Make]:
             "optimizer": SGD.to_dict(),
             "consistency": (consistency or Consistency()).to_dict(),
         }
-        server._dispatch(b"w0", Message("init", id=1, body=body, tensors=_pieces(ks, START)))
+        server.handle(b"w0", Message("init", id=1, body=body, tensors=_pieces(ks, START)))
+        assert _replies(events) == {1: ["ok"]}
         events.clear()
         return server, events
 
     yield make
-    for channel in channels:
-        channel.close()
+    for socket in sockets:
+        socket.close()
 
 
 def _push(worker: int, rid: int, tensors: list[torch.Tensor], **body: Any) -> Message:
@@ -239,7 +235,7 @@ def _pieces(ks: KeySpace, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor
 
 def _ones(server: Server) -> list[torch.Tensor]:
     """A whole-shard gradient of ones, one tensor per piece (as a plain push carries it)."""
-    store = server._store()
+    store = server.service.state.store
     return [torch.ones_like(t) for t in store.packed[: len(store.keyspace.pieces(0))]]
 
 
@@ -258,14 +254,15 @@ def test_a_parked_request_that_fails_is_refused_alone(make_server) -> None:
     it is answered, and the pushes that brought the version get their one reply each."""
     server, events = make_server()
     bad = Message("read", id=5, body={"keys": [0], "min_version": 1, "pull_codec": "int8"})
-    server.parked.append((b"reader", bad, 1, Selection.of_pull(server._store(), [0])))
-    server._dispatch(b"w1", Message("pull", id=6, body={"worker": 1, "min_version": 1}))
+    store = server.service.state.store
+    server.service.parked.append((b"reader", bad, 1, Selection.of_pull(store, [0])))
+    server.handle(b"w1", Message("pull", id=6, body={"worker": 1, "min_version": 1}))
     for w in (0, 1):
-        server._dispatch(b"w%d" % w, _push(w, 10 + w, _ones(server), reply_params=True))
+        server.handle(b"w%d" % w, _push(w, 10 + w, _ones(server), reply_params=True))
     replies = _replies(events)
     assert replies == {10: ["ok"], 11: ["ok"], 6: ["ok"], 5: ["error"]}
     refusal = next(e[2] for e in events if e[2].id == 5)
-    assert refusal.body["code"] == "bad_codec" and server.parked == []
+    assert refusal.body["code"] == "bad_codec" and server.service.parked == []
 
 
 def test_under_ssp_a_waiting_read_that_fails_is_refused_alone(make_server) -> None:
@@ -276,10 +273,11 @@ def test_under_ssp_a_waiting_read_that_fails_is_refused_alone(make_server) -> No
     push, although it was applied."""
     server, events = make_server(Consistency.parse("ssp:1"))
     bad = Message("read", id=5, body={"pull_codec": "int8"})
-    server.reads.append(_Read(b"reader", bad, 0, Selection.of_pull(server._store(), [0]), None))
-    server._dispatch(b"w0", _push(0, 10, _ones(server), reply_params=True))
-    assert _replies(events) == {5: ["error"], 10: ["ok"]} and server.store.version == 1
-    assert server.reads == []
+    store = server.service.state.store
+    server.service.reads.wait(WaitingRead(b"reader", bad, 0, Selection.of_pull(store, [0])))
+    server.handle(b"w0", _push(0, 10, _ones(server), reply_params=True))
+    assert _replies(events) == {5: ["error"], 10: ["ok"]} and store.version == 1
+    assert server.service.reads.waiting == []
 
 
 def test_under_ssp_a_push_is_acknowledged_once_on_the_backup(make_server) -> None:
@@ -289,23 +287,25 @@ def test_under_ssp_a_push_is_acknowledged_once_on_the_backup(make_server) -> Non
     when the backup fails and the shard is served elsewhere now, it is not acknowledged at
     all (the worker sends it to the new server), and not applied."""
     server, events = make_server(Consistency.parse("ssp:1"))
-    server.backup = _Backup(events)  # type: ignore[assignment]
-    a, b = (c.key for c in server.store.chunks)
-    server._dispatch(b"w0", _push(0, 10, [torch.ones(16)], keys=[a], final=False, seq=0))
+    server.replication.link = _Backup(events)
+    state = server.service.state
+    a, b = (c.key for c in state.store.chunks)
+    server.handle(b"w0", _push(0, 10, [torch.ones(16)], keys=[a], final=False, seq=0))
     assert events == []  # a part: not applied yet
-    server._dispatch(b"w0", _push(0, 11, [torch.ones(4)], keys=[b], final=True, seq=1))
+    server.handle(b"w0", _push(0, 11, [torch.ones(4)], keys=[b], final=True, seq=1))
     assert [(e[0], e[2].id if e[0] == "reply" else e[1]) for e in events] == [
         ("backup", "update"),
         ("reply", 10),
         ("reply", 11),
     ]
-    assert _replies(events) == {10: ["ok"], 11: ["ok"]} and server.store.version == 1
+    assert _replies(events) == {10: ["ok"], 11: ["ok"]} and state.store.version == 1
     events.clear()
-    server.backup = _Backup(events, fail=True)  # type: ignore[assignment]
-    server.scheduler = _Scheduler(serving=False)  # type: ignore[assignment]
-    server._dispatch(b"w1", _push(1, 12, _ones(server)))
+    server.replication.link = _Backup(events, fail=True)
+    server.replication.scheduler = _Scheduler(serving=False)
+    server.handle(b"w1", _push(1, 12, _ones(server)))
     assert events == [("backup", "update")]  # and no reply
-    assert server.store.version == 1 and server.gate.clocks == [1, 0] and server.demoted
+    assert state.store.version == 1 and state.gate.clocks == [1, 0]
+    assert not server.replication.serving  # the loop leaves with protocol.DEMOTED
 
 
 def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkeypatch) -> None:
@@ -317,16 +317,17 @@ def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkey
     copy of the same update fails leaves the same way (and is dropped)."""
     server, events = make_server()
     spans: list[tuple[int, int]] = []
-    stepped = Update.span
+    stepped = StagedUpdate.span
 
-    def span(self: Update, lo: int, hi: int) -> None:
+    def span(self: StagedUpdate, lo: int, hi: int) -> None:
         spans.append((lo, hi))
         if len(spans) == 2:
             raise RuntimeError("a kernel failed")
         stepped(self, lo, hi)
 
-    monkeypatch.setattr(Update, "span", span)
-    a, b = (c.key for c in server.store.chunks)
+    monkeypatch.setattr(StagedUpdate, "span", span)
+    store = server.service.state.store
+    a, b = (c.key for c in store.chunks)
 
     def part(w: int, seq: int) -> tuple[bytes, Message]:  # (chunk a, then chunk b)
         grad, key = (torch.ones(16), a) if seq == 0 else (torch.ones(4), b)
@@ -334,27 +335,24 @@ def test_an_update_that_fails_part_way_takes_the_server_down(make_server, monkey
         return b"w%d" % w, _push(w, 10 * (seq + 1) + w, [grad], reply_params=True, **body)
 
     for w in (0, 1):
-        server._dispatch(*part(w, 0))
-    server.listener.incoming = [part(w, 1) for w in (0, 1)]  # type: ignore[attr-defined]
-    server._serve_one()  # worker 0's last part: the clock waits for worker 1's
+        server.handle(*part(w, 0))
+    server.handle(*part(0, 1))  # worker 0's last part: the clock waits for worker 1's
     with pytest.raises(ShardFailed, match="failed part-way"):
-        server._serve_one()
+        server.handle(*part(1, 1))
     assert _replies(events) == {10: ["ok"]}  # (worker 0's first part, then the failure)
-    assert server.store.version == 0
+    assert store.version == 0
 
     backup, _ = make_server()
-    backup.primary = False
+    backup.role = Role.BACKUP
     grads: list[Any] = [torch.ones(16), torch.ones(4)]
-    update = update_message(
-        ReplicaUpdate(kind="bsp", version=0, multiplier=1.0, grads=grads, step=0)
-    )
+    update = update_message(Update(kind="bsp", version=0, multiplier=1.0, grads=grads, step=0))
 
-    def fail(self: ReplicaUpdate, store: ShardStore) -> None:
+    def fail(self: Update, store: ShardStore) -> None:
         raise RuntimeError("a kernel failed")
 
-    monkeypatch.setattr(ReplicaUpdate, "apply", fail)
+    monkeypatch.setattr(Update, "apply", fail)
     with pytest.raises(ShardFailed, match="backup of shard 0"):
-        backup._dispatch(b"primary", update)
+        backup.handle(b"primary", update)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

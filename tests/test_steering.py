@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pslm.errors import ConfigError
 from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
 from pslm.ps.core.steering import KNOWN, Steering, SteeringLog, parse_assignments
-from pslm.ps.server.loop import Clock, _mean_scalars
+from pslm.ps.server.bsp import Round
 from tests.test_train import pslm, start_run
 
 
@@ -44,11 +44,11 @@ def test_versions_validate_and_accumulate() -> None:
 
 
 def test_min_scalars_reduce_by_minimum_and_lr_scales_the_schedule() -> None:
-    clock = Clock()
+    rnd = Round()
     for share, (weight, known) in enumerate([(1.0, 4.0), (3.0, 2.0)]):
-        clock.pushes[share] = (weight, [])
-        clock.scalars[share] = {"loss": 1.0 + share, KNOWN: known}
-    assert _mean_scalars(clock) == {"loss": 1.75, KNOWN: 2.0}
+        rnd.pushes[share] = (weight, [])
+        rnd.scalars[share] = {"loss": 1.0 + share, KNOWN: known}
+    assert rnd.mean_scalars() == {"loss": 1.75, KNOWN: 2.0}
     cosine = ScheduleConfig(kind="cosine", warmup_steps=10, decay_steps=100, min_lr=1e-4)
     opt = OptimizerConfig(lr=1e-3, schedule=cosine)
     half = opt.steered({"lr": 5e-4})

@@ -1,11 +1,14 @@
-"""What a push message carries, checked and decoded, and what a reply selects.
+"""Push intake: what a push message carries, checked and decoded, and whether it is new.
 
-    head = PushHeader.decode(msg, num_workers)   # ProtocolError if a field is malformed
-    part = decode_part(head, msg.tensors, store)  # RefusedError if the tensors are
-    pending = PendingPush.start(clock, weight, store, worker)
-    pending.check(part); pending.add(part)  # check first: a refused part changes nothing
-    if pending.complete: ...                # every chunk arrived and the final part with them
-    Selection.of_pull(store, keys).tensors(store)   # what a reply carries
+    head = PushHeader.decode(msg, num_workers)      # ProtocolError if a field is malformed
+    part = decode_part(head, msg.tensors, store)    # RefusedError if the tensors are
+    decision = intake.take(head, part, Due(...), store)   # Taken, Replayed or Refused
+    if isinstance(decision, Taken) and decision.complete: ...  # every chunk and the final part
+
+Exactly once: a message of a push the server has taken already - a client retrying after a
+timeout, a replay, or the new holder of a dead worker's share pushing what that worker had
+pushed whole - is ``Replayed``: answered as the first was, never taken twice. ``Intake`` only
+decides (and keeps the pushes whose parts are still arriving); the server carries it out.
 
 A worker's push for one clock reaches a server as one message, or as several parts when it
 overlaps pushing with backward (``pslm.ps.client.exchange``): each part carries some chunks,
@@ -33,53 +36,16 @@ from typing import Any
 
 import torch
 
-from pslm.errors import RefusedError
+from pslm.errors import ProtocolError, PSLMError, RefusedError
 from pslm.ps.core.push import PushHeader
+from pslm.ps.core.steering import IN_FORCE
+from pslm.ps.server.replies import Reply, Selection
 from pslm.ps.server.shard import Grad, ShardStore
 from pslm.wire.codecs import Codec, get_codec
 from pslm.wire.message import Message
 
 ROW_TENSORS = 3
 """Tensors per row chunk in a push: rows, values, rows wanted back."""
-
-
-@dataclass(slots=True)
-class Selection:
-    """The chunks a reply carries: the dense pieces, whole chunks by position, rows of row
-    chunks."""
-
-    pieces: bool = False
-    """All dense chunks, as pieces."""
-    spans: list[tuple[int, int]] = field(default_factory=list)
-    """Runs of whole chunks (shard positions [lo, hi)), one tensor each."""
-    rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
-    """(position, rows) of row chunks: those rows' values, one tensor each."""
-
-    @classmethod
-    def of_pull(cls, store: ShardStore, keys: list[int] | None) -> Selection:
-        """A pull: everything (dense pieces, then every row chunk whole), or ``keys`` whole."""
-        if keys is None:
-            return cls(True, [(p, p + 1) for p in range(store.n_dense, len(store.chunks))])
-        return cls(False, [(store.position[k], store.position[k] + 1) for k in keys])
-
-    @property
-    def dense_only(self) -> bool:
-        """The dense pieces and nothing else."""
-        return self.pieces and not self.spans and not self.rows
-
-    def dense_spans(self, store: ShardStore) -> list[tuple[int, int]]:
-        """The dense chunks a reply carries, as shard positions [lo, hi)."""
-        if self.pieces:
-            return [(0, store.n_dense)]
-        return [(lo, min(hi, store.n_dense)) for lo, hi in self.spans if lo < store.n_dense]
-
-    def tensors(self, store: ShardStore) -> list[torch.Tensor]:
-        """Views of the current parameters (rows: a gathered copy)."""
-        n_pieces = len(store.keyspace.pieces(store.server))
-        out = list(store.packed[:n_pieces]) if self.pieces else []
-        out += [store.span(lo, hi) for lo, hi in self.spans]
-        out += [store.rows_of(p, rows) for p, rows in self.rows]
-        return out
 
 
 @dataclass(slots=True)
@@ -182,16 +148,6 @@ def _positions(keys: list[Any], store: ShardStore, *, dense: bool) -> list[int]:
 
 
 @dataclass(slots=True)
-class Reply:
-    """A push part waiting for the update, to be answered with its chunks' new values."""
-
-    priority: int
-    peer: bytes
-    msg: Message
-    selection: Selection
-
-
-@dataclass(slots=True)
 class PendingPush:
     """One worker's push for one clock while its parts arrive."""
 
@@ -216,18 +172,20 @@ class PendingPush:
         n = len(store.chunks)
         return cls(clock, weight, worker, [None] * n, n)
 
-    def check(self, part: Part) -> None:
-        """Refuse a part that repeats a chunk, or a final part that leaves chunks missing."""
+    def problem(self, part: Part) -> RefusedError | None:
+        """Why ``part`` cannot be taken: it repeats a chunk, or it is final and leaves chunks
+        missing; None if it can."""
         if any(self.grads[p] is not None for p in part.positions):
-            raise RefusedError(
+            return RefusedError(
                 f"push for clock {self.clock} repeats chunks already pushed", code="duplicate"
             )
         if part.final and self.missing > len(part.positions):
-            raise RefusedError(
+            return RefusedError(
                 f"the final part of the push for clock {self.clock} leaves "
                 f"{self.missing - len(part.positions)} chunks missing",
                 code="bad_shape",
             )
+        return None
 
     def add(self, part: Part, scalars: dict[str, float]) -> None:
         for p, g in zip(part.positions, part.grads, strict=True):
@@ -241,3 +199,128 @@ class PendingPush:
     def complete_grads(self) -> list[Grad]:
         assert self.missing == 0 and all(g is not None for g in self.grads)
         return self.grads  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """Where one share's pushes stand on this server (what ``Intake.take`` decides on)."""
+
+    clock: int
+    """The clock the share's push is due for: BSP the version, SSP/ASP the share's clock."""
+    version: int
+    asynchronous: bool
+    in_round: bool = False
+    """BSP: the share's push for the version is complete and waits for the others."""
+    needs_norm: bool = False
+    """SSP/ASP with clipping: a push must carry its squared norm."""
+
+
+@dataclass(slots=True)
+class Taken:
+    """The message is new and taken into ``pending``; ``complete``: the push is whole now."""
+
+    pending: PendingPush
+    complete: bool
+    superseded: PendingPush | None = None
+    """A dead worker's push of the same share, dropped: what waits for it is refused."""
+
+
+@dataclass(slots=True)
+class Replayed:
+    """The message repeats one taken already: answer it as the first was, take nothing."""
+
+    where: str
+    """``applied`` (its update is done), ``round`` (BSP: its push waits for the others) or
+    ``pending`` (its push waits for more parts: ``pending``)."""
+    pending: PendingPush | None = None
+
+
+@dataclass(slots=True)
+class Refused:
+    """The message cannot be taken: ``error`` says why (nothing was taken)."""
+
+    error: PSLMError
+    superseded: PendingPush | None = None
+
+
+class Intake:
+    """Which push messages are new, and the pushes whose parts are still arriving."""
+
+    def __init__(self) -> None:
+        self.incoming: dict[int, PendingPush] = {}
+        """Share -> its push while parts arrive."""
+
+    def take(
+        self, head: PushHeader, part: Part, due: Due, store: ShardStore
+    ) -> Taken | Replayed | Refused:
+        """Decide on one push message (of share ``head.share``) and, if it is new, take it."""
+        seen = self._replayed(head, due)
+        if seen is not None:
+            return seen
+        wrong = self._wrong_clock(head, due)
+        if wrong is not None:
+            return Refused(wrong)
+        share = head.share
+        pending = self.incoming.get(share)
+        superseded = None
+        if pending is not None and pending.worker != head.worker:
+            superseded, pending = self.incoming.pop(share), None
+        pending = pending or PendingPush.start(head.clock, head.weight, store, head.worker)
+        problem: PSLMError | None = pending.problem(part)
+        if problem is None and part.final and due.needs_norm and IN_FORCE not in head.scalars:
+            # (a push's own live settings say whether it is clipped)
+            if pending.sq_norm is None and part.sq_norm is None:
+                problem = ProtocolError("push: sq_norm is needed with clipping under SSP/ASP")
+        if problem is not None:
+            return Refused(problem, superseded)
+        pending.add(part, head.scalars)
+        pending.seqs.add(head.seq)
+        if part.final:
+            self.incoming.pop(share, None)
+        else:
+            self.incoming[share] = pending
+        return Taken(pending, part.final, superseded)
+
+    def _replayed(self, head: PushHeader, due: Due) -> Replayed | Refused | None:
+        """A message of a push taken already, or None if new (a part is the same only from
+        the same worker: the new holder's parts are its own)."""
+        clock = head.clock
+        if clock < due.clock:  # applied already
+            stale = head.reply_params and not due.asynchronous and clock != due.version - 1
+            if stale:  # the values after its update are gone
+                return Refused(
+                    RefusedError(
+                        f"push of share {head.share} for clock {clock} was applied long ago; "
+                        f"the server is at version {due.version}",
+                        code="stale",
+                    )
+                )
+            return Replayed("applied")
+        if not due.asynchronous and due.in_round:
+            return Replayed("round") if clock == due.version else None
+        pending = self.incoming.get(head.share)
+        if pending is not None and (pending.clock, pending.worker) == (clock, head.worker):
+            return Replayed("pending", pending) if head.seq in pending.seqs else None
+        return None
+
+    @staticmethod
+    def _wrong_clock(head: PushHeader, due: Due) -> RefusedError | None:
+        """Why a push for any clock but the one its share's push is due for is refused."""
+        share, clock = head.share, head.clock
+        if due.asynchronous:
+            if clock == due.clock:
+                return None
+            return RefusedError(
+                f"push of share {share} for clock {clock}: expected clock {due.clock}",
+                code="duplicate" if clock < due.clock else "bad_clock",
+            )
+        if clock != due.version:
+            when = "after the server applied it" if clock < due.version else "too early"
+            return RefusedError(
+                f"push of share {share} for clock {clock} arrived {when}; "
+                f"the server is at version {due.version}",
+                code="bad_clock",
+            )
+        if due.in_round:
+            return RefusedError(f"share {share} was pushed for clock {clock}", code="duplicate")
+        return None

@@ -1,39 +1,40 @@
 """Primary-backup replication of a shard: what the shard's server sends its backup, and how
 the backup checks it.
 
-    link = BackupLink(address, timeout=30.0, gone=lambda: False)   # the server's side
-    link.request(sync_message(store, Snapshot(...)))              # the whole shard, once
-    link.request(update_message(Update(...)))                      # every update, before applying
-    snapshot = read_sync(msg, shard=0, num_workers=2)              # the backup's side
-    update = read_update(msg, snapshot.store, num_workers=2)
-    update.apply(snapshot.store)
+    replication = Replication(shard=0, node_id="server-0", scheduler=channel, ...)
+    replication.follow(table.backups[0], state)   # the table names a backup: sync it whole
+    if replication.replicate(Update(...), state): ...   # every update, before applying it
+    update = read_update(msg, state.store, num_workers=2)   # the backup's side
+    update.apply(state.store)
 
 An update carries the reduced gradient of a clock (or of one push, under SSP/ASP) and the
 multiplier the server computed for it (mean, clipping), so the backup runs the same kernels on
-the same inputs: its copy stays the server's, bit for bit. ``sync`` carries the parameters,
-optimizer state and step counters, and what a server needs to go on where this one stopped:
-the version, every worker's clock, the last clock's scalars and pushers, this shard's recent
-parts of the squared norm. Nothing in a message is trusted: keys, shapes and types are checked
-against the shard before anything changes.
+the same inputs: its copy stays the server's, bit for bit. ``sync`` carries the whole
+``ShardState`` (``pslm.ps.server.state``). Nothing in a message is trusted: keys, shapes and
+types are checked against the shard before anything changes. A backup that cannot keep up is
+dropped (the scheduler is told, and the shard goes on without a copy); a new one is rebuilt by
+``sync``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from pslm.errors import ProtocolError, RefusedError
+from pslm.errors import ProtocolError, PSLMError, RefusedError
 from pslm.ps.core import protocol
-from pslm.ps.core.consistency import Consistency
-from pslm.ps.core.keyspace import KeySpace
-from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import optimizer_settings
 from pslm.ps.server.shard import Grad, RowGrad, ShardStore
+from pslm.ps.server.state import ShardState
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
+
+log = logging.getLogger("pslm.server")
 
 KINDS = ("bsp", "async", "local")
 
@@ -64,20 +65,6 @@ class Update:
             store.add_delta(self.grads, self.multiplier)
         else:
             store.apply(self.grads, self.multiplier, step=self.step)
-
-
-@dataclass(kw_only=True, slots=True)
-class Snapshot:
-    """A whole shard and where its server stood."""
-
-    store: ShardStore
-    consistency: Consistency
-    clocks: list[int]
-    """Every worker's clock (SSP/ASP: pushes taken per share)."""
-    scalars: dict[str, float] = field(default_factory=dict)
-    by: list[int] = field(default_factory=list)
-    norms: dict[int, float] = field(default_factory=dict)
-    """Clock -> this shard's part of the squared norm."""
 
 
 def update_message(u: Update) -> Message:
@@ -132,52 +119,6 @@ def read_update(msg: Message, store: ShardStore, num_workers: int) -> Update:
     )
 
 
-def sync_message(shard: int, snap: Snapshot) -> Message:
-    """The whole shard (copies: the live buffers go on changing while it travels)."""
-    state = snap.store.state_tensors()
-    body = {
-        "shard": shard,
-        "keyspace": snap.store.keyspace.to_dict(),
-        "optimizer": snap.store.base_optimizer.to_dict(),  # live settings come with updates
-        "consistency": snap.consistency.to_dict(),
-        "version": snap.store.version,
-        "clocks": list(snap.clocks),
-        "scalars": snap.scalars,
-        "by": snap.by,
-        "norms": {str(c): sq for c, sq in snap.norms.items()},
-        "names": list(state),
-    }
-    return Message("sync", body=body, tensors=[t.clone() for t in state.values()])
-
-
-def read_sync(msg: Message, shard: int, num_workers: int) -> Snapshot:
-    """A new store holding the shard a ``sync`` carries, checked whole first."""
-    if protocol.field(msg, "shard", int) != shard:
-        raise RefusedError(f"this server is the backup of shard {shard}")
-    store = ShardStore(
-        KeySpace.from_dict(protocol.field(msg, "keyspace", dict)),
-        shard,
-        OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict)),
-    )
-    clocks = protocol.ints(protocol.field(msg, "clocks", list))
-    names = protocol.field(msg, "names", list)
-    if len(clocks) != num_workers or any(c < 0 for c in clocks):
-        raise ProtocolError(f"sync: clocks must be {num_workers} clocks >= 0")
-    if len(names) != len(msg.tensors) or not all(isinstance(n, str) for n in names):
-        raise ProtocolError("sync: one name per tensor")
-    tensors = dict(zip(names, msg.tensors, strict=True))
-    store.load_state(tensors, protocol.field(msg, "version", int), "sync")
-    norms = protocol.field(msg, "norms", dict, {})
-    return Snapshot(
-        store=store,
-        consistency=Consistency.from_dict(protocol.field(msg, "consistency", dict)),
-        clocks=clocks,
-        scalars=protocol.scalars(protocol.field(msg, "scalars", dict, {})),
-        by=protocol.ints(protocol.field(msg, "by", list, [])),
-        norms={int(c): float(v) for c, v in norms.items() if str(c).isdigit()},
-    )
-
-
 class BackupLink:
     """A server's connection to its shard's backup: one request at a time, answered or not."""
 
@@ -196,3 +137,141 @@ class BackupLink:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class Link(Protocol):
+    """A connection requests go out on, one at a time (``BackupLink``)."""
+
+    def request(self, msg: Message) -> Any: ...
+    def close(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """The scheduler, as a server reaches it (a ``Channel`` with the peer ``scheduler``)."""
+
+    def request(self, name: str, msg: Message) -> Message: ...
+
+
+class Replication:
+    """A shard's server's side of its backup: the link, (re)building the copy, and telling the
+    scheduler whether a whole copy exists (only such a backup is promoted).
+
+    ``serving`` turns False when the scheduler answers a report saying another server serves
+    the shard now (this one was cut off and thought dead): the server must then leave.
+    """
+
+    def __init__(
+        self,
+        *,
+        shard: int,
+        node_id: str,
+        scheduler: Scheduler,
+        timeout: float,
+        retry_after: float,
+        backups: Callable[[], tuple[str, ...] | None],
+    ):
+        self.shard = shard
+        self.node_id = node_id
+        self.scheduler = scheduler
+        self.timeout = timeout
+        """How long the backup may take to confirm (a backup that cannot keep up is dropped,
+        not waited for)."""
+        self.retry_after = retry_after
+        """Seconds before a backup dropped for not keeping up is connected again."""
+        self.backups = backups
+        """Where the newest shard table (from the heartbeats) says each shard's backup is."""
+        self.link: Link | None = None
+        self.address = ""
+        """The backup the shard table names ("" for none)."""
+        self.retry_at = 0.0
+        self.serving = True
+
+    def follow(self, address: str, state: ShardState | None) -> None:
+        """The shard table names ``address`` as the backup ("": none): connect to it and send
+        it the shard (if there is one yet)."""
+        if address == self.address:
+            return
+        self.drop()
+        self.address = address
+        if address:
+            self.connect(state)
+
+    def retry(self, state: ShardState | None) -> None:
+        """Connect again to the backup the table names, if it was dropped a while ago for not
+        keeping up."""
+        if self.link is None and self.address and time.monotonic() > self.retry_at:
+            self.connect(state)
+
+    def connect(self, state: ShardState | None) -> None:
+        address = self.address
+
+        def gone() -> bool:  # the scheduler declared it dead: do not wait for it any longer
+            backups = self.backups()
+            return backups is not None and backups[self.shard] != address
+
+        self.link = BackupLink(address, timeout=self.timeout, gone=gone)
+        log.info("shard %d's backup is %s", self.shard, address)
+        if state is not None:
+            self.sync(state)
+
+    def drop(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+            self.retry_at = time.monotonic() + self.retry_after
+
+    def sync(self, state: ShardState) -> None:
+        """Send the backup the whole shard (if there is a backup)."""
+        if self.link is None:
+            return
+        try:
+            self.link.request(state.to_message(self.shard))
+        except PSLMError as exc:
+            log.error("could not copy shard %d to its backup: %s", self.shard, exc)
+            self.drop()
+            self.report("lost")
+            return
+        log.info("shard %d (version %d) copied to its backup", self.shard, state.store.version)
+        self.report("ready")
+
+    def replicate(self, update: Update, state: ShardState) -> bool:
+        """Have the backup take ``update`` before it is applied; return once it confirmed, or
+        was dropped for not doing so in time (the shard goes on without a copy). False if the
+        update must not be applied: another server serves the shard now."""
+        if self.link is None:
+            return True
+        for attempt in (1, 2):
+            try:
+                self.link.request(update_message(update))
+                return True
+            except RefusedError as exc:
+                if attempt == 2 or exc.code != "not_synced":
+                    log.error("shard %d's backup refused an update: %s", self.shard, exc)
+                    break
+                self.sync(state)  # then the update again
+                if self.link is None or not self.serving:
+                    return self.serving
+            except PSLMError as exc:
+                log.error("shard %d's backup did not confirm an update: %s", self.shard, exc)
+                break
+        self.drop()
+        return self.report("lost")
+
+    def report(self, state: str) -> bool:
+        """Tell the scheduler this shard's backup is ``ready`` (a whole copy: it may be
+        promoted) or ``lost``; returns whether this server still serves the shard (if not, it
+        leaves: another took over while it was cut off)."""
+        body = {"node": self.node_id, "shard": self.shard, "state": state, "address": self.address}
+        try:
+            reply = self.scheduler.request("scheduler", Message("backup", body=body))
+        except PSLMError as exc:
+            log.warning("could not tell the scheduler the backup is %s: %s", state, exc)
+            return True
+        if not reply.body.get("serving", True):
+            log.error("shard %d is served by another server now; leaving", self.shard)
+            self.serving = False
+        return self.serving
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()

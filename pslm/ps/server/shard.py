@@ -78,7 +78,7 @@ class _Group:
     steps: list[torch.Tensor]
 
 
-class Update:
+class StagedUpdate:
     """One optimizer step over a shard's dense chunks, taken in stages (``ShardStore.update``):
     a server answers each reply as soon as the chunks it carries are updated, while the rest
     are being updated and ZeroMQ sends the earlier replies."""
@@ -430,9 +430,9 @@ class ShardStore:
 
     def update(
         self, grads: Sequence[Grad], multiplier: float = 1.0, step: int | None = None
-    ) -> Update:
-        """``apply``'s step taken in stages: row chunks now, dense chunks as ``Update.span``
-        asks for them, the rest and the version with ``Update.finish``. The kernels are
+    ) -> StagedUpdate:
+        """``apply``'s step taken in stages: row chunks now, dense chunks as ``StagedUpdate.span``
+        asks for them, the rest and the version with ``StagedUpdate.finish``. The kernels are
         elementwise, so the stages change nothing in the result."""
         lr = self.optimizer.lr_at(self.version if step is None else step)
         for k in range(self.n_dense, len(self.chunks)):
@@ -446,7 +446,7 @@ class ShardStore:
             if multiplier == 1.0
             else torch.tensor(1.0 / multiplier if multiplier else math.inf)
         )
-        return Update(self, grads, lr, scale)
+        return StagedUpdate(self, grads, lr, scale)
 
     def _step_chunks(
         self, grads: Sequence[Grad], lo: int, hi: int, lr: float, scale: torch.Tensor | None
