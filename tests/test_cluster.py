@@ -223,7 +223,8 @@ def test_shared_memory_is_refused_when_it_does_not_hold_up_and_changes_nothing(
     w, b = torch.randn(8, 8), torch.zeros(8)
     client.init({"w": w, "b": b}, OptimizerConfig(name="sgd", lr=1.0), shm=False)
     assert client.memory is None
-    held = {s: sum(x.length for x in client.slots(s)) for s in range(2)}
+    assert client.layout is not None
+    held = {s: sum(x.length for x in client.layout.slots[s]) for s in range(2)}
     # a push marked shm from a worker that never attached
     for s in range(2):
         body = {"worker": 0, "clock": 0, "shm": "pslm-w0-0", "reply_params": True}
@@ -313,16 +314,16 @@ def test_a_planned_push_pull_follows_the_tensors_it_is_given(one_worker_cluster)
     for g in grads.values():
         g.copy_(torch.randn_like(g))
     step(0, grads, out)
-    plan = client._plan
+    plan = client.planner.plan
     assert plan is not None and len(plan.pushes) == 2
     grads["v"].mul_(3)  # new values in the same memory: sent as they are
     step(1, grads, out)
-    assert client._plan is plan
+    assert client.planner.plan is plan
     old, before = out, {k: v.clone() for k, v in out.items()}
     out = client.allocate()  # other tensors: filled, the old ones left alone
     step(2, grads, out)
     assert all(torch.equal(old[k], before[k]) for k in old)
-    assert client._plan is not None and client._plan is not plan
+    assert client.planner.plan is not None and client.planner.plan is not plan
     fresh = client.allocate()
     for k in out:  # new storage under the same tensor objects
         out[k].data = fresh[k]
@@ -331,10 +332,10 @@ def test_a_planned_push_pull_follows_the_tensors_it_is_given(one_worker_cluster)
     for k in grads:  # likewise for the gradients, with new values
         grads[k].data = fresh[k].copy_(torch.randn_like(grads[k]))
     step(4, grads, out)
-    assert client._plan is not None
+    assert client.planner.plan is not None
     out["b"] = torch.zeros(30)  # a tensor outside the layout: no plan, the general path
     step(5, grads, out)
-    assert client._plan is None
+    assert client.planner.plan is None
     with pytest.raises(ConfigError, match="shape"):
         client.push_pull({**grads, "v": torch.ones(31)}, out, clock=6)
     with pytest.raises(ConfigError, match="missing"):
@@ -376,7 +377,7 @@ def test_a_large_planned_push_pull_travels_in_parts(one_worker_cluster, monkeypa
             v.zero_()
         assert client.wait(client.push_pull(grads, out, clock=clock)).version == clock + 1
         assert all(torch.equal(out[k], again[k]) for k in out)  # answered, not applied twice
-    plan = client._plan
+    plan = client.planner.plan
     assert plan is not None and all(len(m) >= 3 for m in plan.messages)  # parts on both servers
     client.close()
 
@@ -396,7 +397,7 @@ def test_pull_from_a_killed_server_raises_the_named_timeout(one_worker_cluster) 
     with pytest.raises(RequestTimeout, match="server-1"):
         client.wait(client.pull(out))
     assert 1.5 <= time.monotonic() - start < 5.0
-    client._disconnect()
+    client.close(finalize=False)
 
 
 def test_servers_save_their_shards_at_a_version(one_worker_cluster, tmp_path) -> None:

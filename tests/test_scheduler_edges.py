@@ -67,7 +67,7 @@ def _cluster(
             yield cluster, clients
         finally:
             for client in clients:
-                client._disconnect()
+                client.close(finalize=False)
 
 
 def _client(cluster: LocalCluster, rank: int) -> PSClient:
@@ -200,7 +200,7 @@ def test_a_dead_workers_share_goes_to_a_worker_still_training(tmp_path) -> None:
         w0.wait(w0.push(ones, clock=0))
         finalized = _send(w0, "finalize", node="worker-0")
         w2.wait(w2.push(ones, clock=0))
-        w1._disconnect()  # dies: its heartbeats stop
+        w1.close(finalize=False)  # dies: its heartbeats stop
 
         def moved() -> Leases | None:
             leases = w2.leases()
@@ -224,7 +224,7 @@ def test_the_finalize_of_a_worker_that_died_is_not_its_successors(tmp_path) -> N
     with _cluster(tmp_path, 2) as (cluster, (w0, w1)):
         _send(w1, "finalize", node="worker-1")
         _ask(w1, "status")  # (the finalize is in)
-        w1._disconnect()  # dies waiting for the reply
+        w1.close(finalize=False)  # dies waiting for the reply
         again = _client(cluster, 1)  # registered once worker 1 is declared dead
         try:
             assert again.late and w0.leases().moving == {1: 1}
@@ -234,7 +234,7 @@ def test_the_finalize_of_a_worker_that_died_is_not_its_successors(tmp_path) -> N
             assert {n["id"]: n["state"] for n in nodes}["worker-1"] == "alive"
             again.close()
         finally:
-            again._disconnect()
+            again.close(finalize=False)
         w0.channel.wait([finalized], timeout=5.0)
         cluster.wait(timeout=30)
     assert _states(cluster)["worker-1"] == "exited"

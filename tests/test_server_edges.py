@@ -65,7 +65,7 @@ def _cluster(tmp_path: Path, workers: int) -> Iterator[list[PSClient]]:
             yield clients
         finally:
             for client in clients:
-                client._disconnect()
+                client.close(finalize=False)
 
 
 def _zeros() -> dict[str, torch.Tensor]:

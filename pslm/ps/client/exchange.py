@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from pslm.errors import ClusterError, ConfigError
-from pslm.ps.client.client import Completion, PSClient, scalars_for
+from pslm.ps.client import encode
+from pslm.ps.client.client import Completion, PSClient
+from pslm.ps.client.encode import scalars_for
 from pslm.ps.client.layout import Expect, Slot, sq_norm
 from pslm.ps.core.push import PushPart
 from pslm.wire.message import Message
@@ -51,9 +53,10 @@ class BucketPlan:
     """Tensors cut into buckets, in the order backward produces their gradients."""
 
     def __init__(self, client: PSClient, order: Sequence[str], bucket_bytes: int = 1 << 20):
-        ks = client.keyspace
-        if ks is None:
+        layout = client.layout
+        if layout is None:
             raise ClusterError("plan buckets after init")
+        ks = layout.keyspace
         if sorted(order) != sorted(t.name for t in ks.tensors):
             raise ConfigError("the bucket order must name every tensor given to init once")
         if bucket_bytes < 1:
@@ -69,7 +72,7 @@ class BucketPlan:
         self.buckets = [Bucket(g, len(groups) - 1 - b) for b, g in enumerate(groups)]
         self.bucket_of = {n: b for b, g in enumerate(groups) for n in g}
         for s in range(client.num_servers):
-            for slot in client.slots(s):
+            for slot in layout.slots[s]:
                 bucket = self.buckets[self.bucket_of[slot.name]]
                 (bucket.rows if slot.width else bucket.dense).setdefault(s, []).append(slot)
 
@@ -92,7 +95,7 @@ class BucketPlan:
         where = [grads[slot.name].data_ptr() for slot in dense]
         cached = self._runs.get((server, buckets))
         if cached is None or cached[1] != where:
-            cached = (client.runs_of(dense, grads), where)
+            cached = (encode.runs_for(client.feedback.codec, dense, grads), where)
             self._runs[(server, buckets)] = cached
         return cached[0]
 
@@ -119,7 +122,9 @@ class Exchange:
         rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         share: int | None = None,
     ):
-        client.check_tensors(out, "exchange", full=True)
+        if client.layout is None:
+            raise ClusterError("exchange before init: call init first")
+        encode.check_tensors(client.layout.keyspace, out, "exchange", full=True)
         if not weight > 0:
             raise ConfigError(f"push weight must be positive, got {weight}")
         self.client = client
@@ -128,7 +133,8 @@ class Exchange:
         self.out = out
         self.weight = weight
         self.share = share
-        self.wanted = client.row_selection(rows)
+        self.layout = client.layout
+        self.wanted = encode.row_selection(client.layout.keyspace, rows)
         self.pushed = [False] * len(plan)
         self.requests: list[list[int]] = [[] for _ in plan.buckets]  # bucket -> request ids
         self.sent: dict[int, _Sent] = {}
@@ -152,7 +158,7 @@ class Exchange:
         ``scalars``, averaged over the workers as in ``push_pull``). At once."""
         if self.finished:
             raise ClusterError(f"the push for clock {self.clock} is already finished")
-        self.client.check_tensors(grads, "push", full=True)
+        encode.check_tensors(self.client.keyspace, grads, "push", full=True)
         rest = [b for b, done in enumerate(self.pushed) if not done]
         # the whole push is clipped by its own norm
         norm = sq_norm(grads) if self.client.clips_each_push else None
@@ -215,8 +221,8 @@ class Exchange:
         runs = self.plan.runs(self.client, server, tuple(mine), dense, grads)
         row_slots = [slot for b in mine for slot in self.plan.buckets[b].rows.get(server, [])]
         share = self.client.rank if self.share is None else self.share
-        tensors = self.client.encode_runs(grads, runs, share)
-        row_tensors, row_expect = self.client.encode_rows(grads, row_slots, self.wanted)
+        tensors = encode.encode_runs(self.client.feedback, grads, runs, share)
+        row_tensors, row_expect = encode.encode_rows(grads, row_slots, self.wanted)
         params = bool(mine)
         head = self.client.push_header(
             self.clock, self.weight, reply_params=params, share=self.share
@@ -246,6 +252,6 @@ class Exchange:
         def scatter(rid: int, reply: Message) -> None:
             sent = self.sent[rid]
             if sent.params:
-                self.client.scatter(reply, sent.server, sent.expect, self.out)
+                encode.scatter(reply, self.layout, sent.server, sent.expect, self.out)
 
         self.replies.update(self.client.channel.wait(ids, on_reply=scatter))

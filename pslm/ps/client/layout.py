@@ -1,13 +1,14 @@
 """Where a server's chunks live in a worker's tensors, and how they travel.
 
+    layout = Layout.of(keyspace, num_servers)       # every server's Slots, in shard order
     slot = Slot(key, name, offset, length)          # one chunk of one named tensor
     span = span_of(tensors, run)                    # one view over back-to-back chunks, or None
     runs = runs_of(slots, grads)                    # chunks that can travel as one tensor
     copy_run(t, run, out, check_only=False)         # a reply tensor into the caller's tensors
     plan = Plan.make(grads, out, layout, pieces)    # a push_pull between two mappings, once
 
-The client (``pslm.ps.client.client``) keeps one list of Slots per server, in the server's shard
-order; messages carry pieces, runs or single chunks of them (``pslm.ps.server.intake``).
+The client (``pslm.ps.client.client``) keeps one list of Slots per server, in the server's
+shard order; messages carry pieces, runs or single chunks of them (``pslm.ps.server.intake``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pslm.errors import ProtocolError
+from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.push import PushPart
 from pslm.wire.message import Message, encode_tensors
 
@@ -48,6 +50,35 @@ class Slot(NamedTuple):
         first = self.offset // self.width
         lo, hi = torch.searchsorted(rows, torch.tensor([first, first + self.length // self.width]))
         return rows[int(lo) : int(hi)]
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Every server's chunks as Slots of the caller's tensors, in each server's shard order:
+    its dense chunks first, then the chunks of row tensors."""
+
+    keyspace: KeySpace
+    slots: list[list[Slot]]
+
+    @classmethod
+    def of(cls, ks: KeySpace, num_servers: int) -> Layout:
+        slots = [
+            [
+                Slot(c.key, t.name, c.offset, c.length, t.row_width if t.rows else 0, i)
+                for i, c in enumerate(ks.shard(s))
+                for t in [ks.tensors[c.tensor]]
+            ]
+            for s in range(num_servers)
+        ]
+        return cls(ks, slots)
+
+    def dense(self, server: int) -> list[Slot]:
+        """``server``'s dense chunks."""
+        return self.slots[server][: self.keyspace.dense(server)]
+
+    def rows(self, server: int) -> list[Slot]:
+        """``server``'s chunks of row tensors."""
+        return self.slots[server][self.keyspace.dense(server) :]
 
 
 @dataclass(slots=True)

@@ -24,14 +24,23 @@ a shard whose server moved (failover), takes the socket.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pslm.errors import ProtocolError
 from pslm.ps.core.keyspace import KeySpace
+from pslm.wire.message import Message
 from pslm.wire.shm import Segment
+from pslm.wire.shm import available as shm_available
+from pslm.wire.transport import Channel
+
+log = logging.getLogger("pslm.client")
 
 
 @dataclass(slots=True)
@@ -110,3 +119,44 @@ class WorkerMemory:
 
     def close(self) -> None:
         self.segment.close()
+
+
+def share_memory(
+    channel: Channel, keyspace: KeySpace, servers: Sequence[str], rank: int
+) -> WorkerMemory | None:
+    """A segment offered to each server on this machine (``servers``: addresses by shard,
+    reached on ``channel`` as ``server-N``; blocks for one round trip each). A server that
+    refuses it (another machine after all, another process namespace) stays on the socket;
+    None if none takes it."""
+    if not shm_available():
+        return None
+    local = [s for s, addr in enumerate(servers) if on_this_machine(addr)]
+    memory = WorkerMemory.create(keyspace, local, rank) if local else None
+    if memory is None:
+        return None
+    for s in memory.servers:
+        try:
+            channel.request(f"server-{s}", Message("attach", body=memory.offer(s, worker=rank)))
+        except ProtocolError as exc:
+            log.info("server %d stays on the socket: %s", s, exc)
+            memory.drop(s)
+    if not memory.active:
+        memory.close()
+        return None
+    log.info("shared memory with the servers on this machine: %s", sorted(memory.active))
+    return memory
+
+
+def on_this_machine(address: str) -> bool:
+    """Whether ``address`` (tcp://host:port) is a loopback address or one of this host's."""
+    host = address.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        if host == "localhost":
+            return True
+    try:
+        return host in {socket.gethostname(), *socket.gethostbyname_ex(socket.gethostname())[2]}
+    except OSError:
+        return False
