@@ -192,10 +192,11 @@ class Scheduler(Churn, Operations):
             self.nodes[node.id] = node
             if node.role == "server":  # ranks past the shards are backups, one per shard
                 self.shards.place(node.rank % self.cfg.num_servers, node)
+        self.complete = True
+        # cluster.json describes the cluster before any node hears that it is complete
+        self._write_cluster()
         for node, msg in joined:
             self.listener.send(node.peer, self._membership(node, msg))
-        self.complete = True
-        self._write_cluster()
         log.info("cluster complete: %s", ", ".join(sorted(self.nodes)))
 
     def _send(self, answers: list[tuple[bytes, Message]]) -> None:
