@@ -370,3 +370,34 @@ def test_a_child_still_running_after_the_job_is_stopped(tmp_path) -> None:
         assert hung.poll() == -signal.SIGTERM
         codes = [c.proc.returncode for c in cluster.children if c.proc is not hung]
     assert codes == [0] * 5
+
+
+def test_a_stray_request_to_a_backup_does_not_promote_it(tmp_path) -> None:
+    """A pull sent straight to shard 0's backup (a confused or malicious member) is held, not
+    taken as a sign that the backup serves the shard now: training goes on with the backup
+    still the backup and in sync. Once the shard table promotes it (its server leaves), it
+    serves the shard - and answers the held pull. The backup used to promote itself on any
+    worker's request: its server's next update was refused, the backup dropped, and
+    replication was gone for the rest of the run."""
+    with _cluster(tmp_path, 1, replicas=1, init=True) as (cluster, (w0,)):
+        _until(lambda: _synced_shard(cluster), "the backup's copy")
+        backup = _ask(w0, "status").body["backups"][0]
+        channel = Channel(timeout=10.0)
+        channel.connect("backup", backup)
+        try:
+            stray = channel.send("backup", Message("pull", body={"worker": 0}))
+            grads, out = {"w": torch.ones(4)}, {"w": torch.zeros(4)}
+            for clock in range(3):
+                w0.wait(w0.push_pull(grads, out, clock=clock))
+            status = _ask(w0, "status").body
+            assert status["backups"][0] == backup and status["servers"][0] != backup
+            assert _synced_shard(cluster) is not None  # (still a whole copy)
+            primary = next(c for c in cluster.children if c.name == "server-0")
+            os.kill(primary.proc.pid, signal.SIGINT)
+            assert primary.proc.wait(10) == 130
+            reply = channel.wait([stray], timeout=10.0)[stray]
+            assert reply.body["version"] == 3 and reply.tensors[0].tolist() == [-3.0] * 4
+        finally:
+            channel.close()
+        w0.close()
+        cluster.wait(timeout=30)

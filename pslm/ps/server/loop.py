@@ -85,6 +85,10 @@ class ServerConfig:
             raise ConfigError("timeouts must be positive")
 
 
+MAX_HELD = 1024
+"""Workers' requests a backup holds until the shard table promotes it (more are refused)."""
+
+
 class Role(enum.Enum):
     """What a server is to its shard."""
 
@@ -165,6 +169,8 @@ class Server:
             replication=self.replication,
             peers=self.peers,
         )
+        self.held: list[tuple[bytes, Message]] = []
+        """Workers' requests that reached this backup before the table promoted it."""
         self.counts = {"bytes_in": 0, "messages": 0}
         """Tensor bytes received and messages taken (reported with heartbeats)."""
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
@@ -224,6 +230,8 @@ class Server:
                 self._follow(beat.table)
             if not self.replication.serving:
                 self.role = Role.DEMOTED
+            if self.held and self.role is not Role.BACKUP:
+                self._release_held()
             if self.role is Role.DEMOTED:
                 return protocol.DEMOTED
             if self.role is Role.STOPPING or beat.stop_requested.is_set():
@@ -269,9 +277,8 @@ class Server:
             if self.role is Role.BACKUP:
                 if not promotes:
                     raise RefusedError(f"{msg.op}: this server is a backup", code="no_shm")
-                # workers come here only once the scheduler promoted this backup
-                log.warning("a worker reached this backup: serving shard %d now", self.shard)
-                self._promoted()
+                self._early(peer, msg)
+                return
             worker = protocol.field(msg, "worker", int)
             if not 0 <= worker < self.me.num_workers:
                 n = self.me.num_workers
@@ -402,6 +409,32 @@ class Server:
                 state.norms = {update.version: update.sq}
 
     # --- the shard table --------------------------------------------------------------------
+
+    def _early(self, peer: bytes, msg: Message) -> None:
+        """A worker's request reached this backup: workers come here once the shard table
+        promotes it, which this server may not have heard yet. It is held until the table
+        says this server serves the shard (then handled), or refused when this server
+        leaves; a stray request promotes nothing."""
+        table = self.beat.table if self.beat is not None else None
+        if table is not None:
+            self._follow(table)
+        if self.role is Role.SERVING:  # promoted: the request is handled now
+            self.handle(peer, msg)
+            return
+        if len(self.held) >= MAX_HELD:
+            raise RefusedError(f"the backup of shard {self.shard} holds no more", code="backup")
+        self.held.append((peer, msg))
+
+    def _release_held(self) -> None:
+        """Handle the requests held while this server was a backup (it serves now), or
+        refuse them (it leaves)."""
+        held, self.held = self.held, []
+        for peer, msg in held:
+            if self.role is Role.SERVING:
+                self.handle(peer, msg)
+            else:
+                why = f"the backup of shard {self.shard} leaves without serving it"
+                self.replies.refuse(peer, msg, "backup", why)
 
     def _follow(self, table: Table) -> None:
         """Act on the shard table: take over this shard, leave when another serves it, reach
