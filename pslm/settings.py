@@ -127,7 +127,6 @@ class _Setting(argparse.Action):
                 value = self.form.parse(str(values))
             except ValueError:
                 raise ConfigError(f"{flag} takes {self.form.what}, got {values!r}") from None
-        # a new dict, never the shared default's: parsers may be used twice
         setattr(namespace, SETTINGS, {**given(namespace), self.dest: Given(value, flag)})
 
 
@@ -184,7 +183,7 @@ def _add(
     aliases: list[tuple[str, bool]],
 ) -> None:
     """One field's argument: its own flag(s) and its aliases' (``(flag, sets true)``)."""
-    doc = help_text(docs.get(f.name, "")).replace("%", "%%")
+    doc = help_text(docs.get(f.name, ""))
     form: Form | None = None
     if str(f.type) == "bool":
         switches = {f"--{path}": True, f"--no-{path}": False, **dict(aliases)}
@@ -202,7 +201,7 @@ def _add(
         dest=path,
         default=argparse.SUPPRESS,
         metavar=form.metavar if form else None,
-        help=f"{doc} (default: {shown})".lstrip(),
+        help=f"{doc} (default: {shown})".lstrip().replace("%", "%%"),  # argparse formats it
         form=form,
         switches=switches,
     )
