@@ -14,10 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pslm.errors import ConfigError, PSLMError
 from pslm.flags import env, parser, resolve_env
+
+if TYPE_CHECKING:  # the configs import torch, which role commands must not wait for
+    from pslm.train.config import TrainConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,59 +344,42 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pslm.train.config import TrainConfig, load_config
-    from pslm.train.run import resume, train
+    from pslm.settings import given, overrides
+    from pslm.train.config import TrainConfig, dump_toml, load_config
+    from pslm.train.run import recorded, resume, train
 
+    settings = given(args)
     if args.resume:
-        extra = [k for k, v in vars(args).items() if v is not None and k not in _NOT_OPTIONS]
-        if extra:
-            names = ", ".join("--" + k.replace("_", "-") for k in sorted(extra))
+        options = [k for k, v in vars(args).items() if v not in (None, False)]
+        flags = ["--" + k.replace("_", "-") for k in options if k not in _NOT_OPTIONS]
+        if extra := [*flags, *(s.flag for s in settings.values())]:
+            names = ", ".join(sorted(extra))
             raise ConfigError(f"--resume continues a run as it was set up; drop {names}")
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         return resume(Path(args.resume))
 
+    block = settings.get("model.block_size")  # the short flag has no "0: the preset's"
+    if block and block.flag == "--block-size" and block.value < 1:
+        raise ConfigError(f"--block-size must be >= 1, got {block.value}")
     cfg = load_config(args.config) if args.config else TrainConfig()
-    flags = {
-        "data": {"name": args.data, "tokenizer": args.tokenizer},
-        "model": {
-            "preset": args.model,
-            "block_size": args.block_size,
-            "tie_embeddings": args.tie_embeddings,
-        },
-        "train": {
-            "slow_worker": args.slow_worker,
-            "straggle": args.straggle,
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "device": args.device,
-        },
-        "cluster": {
-            "workers": args.workers,
-            "servers": args.servers,
-            "consistency": args.consistency,
-            "push_codec": args.push_codec,
-            "pull_codec": args.pull_codec,
-            "overlap": args.overlap,
-            "shm": args.shm,
-            "secure": args.secure,
-            "replicas": args.replicas,
-            "launcher": args.launcher,
-            "ray_address": args.address,
-        },
-    }
-    if args.block_size is not None and args.block_size < 1:
-        raise ConfigError(f"--block-size must be >= 1, got {args.block_size}")
-    given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
-    cfg = cfg.override(**{k: d for k, d in given.items() if d})
-    if args.run_dir:
-        cfg = dataclasses.replace(cfg, run_dir=args.run_dir)
+    cfg = _overridden(cfg, overrides(args))
+    if args.print_config:
+        sys.stdout.write(dump_toml(recorded(cfg).to_dict()))
+        return 0
     _check_device(cfg.train.device)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     return train(cfg)
 
 
-_NOT_OPTIONS = {"command", "func", "resume"}
+_NOT_OPTIONS = {"command", "func", "resume", "settings"}
+
+
+def _overridden(cfg: TrainConfig, given: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with the settings ``given`` (nested as ``pslm.settings.overrides`` returns
+    them): sections through ``override``, top-level fields replaced."""
+    sections = {k: v for k, v in given.items() if isinstance(v, dict)}
+    top = {k: v for k, v in given.items() if not isinstance(v, dict)}
+    return dataclasses.replace(cfg.override(**sections), **top)
 
 
 def _check_device(device: str) -> None:
@@ -450,36 +436,20 @@ def _eval_classifier(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from pslm.train.run import finetune
+    from pslm.settings import given, overrides
+    from pslm.train.config import dump_toml
+    from pslm.train.run import finetune, finetune_config
 
-    if args.device:
-        _check_device(args.device)
-    flags = {
-        "train": {
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "eval_interval": args.eval_interval,
-            "seed": args.seed,
-            "device": args.device,
-        },
-        "optim": {"lr": args.lr},
-        "cluster": {
-            "workers": args.workers,
-            "servers": args.servers,
-            "consistency": args.consistency,
-        },
-        "finetune": {
-            "split_seed": args.split_seed,
-            "folds": args.folds,
-            "fold": args.fold,
-            "pooling": args.pooling,
-            "windows": args.windows,
-        },
-    }
-    given = {k: {f: v for f, v in d.items() if v is not None} for k, d in flags.items()}
-    overrides = {k: d for k, d in given.items() if d}
+    sections = overrides(args)
+    run_dir = sections.pop("run_dir", "")
+    if args.print_config:
+        cfg = finetune_config(Path(args.run), args.data, sections, run_dir=run_dir)
+        sys.stdout.write(dump_toml(cfg.to_dict()))
+        return 0
+    if device := given(args).get("train.device"):
+        _check_device(device.value)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return finetune(Path(args.run), args.data, overrides, run_dir=args.run_dir or "")
+    return finetune(Path(args.run), args.data, sections, run_dir=run_dir)
 
 
 def _report(args: argparse.Namespace) -> int:

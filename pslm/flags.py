@@ -9,16 +9,128 @@ secret itself, which has no flag). A variable is read only by the command that r
 
     args = parser(commands).parse_args(argv)    # commands: name -> function(args) -> int
     resolve_env(args)                           # PSLM_* defaults, read now
+
+``pslm train`` and ``pslm finetune`` take every field of ``pslm.train.config`` as a flag made
+from the field (``--optim.lr 3e-4``, ``pslm.settings``); their short flags are aliases of
+those fields (``TRAIN_ALIASES``, ``FINETUNE_ALIASES``). Those flags are made when the command
+runs, because the configs import torch and the role commands must start without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pslm.errors import ConfigError
+
+TRAIN_ALIASES = {
+    "--data": "data.name",
+    "--tokenizer": "data.tokenizer",
+    "--model": "model.preset",
+    "--block-size": "model.block_size",
+    "--untie-embeddings": "not model.tie_embeddings",
+    "--steps": "train.steps",
+    "--batch-size": "train.batch_size",
+    "--seed": "train.seed",
+    "--device": "train.device",
+    "--slow-worker": "train.slow_worker",
+    "--straggle": "train.straggle",
+    "--workers": "cluster.workers",
+    "--servers": "cluster.servers",
+    "--consistency": "cluster.consistency",
+    "--replicas": "cluster.replicas",
+    "--push-codec": "cluster.push_codec",
+    "--pull-codec": "cluster.pull_codec",
+    "--overlap": "cluster.overlap",
+    "--no-shm": "not cluster.shm",
+    "--secure": "cluster.secure",
+    "--launcher": "cluster.launcher",
+    "--address": "cluster.ray_address",
+    "--run-dir": "run_dir",
+}
+"""``pslm train``'s short flags: flag -> the field it sets (``not``: a switch that sets it
+false)."""
+
+FINETUNE_ALIASES = {
+    **{
+        flag: TRAIN_ALIASES[flag]
+        for flag in (
+            "--steps",
+            "--batch-size",
+            "--seed",
+            "--device",
+            "--workers",
+            "--servers",
+            "--consistency",
+            "--run-dir",
+        )
+    },
+    "--lr": "optim.lr",
+    "--eval-interval": "train.eval_interval",
+    "--split-seed": "finetune.split_seed",
+    "--folds": "finetune.folds",
+    "--fold": "finetune.fold",
+    "--pooling": "finetune.pooling",
+    "--windows": "finetune.windows",
+}
+"""``pslm finetune``'s short flags."""
+
+FINETUNE_FIXED = ("model", "data", "finetune.task", "finetune.pretrained", "finetune.labels")
+"""What ``pslm finetune`` takes from the pretrained run and the labelled data, not from flags."""
+
+SETTINGS_HELP = (
+    "Every setting of pslm/train/config.py is a flag --SECTION.FIELD VALUE (--optim.lr 3e-4, "
+    "--optim.betas 0.9,0.95); a true/false setting is a switch: --cluster.overlap, "
+    "--no-cluster.overlap. The short flags (--workers) are aliases of fields. --print-config "
+    "prints the resolved settings as TOML and starts nothing."
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that adds some of its flags when it is first used (``later``)."""
+
+    later: Callable[[argparse.ArgumentParser], None] | None = None
+    """Adds the rest of the flags: those made from pslm.train.config, which imports torch."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+    def _complete(self) -> None:
+        later, self.later = self.later, None
+        if later:
+            later(self)
+
+
+def _train_settings(p: argparse.ArgumentParser) -> None:
+    from pslm.settings import add_settings
+    from pslm.train.config import TrainConfig
+
+    add_settings(p, TrainConfig, aliases=TRAIN_ALIASES)
+
+
+def _finetune_settings(p: argparse.ArgumentParser) -> None:
+    from pslm.settings import add_settings
+    from pslm.train.config import TrainConfig
+    from pslm.train.finetune import DEFAULTS
+
+    add_settings(p, TrainConfig, aliases=FINETUNE_ALIASES, defaults=DEFAULTS, skip=FINETUNE_FIXED)
+
+
+def _print_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the settings the run would record (its config.toml) and exit",
+    )
 
 
 class EnvDefault:
@@ -47,93 +159,29 @@ def env(name: str, kind: Callable[[str], Any], default: Any) -> Any:
         raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
+def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parser:
     """The whole command line; ``commands``: what each command runs, by its name."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="pslm",
         description="Train GPT-style language models on a parameter server.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("train", help="train a GPT on a local parameter-server cluster")
+    s = sub.add_parser(
+        "train",
+        help="train a GPT on a local parameter-server cluster",
+        usage="%(prog)s [--config FILE.toml] [--SECTION.FIELD VALUE ...] [--print-config]\n"
+        "       %(prog)s --resume RUN_DIR",
+        description=SETTINGS_HELP + " Flags override --config.",
+    )
     s.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
-    s.add_argument(
-        "--data",
-        metavar="NAME|PATH",
-        help="bbc-news (default), a text file, a directory of text files, or JSONL",
-    )
-    s.add_argument("--model", metavar="PRESET", help="tiny, small (default) or gpt2")
-    s.add_argument("--tokenizer", choices=["bpe", "bpe-jieba", "char"], help="default bpe")
-    s.add_argument("--steps", type=int, help="optimizer steps")
-    s.add_argument("--batch-size", type=int, help="GLOBAL sequences per step, split over workers")
-    s.add_argument("--block-size", type=int, help="context length in tokens")
-    s.add_argument("--workers", type=int, help="worker processes (default 2)")
-    s.add_argument("--servers", type=int, help="server processes (default 2)")
-    s.add_argument("--consistency", help="bsp (default), ssp:S, asp or local:H")
-    s.add_argument(
-        "--replicas",
-        type=int,
-        choices=[0, 1],
-        help="a backup server per shard (default: 1 with two or more servers, no overlap)",
-    )
-    s.add_argument("--push-codec", help="none (default), bf16, fp16, int8 or topk:RATIO")
-    s.add_argument("--pull-codec", help="none (default), bf16 or fp16")
-    s.add_argument(
-        "--launcher",
-        choices=["local", "ray"],
-        help="local processes (default) or Ray actors (pip install 'pslm[ray]')",
-    )
-    s.add_argument(
-        "--address",
-        help="--launcher ray: auto, ray://HOST:PORT, HOST:PORT or local (a private Ray here; "
-        "the default unless RAY_ADDRESS is set)",
-    )
-    s.add_argument(
-        "--overlap",
-        action="store_const",
-        const=True,
-        help="push gradients during backward; the next forward waits per layer",
-    )
-    s.add_argument(
-        "--no-shm",
-        action="store_const",
-        const=False,
-        dest="shm",
-        help="always exchange over the socket, also between processes on this machine "
-        "(default: shared memory there)",
-    )
-    s.add_argument(
-        "--secure",
-        action="store_const",
-        const=True,
-        help="encrypt all traffic (ZeroMQ CURVE); nodes always prove a per-run secret",
-    )
-    s.add_argument(
-        "--untie-embeddings",
-        action="store_const",
-        const=False,
-        dest="tie_embeddings",
-        help="a separate output head; the embedding travels by rows (sparse)",
-    )
-    s.add_argument(
-        "--slow-worker",
-        metavar="RANK:FACTOR",
-        help="experiment: that worker computes FACTOR times slower",
-    )
-    s.add_argument(
-        "--straggle",
-        metavar="PROB:FACTOR",
-        help="experiment: each step a worker is delayed FACTOR x its compute time "
-        "with probability PROB",
-    )
-    s.add_argument("--seed", type=int, help="seed of the initial model and the batch order")
-    s.add_argument("--device", help="cpu (default) or cuda[:N]")
-    s.add_argument("--run-dir", help="run directory (default runs/<corpus>-<date>-<time>)")
+    _print_config_arg(s)
     s.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue that run from its newest checkpoint (takes no other option)",
     )
+    s.later = _train_settings
     s.set_defaults(func=commands["train"])
 
     s = sub.add_parser("generate", help="generate text from a trained run")
@@ -158,27 +206,18 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> argpa
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=commands["eval"])
 
-    s = sub.add_parser("finetune", help="fine-tune a pretrained run on labelled text")
+    s = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained run on labelled text",
+        usage="%(prog)s --run DIR --data NAME|PATH [--SECTION.FIELD VALUE ...] [--print-config]",
+        description=SETTINGS_HELP + " The model, its tokenizer and [data] come from the "
+        "pretrained run; [finetune] task, pretrained and labels from it and the data.",
+    )
     s.add_argument("--run", required=True, metavar="DIR", help="the pretrained run")
     s.add_argument("--task", choices=["classify"], default="classify")
     s.add_argument("--data", required=True, help="bbc-news, zh-sentiment, or JSONL/CSV")
-    s.add_argument("--steps", type=int, help="optimizer steps (600)")
-    s.add_argument("--batch-size", type=int, help="GLOBAL texts per step (16)")
-    s.add_argument("--lr", type=float, help="peak learning rate (3e-4)")
-    s.add_argument("--workers", type=int, help="worker processes (2)")
-    s.add_argument("--servers", type=int, help="server processes (2)")
-    s.add_argument("--consistency", help="bsp (default), ssp:S, asp or local:H")
-    s.add_argument("--eval-interval", type=int, help="steps between validation losses (50)")
-    s.add_argument("--seed", type=int, help="seed of the head and the batch order")
-    s.add_argument("--split-seed", type=int, help="seed of the train/val/test split (0)")
-    s.add_argument("--folds", type=int, help="k-fold cross-validation: test on one fold of K")
-    s.add_argument("--fold", type=int, help="which fold is the test part (0 .. K-1)")
-    s.add_argument(
-        "--pooling", choices=["mean", "last"], help="a window's vector: mean of states or last"
-    )
-    s.add_argument("--windows", type=int, help="read a text as up to N context windows (8)")
-    s.add_argument("--device", help="cpu (default) or cuda[:N]")
-    s.add_argument("--run-dir", help="run directory (default runs/<data>-ft-<date>-<time>)")
+    _print_config_arg(s)
+    s.later = _finetune_settings
     s.set_defaults(func=commands["finetune"])
 
     s = sub.add_parser("report", help="plots and a Markdown summary of a run")

@@ -87,9 +87,11 @@ class ModelSection:
 @dataclass(kw_only=True, slots=True)
 class DataSection:
     name: str = "bbc-news"
-    """A built-in corpus (bbc-news) or a path: text file, directory of text files, JSONL."""
+    """A built-in corpus (bbc-news, zh-news, zh-news+reviews) or a path: a text file, a
+    directory of text files, or JSONL with a ``text`` field."""
     tokenizer: str = "bpe"
-    """``bpe`` (byte-level, trained on the corpus) or ``char``."""
+    """``bpe`` (byte-level, trained on the corpus), ``bpe-jieba`` (BPE that never merges
+    across the words jieba cuts Chinese text into) or ``char``."""
     vocab_size: int = 4096
     """BPE vocabulary size."""
     val_fraction: float = 0.1
@@ -313,6 +315,7 @@ class FinetuneSection:
     """k-fold cross-validation: 0 splits 80/10/10; k >= 2 tests on fold ``fold`` of k (a run
     per fold covers every text once)."""
     fold: int = 0
+    """With ``folds``: which fold is the test part (0 .. folds - 1)."""
     pooling: str = "mean"
     """How a window of text becomes one vector: the mean of its final hidden states
     (``mean``) or the state at its last token (``last``)."""
@@ -359,7 +362,7 @@ SECTIONS = {
 
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
-    """Everything a run needs. ``run_dir`` empty: runs/<corpus>-<date>-<time>."""
+    """Everything a run needs: one section per component, and where the run goes."""
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -368,6 +371,7 @@ class TrainConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     run_dir: str = ""
+    """Where the run goes: a new or empty directory (empty: runs/<corpus>-<date>-<time>)."""
 
     def __post_init__(self) -> None:
         self.optim.optimizer(self.train.steps)  # raises ConfigError for a bad combination

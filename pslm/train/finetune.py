@@ -24,7 +24,7 @@ from pslm.errors import ConfigError
 from pslm.lm.checkpoint import latest_checkpoint, load_classifier
 from pslm.lm.classifier import Encoded, GPTClassifier, classify
 from pslm.lm.corpus import load_corpus
-from pslm.lm.labelled import Split, load_labelled
+from pslm.lm.labelled import Labelled, Split, load_labelled
 from pslm.lm.tokenizer import load_tokenizer
 from pslm.train.baseline import language_of, run_baseline
 from pslm.train.config import TrainConfig, dump_toml, load_config
@@ -66,11 +66,9 @@ def plan(pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]])
     return replace(cfg, finetune=finetune)
 
 
-def prepare_run(
-    cfg: TrainConfig, pretrained: Path, run_dir: Path
-) -> tuple[TrainConfig, ClassifyData, dict[str, Any]]:
-    """Read, clean and split the labelled data; write the run's config, tokenizer and data.
-    Returns the config, the prepared data and what ``data.json`` records of them."""
+def labelled(cfg: TrainConfig) -> tuple[TrainConfig, Labelled, Split]:
+    """The labelled data ``cfg`` names and its split (``cfg.finetune``), and ``cfg`` with the
+    data's labels."""
     data = load_labelled(cfg.data.name)
     f = cfg.finetune
     split = (
@@ -78,8 +76,22 @@ def prepare_run(
         if f.folds
         else data.split(seed=f.split_seed)
     )
-    cfg = replace(cfg, finetune=replace(cfg.finetune, labels=data.labels), run_dir=str(run_dir))
-    cfg = cfg.resolved()
+    return replace(cfg, finetune=replace(f, labels=data.labels)), data, split
+
+
+def recorded(cfg: TrainConfig, run_dir: Path | None) -> TrainConfig:
+    """What a fine-tuning run of ``cfg`` (with its labels) in ``run_dir`` records as its
+    config.toml (``run_dir`` None: empty, the run makes one up as it starts)."""
+    return replace(cfg, run_dir=str(run_dir) if run_dir else "").resolved()
+
+
+def prepare_run(
+    cfg: TrainConfig, pretrained: Path, run_dir: Path
+) -> tuple[TrainConfig, ClassifyData, dict[str, Any]]:
+    """Read, clean and split the labelled data; write the run's config, tokenizer and data.
+    Returns the config, the prepared data and what ``data.json`` records of them."""
+    cfg, data, split = labelled(cfg)
+    cfg = recorded(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pretrained / "tokenizer.json", run_dir / "tokenizer.json")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")

@@ -46,8 +46,7 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError("this configuration fine-tunes: use pslm finetune (or drop [finetune])")
     corpus = load_corpus(cfg.data.name)
     run_dir = _new_run_dir(cfg, corpus.name)
-    source = cfg.data.name if cfg.data.name in BUILTIN else str(Path(cfg.data.name).resolve())
-    cfg = replace(cfg, run_dir=str(run_dir), data=replace(cfg.data, name=source)).resolved()
+    cfg = recorded(cfg, run_dir)
     console.print(f"[bold]pslm train[/] -> {run_dir}")
     data = prepare(
         corpus,
@@ -65,13 +64,23 @@ def train(cfg: TrainConfig) -> int:
     shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
     record = {
         "corpus": corpus.name,
-        "source": source,
+        "source": cfg.data.name,
         "fingerprint": corpus.fingerprint,
         "prepared": str(data.path),
     }
     (run_dir / "data.json").write_text(json.dumps(record, indent=2) + "\n")
     _describe(cfg, data, corpus.name)
     return _launch(cfg, data, run_dir, started, resume_from=None)
+
+
+def recorded(cfg: TrainConfig, run_dir: Path | None = None) -> TrainConfig:
+    """What a run of ``cfg`` in ``run_dir`` records as its config.toml: the corpus by its
+    absolute path (a built-in one by name), every derived value spelled out. Without
+    ``run_dir``: ``cfg.run_dir``, empty when the run is to make one up as it starts."""
+    source = cfg.data.name if cfg.data.name in BUILTIN else str(Path(cfg.data.name).resolve())
+    where = run_dir or (Path(cfg.run_dir) if cfg.run_dir else None)
+    data = replace(cfg.data, name=source)
+    return replace(cfg, run_dir=str(where) if where else "", data=data).resolved()
 
 
 def resume(run_dir: Path, *, restarts: int | None = None) -> int:
@@ -131,6 +140,16 @@ def finetune(
         tests = record["split"]["test"]
         console.print(f"pre-training read {saw['test']} of the {tests} test texts (unlabelled)")
     return _launch(cfg, data, path, started, resume_from=None)
+
+
+def finetune_config(
+    pretrained: Path, data_spec: str, overrides: dict[str, dict[str, Any]], run_dir: str = ""
+) -> TrainConfig:
+    """What ``finetune`` with these arguments records as the run's config.toml (``run_dir``
+    empty: the run makes one up as it starts). Reads the pretrained run and the labelled
+    data; writes nothing."""
+    cfg, _, _ = ft.labelled(ft.plan(pretrained, data_spec, overrides))
+    return ft.recorded(cfg, Path(run_dir) if run_dir else None)
 
 
 def _drop_partial_checkpoints(run_dir: Path) -> None:
