@@ -27,7 +27,6 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from pslm.errors import (
     ClusterError,
@@ -40,13 +39,10 @@ from pslm.errors import (
 from pslm.ps.control.node import Heartbeat, Membership, register
 from pslm.ps.control.table import Table
 from pslm.ps.core import protocol
-from pslm.ps.core.consistency import Consistency
-from pslm.ps.core.keyspace import KeySpace
-from pslm.ps.core.optim import OptimizerConfig
-from pslm.ps.server.replica import Replication, read_update
+from pslm.ps.server.replica import Replication, mirror, read_update
 from pslm.ps.server.replies import Outbox, Replies
 from pslm.ps.server.serving import ShardService
-from pslm.ps.server.shard import ShardStore
+from pslm.ps.server.setup import initialise, save
 from pslm.ps.server.shm import SharedPaths
 from pslm.ps.server.state import ShardState
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
@@ -295,70 +291,18 @@ class Server:
         self._from_worker(lambda p, m, w: self.replies.send(p, self._initialise(m)))(peer, msg)
 
     def _initialise(self, msg: Message) -> Message:
-        raw = protocol.field(msg, "keyspace", dict)
-        if raw.get("num_servers") != self.me.num_servers:  # before building anything
-            raise ConfigError(
-                f"key space is cut for {raw.get('num_servers')!r} servers, the cluster has "
-                f"{self.me.num_servers}"
-            )
-        ks = KeySpace.from_dict(raw)
-        opt = OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict))
-        mode = Consistency.from_dict(protocol.field(msg, "consistency", dict, {}))
-        if self.service.initialised:
-            state = self.service.state
-            same = (
-                ks.fingerprint() == state.store.keyspace.fingerprint()
-                and opt == state.store.optimizer
-                and mode == state.consistency
-            )
-            if not same:
-                raise RefusedError(
-                    "already initialised with another model, optimizer or consistency model"
-                )
-            return msg.reply(version=state.store.version)
-        store = ShardStore(ks, self.shard, opt)
-        restore = protocol.field(msg, "restore", str, "")
-        clock = protocol.field(msg, "clock", int, 0)
-        if clock < 0:
-            raise ProtocolError(f"init: clock must be >= 0, got {clock}")
-        if restore:  # a checkpoint's shard, not the values in the message
-            if msg.tensors:
-                raise ProtocolError("init: restore takes no tensors")
-            path = Path(restore) / shard_file(self.shard, self.me.num_servers)
-            store.restore(path)
-            log.info("restored version %d from %s", store.version, path)
-        else:
-            store.load(msg.tensors)
-        # every worker resumes at ``clock``
-        state = ShardState.fresh(store, mode, num_workers=self.me.num_workers, clock=clock)
+        current = self.service.state if self.service.initialised else None
+        shape = {"shard": self.shard, "num_servers": self.me.num_servers}
+        state = initialise(msg, current, num_workers=self.me.num_workers, **shape)
+        if state is None:  # the same again
+            return msg.reply(version=self.service.state.store.version)
         self.service.state = state
-        log.info(
-            "initialised: %d chunks, %d parameters, %s, %s, version %d",
-            len(store.chunks),
-            store.numel,
-            opt.name,
-            mode,
-            store.version,
-        )
         self.replication.sync(state)
-        return msg.reply(version=store.version)
+        return msg.reply(version=state.store.version)
 
     def _save(self, msg: Message) -> Message:
-        """Write this shard (parameters, optimizer state) into an existing directory."""
         store = self.service.state.store
-        directory = Path(protocol.field(msg, "path", str))
-        version = protocol.field(msg, "version", int)
-        if version != store.version:
-            raise RefusedError(
-                f"save asked for version {version}; the server is at {store.version}",
-                code="bad_clock",
-            )
-        if not directory.is_dir():
-            raise RefusedError(f"save: {directory} is not a directory", code="bad_path")
-        path = directory / shard_file(self.shard, self.me.num_servers)
-        nbytes = store.save(path)
-        log.info("saved version %d to %s (%d bytes)", version, path, nbytes)
-        return msg.reply(version=version, file=str(path), bytes=nbytes)
+        return save(msg, store, shard=self.shard, num_servers=self.me.num_servers)
 
     def _attach(self, peer: bytes, msg: Message, worker: int) -> None:
         """A worker on this machine offers shared memory (``pslm.ps.client.shm``)."""
@@ -388,25 +332,10 @@ class Server:
         state = self.service.state
         update = read_update(msg, state.store, self.me.num_workers)
         self.replies.send(peer, msg.reply(version=update.version))
-        try:
-            update.apply(state.store)
-        except Exception as exc:  # (a bug's way out) this copy is half one version: the
-            # backup leaves and is dropped (its server, failing alike, leaves too: the shard
-            # is lost and the job goes back to its checkpoint)
-            log.exception("applying update %d failed", update.version)
-            raise ShardFailed(
-                f"backup of shard {self.shard}: applying update {update.version} failed "
-                f"part-way ({exc!r}); leaving"
-            ) from exc
+        mirror(update, state, self.shard)
         # norms that came meanwhile were for the clock just applied or the next (as in
         # the server's round); the backup gathers none of its own
         self.service.round = self.service.norms.next_round()
-        if update.kind == "async":
-            state.gate.advance(update.share)
-        else:
-            state.scalars, state.by = update.scalars, update.by
-            if update.sq >= 0:
-                state.norms = {update.version: update.sq}
 
     # --- the shard table --------------------------------------------------------------------
 
@@ -497,11 +426,6 @@ class Server:
             )
         except PSLMError as exc:
             log.debug("could not say goodbye to the scheduler: %s", exc)
-
-
-def shard_file(rank: int, num_servers: int) -> str:
-    """The file name of server ``rank``'s part of a checkpoint."""
-    return f"shard-{rank:03d}-of-{num_servers:03d}.safetensors"
 
 
 def advertised(bound: str, advertise: str) -> str:

@@ -5,7 +5,7 @@ the backup checks it.
     replication.follow(table.backups[0], state)   # the table names a backup: sync it whole
     if replication.replicate(Update(...), state): ...   # every update, before applying it
     update = read_update(msg, state.store, num_workers=2)   # the backup's side
-    update.apply(state.store)
+    mirror(update, state, shard=0)
 
 An update carries the reduced gradient of a clock (or of one push, under SSP/ASP) and the
 multiplier the server computed for it (mean, clipping), so the backup runs the same kernels on
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pslm.errors import ProtocolError, PSLMError, RefusedError
+from pslm.errors import ProtocolError, PSLMError, RefusedError, ShardFailed
 from pslm.ps.core import protocol
 from pslm.ps.core.steering import optimizer_settings
 from pslm.ps.server.shard import Grad, RowGrad, ShardStore
@@ -117,6 +117,27 @@ def read_update(msg: Message, store: ShardStore, num_workers: int) -> Update:
         by=protocol.ints(protocol.field(msg, "by", list, [])),
         sq=float(protocol.field(msg, "sq", (int, float), -1.0)),
     )
+
+
+def mirror(update: Update, state: ShardState, shard: int) -> None:
+    """A backup: apply its server's ``update`` to its copy ``state``, as the server did.
+    ShardFailed when the store fails part-way: the copy is half one version."""
+    try:
+        update.apply(state.store)
+    except Exception as exc:  # (a bug's way out) the backup leaves and is dropped (its
+        # server, failing alike, leaves too: the shard is lost and the job goes back to its
+        # checkpoint)
+        log.exception("applying update %d failed", update.version)
+        raise ShardFailed(
+            f"backup of shard {shard}: applying update {update.version} failed "
+            f"part-way ({exc!r}); leaving"
+        ) from exc
+    if update.kind == "async":
+        state.gate.advance(update.share)
+    else:
+        state.scalars, state.by = update.scalars, update.by
+        if update.sq >= 0:
+            state.norms = {update.version: update.sq}
 
 
 class BackupLink:
