@@ -167,7 +167,7 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
-class Scheduler(Protocol):
+class SchedulerLink(Protocol):
     """The scheduler, as a server reaches it (a ``Channel`` with the peer ``scheduler``)."""
 
     def request(self, name: str, msg: Message) -> Message: ...
@@ -186,7 +186,7 @@ class Replication:
         *,
         shard: int,
         node_id: str,
-        scheduler: Scheduler,
+        scheduler: SchedulerLink,
         timeout: float,
         retry_after: float,
         backups: Callable[[], tuple[str, ...] | None],
