@@ -239,7 +239,7 @@ class ClusterSection:
     """Server processes."""
     consistency: str = "bsp"
     """``bsp``, ``ssp:S`` (bounded staleness S), ``asp`` or ``local:H`` (local SGD, averaging
-    every H steps); see pslm.ps.consistency."""
+    every H steps); see pslm.ps.core.consistency."""
     push_codec: str = "none"
     """Gradient compression: none, bf16, fp16, int8 or topk:RATIO (lossy ones with error
     feedback)."""
