@@ -26,6 +26,7 @@ from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import Steering
 from pslm.train.config import TrainConfig
+from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
@@ -49,6 +50,9 @@ def run(
 
 
 class TrainLoop:
+    """One worker's run, from giving the servers the model (in the constructor) to the last
+    step's record (``run``)."""
+
     def __init__(
         self,
         client: PSClient,
@@ -89,23 +93,13 @@ class TrainLoop:
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
         self.round = int(self.resume.get("round", 0))  # averagings so far (local SGD's clock)
         self.params = dict(self.model.named_parameters())
-        on_cpu = self.device.type == "cpu"
-        # the PS speaks CPU tensors: on a GPU, gradients and parameters go through CPU mirrors
-        self.host = {
-            n: p.data if on_cpu else torch.empty_like(p, device="cpu").pin_memory()
-            for n, p in self.params.items()
-        }
-        self.host_grads = (
-            None
-            if on_cpu
-            else {n: torch.empty_like(p, device="cpu").pin_memory() for n, p in self.params.items()}
-        )
         self.metrics: TextIO | None = None
         self.logged = -1  # the last step in metrics.jsonl
         self.servers = list(client.servers)  # where each shard was served at the last record
         # share holders, as last recorded (a late worker records what it found)
         self.holders = [] if client.late else list(range(client.num_workers))
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
+        self.mirrors = self._init_parameters()
 
     @property
     def optimizer(self) -> OptimizerConfig:
@@ -128,7 +122,6 @@ class TrainLoop:
         return hi - lo
 
     def _train(self) -> None:
-        self._init_parameters()
         steps = self.cfg.train.steps
         start = time.perf_counter() - float(self.resume.get("time", 0.0))
         t = self.cfg.train
@@ -184,13 +177,13 @@ class TrainLoop:
         Returns (loss of the last share, completion, when the computing ended)."""
         for share in shares[:-1]:
             loss = self._forward_backward(step, extra, share)
-            self._push_share(self._grads(), step, share, loss)
+            self._push_share(self.mirrors.grads(), step, share, loss)
         share = shares[-1]
         loss = self._forward_backward(step, extra, share)
         t1 = time.perf_counter()
         ts = self.client.push_pull(
-            self._grads(),
-            self.host,
+            self.mirrors.grads(),
+            self.mirrors.host,
             clock=step,
             weight=self._weight(share),
             scalars=self._scalars(loss),
@@ -210,7 +203,7 @@ class TrainLoop:
                     grads, orphan_loss = self._gradients(step, orphan)
                     self._push_share(grads, step, orphan, orphan_loss)
                     pushed.append(orphan)
-        self._load_host_params()
+        self.mirrors.load()
         return loss, done, t1
 
     def _push_share(
@@ -250,9 +243,9 @@ class TrainLoop:
             return self.cfg.train.steps
         # a released share starts at its clock: the servers wait there for its push. Shares
         # nobody held (every worker had died) start where the servers stand
-        done = self.client.wait(self.client.pull(self.host, version=clock or 0))
+        done = self.client.wait(self.client.pull(self.mirrors.host, version=clock or 0))
         clock = done.version if clock is None else clock
-        self._load_host_params()
+        self.mirrors.load()
         log.info(
             "worker %d starts at step %d, shares %s", self.client.rank, clock, self.keeper.mine
         )
@@ -445,7 +438,7 @@ class TrainLoop:
         done = self.client.wait(
             self.client.push_pull(
                 grads,
-                self.host,
+                self.mirrors.host,
                 clock=clock,
                 weight=self._weight(share),
                 scalars=self._scalars(loss),
@@ -453,7 +446,7 @@ class TrainLoop:
                 share=share,
             )
         )
-        self._load_host_params()
+        self.mirrors.load()
         return done
 
     def _local_step(self, step: int) -> None:
@@ -472,7 +465,7 @@ class TrainLoop:
             for n, p in self.params.items():
                 assert p.grad is not None
                 torch.sub(p, self.anchor[n], out=p.grad)
-        return self._grads()
+        return self.mirrors.grads()
 
     def _staleness(self, seen: int) -> int:
         """The largest staleness this worker's reads have seen so far (and count it for the
@@ -497,7 +490,7 @@ class TrainLoop:
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
-    def _init_parameters(self) -> None:
+    def _init_parameters(self) -> HostMirrors:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
         laid out for the wire (on a GPU: CPU mirrors of them, since the PS speaks CPU)."""
         cpu = {n: p.detach().cpu() for n, p in self.params.items()}
@@ -513,24 +506,13 @@ class TrainLoop:
             clock=self.round if self.consistency.kind == "local" else self.first_step,
             shm=self.cfg.cluster.shm,
         )
-        on_gpu = self.device.type != "cpu"
-        self.host = self.client.allocate(pin_memory=on_gpu)
-        grads = self.client.allocate(pin_memory=on_gpu)
-        with torch.no_grad():
-            for n, p in self.params.items():
-                self.host[n].copy_(cpu[n])
-                if on_gpu:
-                    p.copy_(self.host[n])
-                else:  # the model computes in the wire layout itself: no copies
-                    p.data = self.host[n]
-                    p.grad = grads[n]
-        self.host_grads = grads if on_gpu else None
+        mirrors = HostMirrors.attach(self.client, self.params, cpu, self.device)
         if self.cfg.cluster.overlap and self.consistency.kind != "local":
             self.overlap = Overlap(
                 self.model,
                 self.client,
                 self.params,
-                self.host,
+                mirrors.host,
                 bucket_bytes=self.cfg.cluster.bucket_bytes,
             )
         if self.consistency.kind == "local":
@@ -539,6 +521,7 @@ class TrainLoop:
                     p.grad = torch.zeros_like(p)
             self.local = self._local_optimizer()
             self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+        return mirrors
 
     def _seed(self, step: int) -> None:
         """Random numbers (dropout) from the seed, the step and the rank alone, so that a
@@ -582,24 +565,9 @@ class TrainLoop:
     def _pull_all_rows(self, version: int, clock: int) -> None:
         """Bring every embedding row up to date (for evaluating and writing the model)."""
         assert self.row_name is not None
-        out = {self.row_name: self.host[self.row_name]}
+        out = {self.row_name: self.mirrors.host[self.row_name]}
         self.client.wait(self.client.pull(out, version=version, clock=clock))
-        self._load_host_params()
-
-    def _grads(self) -> dict[str, torch.Tensor]:
-        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
-        if self.host_grads is None:
-            return grads
-        for n, g in grads.items():
-            self.host_grads[n].copy_(g, non_blocking=True)
-        torch.cuda.synchronize(self.device)
-        return self.host_grads
-
-    def _load_host_params(self) -> None:
-        if self.device.type != "cpu":
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(self.host[n], non_blocking=True)
+        self.mirrors.load()
 
     @torch.no_grad()
     def _shared_eval(self, last: bool) -> bool:
@@ -638,8 +606,10 @@ class TrainLoop:
         if self.consistency.asynchronous:
             self.client.barrier(f"checkpoint-{step}")
             if self.keeper.leader:
-                version = self.client.wait(self.client.pull(self.host, clock=step + 1)).version
-                self._load_host_params()
+                version = self.client.wait(
+                    self.client.pull(self.mirrors.host, clock=step + 1)
+                ).version
+                self.mirrors.load()
                 self._write_and_publish(step, version, record)
             self.client.barrier(f"checkpointed-{step}")
         elif self.keeper.leader:
