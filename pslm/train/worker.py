@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -19,18 +18,19 @@ from typing import Any, TextIO
 import torch
 
 from pslm.errors import Interrupted, RefusedError
-from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.lm.data import PreparedData, worker_slice
 from pslm.ps.client.client import Completion, PSClient
 from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import Steering
+from pslm.train.checkpointer import Checkpointer
 from pslm.train.config import TrainConfig
 from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
 from pslm.train.tasks import ClassifyData, load_data, make_task
+from pslm.train.validator import Validator
 
 log = logging.getLogger("pslm.worker")
 
@@ -100,6 +100,16 @@ class TrainLoop:
         self.holders = [] if client.late else list(range(client.num_workers))
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
         self.mirrors = self._init_parameters()
+        self.validator = Validator(client, self.keeper, self.task, iters=t.eval_iters)
+        self.checkpointer = Checkpointer(
+            client,
+            self.keeper,
+            self.mirrors,
+            run_dir=run_dir,
+            train=t,
+            live=self.live,
+            task=self.task,
+        )
 
     @property
     def optimizer(self) -> OptimizerConfig:
@@ -367,13 +377,23 @@ class TrainLoop:
         pause = time.perf_counter()
         if (evaluate or checkpoint) and self.row_name:
             self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's
-        if evaluate and (self._shared_eval(last) or self.keeper.leader):
-            record["val_loss"] = round(self._evaluate(step, shared=self._shared_eval(last)), 6)
+        # Under SSP and ASP a barrier would undo the asynchrony, so worker 0 evaluates its own
+        # view alone, except at the end, when every worker is done and the result counts the
+        # same samples as under BSP.
+        shared = last or not self.consistency.asynchronous
+        if evaluate and (shared or self.keeper.leader):
+            record["val_loss"] = round(self.validator.loss(step, shared=shared), 6)
             # staleness -> reads, since the previous evaluation
             record["staleness_hist"] = {str(k): v for k, v in sorted(self.staleness_hist.items())}
             self.staleness_hist = {}
         if checkpoint:
-            self._checkpoint(step, done.version, record)
+            self.checkpointer.save(
+                step,
+                done.version,
+                record,
+                asynchronous=self.consistency.asynchronous,
+                round=self.round,
+            )
         self.paused += time.perf_counter() - pause
         if last:  # every worker is done by now (the last evaluation met them all)
             record["end_time"] = round(time.perf_counter() - start, 4)
@@ -568,84 +588,6 @@ class TrainLoop:
         out = {self.row_name: self.mirrors.host[self.row_name]}
         self.client.wait(self.client.pull(out, version=version, clock=clock))
         self.mirrors.load()
-
-    @torch.no_grad()
-    def _shared_eval(self, last: bool) -> bool:
-        """Whether all workers evaluate together at a barrier. Under SSP and ASP a barrier
-        would undo the asynchrony, so worker 0 evaluates its own view alone, except at the end,
-        when every worker is done and the result counts the same samples as under BSP."""
-        return last or not self.consistency.asynchronous
-
-    def _evaluate(self, step: int, *, shared: bool = True) -> float:
-        """Mean validation loss over ``eval_iters`` fixed batches, shared out among workers
-        (or all on this worker when not ``shared``)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        n = self.keeper.num_shares
-        mine = set(self.keeper.mine)
-        for i in range(self.cfg.train.eval_iters):
-            if shared and i % n not in mine:  # each share's batches, by whoever holds it
-                continue
-            _, loss = self.model(*self.task.val_batch(i))
-            assert loss is not None
-            total += float(loss.item())
-            count += 1
-        self.model.train()
-        if not shared:
-            return total / count
-        sums = self.client.barrier(f"eval-{step}", {"loss": total, "n": count})
-        return sums["loss"] / sums["n"]
-
-    def _checkpoint(self, step: int, version: int, record: dict[str, Any]) -> None:
-        """Worker 0 writes a consistent cut: the servers' shards and the model at ``version``.
-
-        Under BSP the servers cannot move past ``version`` until worker 0 pushes again. Under
-        SSP and ASP every worker stops at a barrier first, worker 0 pulls what the servers hold
-        then, writes, and a second barrier lets everyone go on.
-        """
-        if self.consistency.asynchronous:
-            self.client.barrier(f"checkpoint-{step}")
-            if self.keeper.leader:
-                version = self.client.wait(
-                    self.client.pull(self.mirrors.host, clock=step + 1)
-                ).version
-                self.mirrors.load()
-                self._write_and_publish(step, version, record)
-            self.client.barrier(f"checkpointed-{step}")
-        elif self.keeper.leader:
-            self._write_and_publish(step, version, record)
-
-    def _write_and_publish(self, step: int, version: int, record: dict[str, Any]) -> None:
-        final = step_dir(self.run_dir, step + 1)
-        tmp = final.with_name(f".tmp-{final.name}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            self._write_checkpoint(tmp, step, version, record)
-            publish(tmp, final, self.cfg.train.keep_checkpoints)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed checkpoint leaves nothing
-            raise
-
-    def _write_checkpoint(self, tmp: Path, step: int, version: int, record: dict[str, Any]) -> None:
-        self.client.save(str(tmp), version)
-        meta = {
-            "step": step + 1,
-            "version": version,
-            "seed": self.cfg.train.seed,
-            "loss": record["loss"],
-            "val_loss": record.get("val_loss"),
-            "round": self.round,
-            "time": record["time"],
-            "optimizer": self.live.base.to_dict(),
-            "steering": self.live.in_force.to_dict(),
-            "workers": self.client.num_workers,
-            "servers": self.client.num_servers,
-            **self.task.meta(),
-            # the step's metrics line, for a resume after a kill that came between the
-            # checkpoint and the line
-            "record": record,
-        }
-        write_model(tmp, self.model, meta)
 
     def _log(self, record: dict[str, Any]) -> None:
         """Keep the record; the leader (holder of share 0) appends it to metrics.jsonl, with
