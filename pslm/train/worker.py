@@ -8,12 +8,10 @@ also writes ``metrics.jsonl`` and the checkpoints; all workers share the evaluat
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections import deque
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -27,9 +25,11 @@ from pslm.train.checkpointer import Checkpointer
 from pslm.train.config import TrainConfig
 from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
+from pslm.train.records import MetricsLog, StepRecords, Trained
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
 from pslm.train.tasks import ClassifyData, load_data, make_task
+from pslm.train.timing import StepTimer
 from pslm.train.validator import Validator
 
 log = logging.getLogger("pslm.worker")
@@ -76,14 +76,10 @@ class TrainLoop:
         self.live = LiveSettings(
             client, cfg.optim.optimizer(t.steps), Steering.from_dict(start) if start else None
         )
-        self.held_s = 0.0  # the last pause (pslm ctl pause), for the next record
         # the run's model, or the one pslm ctl set before the checkpoint it resumes from
         self.consistency = Consistency.parse(
             self.live.in_force.consistency or cfg.cluster.consistency
         )
-        self.staleness_max = 0
-        self.staleness_hist: dict[int, int] = {}
-        self.paused = 0.0  # seconds spent evaluating and checkpointing, not training
         self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
         self.overlap: Overlap | None = None
         self.computed: dict[int, tuple[float, float]] = {}  # overlap: step -> compute_s, loss
@@ -93,12 +89,10 @@ class TrainLoop:
         self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
         self.round = int(self.resume.get("round", 0))  # averagings so far (local SGD's clock)
         self.params = dict(self.model.named_parameters())
-        self.metrics: TextIO | None = None
-        self.logged = -1  # the last step in metrics.jsonl
-        self.servers = list(client.servers)  # where each shard was served at the last record
-        # share holders, as last recorded (a late worker records what it found)
-        self.holders = [] if client.late else list(range(client.num_workers))
-        self.recent: deque[dict[str, Any]] = deque(maxlen=1000)  # records, for a new leader
+        self.timer = StepTimer()
+        tokens = t.batch_size * self.model_config.block_size
+        self.records = StepRecords(client, self.keeper, self.timer, self.live, tokens=tokens)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.keeper)
         self.mirrors = self._init_parameters()
         self.validator = Validator(client, self.keeper, self.task, iters=t.eval_iters)
         self.checkpointer = Checkpointer(
@@ -120,8 +114,7 @@ class TrainLoop:
         try:
             self._train()
         finally:
-            if self.metrics is not None:
-                self.metrics.close()
+            self.metrics.close()
 
     def _rows(self, share: int) -> tuple[int, int]:
         """The rows of every global batch that make up ``share``."""
@@ -133,7 +126,7 @@ class TrainLoop:
 
     def _train(self) -> None:
         steps = self.cfg.train.steps
-        start = time.perf_counter() - float(self.resume.get("time", 0.0))
+        self.timer.run_begins(float(self.resume.get("time", 0.0)))
         t = self.cfg.train
         step = self.first_step
         held: list[int] = []
@@ -151,20 +144,20 @@ class TrainLoop:
             evaluate = (step + 1) % t.eval_interval == 0 or last
             checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
             extra = t.slowdown(self.client.rank, step, self.client.num_workers)
-            t0 = time.perf_counter()
+            self.timer.step_begins()
             if self.overlap is not None and shares == [self.client.rank]:
-                done, record = self._overlapped_step(step, extra, evaluate or checkpoint, start)
+                done, record = self._overlapped_step(step, extra, evaluate or checkpoint)
                 step += 1
                 if not record:
                     continue  # its values come back during the next forward pass
             else:
                 if self.overlap is not None:
-                    self._log_settled(self.overlap.settle(), start)
+                    self._log_settled(self.overlap.settle())
                 if self.local is None:
-                    loss, done, t1 = self._train_shares(step, shares, extra)
+                    loss, done = self._train_shares(step, shares, extra)
                 else:  # local SGD: own steps; every H (and before evaluating) average changes
                     loss = self._forward_backward(step, extra, shares[0])
-                    t1 = time.perf_counter()
+                    self.timer.compute_ends()
                     self._local_step(step)
                     if (step + 1) % self.consistency.period == 0 or evaluate or checkpoint:
                         done = self._exchange(self._deltas(), self.round, loss, shares[0])
@@ -172,25 +165,24 @@ class TrainLoop:
                         self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
                     else:
                         done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
-                comm = time.perf_counter() - t1
-                record = self._record(step, done, t1 - t0, comm, loss, start)
+                trained = Trained(step, done, loss, self.timer.compute_s, self.timer.comm_s())
+                record = self.records.build(trained)
                 step += 1
-            self._after_step(step - 1, done, record, evaluate, checkpoint, last, start)
+            self._after_step(step - 1, done, record, evaluate, checkpoint, last)
 
-    def _train_shares(
-        self, step: int, shares: list[int], extra: float
-    ) -> tuple[float, Completion, float]:
+    def _train_shares(self, step: int, shares: list[int], extra: float) -> tuple[float, Completion]:
         """Train every share this worker holds for ``step`` and exchange: the shares before the
         last are pushed on their own (acknowledged before the gradients are reused), the last
         one with push_pull. A dead worker's share given to this worker meanwhile is computed
         and pushed while the reply is awaited (the parameters are still those of ``step``).
-        Returns (loss of the last share, completion, when the computing ended)."""
+        Returns (loss of the last share, completion); the computing ends before the last
+        exchange."""
         for share in shares[:-1]:
             loss = self._forward_backward(step, extra, share)
             self._push_share(self.mirrors.grads(), step, share, loss)
         share = shares[-1]
         loss = self._forward_backward(step, extra, share)
-        t1 = time.perf_counter()
+        self.timer.compute_ends()
         ts = self.client.push_pull(
             self.mirrors.grads(),
             self.mirrors.host,
@@ -214,7 +206,7 @@ class TrainLoop:
                     self._push_share(grads, step, orphan, orphan_loss)
                     pushed.append(orphan)
         self.mirrors.load()
-        return loss, done, t1
+        return loss, done
 
     def _push_share(
         self, grads: dict[str, torch.Tensor], step: int, share: int, loss: float
@@ -262,7 +254,7 @@ class TrainLoop:
         return clock
 
     def _overlapped_step(
-        self, step: int, extra: float, due: bool, start: float
+        self, step: int, extra: float, due: bool
     ) -> tuple[Completion, dict[str, Any]]:
         """One step with overlap: forward (waiting per module for the last step's values),
         backward (pushing per bucket). Returns this step's completion and record when it is
@@ -270,7 +262,6 @@ class TrainLoop:
         once its values have come back, during the next step's forward pass."""
         assert self.overlap is not None
         overlap = self.overlap
-        t0 = time.perf_counter()
         overlap.begin_step(extra)
         share = self.client.rank
         batch = self._batch(step, share)
@@ -278,36 +269,31 @@ class TrainLoop:
         _, loss_t = self.model(*batch)
         assert loss_t is not None
         if extra:  # an experiment's straggler: its forward pass takes longer too
-            time.sleep(extra * (time.perf_counter() - t0 - overlap.step_comm))
-        self._log_settled(overlap.settle(), start)
+            time.sleep(extra * (self.timer.since_step_began() - overlap.step_comm))
+        self._log_settled(overlap.settle())
         self.model.zero_grad(set_to_none=False)
         overlap.start(step, self._weight(share), self._row_selection(step, x))
         loss_t.backward()
         loss = float(loss_t.item())
-        t1 = time.perf_counter()
-        self.computed[step] = (t1 - t0 - overlap.step_comm, loss)
+        self.computed[step] = (self.timer.compute_ends() - overlap.step_comm, loss)
         overlap.finish(self._scalars(loss))
         if not due:
             return Completion(0, {}, 0.0, 0, 0), {}
         settled = overlap.settle()
         assert settled is not None
-        return settled[1], self._settled_record(settled, start)
+        return settled[1], self._settled_record(settled)
 
-    def _log_settled(self, settled: tuple[int, Completion, float] | None, start: float) -> None:
+    def _log_settled(self, settled: tuple[int, Completion, float] | None) -> None:
         if settled is not None:
-            self._log(self._settled_record(settled, start))
-            self.held_s = self.live.hold()  # before anything of the next step is pushed
-            self.paused += self.held_s
+            self.metrics.log(self._settled_record(settled))
+            # Before anything of the next step is pushed.
+            self.timer.hold(self.live.hold())
 
-    def _settled_record(
-        self, settled: tuple[int, Completion, float], start: float
-    ) -> dict[str, Any]:
+    def _settled_record(self, settled: tuple[int, Completion, float]) -> dict[str, Any]:
         step, done, comm = settled
         compute, loss = self.computed.pop(step)
-        record = self._record(step, done, compute, comm, loss, start)
-        if self.held_s:
-            record["paused_s"] = round(self.held_s, 4)
-            self.held_s = 0.0
+        record = self.records.build(Trained(step, done, loss, compute, comm))
+        record.update(self.timer.take_held())
         self._steer(step, done, record)
         return record
 
@@ -362,19 +348,34 @@ class TrainLoop:
         evaluate: bool,
         checkpoint: bool,
         last: bool,
-        start: float,
     ) -> None:
         """Evaluate and checkpoint when due, then log the step. A worker whose shares went
         to others meanwhile (it was thought dead) does neither: it trains nothing now."""
         if self.client.consistency != self.consistency:
             self._new_mode(step, record)
         checkpoint = self._steer(step, done, record) or checkpoint
-        if self.held_s:
-            record["paused_s"] = round(self.held_s, 4)
-            self.held_s = 0.0
+        record.update(self.timer.take_held())
         if not self.keeper.mine:
             evaluate = checkpoint = False
-        pause = time.perf_counter()
+        with self.timer.pause():
+            self._evaluate_and_checkpoint(step, done, record, evaluate, checkpoint, last)
+        if last:  # every worker is done by now (the last evaluation met them all)
+            record["end_time"] = round(self.timer.elapsed(), 4)
+            record["end_train_time"] = round(self.timer.train_elapsed(), 4)
+        self.metrics.log(record)
+        if not last:  # paused (pslm ctl pause) from the next step until resumed
+            self.timer.hold(self.live.hold())
+
+    def _evaluate_and_checkpoint(
+        self,
+        step: int,
+        done: Completion,
+        record: dict[str, Any],
+        evaluate: bool,
+        checkpoint: bool,
+        last: bool,
+    ) -> None:
+        """The due evaluation and checkpoint of ``step`` (``last``: the run's last step)."""
         if (evaluate or checkpoint) and self.row_name:
             self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's
         # Under SSP and ASP a barrier would undo the asynchrony, so worker 0 evaluates its own
@@ -383,9 +384,7 @@ class TrainLoop:
         shared = last or not self.consistency.asynchronous
         if evaluate and (shared or self.keeper.leader):
             record["val_loss"] = round(self.validator.loss(step, shared=shared), 6)
-            # staleness -> reads, since the previous evaluation
-            record["staleness_hist"] = {str(k): v for k, v in sorted(self.staleness_hist.items())}
-            self.staleness_hist = {}
+            record["staleness_hist"] = self.records.staleness_hist()
         if checkpoint:
             self.checkpointer.save(
                 step,
@@ -394,62 +393,6 @@ class TrainLoop:
                 asynchronous=self.consistency.asynchronous,
                 round=self.round,
             )
-        self.paused += time.perf_counter() - pause
-        if last:  # every worker is done by now (the last evaluation met them all)
-            record["end_time"] = round(time.perf_counter() - start, 4)
-            record["end_train_time"] = round(time.perf_counter() - start - self.paused, 4)
-        self._log(record)
-        if not last:  # paused (pslm ctl pause) from the next step until resumed
-            self.held_s = self.live.hold()
-            self.paused += self.held_s
-
-    def _lease_change(self) -> dict[str, Any]:
-        """``{"leases": holders}`` when the holders of the shares changed since the last
-        record (a worker died or rejoined), else nothing."""
-        holders = list(self.keeper.leases.holders)
-        if holders == self.holders:
-            return {}
-        self.holders = holders
-        return {"leases": holders}
-
-    def _record(
-        self,
-        step: int,
-        done: Completion,
-        compute_s: float,
-        comm_s: float,
-        loss: float,
-        start: float,
-    ) -> dict[str, Any]:
-        now = time.perf_counter()
-        tokens = self.cfg.train.batch_size * self.model_config.block_size
-        return {
-            "step": step,
-            "time": round(now - start, 4),
-            "train_time": round(now - start - self.paused, 4),
-            "loss": round(done.scalars.get("loss", loss), 6),
-            "lr": self.optimizer.lr_at(step),
-            "tokens_per_s": round(tokens / (compute_s + comm_s), 1),
-            "compute_s": round(compute_s, 5),
-            "comm_s": round(comm_s, 5),
-            "wait_s": round(done.held_s, 5),
-            "version": done.version,
-            "staleness": done.staleness,
-            "staleness_max": self._staleness(done.staleness),
-            "bytes_pushed": done.bytes_sent,
-            "bytes_pulled": done.bytes_received,
-            "trained_by": list(done.trained_by),
-            **self._lease_change(),
-            **self._failover(),
-        }
-
-    def _failover(self) -> dict[str, Any]:
-        """``{"failover": [shard, ...]}`` for the shards a backup took over since the last
-        record (their server died), else nothing."""
-        servers = list(self.client.servers)
-        moved = [s for s, (a, b) in enumerate(zip(self.servers, servers, strict=True)) if a != b]
-        self.servers = servers
-        return {"failover": moved} if moved else {}
 
     def _exchange(
         self, grads: dict[str, torch.Tensor], clock: int, loss: float, share: int
@@ -486,13 +429,6 @@ class TrainLoop:
                 assert p.grad is not None
                 torch.sub(p, self.anchor[n], out=p.grad)
         return self.mirrors.grads()
-
-    def _staleness(self, seen: int) -> int:
-        """The largest staleness this worker's reads have seen so far (and count it for the
-        interval's histogram)."""
-        self.staleness_max = max(self.staleness_max, seen)
-        self.staleness_hist[seen] = self.staleness_hist.get(seen, 0) + 1
-        return self.staleness_max
 
     def _local_optimizer(self) -> torch.optim.Optimizer:
         """The optimizer local SGD runs on the worker: the run's, with the same groups."""
@@ -588,24 +524,3 @@ class TrainLoop:
         out = {self.row_name: self.mirrors.host[self.row_name]}
         self.client.wait(self.client.pull(out, version=version, clock=clock))
         self.mirrors.load()
-
-    def _log(self, record: dict[str, Any]) -> None:
-        """Keep the record; the leader (holder of share 0) appends it to metrics.jsonl, with
-        the records a leader that died did not write."""
-        self.recent.append(record)
-        if not self.keeper.leader:
-            if self.metrics is not None:  # share 0 went back to a restarted worker 0
-                self.metrics.close()
-                self.metrics = None
-            return
-        if self.metrics is None:
-            path = self.run_dir / "metrics.jsonl"
-            if path.exists():
-                lines = [ln for ln in path.read_text().splitlines() if ln.endswith("}")]
-                self.logged = json.loads(lines[-1])["step"] if lines else -1
-            self.metrics = path.open("a")
-        for r in self.recent:
-            if r["step"] > self.logged:
-                self.metrics.write(json.dumps(r) + "\n")
-                self.logged = r["step"]
-        self.metrics.flush()
