@@ -23,6 +23,7 @@ from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import Steering
 from pslm.train.checkpointer import Checkpointer
 from pslm.train.config import TrainConfig
+from pslm.train.local_sgd import LocalSGD
 from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
 from pslm.train.records import MetricsLog, StepRecords, Trained
@@ -80,14 +81,13 @@ class TrainLoop:
         self.consistency = Consistency.parse(
             self.live.in_force.consistency or cfg.cluster.consistency
         )
-        self.local: torch.optim.Optimizer | None = None  # local SGD's optimizer
+        self.local: LocalSGD | None = None
         self.overlap: Overlap | None = None
         self.computed: dict[int, tuple[float, float]] = {}  # overlap: step -> compute_s, loss
         self.inputs = torch.zeros(0, dtype=torch.long)  # the last batch's inputs
         self.row_name = "transformer.wte.weight" if cfg.row_embeddings else None
         """The token embedding, when it travels by rows."""
-        self.anchor: dict[str, torch.Tensor] = {}  # parameters at the last averaging
-        self.round = int(self.resume.get("round", 0))  # averagings so far (local SGD's clock)
+        self.resumed_round = int(self.resume.get("round", 0))
         self.params = dict(self.model.named_parameters())
         self.timer = StepTimer()
         tokens = t.batch_size * self.model_config.block_size
@@ -104,6 +104,11 @@ class TrainLoop:
             live=self.live,
             task=self.task,
         )
+
+    @property
+    def round(self) -> int:
+        """Local SGD's averagings so far (in other modes: as resumed)."""
+        return self.local.round if self.local is not None else self.resumed_round
 
     @property
     def optimizer(self) -> OptimizerConfig:
@@ -158,13 +163,14 @@ class TrainLoop:
                 else:  # local SGD: own steps; every H (and before evaluating) average changes
                     loss = self._forward_backward(step, extra, shares[0])
                     self.timer.compute_ends()
-                    self._local_step(step)
-                    if (step + 1) % self.consistency.period == 0 or evaluate or checkpoint:
-                        done = self._exchange(self._deltas(), self.round, loss, shares[0])
-                        self.round += 1
-                        self.anchor = {n: v.detach().clone() for n, v in self.params.items()}
+                    self.local.step(step)
+                    if self.local.due(step) or evaluate or checkpoint:
+                        done = self._exchange(
+                            self.local.deltas(), self.local.round, loss, shares[0]
+                        )
+                        self.local.averaged()
                     else:
-                        done = Completion(self.round, {"loss": loss}, 0.0, 0, 0)
+                        done = Completion(self.local.round, {"loss": loss}, 0.0, 0, 0)
                 trained = Trained(step, done, loss, self.timer.compute_s, self.timer.comm_s())
                 record = self.records.build(trained)
                 step += 1
@@ -412,40 +418,6 @@ class TrainLoop:
         self.mirrors.load()
         return done
 
-    def _local_step(self, step: int) -> None:
-        """One step of this worker's own optimizer (local SGD)."""
-        assert self.local is not None
-        if self.optimizer.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.optimizer.clip_norm)
-        for group in self.local.param_groups:
-            group["lr"] = self.optimizer.lr_at(step)
-        self.local.step()
-
-    def _deltas(self) -> dict[str, torch.Tensor]:
-        """How far local steps moved the parameters since the last averaging, in the gradient
-        buffers (which are laid out for the wire)."""
-        with torch.no_grad():
-            for n, p in self.params.items():
-                assert p.grad is not None
-                torch.sub(p, self.anchor[n], out=p.grad)
-        return self.mirrors.grads()
-
-    def _local_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer local SGD runs on the worker: the run's, with the same groups."""
-        o = self.optimizer
-        decay = [p for p in self.params.values() if p.dim() >= 2]
-        rest = [p for p in self.params.values() if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": rest, "weight_decay": 0.0},
-        ]
-        if o.name == "sgd":
-            return torch.optim.SGD(
-                groups, lr=o.lr, momentum=o.momentum, dampening=o.dampening, nesterov=o.nesterov
-            )
-        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-
     def _init_parameters(self) -> HostMirrors:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
         laid out for the wire (on a GPU: CPU mirrors of them, since the PS speaks CPU)."""
@@ -459,7 +431,7 @@ class TrainLoop:
             pull_codec=self.cfg.cluster.pull_codec,
             rows=[self.row_name] if self.row_name else [],
             restore=str(self.resume.get("checkpoint", "")),
-            clock=self.round if self.consistency.kind == "local" else self.first_step,
+            clock=self.resumed_round if self.consistency.kind == "local" else self.first_step,
             shm=self.cfg.cluster.shm,
         )
         mirrors = HostMirrors.attach(self.client, self.params, cpu, self.device)
@@ -472,11 +444,8 @@ class TrainLoop:
                 bucket_bytes=self.cfg.cluster.bucket_bytes,
             )
         if self.consistency.kind == "local":
-            for p in self.params.values():  # gradient buffers exist from the start
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.local = self._local_optimizer()
-            self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+            period, round = self.consistency.period, self.resumed_round
+            self.local = LocalSGD(mirrors, self.live, period=period, round=round)
         return mirrors
 
     def _seed(self, step: int) -> None:
