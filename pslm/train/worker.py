@@ -16,13 +16,15 @@ from typing import Any
 import torch
 
 from pslm.errors import Interrupted, RefusedError
-from pslm.lm.data import PreparedData, worker_slice
+from pslm.lm.data import PreparedData
 from pslm.ps.client.client import Completion, PSClient
 from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import Steering
+from pslm.train.batches import ShareBatches
 from pslm.train.checkpointer import Checkpointer
 from pslm.train.config import TrainConfig
+from pslm.train.learner import Learner
 from pslm.train.local_sgd import LocalSGD
 from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
@@ -84,7 +86,6 @@ class TrainLoop:
         self.local: LocalSGD | None = None
         self.overlap: Overlap | None = None
         self.computed: dict[int, tuple[float, float]] = {}  # overlap: step -> compute_s, loss
-        self.inputs = torch.zeros(0, dtype=torch.long)  # the last batch's inputs
         self.row_name = "transformer.wte.weight" if cfg.row_embeddings else None
         """The token embedding, when it travels by rows."""
         self.resumed_round = int(self.resume.get("round", 0))
@@ -94,6 +95,10 @@ class TrainLoop:
         self.records = StepRecords(client, self.keeper, self.timer, self.live, tokens=tokens)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.keeper)
         self.mirrors = self._init_parameters()
+        self.batches = ShareBatches(
+            self.task, self.keeper, batch_size=t.batch_size, steps=t.steps, row_name=self.row_name
+        )
+        self.learner = Learner(client, self.task, self.mirrors, self.batches, self.live)
         self.validator = Validator(client, self.keeper, self.task, iters=t.eval_iters)
         self.checkpointer = Checkpointer(
             client,
@@ -121,14 +126,6 @@ class TrainLoop:
         finally:
             self.metrics.close()
 
-    def _rows(self, share: int) -> tuple[int, int]:
-        """The rows of every global batch that make up ``share``."""
-        return worker_slice(share, self.keeper.num_shares, self.cfg.train.batch_size)
-
-    def _weight(self, share: int) -> int:
-        lo, hi = self._rows(share)
-        return hi - lo
-
     def _train(self) -> None:
         steps = self.cfg.train.steps
         self.timer.run_begins(float(self.resume.get("time", 0.0)))
@@ -142,7 +139,7 @@ class TrainLoop:
                 held = list(self.keeper.mine)
                 continue
             if self.row_name and set(shares) - set(held) and held:
-                self._pull_all_rows(step, step)  # a new share's batch reads other rows
+                self.learner.pull_all_rows(step, step)  # a new share's batch reads other rows
             held = shares
             self._seed(step)
             last = step == steps - 1
@@ -161,13 +158,15 @@ class TrainLoop:
                 if self.local is None:
                     loss, done = self._train_shares(step, shares, extra)
                 else:  # local SGD: own steps; every H (and before evaluating) average changes
-                    loss = self._forward_backward(step, extra, shares[0])
+                    loss = self.learner.forward_backward(step, shares[0], extra)
                     self.timer.compute_ends()
                     self.local.step(step)
                     if self.local.due(step) or evaluate or checkpoint:
-                        done = self._exchange(
+                        ts = self.learner.push_pull(
                             self.local.deltas(), self.local.round, loss, shares[0]
                         )
+                        done = self.client.wait(ts)
+                        self.mirrors.load()
                         self.local.averaged()
                     else:
                         done = Completion(self.local.round, {"loss": loss}, 0.0, 0, 0)
@@ -184,20 +183,12 @@ class TrainLoop:
         Returns (loss of the last share, completion); the computing ends before the last
         exchange."""
         for share in shares[:-1]:
-            loss = self._forward_backward(step, extra, share)
-            self._push_share(self.mirrors.grads(), step, share, loss)
+            loss = self.learner.forward_backward(step, share, extra)
+            self.learner.push(self.mirrors.grads(), step, share, loss)
         share = shares[-1]
-        loss = self._forward_backward(step, extra, share)
+        loss = self.learner.forward_backward(step, share, extra)
         self.timer.compute_ends()
-        ts = self.client.push_pull(
-            self.mirrors.grads(),
-            self.mirrors.host,
-            clock=step,
-            weight=self._weight(share),
-            scalars=self._scalars(loss),
-            rows=self._row_selection(step, self.inputs),
-            share=share,
-        )
+        ts = self.learner.push_pull(self.mirrors.grads(), step, loss, share)
         pushed = list(shares)
         while True:
             try:
@@ -206,42 +197,13 @@ class TrainLoop:
             except Interrupted:
                 orphans = self.keeper.taken_over(pushed)
                 if orphans and self.row_name:  # the servers wait at ``step``: its rows
-                    self._pull_all_rows(step, step)
+                    self.learner.pull_all_rows(step, step)
                 for orphan in orphans:
-                    grads, orphan_loss = self._gradients(step, orphan)
-                    self._push_share(grads, step, orphan, orphan_loss)
+                    grads, orphan_loss = self.learner.gradients(step, orphan)
+                    self.learner.push(grads, step, orphan, orphan_loss)
                     pushed.append(orphan)
         self.mirrors.load()
         return loss, done
-
-    def _push_share(
-        self, grads: dict[str, torch.Tensor], step: int, share: int, loss: float
-    ) -> None:
-        """Push one share's gradients for ``step`` and wait for the servers to have them."""
-        x = self._batch(step, share)[0]
-        self.client.wait(
-            self.client.push(
-                grads,
-                clock=step,
-                weight=self._weight(share),
-                scalars=self._scalars(loss),
-                rows=self._row_selection(step, x, share),
-                share=share,
-            )
-        )
-
-    def _gradients(self, step: int, share: int) -> tuple[dict[str, torch.Tensor], float]:
-        """``share``'s gradients at ``step`` in new tensors (the gradient buffers may still be
-        on their way to the servers)."""
-        _, loss = self.model(*self._batch(step, share))
-        assert loss is not None
-        names = list(self.params)
-        grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
-        out = {
-            n: (g if g is not None else torch.zeros_like(self.params[n])).detach().cpu()
-            for n, g in zip(names, grads, strict=True)
-        }
-        return out, float(loss.item())
 
     def _rejoin(self) -> int:
         """Wait for a share (a worker that joined late or lost its shares); pull the values
@@ -270,7 +232,7 @@ class TrainLoop:
         overlap = self.overlap
         overlap.begin_step(extra)
         share = self.client.rank
-        batch = self._batch(step, share)
+        batch = self.batches.batch(step, share)
         x = batch[0]
         _, loss_t = self.model(*batch)
         assert loss_t is not None
@@ -278,11 +240,11 @@ class TrainLoop:
             time.sleep(extra * (self.timer.since_step_began() - overlap.step_comm))
         self._log_settled(overlap.settle())
         self.model.zero_grad(set_to_none=False)
-        overlap.start(step, self._weight(share), self._row_selection(step, x))
+        overlap.start(step, self.batches.weight(share), self.batches.row_selection(step, x))
         loss_t.backward()
         loss = float(loss_t.item())
         self.computed[step] = (self.timer.compute_ends() - overlap.step_comm, loss)
-        overlap.finish(self._scalars(loss))
+        overlap.finish(self.learner.scalars(loss))
         if not due:
             return Completion(0, {}, 0.0, 0, 0), {}
         settled = overlap.settle()
@@ -325,9 +287,6 @@ class TrainLoop:
         self.client.report("shares_move", float(follow))
         record["consistency"] = {"model": str(self.consistency), "from_step": step + 1}
         log.info("consistency model %s from step %d", self.consistency, step + 1)
-
-    def _scalars(self, loss: float) -> dict[str, float]:
-        return {"loss": loss, **self.live.scalars()}
 
     def _steer(self, step: int, done: Completion, record: dict[str, Any]) -> bool:
         """Put in force the live settings every worker knew at this clock (from the next
@@ -383,7 +342,8 @@ class TrainLoop:
     ) -> None:
         """The due evaluation and checkpoint of ``step`` (``last``: the run's last step)."""
         if (evaluate or checkpoint) and self.row_name:
-            self._pull_all_rows(done.version, step + 1)  # every row, not only the next batch's
+            # Every row, not only the next batch's.
+            self.learner.pull_all_rows(done.version, step + 1)
         # Under SSP and ASP a barrier would undo the asynchrony, so worker 0 evaluates its own
         # view alone, except at the end, when every worker is done and the result counts the
         # same samples as under BSP.
@@ -399,24 +359,6 @@ class TrainLoop:
                 asynchronous=self.consistency.asynchronous,
                 round=self.round,
             )
-
-    def _exchange(
-        self, grads: dict[str, torch.Tensor], clock: int, loss: float, share: int
-    ) -> Completion:
-        """Push ``grads`` for ``clock`` and load the parameters that come back."""
-        done = self.client.wait(
-            self.client.push_pull(
-                grads,
-                self.mirrors.host,
-                clock=clock,
-                weight=self._weight(share),
-                scalars=self._scalars(loss),
-                rows=self._row_selection(clock, self.inputs),
-                share=share,
-            )
-        )
-        self.mirrors.load()
-        return done
 
     def _init_parameters(self) -> HostMirrors:
         """Give the servers worker 0's values, then keep parameters and gradients in tensors
@@ -453,43 +395,3 @@ class TrainLoop:
         resumed run draws what the uninterrupted one drew."""
         w, r = self.client.num_workers, self.client.rank
         torch.manual_seed((self.cfg.train.seed * 1_000_003 + step) * w + r)
-
-    def _batch(self, step: int, share: int) -> tuple[torch.Tensor, ...]:
-        """``share``'s rows of the global batch of ``step``: the model's inputs (token ids
-        first) and targets."""
-        lo, hi = self._rows(share)
-        return self.task.batch(step, lo, hi)
-
-    def _forward_backward(self, step: int, extra: float, share: int) -> float:
-        start = time.perf_counter()
-        batch = self._batch(step, share)
-        self.inputs = batch[0]
-        self.model.zero_grad(set_to_none=False)
-        _, loss = self.model(*batch)
-        assert loss is not None
-        loss.backward()
-        value = float(loss.item())
-        if extra:  # an experiment's straggler: idle as long as the slower compute would take
-            time.sleep(extra * (time.perf_counter() - start))
-        return value
-
-    def _row_selection(
-        self, step: int, x: torch.Tensor, share: int | None = None
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-        """With untied embeddings: the embedding rows this step pushes (its batch's tokens) and
-        the rows the next step reads (the next batch's tokens), to come back after the update."""
-        if self.row_name is None:
-            return None
-        if step + 1 < self.cfg.train.steps:
-            mine = self.keeper.mine if share is None else [share]
-            upcoming = torch.cat([self._batch(step + 1, s)[0].reshape(-1) for s in mine]).unique()
-        else:
-            upcoming = torch.zeros(0, dtype=torch.long)
-        return {self.row_name: (x.unique().cpu(), upcoming.cpu())}
-
-    def _pull_all_rows(self, version: int, clock: int) -> None:
-        """Bring every embedding row up to date (for evaluating and writing the model)."""
-        assert self.row_name is not None
-        out = {self.row_name: self.mirrors.host[self.row_name]}
-        self.client.wait(self.client.pull(out, version=version, clock=clock))
-        self.mirrors.load()

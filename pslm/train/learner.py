@@ -1,0 +1,112 @@
+"""A worker's model learning on its shares: gradients, and the pushes that carry them.
+
+    learner = Learner(client, task, mirrors, batches, live)
+    loss = learner.forward_backward(step, share)      # into the gradient buffers
+    ts = learner.push_pull(mirrors.grads(), step, loss, share)   # returns at once
+    learner.push(grads, step, share, loss)            # one share alone; blocks until taken
+    grads, loss = learner.gradients(step, share)      # in new tensors
+
+Every push carries the share's weight (its rows of the global batch), the loss and the live
+settings this worker knows (``LiveSettings.scalars``), and with untied embeddings the rows it
+touches (``ShareBatches.row_selection``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pslm.ps.client.client import PSClient
+from pslm.train.batches import ShareBatches
+from pslm.train.mirrors import HostMirrors
+from pslm.train.steer import LiveSettings
+from pslm.train.tasks import Task
+
+
+class Learner:
+    """Forward and backward passes on shares' batches, and their pushes."""
+
+    def __init__(
+        self,
+        client: PSClient,
+        task: Task,
+        mirrors: HostMirrors,
+        batches: ShareBatches,
+        live: LiveSettings,
+    ):
+        self.client = client
+        self.model = task.model
+        self.params = mirrors.params
+        self.mirrors = mirrors
+        self.batches = batches
+        self.live = live
+        self.inputs = torch.zeros(0, dtype=torch.long)
+        """The last forward-backward pass's inputs."""
+
+    def forward_backward(self, step: int, share: int, slowdown: float = 0.0) -> float:
+        """``share``'s loss at ``step``; its gradients in the model's buffers. ``slowdown``:
+        an experiment's straggler idles that many times the compute it took."""
+        start = time.perf_counter()
+        batch = self.batches.batch(step, share)
+        self.inputs = batch[0]
+        self.model.zero_grad(set_to_none=False)
+        _, loss = self.model(*batch)
+        assert loss is not None
+        loss.backward()
+        value = float(loss.item())
+        if slowdown:
+            time.sleep(slowdown * (time.perf_counter() - start))
+        return value
+
+    def gradients(self, step: int, share: int) -> tuple[dict[str, torch.Tensor], float]:
+        """``share``'s gradients at ``step`` in new tensors (the gradient buffers may still be
+        on their way to the servers), and its loss."""
+        _, loss = self.model(*self.batches.batch(step, share))
+        assert loss is not None
+        names = list(self.params)
+        grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
+        out = {
+            n: (g if g is not None else torch.zeros_like(self.params[n])).detach().cpu()
+            for n, g in zip(names, grads, strict=True)
+        }
+        return out, float(loss.item())
+
+    def push(self, grads: dict[str, torch.Tensor], step: int, share: int, loss: float) -> None:
+        """Push one share's gradients for ``step``; blocks until the servers have them."""
+        x = self.batches.batch(step, share)[0]
+        self.client.wait(
+            self.client.push(
+                grads,
+                clock=step,
+                weight=self.batches.weight(share),
+                scalars=self.scalars(loss),
+                rows=self.batches.row_selection(step, x, share),
+                share=share,
+            )
+        )
+
+    def push_pull(self, grads: dict[str, torch.Tensor], clock: int, loss: float, share: int) -> int:
+        """Push ``grads`` for ``clock`` and pull the parameters into the mirrors once the
+        servers updated them. Returns at once: the timestamp to wait for."""
+        return self.client.push_pull(
+            grads,
+            self.mirrors.host,
+            clock=clock,
+            weight=self.batches.weight(share),
+            scalars=self.scalars(loss),
+            rows=self.batches.row_selection(clock, self.inputs),
+            share=share,
+        )
+
+    def pull_all_rows(self, version: int, clock: int) -> None:
+        """Bring every embedding row up to date (for evaluating and writing the model)."""
+        name = self.batches.row_name
+        assert name is not None
+        out = {name: self.mirrors.host[name]}
+        self.client.wait(self.client.pull(out, version=version, clock=clock))
+        self.mirrors.load()
+
+    def scalars(self, loss: float) -> dict[str, float]:
+        """What a push carries besides tensors: the loss and the live settings."""
+        return {"loss": loss, **self.live.scalars()}
