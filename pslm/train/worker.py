@@ -4,33 +4,41 @@ Run by each worker process of ``pslm train`` (``pslm run-worker pslm.train.worke
 Under BSP one ``push_pull`` per step sends this worker's gradients and brings back the
 parameters after the servers' update, together with the global batch's mean loss. Worker 0
 also writes ``metrics.jsonl`` and the checkpoints; all workers share the evaluations.
+
+The loop owns its parts, each in its own module: the step of the run's mode (``step``:
+``SharesStep``, ``OverlapStep`` or ``LocalStep``), the clock and the records (``timing``,
+``records``), the evaluations (``validator``), the checkpoints (``checkpointer``) and the
+wire's tensors (``mirrors``). Between steps it follows the live settings (``pslm ctl``) and
+the shares (a worker that died or joined).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pslm.errors import Interrupted, RefusedError
+from pslm.errors import RefusedError
 from pslm.lm.data import PreparedData
 from pslm.ps.client.client import Completion, PSClient
 from pslm.ps.core.consistency import Consistency
-from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.core.steering import Steering
 from pslm.train.batches import ShareBatches
 from pslm.train.checkpointer import Checkpointer
 from pslm.train.config import TrainConfig
 from pslm.train.learner import Learner
 from pslm.train.local_sgd import LocalSGD
+from pslm.train.local_step import LocalStep
 from pslm.train.mirrors import HostMirrors
 from pslm.train.overlap import Overlap
+from pslm.train.overlap_step import OverlapStep
 from pslm.train.records import MetricsLog, StepRecords, Trained
 from pslm.train.shares import ShareKeeper
+from pslm.train.shares_step import SharesStep
 from pslm.train.steer import LiveSettings
+from pslm.train.step import Step
 from pslm.train.tasks import ClassifyData, load_data, make_task
 from pslm.train.timing import StepTimer
 from pslm.train.validator import Validator
@@ -67,31 +75,26 @@ class TrainLoop:
         self.client = client
         self.resume = resume or {}
         self.first_step = int(self.resume.get("step", 0))
+        self.resumed_round = int(self.resume.get("round", 0))
         self.cfg = cfg
-        self.run_dir = run_dir
         self.device = torch.device(cfg.train.device)
         self.task = make_task(cfg, data, self.device)
         self.model = self.task.model
-        self.model_config = self.task.model_config
+        self.params = dict(self.model.named_parameters())
         t = cfg.train
         self.keeper = ShareKeeper(client, follow=cfg.recovers_workers)
         start = self.resume.get("steering")
         self.live = LiveSettings(
             client, cfg.optim.optimizer(t.steps), Steering.from_dict(start) if start else None
         )
-        # the run's model, or the one pslm ctl set before the checkpoint it resumes from
+        # The run's model, or the one pslm ctl set before the checkpoint it resumes from.
         self.consistency = Consistency.parse(
             self.live.in_force.consistency or cfg.cluster.consistency
         )
-        self.local: LocalSGD | None = None
-        self.overlap: Overlap | None = None
-        self.computed: dict[int, tuple[float, float]] = {}  # overlap: step -> compute_s, loss
         self.row_name = "transformer.wte.weight" if cfg.row_embeddings else None
         """The token embedding, when it travels by rows."""
-        self.resumed_round = int(self.resume.get("round", 0))
-        self.params = dict(self.model.named_parameters())
         self.timer = StepTimer()
-        tokens = t.batch_size * self.model_config.block_size
+        tokens = t.batch_size * self.task.model_config.block_size
         self.records = StepRecords(client, self.keeper, self.timer, self.live, tokens=tokens)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", self.keeper)
         self.mirrors = self._init_parameters()
@@ -109,16 +112,16 @@ class TrainLoop:
             live=self.live,
             task=self.task,
         )
+        self.local: LocalSGD | None = None
+        if self.consistency.kind == "local":
+            period, round = self.consistency.period, self.resumed_round
+            self.local = LocalSGD(self.mirrors, self.live, period=period, round=round)
+        self.strategy = self._strategy()
 
     @property
     def round(self) -> int:
         """Local SGD's averagings so far (in other modes: as resumed)."""
         return self.local.round if self.local is not None else self.resumed_round
-
-    @property
-    def optimizer(self) -> OptimizerConfig:
-        """The run's optimizer with the live settings in force (``pslm ctl set``)."""
-        return self.live.optimizer
 
     def run(self) -> None:
         try:
@@ -126,13 +129,32 @@ class TrainLoop:
         finally:
             self.metrics.close()
 
+    def _strategy(self) -> Step:
+        """The step of the run's mode, chosen once: local SGD, overlapped or plain."""
+        if self.local is not None:
+            return LocalStep(self.learner, self.local, self.timer, record=self.records.build)
+        plain = SharesStep(self.learner, self.keeper, self.timer, record=self.records.build)
+        if not self.cfg.cluster.overlap:
+            return plain
+        bucket_bytes = self.cfg.cluster.bucket_bytes
+        overlap = Overlap(
+            self.model, self.client, self.params, self.mirrors.host, bucket_bytes=bucket_bytes
+        )
+        return OverlapStep(
+            overlap,
+            self.learner,
+            self.timer,
+            plain,
+            record=self._settled_record,
+            log=self._log_between_steps,
+        )
+
     def _train(self) -> None:
-        steps = self.cfg.train.steps
-        self.timer.run_begins(float(self.resume.get("time", 0.0)))
         t = self.cfg.train
+        self.timer.run_begins(float(self.resume.get("time", 0.0)))
         step = self.first_step
         held: list[int] = []
-        while step < steps:
+        while step < t.steps:
             shares = self.keeper.at_boundary(step)
             if not shares:  # late, or thought dead: wait for a share, then start where it does
                 step = self._rejoin()
@@ -141,69 +163,21 @@ class TrainLoop:
             if self.row_name and set(shares) - set(held) and held:
                 self.learner.pull_all_rows(step, step)  # a new share's batch reads other rows
             held = shares
-            self._seed(step)
-            last = step == steps - 1
-            evaluate = (step + 1) % t.eval_interval == 0 or last
-            checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
-            extra = t.slowdown(self.client.rank, step, self.client.num_workers)
-            self.timer.step_begins()
-            if self.overlap is not None and shares == [self.client.rank]:
-                done, record = self._overlapped_step(step, extra, evaluate or checkpoint)
-                step += 1
-                if not record:
-                    continue  # its values come back during the next forward pass
-            else:
-                if self.overlap is not None:
-                    self._log_settled(self.overlap.settle())
-                if self.local is None:
-                    loss, done = self._train_shares(step, shares, extra)
-                else:  # local SGD: own steps; every H (and before evaluating) average changes
-                    loss = self.learner.forward_backward(step, shares[0], extra)
-                    self.timer.compute_ends()
-                    self.local.step(step)
-                    if self.local.due(step) or evaluate or checkpoint:
-                        ts = self.learner.push_pull(
-                            self.local.deltas(), self.local.round, loss, shares[0]
-                        )
-                        done = self.client.wait(ts)
-                        self.mirrors.load()
-                        self.local.averaged()
-                    else:
-                        done = Completion(self.local.round, {"loss": loss}, 0.0, 0, 0)
-                trained = Trained(step, done, loss, self.timer.compute_s, self.timer.comm_s())
-                record = self.records.build(trained)
-                step += 1
-            self._after_step(step - 1, done, record, evaluate, checkpoint, last)
+            self._step(step, shares)
+            step += 1
 
-    def _train_shares(self, step: int, shares: list[int], extra: float) -> tuple[float, Completion]:
-        """Train every share this worker holds for ``step`` and exchange: the shares before the
-        last are pushed on their own (acknowledged before the gradients are reused), the last
-        one with push_pull. A dead worker's share given to this worker meanwhile is computed
-        and pushed while the reply is awaited (the parameters are still those of ``step``).
-        Returns (loss of the last share, completion); the computing ends before the last
-        exchange."""
-        for share in shares[:-1]:
-            loss = self.learner.forward_backward(step, share, extra)
-            self.learner.push(self.mirrors.grads(), step, share, loss)
-        share = shares[-1]
-        loss = self.learner.forward_backward(step, share, extra)
-        self.timer.compute_ends()
-        ts = self.learner.push_pull(self.mirrors.grads(), step, loss, share)
-        pushed = list(shares)
-        while True:
-            try:
-                done = self.client.wait(ts, interrupt=self.keeper.changed)
-                break
-            except Interrupted:
-                orphans = self.keeper.taken_over(pushed)
-                if orphans and self.row_name:  # the servers wait at ``step``: its rows
-                    self.learner.pull_all_rows(step, step)
-                for orphan in orphans:
-                    grads, orphan_loss = self.learner.gradients(step, orphan)
-                    self.learner.push(grads, step, orphan, orphan_loss)
-                    pushed.append(orphan)
-        self.mirrors.load()
-        return loss, done
+    def _step(self, step: int, shares: list[int]) -> None:
+        """Train ``step``, then evaluate, checkpoint and log it when it is complete."""
+        t = self.cfg.train
+        self._seed(step)
+        last = step == t.steps - 1
+        evaluate = (step + 1) % t.eval_interval == 0 or last
+        checkpoint = (step + 1) % t.checkpoint_interval == 0 or last
+        slowdown = t.slowdown(self.client.rank, step, self.client.num_workers)
+        self.timer.step_begins()
+        stepped = self.strategy.run(step, shares, slowdown, due=evaluate or checkpoint)
+        if stepped is not None:
+            self._after_step(step, *stepped, evaluate, checkpoint, last)
 
     def _rejoin(self) -> int:
         """Wait for a share (a worker that joined late or lost its shares); pull the values
@@ -221,55 +195,25 @@ class TrainLoop:
         )
         return clock
 
-    def _overlapped_step(
-        self, step: int, extra: float, due: bool
-    ) -> tuple[Completion, dict[str, Any]]:
-        """One step with overlap: forward (waiting per module for the last step's values),
-        backward (pushing per bucket). Returns this step's completion and record when it is
-        ``due`` for an evaluation or a checkpoint, else an empty record: the step is logged
-        once its values have come back, during the next step's forward pass."""
-        assert self.overlap is not None
-        overlap = self.overlap
-        overlap.begin_step(extra)
-        share = self.client.rank
-        batch = self.batches.batch(step, share)
-        x = batch[0]
-        _, loss_t = self.model(*batch)
-        assert loss_t is not None
-        if extra:  # an experiment's straggler: its forward pass takes longer too
-            time.sleep(extra * (self.timer.since_step_began() - overlap.step_comm))
-        self._log_settled(overlap.settle())
-        self.model.zero_grad(set_to_none=False)
-        overlap.start(step, self.batches.weight(share), self.batches.row_selection(step, x))
-        loss_t.backward()
-        loss = float(loss_t.item())
-        self.computed[step] = (self.timer.compute_ends() - overlap.step_comm, loss)
-        overlap.finish(self.learner.scalars(loss))
-        if not due:
-            return Completion(0, {}, 0.0, 0, 0), {}
-        settled = overlap.settle()
-        assert settled is not None
-        return settled[1], self._settled_record(settled)
-
-    def _log_settled(self, settled: tuple[int, Completion, float] | None) -> None:
-        if settled is not None:
-            self.metrics.log(self._settled_record(settled))
-            # Before anything of the next step is pushed.
-            self.timer.hold(self.live.hold())
-
-    def _settled_record(self, settled: tuple[int, Completion, float]) -> dict[str, Any]:
-        step, done, comm = settled
-        compute, loss = self.computed.pop(step)
-        record = self.records.build(Trained(step, done, loss, compute, comm))
+    def _settled_record(self, trained: Trained) -> dict[str, Any]:
+        """The record of an overlapped step once its exchange settled, with the hold before
+        it and the live settings that came in force at it."""
+        record = self.records.build(trained)
         record.update(self.timer.take_held())
-        self._steer(step, done, record)
+        self._steer(trained.step, trained.done, record)
         return record
+
+    def _log_between_steps(self, record: dict[str, Any]) -> None:
+        """Log an overlapped step's record during the next step, then hold if paused (before
+        anything of the next step is pushed)."""
+        self.metrics.log(record)
+        self.timer.hold(self.live.hold())
 
     def _fence(self, step: int, mode: Consistency) -> str:
         """The leader has the servers change the consistency model at a clock no worker has
         read at yet (pslm ctl set consistency): under BSP the one after the next, under SSP
         past the bound from its own (it has not pushed ``step`` + 1). Returns what happened."""
-        if self.overlap is not None or self.local is not None:
+        if not self.strategy.steerable:
             return "the consistency model changes only between bsp, ssp and asp, without overlap"
         clock = step + 2 + (self.consistency.staleness if self.consistency.asynchronous else 0)
         try:
@@ -282,7 +226,7 @@ class TrainLoop:
     def _new_mode(self, step: int, record: dict[str, Any]) -> None:
         """The servers changed the consistency model: this worker follows from the next step."""
         self.consistency = self.client.consistency
-        follow = not self.consistency.asynchronous and self.overlap is None
+        follow = not self.consistency.asynchronous and self.strategy.steerable
         self.keeper.follow = follow
         self.client.report("shares_move", float(follow))
         record["consistency"] = {"model": str(self.consistency), "from_step": step + 1}
@@ -300,7 +244,7 @@ class TrainLoop:
             record["steering"]["note"] = self._fence(step, wanted)
         if not self.live.checkpoint_asked():
             return False
-        if self.consistency.asynchronous or self.local is not None or self.overlap is not None:
+        if self.consistency.asynchronous or not self.strategy.steerable:
             record["steering"]["note"] = "checkpoints on request need bsp without overlap"
             return False
         return True
@@ -367,7 +311,7 @@ class TrainLoop:
         # every worker now holds worker 0's values
         self.client.init(
             cpu,
-            self.optimizer,
+            self.live.optimizer,
             consistency=self.consistency,
             push_codec=self.cfg.cluster.push_codec,
             pull_codec=self.cfg.cluster.pull_codec,
@@ -376,19 +320,7 @@ class TrainLoop:
             clock=self.resumed_round if self.consistency.kind == "local" else self.first_step,
             shm=self.cfg.cluster.shm,
         )
-        mirrors = HostMirrors.attach(self.client, self.params, cpu, self.device)
-        if self.cfg.cluster.overlap and self.consistency.kind != "local":
-            self.overlap = Overlap(
-                self.model,
-                self.client,
-                self.params,
-                mirrors.host,
-                bucket_bytes=self.cfg.cluster.bucket_bytes,
-            )
-        if self.consistency.kind == "local":
-            period, round = self.consistency.period, self.resumed_round
-            self.local = LocalSGD(mirrors, self.live, period=period, round=round)
-        return mirrors
+        return HostMirrors.attach(self.client, self.params, cpu, self.device)
 
     def _seed(self, step: int) -> None:
         """Random numbers (dropout) from the seed, the step and the rank alone, so that a
