@@ -15,7 +15,8 @@ is what the step waits for. The model knows nothing of this: the hooks are attac
 outside, as DDP attaches its own.
 
 ``comm_s`` of each exchange is its exposed communication: the time the worker spent sending
-parts and blocked waiting for replies, on the critical path of a step.
+parts and blocked waiting for replies, on the critical path of a step. The run's
+``StepTimer`` measures it (``exposed``).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from torch import nn
 
 from pslm.ps.client.client import Completion, PSClient
 from pslm.ps.client.exchange import BucketPlan, Exchange
+from pslm.train.timing import StepTimer
 
 
 @dataclass(slots=True)
 class _Open:
     exchange: Exchange
     step: int
-    comm_s: float = 0.0
 
 
 class Overlap:
@@ -50,8 +51,10 @@ class Overlap:
         out: Mapping[str, torch.Tensor],
         *,
         bucket_bytes: int,
+        timer: StepTimer,
     ):
         self.client = client
+        self.timer = timer
         self.out = out
         names = {id(p): n for n, p in params.items()}
         self.plan = BucketPlan(client, list(reversed(list(params))), bucket_bytes)
@@ -66,8 +69,6 @@ class Overlap:
         """The exchange this step's backward pushes into."""
         self.slowdown = 0.0
         """Experiments: extra compute time as a multiple of the real one (stragglers)."""
-        self.step_comm = 0.0
-        """Communication time spent since ``begin_step``, whichever exchange it served."""
         self._mark = 0.0
         self.hooks: list[Any] = []
         for p in params.values():
@@ -81,7 +82,6 @@ class Overlap:
     def begin_step(self, slowdown: float = 0.0) -> None:
         """A new step begins (its forward pass is next)."""
         self.slowdown = slowdown
-        self.step_comm = 0.0
 
     def start(
         self,
@@ -100,9 +100,8 @@ class Overlap:
         """After backward: push what is left and end the push. Returns at once."""
         assert self.outgoing is not None
         self._straggle()
-        t = time.perf_counter()
-        self.outgoing.exchange.finish(self.grads, scalars)
-        self._spent(self.outgoing, t)
+        with self.timer.exposed(self.outgoing.step):
+            self.outgoing.exchange.finish(self.grads, scalars)
         self.incoming, self.outgoing = self.outgoing, None
 
     def settle(self) -> tuple[int, Completion, float] | None:
@@ -110,11 +109,11 @@ class Overlap:
         exposed communication time), or None if there is none."""
         if self.incoming is None:
             return None
-        t = time.perf_counter()
-        done = self.incoming.exchange.complete()
-        opened, self.incoming = self.incoming, None
-        self._spent(opened, t)
-        return opened.step, done, opened.comm_s
+        step = self.incoming.step
+        with self.timer.exposed(step):
+            done = self.incoming.exchange.complete()
+        self.incoming = None
+        return step, done, self.timer.take_exposed(step)
 
     def close(self) -> None:
         for h in self.hooks:
@@ -128,9 +127,8 @@ class Overlap:
             # the last bucket to be ready travels with finish(), in the same message
             if self.left[bucket] == 0 and sum(1 for n in self.left if n) > 0:
                 self._straggle()
-                t = time.perf_counter()
-                self.outgoing.exchange.push(bucket, self.grads)
-                self._spent(self.outgoing, t)
+                with self.timer.exposed(self.outgoing.step):
+                    self.outgoing.exchange.push(bucket, self.grads)
 
         return hook
 
@@ -138,17 +136,11 @@ class Overlap:
         def hook(module: nn.Module, args: Any) -> None:
             if self.incoming is None:
                 return
-            t = time.perf_counter()
-            for b in buckets:
-                self.incoming.exchange.wait(b)
-            self._spent(self.incoming, t)
+            with self.timer.exposed(self.incoming.step):
+                for b in buckets:
+                    self.incoming.exchange.wait(b)
 
         return hook
-
-    def _spent(self, opened: _Open, since: float) -> None:
-        took = time.perf_counter() - since
-        opened.comm_s += took
-        self.step_comm += took
 
     def _straggle(self) -> None:
         """A straggler computes slower: idle in proportion to the compute since the last

@@ -75,14 +75,14 @@ class OverlapStep:
         assert loss_t is not None
         if slowdown:
             # An experiment's straggler: its forward pass takes longer too.
-            time.sleep(slowdown * (self.timer.since_step_began() - overlap.step_comm))
+            time.sleep(slowdown * (self.timer.since_step_began() - self.timer.step_comm))
         self._log_settled()
         model.zero_grad(set_to_none=False)
         rows = self.batches.row_selection(step, batch[0])
         overlap.start(step, self.batches.weight(self.rank), rows)
         loss_t.backward()
         loss = float(loss_t.item())
-        self.computed[step] = (self.timer.compute_ends() - overlap.step_comm, loss)
+        self.computed[step] = (self.timer.compute_ends() - self.timer.step_comm, loss)
         overlap.finish(self.learner.scalars(loss))
 
     def _log_settled(self) -> None:

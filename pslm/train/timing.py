@@ -7,11 +7,16 @@
     comm_s = timer.comm_s()                  # the parameters back
     with timer.pause():                      # evaluating, checkpointing: not training
         ...
+    with timer.exposed(step):                # overlap: blocked on step's exchange
+        ...
     timer.hold(live.hold())                  # paused (pslm ctl pause): not training either
 
 A step's ``compute_s`` runs from its beginning to the end of its computing (on a worker that
 holds several shares, the pushes of all but the last share included), its ``comm_s`` from
-there until the parameters are back. ``time`` counts from the beginning of the run (a resumed
+there until the parameters are back. Under ``cluster.overlap`` a step's exchange runs during
+its backward pass and the next step's forward pass: its ``comm_s`` is the time the worker was
+blocked on it (``exposed``), which the computing of the step it fell in does not count.
+``time`` counts from the beginning of the run (a resumed
 run goes on from its checkpoint's), ``train_time`` leaves out the time paused.
 """
 
@@ -33,6 +38,11 @@ class StepTimer:
         """The last hold, for the next record."""
         self.began = self.start
         self.computed = self.start
+        self.step_comm = 0.0
+        """Seconds blocked on an exchange (``exposed``) since the step began, whichever
+        step's exchange it was."""
+        self.exposed_s: dict[int, float] = {}
+        """Step -> seconds blocked on its exchange so far (overlap)."""
 
     def run_begins(self, already: float = 0.0) -> None:
         """The run's clock starts, at ``already`` seconds (a resumed run's time so far)."""
@@ -40,6 +50,7 @@ class StepTimer:
 
     def step_begins(self) -> None:
         self.began = time.perf_counter()
+        self.step_comm = 0.0
 
     def since_step_began(self) -> float:
         return time.perf_counter() - self.began
@@ -75,6 +86,20 @@ class StepTimer:
         began = time.perf_counter()
         yield
         self.paused += time.perf_counter() - began
+
+    @contextmanager
+    def exposed(self, step: int) -> Iterator[None]:
+        """The time inside is spent sending ``step``'s pushes or blocked on its replies: that
+        step's communication, and not the computing of the step in progress."""
+        began = time.perf_counter()
+        yield
+        took = time.perf_counter() - began
+        self.exposed_s[step] = self.exposed_s.get(step, 0.0) + took
+        self.step_comm += took
+
+    def take_exposed(self, step: int) -> float:
+        """``step``'s exposed communication, once its exchange is complete."""
+        return self.exposed_s.pop(step, 0.0)
 
     def hold(self, seconds: float) -> None:
         """The job was held ``seconds`` (pslm ctl pause): not training; the next record says."""

@@ -138,7 +138,12 @@ class TrainLoop:
             return plain
         bucket_bytes = self.cfg.cluster.bucket_bytes
         overlap = Overlap(
-            self.model, self.client, self.params, self.mirrors.host, bucket_bytes=bucket_bytes
+            self.model,
+            self.client,
+            self.params,
+            self.mirrors.host,
+            bucket_bytes=bucket_bytes,
+            timer=self.timer,
         )
         return OverlapStep(
             overlap,
