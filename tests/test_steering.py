@@ -83,7 +83,9 @@ def _steered(run: Path, version: int) -> dict[str, Any] | None:
 
 
 def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
-    train, run = start_run(tmp_path, 600)
+    # every checkpoint kept: should the run reach its last step before the SIGINT, its final
+    # checkpoint must not delete the two this test reads
+    train, run = start_run(tmp_path, 600, "--train.keep_checkpoints", "10")
     try:
         _wait_for("a step", lambda: _records(run), train)
 
