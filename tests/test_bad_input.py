@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 import torch
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pslm.errors import ProtocolError
 from pslm.ps.client.client import ClientConfig, PSClient
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.launch.local import LocalCluster
@@ -155,6 +157,34 @@ def test_server_and_scheduler_survive_random_messages(tmp_path) -> None:
             _fuzz(address, ops, check)
         out = {"w": torch.zeros(4, 4)}
         assert client.wait(client.pull(out)).version >= 0
+        assert all(c.proc.poll() is None for c in cluster.children)
+        client.close()
+        cluster.wait(timeout=30)
+
+
+def test_a_push_with_a_huge_weight_or_a_nan_scalar_is_refused_and_the_shard_goes_on(
+    tmp_path,
+) -> None:
+    """A weight above float32's range once wedged the shard (acknowledged, then the update
+    raised); a nan scalar reached every worker's mean. Both are refused alone; the same clock
+    pushed well afterwards gives exactly plain SGD's step."""
+    lc = launch_config(tmp_path, num_servers=1, num_workers=1, worker=None)
+    with LocalCluster(lc) as cluster:
+        client = PSClient(ClientConfig(scheduler=cluster.scheduler_address, timeout=10.0))
+        w = torch.randn(4, 4)
+        client.init({"w": w}, OptimizerConfig(name="sgd", lr=0.1))
+        grads, out = {"w": torch.ones(4, 4)}, {"w": torch.zeros(4, 4)}
+        bad: list[dict[str, object]] = [
+            {"weight": 1e39},
+            {"scalars": {"min.ctl_known": float("nan")}},
+            {"scalars": {"loss": float("inf")}},
+        ]
+        for kwargs in bad:
+            with pytest.raises(ProtocolError):
+                client.wait(client.push_pull(grads, out, clock=0, **kwargs))  # type: ignore[arg-type]
+        done = client.wait(client.push_pull(grads, out, clock=0, scalars={"loss": 2.0}))
+        assert done.scalars == {"loss": 2.0}
+        assert torch.equal(out["w"], w - 0.1 * grads["w"])
         assert all(c.proc.poll() is None for c in cluster.children)
         client.close()
         cluster.wait(timeout=30)

@@ -105,6 +105,7 @@ Every refusal is ``error {code, message}`` with the request's id.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pslm.errors import ProtocolError, RefusedError
@@ -147,7 +148,8 @@ READ_AHEAD = 64
 
 
 def scalars(raw: dict[str, Any]) -> dict[str, float]:
-    """Validated scalars (e.g. a worker's loss): at most MAX_SCALARS, short names, numbers."""
+    """Validated scalars (e.g. a worker's loss): at most MAX_SCALARS, short names, finite
+    numbers."""
     if len(raw) > MAX_SCALARS:
         raise ProtocolError(f"at most {MAX_SCALARS} scalars")
     out = {}
@@ -156,6 +158,8 @@ def scalars(raw: dict[str, Any]) -> dict[str, float]:
             raise ProtocolError("scalar names are strings of 1 to 64 characters")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"scalar {name!r} is not a number")
+        if not math.isfinite(value):  # one nan would reach every worker's mean
+            raise ProtocolError(f"scalar {name!r} is not finite")
         out[name] = float(value)
     return out
 

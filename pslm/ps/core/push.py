@@ -15,7 +15,6 @@ where it is used - nothing else.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -23,6 +22,10 @@ from pslm.errors import ConfigError, ProtocolError
 from pslm.ps.core import protocol
 from pslm.wire.codecs import get_codec
 from pslm.wire.message import Message
+
+MAX_WEIGHT = float(1 << 24)
+"""The largest weight a push may carry (its rows of the global batch): far above any batch,
+and small enough that the weighted sum over many workers stays finite in float32."""
 
 
 class PushPart(NamedTuple):
@@ -122,8 +125,8 @@ class PushHeader:
             if not 0 <= value < num_workers:
                 raise ProtocolError(f"push: {name} {value} is not in [0, {num_workers})")
         weight = float(protocol.field(msg, "weight", (int, float), 1.0))
-        if not (weight > 0 and math.isfinite(weight)):
-            raise ProtocolError(f"push: weight must be a positive number, got {weight}")
+        if not 0 < weight <= MAX_WEIGHT:  # nan fails too
+            raise ProtocolError(f"push: weight must be in (0, {MAX_WEIGHT:g}], got {weight}")
         # a bad pull codec is refused now, not after the update
         pull_codec = protocol.pull_codec(protocol.field(msg, "pull_codec", str, "none"))
         raw_sq = protocol.field(msg, "sq_norm", (int, float, type(None)), None)
