@@ -19,6 +19,7 @@ from pslm.errors import ConfigError
 from pslm.ps.client.client import PSClient
 from pslm.ps.core.optim import OptimizerConfig, ScheduleConfig
 from pslm.ps.launch.local import LaunchConfig, LocalCluster
+from pslm.train.logfile import parse_record
 
 IN, HIDDEN, OUT = 32, 128, 4
 
@@ -99,14 +100,12 @@ def run_demo(*, workers: int, servers: int, steps: int, run_dir: str) -> int:
 def _show(path: Path, shown: int, steps: int) -> int:
     """Print the metrics lines past ``shown`` every 20 steps; return how many exist."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text(errors="replace")
     except OSError:
         return shown
+    lines = text[: text.rfind("\n") + 1].splitlines()  # whole lines: the writer may be mid-line
     for line in lines[shown:]:
-        if not line.endswith("}"):
-            break
-        rec = json.loads(line)
-        if rec["step"] % 20 == 0 or rec["step"] == steps - 1:
+        rec = parse_record(line)  # None: not a record (corrupt); skipped
+        if rec is not None and (rec["step"] % 20 == 0 or rec["step"] == steps - 1):
             print(f"step {rec['step']:5d}  loss {rec['loss']:.4f}  time {rec['time']:.2f}s")
-        shown += 1
-    return shown
+    return len(lines)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pslm.train.logfile import read_records
 from tests.conftest import REPO, alive
 from tests.test_train import CONFIG, _pids, _story, _wait_for, metrics, pslm
 
@@ -74,12 +75,12 @@ def test_a_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(
     done = [r["step"] for r in metrics(run)]
     assert done and done[-1] < STEPS - 1  # it was cut short
     # the kill may come after a checkpoint and before its step's line in metrics.jsonl: make
-    # that so (the checkpoint carries the line)
+    # that so (the checkpoint carries the line); and a kill mid-line can leave a torn last
+    # line that happens to end in "}"
     newest = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
-    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (run / "metrics.jsonl").write_text(
-        "".join(ln for ln in lines if json.loads(ln)["step"] < newest - 1)
-    )
+    kept = [r for r in read_records(run / "metrics.jsonl").records if r["step"] < newest - 1]
+    torn = '{"step": %d, "loss": 2.5, "staleness_hist": {"0": 3}' % (newest - 1)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + torn)
     # a checkpoint being written when the kill came leaves a temporary directory behind
     partial = run / "checkpoints" / ".tmp-step_0000090"
     partial.mkdir()

@@ -126,6 +126,8 @@ def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
     assert ckpt2["step"] > ckpt["step"] >= start and all(a[k].equal(b[k]) for k in a)
     assert json.loads((second / "meta.json").read_text())["steering"]["lr"] == 0.0
 
+    with (run / "metrics.jsonl").open("a") as f:  # as a kill mid-line leaves it
+        f.write('{"step": 599, "loss": 2.5, "staleness_hist": {"0": 3}')
     res = pslm("train", "--resume", run, timeout=300)  # the live settings stay set
     assert res.returncode == 0, res.stderr
     records = _records(run)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pslm.ps.client.client import Completion, PSClient
+from pslm.train.logfile import read_records
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
 from pslm.train.timing import StepTimer
@@ -155,7 +156,9 @@ class MetricsLog:
 
     def _open(self) -> TextIO:
         """The file, to append to after its last complete line."""
-        if self.path.exists():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.endswith("}")]
-            self.logged = json.loads(lines[-1])["step"] if lines else -1
-        return self.path.open("a")
+        records = read_records(self.path).records
+        self.logged = records[-1]["step"] if records else -1
+        f = self.path.open("a")
+        if f.tell() and not self.path.read_bytes().endswith(b"\n"):
+            f.write("\n")  # a leader died mid-line: the next record starts a line of its own
+        return f

@@ -10,11 +10,15 @@ time, tokens/s against step, and for a fine-tuned classifier that was evaluated
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import Any
 
 from pslm.errors import ConfigError
+from pslm.train.logfile import read_records
+
+log = logging.getLogger(__name__)
 
 
 def report(run_dir: Path) -> Path:
@@ -63,11 +67,11 @@ def report(run_dir: Path) -> Path:
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        raise ConfigError(f"no metrics.jsonl in {path.parent}: nothing to report") from None
-    records = [json.loads(ln) for ln in lines if ln.endswith("}")]
+    if not path.is_file():
+        raise ConfigError(f"no metrics.jsonl in {path.parent}: nothing to report")
+    records, skipped = read_records(path)
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not records (torn or corrupt)", path, skipped)
     if not records:
         raise ConfigError(f"{path} holds no steps yet")
     return records

@@ -33,6 +33,7 @@ from pslm.ps.launch.local import LaunchConfig, LocalCluster
 from pslm.train import finetune as ft
 from pslm.train.config import TrainConfig, dump_toml, load_config
 from pslm.train.evaluate import run_data
+from pslm.train.logfile import read_records
 from pslm.train.metrics import format_report
 from pslm.train.tasks import ClassifyData, load_data
 
@@ -273,8 +274,12 @@ def _truncate_metrics(path: Path, step: int, last: Any) -> list[dict[str, Any]]:
     """Keep the records of the steps before ``step`` (a resumed run writes the rest again),
     completed by ``last``, the checkpoint's copy of the record of step ``step - 1`` (a kill can
     come after the checkpoint and before its line); returns them."""
-    kept = [json.loads(ln) for ln in _read_lines(path)]
-    kept = [r for r in kept if r["step"] < step]
+    log = read_records(path)
+    if log.skipped:
+        console.print(
+            f"{path}: skipped {log.skipped} line(s) that are not records (torn or corrupt)"
+        )
+    kept = [r for r in log.records if r["step"] < step]
     if (
         isinstance(last, dict)
         and last.get("step") == step - 1
@@ -314,7 +319,7 @@ def _check_data(data: PreparedData, block_size: int) -> None:
 
 
 def _follow(cluster: LocalCluster, metrics: Path, steps: int, seen: int = 0) -> None:
-    """Show a progress bar fed by metrics.jsonl (after its first ``seen`` lines) until the
+    """Show a progress bar fed by metrics.jsonl (after its first ``seen`` records) until the
     cluster is done."""
     columns = (
         TextColumn("step {task.completed:>6.0f}/{task.total:.0f}"),
@@ -335,9 +340,8 @@ def _follow(cluster: LocalCluster, metrics: Path, steps: int, seen: int = 0) -> 
 def _advance(
     bar: Progress, task: Any, metrics: Path, seen: int, rate: float | None
 ) -> tuple[int, float | None]:
-    lines = _read_lines(metrics)
-    for line in lines[seen:]:
-        rec = json.loads(line)
+    records = read_records(metrics).records
+    for rec in records[seen:]:
         rate = rec["tokens_per_s"] if rate is None else 0.9 * rate + 0.1 * rec["tokens_per_s"]
         status = f"loss {rec['loss']:.4f}  {rate:,.0f} tok/s"
         if "val_loss" in rec:
@@ -346,19 +350,11 @@ def _advance(
                 f"val loss {rec['val_loss']:.4f}"
             )
         bar.update(task, completed=rec["step"] + 1, status=status)
-    return len(lines), rate
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    return [ln for ln in text.splitlines() if ln.endswith("}")]
+    return len(records), rate
 
 
 def _summary(run_dir: Path, cfg: TrainConfig, seconds: float) -> None:
-    records = [json.loads(ln) for ln in _read_lines(run_dir / "metrics.jsonl")]
+    records = read_records(run_dir / "metrics.jsonl").records
     val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), math.nan)
     checkpoint = latest_checkpoint(run_dir)
     console.print(f"done in {seconds:.0f} s: val loss {val:.4f}, checkpoint {checkpoint}")
