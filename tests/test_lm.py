@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pslm.errors import ConfigError
+from pslm.lm.checkpoint import latest_checkpoint, publish, step_dir
 from pslm.lm.corpus import load_corpus
 from pslm.lm.data import GlobalBatches, get_batch, prepare, worker_slice
 from pslm.lm.generate import generate
@@ -194,3 +195,14 @@ def test_global_batches_do_not_depend_on_the_number_of_workers() -> None:
         assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
     with pytest.raises(ConfigError, match="smaller than"):
         worker_slice(0, 5, 4)
+
+
+def test_checkpoints_are_ordered_by_step_number_not_as_text(tmp_path) -> None:
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        step_dir(tmp_path, step).mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 10_000_000)
+    tmp = tmp_path / "checkpoints" / ".tmp-step_10000001"
+    tmp.mkdir()
+    publish(tmp, step_dir(tmp_path, 10_000_001), keep=2)  # the two oldest go
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step_10000000", "step_10000001"]

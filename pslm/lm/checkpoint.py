@@ -53,18 +53,23 @@ def publish(tmp: Path, final: Path, keep: int) -> None:
     _fsync(tmp)
     os.replace(tmp, final)
     _fsync(final.parent)
-    done = sorted(p for p in final.parent.iterdir() if STEP_DIR.match(p.name))
-    for old in done[:-keep]:
+    for old in checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints in ``root``, oldest first: by step number (as text,
+    step_10000000 would sort before step_9999999)."""
+    if not root.is_dir():
+        return []
+    found = [(m, p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir())
-    return steps[-1] if steps else None
+    done = checkpoints(Path(run_dir) / "checkpoints")
+    return done[-1] if done else None
 
 
 def load_model(
