@@ -75,6 +75,14 @@ def test_generate_matches_the_model_and_streams_the_same_text(client: TestClient
     sampled = [client.post("/v1/generate", json={**body, "temperature": 1, "seed": 3}).json()
                for _ in range(2)]  # fmt: skip
     assert sampled[0]["text"] == sampled[1]["text"]  # the seed fixes the sample
+    for tiny in (1e-40, 1e-300, 5e-324):  # the greedy limit, not an overflow
+        r = client.post("/v1/generate", json={**body, "temperature": tiny, "seed": 3})
+        assert r.status_code == 200 and r.json()["text"] == out["text"], (tiny, r.text)
+        with client.stream(
+            "POST", "/v1/generate", json={**body, "temperature": tiny, "stream": True}
+        ) as s:
+            last = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ")][-1]
+        assert last["done"] and last["text"] == out["text"], tiny
 
 
 def test_bad_requests_are_4xx_with_a_json_error(client: TestClient) -> None:

@@ -86,6 +86,9 @@ def _check(
         raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
 
 
+TINY = torch.finfo(torch.float32).tiny
+
+
 def _sample(
     logits: torch.Tensor,
     temperature: float,
@@ -96,7 +99,10 @@ def _sample(
     """One token from the logits of one position, (vocab,)."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature
+    # shifted so that the largest is 0: a tiny temperature then sends the others to -inf
+    # (the greedy limit) instead of overflowing every logit to inf and the softmax to nan;
+    # a temperature below float32's range counts as its smallest normal number
+    logits = (logits.float() - logits.max()) / max(temperature, TINY)
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
