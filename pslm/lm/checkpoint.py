@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pslm.errors import ConfigError
+from pslm.files import fsync, write_atomic
 from pslm.lm.classifier import GPTClassifier
 from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import Tokenizer, load_tokenizer
@@ -45,14 +46,14 @@ def write_model(directory: Path, model: GPT | GPTClassifier, meta: dict[str, Any
     doc = {"model": asdict(model.config), **meta}
     (directory / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
     for name in ("model.safetensors", "meta.json"):
-        _fsync(directory / name)
+        fsync(directory / name)
 
 
 def publish(tmp: Path, final: Path, keep: int) -> None:
     """Rename a complete checkpoint into place, then delete all but the newest ``keep``."""
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     for old in checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -108,7 +109,7 @@ parameters from a live cluster needs to build the model)."""
 
 def write_run_model(run_dir: str | Path, config: GPTConfig, meta: dict[str, Any]) -> None:
     doc = {"model": asdict(config), **meta}
-    (Path(run_dir) / MODEL_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    write_atomic(Path(run_dir) / MODEL_FILE, json.dumps(doc, indent=2) + "\n")  # workers race
 
 
 def read_run_model(run_dir: str | Path) -> dict[str, Any]:
@@ -199,11 +200,3 @@ def _tokenizer(run_dir: str | Path, config: GPTConfig) -> Tokenizer:
             f"model {config.vocab_size}"
         )
     return tokenizer
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

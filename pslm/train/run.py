@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pslm.errors import ConfigError, LaunchError
+from pslm.files import write_atomic
 from pslm.lm.checkpoint import latest_checkpoint, load_model, write_run_model
 from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
@@ -286,9 +287,7 @@ def _truncate_metrics(path: Path, step: int, last: Any) -> list[dict[str, Any]]:
         and (not kept or kept[-1]["step"] < step - 1)
     ):
         kept.append(last)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

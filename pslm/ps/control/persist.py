@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pslm.errors import ConfigError
+from pslm.files import write_atomic
 from pslm.ps.control.leases import ShareLeases
 from pslm.ps.control.records import NodeRecord
 from pslm.ps.control.table import ShardTable
@@ -102,14 +102,3 @@ def write_files(run_dir: str, cluster: dict[str, Any], kept: Kept | None) -> Non
             write_atomic(Path(run_dir) / STATE_FILE, json.dumps(kept.to_dict()))
     except OSError as exc:
         log.warning("cannot write cluster.json: %s", exc)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.files import write_atomic
 from pslm.ps.control.barriers import Barriers
 from pslm.ps.control.base import SchedulerConfig
 from pslm.ps.control.churn import Churn
 from pslm.ps.control.joining import Filling
 from pslm.ps.control.leases import ShareLeases
 from pslm.ps.control.operations import Operations
-from pslm.ps.control.persist import STATE_FILE, Kept, write_atomic, write_files
+from pslm.ps.control.persist import STATE_FILE, Kept, write_files
 from pslm.ps.control.records import MAX_PID, NodeRecord
 from pslm.ps.control.table import ShardTable
 from pslm.ps.core import protocol
