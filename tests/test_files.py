@@ -16,7 +16,8 @@ import sys
 from pslm.lm.checkpoint import write_run_model
 from pslm.lm.model import GPTConfig
 for i in range(int(sys.argv[2])):
-    write_run_model(sys.argv[1], GPTConfig(vocab_size=65, n_layer=1 + i % 3), {"task": "x" * (i % 4000)})
+    shape = GPTConfig(vocab_size=65, n_layer=1 + i % 3)
+    write_run_model(sys.argv[1], shape, {"task": "x" * (i % 4000)})
 """
 
 
