@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from pslm.errors import ConfigError
-from pslm.lm.checkpoint import latest_checkpoint, publish, step_dir
+from pslm.lm.checkpoint import (
+    latest_checkpoint,
+    newest_verified,
+    publish,
+    set_aside,
+    step_dir,
+    verify,
+    write_model,
+)
 from pslm.lm.corpus import load_corpus
 from pslm.lm.data import GlobalBatches, get_batch, prepare, worker_slice
 from pslm.lm.generate import generate
@@ -206,3 +214,29 @@ def test_checkpoints_are_ordered_by_step_number_not_as_text(tmp_path) -> None:
     publish(tmp, step_dir(tmp_path, 10_000_001), keep=2)  # the two oldest go
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_10000000", "step_10000001"]
+
+
+def test_a_damaged_checkpoint_is_named_and_passed_over_for_the_one_before(tmp_path) -> None:
+    model = tiny(30)
+    for step in (10, 20):
+        path = step_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        (path / "shard-000-of-001.safetensors").write_bytes(bytes(range(256)) * 8)  # a server's
+        write_model(path, model, {"step": step})
+    old, new = step_dir(tmp_path, 10), step_dir(tmp_path, 20)
+    assert verify(new) is None and newest_verified(tmp_path) == (new, [])
+    shard = new / "shard-000-of-001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1])  # cut short
+    assert verify(new) == "shard-000-of-001.safetensors has 2047 bytes, not the 2048 written"
+    assert newest_verified(tmp_path) == (old, [(new, str(verify(new)))])
+    shard.write_bytes(bytes(2048))  # the right size, other bytes
+    assert "digest differs" in str(verify(new))
+    (old / "model.safetensors").unlink()
+    assert verify(old) == "model.safetensors is missing"
+    (new / "meta.json").write_text("{")
+    path, passed = newest_verified(tmp_path)
+    assert path is None and passed[0][1].startswith("bad meta.json")
+    moved = set_aside(new)
+    assert moved == tmp_path / "checkpoints" / "damaged" / "step_0000020" and not new.exists()
+    new.mkdir()  # the same step damaged a second time
+    assert set_aside(new).name == "step_0000020.1" and latest_checkpoint(tmp_path) == old

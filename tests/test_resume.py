@@ -85,8 +85,14 @@ def test_a_run_killed_and_resumed_ends_where_an_uninterrupted_one_does(
     partial = run / "checkpoints" / ".tmp-step_0000090"
     partial.mkdir()
     (partial / "shard-000-of-002.safetensors").write_bytes(b"\0" * 100)
+    # and the newest checkpoint's first shard cut short (a disk that filled up): the resume
+    # falls back to the checkpoint before it, saying so, and still ends where the whole run did
+    shard = sorted((run / "checkpoints" / f"step_{newest:07d}").glob("shard-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
     res = pslm("train", "--resume", run)
     assert res.returncode == 0, res.stdout + res.stderr
+    said = " ".join(res.stdout.split())  # (the console wraps long lines)
+    assert f"skipped checkpoint step_{newest:07d}: {shard.name} has" in said
     assert not partial.exists()
     cut, uncut = metrics(run), metrics(whole)
     assert [r["step"] for r in cut] == list(range(STEPS))  # every step once

@@ -128,8 +128,15 @@ def test_ctl_set_pause_resume_checkpoint_and_resume(tmp_path: Path) -> None:
 
     with (run / "metrics.jsonl").open("a") as f:  # as a kill mid-line leaves it
         f.write('{"step": 599, "loss": 2.5, "staleness_hist": {"0": 3}')
+    # the newest checkpoint damaged: the resume goes back to the first (lr 0 already) and
+    # moves the damaged one aside, so that the run can write that step again
+    shard = sorted(second.glob("shard-*"))[-1]
+    shard.write_bytes(b"\0" * shard.stat().st_size)
     res = pslm("train", "--resume", run, timeout=300)  # the live settings stay set
     assert res.returncode == 0, res.stderr
+    said = " ".join(res.stdout.split())  # (the console wraps long lines)
+    assert f"skipped checkpoint {second.name}: {shard.name} changed" in said
+    assert f"from {first.name}" in said and (run / "checkpoints" / "damaged" / second.name).is_dir()
     records = _records(run)
     steps = [r["step"] for r in records]
     assert steps == list(range(600))  # none lost, none repeated: pause, resume, restart

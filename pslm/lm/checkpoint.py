@@ -2,17 +2,20 @@
 
     write_model(tmp_dir, model, meta={"step": 100})     # model.safetensors + meta.json
     path = latest_checkpoint(run_dir)                  # newest complete one, or None
+    path, passed = newest_verified(run_dir)            # newest whose files match their digests
     model, tokenizer, meta = load_model(run_dir)       # ready for generation or evaluation
     write_run_model(run_dir, model.config, {"task": ""})  # model.json: the shape, for readers
     model = assemble(read_run_model(run_dir), tensors)   # a model from a cluster's tensors
 
 A checkpoint directory appears only when complete: it is written under a temporary name,
 every file is fsynced, then it is renamed (``publish``). ``meta.json`` holds the model's shape
-and the step; the tokenizer is the run's ``tokenizer.json``.
+and the step, and the size and SHA-256 of every other file (``verify``); the tokenizer is the
+run's ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -43,7 +46,9 @@ def write_model(directory: Path, model: GPT | GPTClassifier, meta: dict[str, Any
     fsynced."""
     params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
     save_file(params, str(directory / "model.safetensors"))
-    doc = {"model": asdict(model.config), **meta}
+    # the size and digest of every file beside it (the servers' shards are written first),
+    # which a resume checks before trusting the checkpoint (``verify``)
+    doc = {"model": asdict(model.config), **meta, "files": _digests(directory)}
     (directory / "meta.json").write_text(json.dumps(doc, indent=2) + "\n")
     for name in ("model.safetensors", "meta.json"):
         fsync(directory / name)
@@ -65,6 +70,66 @@ def checkpoints(root: Path) -> list[Path]:
         return []
     found = [(m, p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (a file missing, truncated or changed
+    since it was written, or an unreadable meta.json), or None if nothing is. A checkpoint
+    written before digests were kept has only its meta.json checked."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        files = meta.get("files", {})
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a table")
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        return f"bad meta.json ({exc})"
+    for name, want in sorted(files.items()):
+        try:
+            size = (path / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if not isinstance(want, dict) or size != want.get("bytes"):
+            return f"{name} has {size} bytes, not the {want.get('bytes')} written"
+        if _sha256(path / name) != want.get("sha256"):
+            return f"{name} changed since it was written (its digest differs)"
+    return None
+
+
+def newest_verified(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a run that ``verify`` accepts (or None), and each newer one
+    it passed over, with why."""
+    passed: list[tuple[Path, str]] = []
+    for path in reversed(checkpoints(Path(run_dir) / "checkpoints")):
+        problem = verify(path)
+        if problem is None:
+            return path, passed
+        passed.append((path, problem))
+    return None, passed
+
+
+def set_aside(path: Path) -> Path:
+    """Move a damaged checkpoint to ``checkpoints/damaged/`` (kept for a look, out of the way
+    of the run that writes its step again); returns where it went."""
+    root = path.parent / "damaged"
+    root.mkdir(exist_ok=True)
+    dest, n = root / path.name, 1
+    while dest.exists():
+        dest, n = root / f"{path.name}.{n}", n + 1
+    os.replace(path, dest)
+    return dest
+
+
+def _digests(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != "meta.json"
+    }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

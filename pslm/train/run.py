@@ -25,7 +25,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pslm.errors import ConfigError, LaunchError
 from pslm.files import write_atomic
-from pslm.lm.checkpoint import latest_checkpoint, load_model, write_run_model
+from pslm.lm.checkpoint import (
+    latest_checkpoint,
+    load_model,
+    newest_verified,
+    set_aside,
+    write_run_model,
+)
 from pslm.lm.corpus import BUILTIN, load_corpus
 from pslm.lm.data import PreparedData, prepare
 from pslm.lm.generate import generate
@@ -94,9 +100,16 @@ def resume(run_dir: Path, *, restarts: int | None = None) -> int:
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"no run to resume at {run_dir} (it has no config.toml)")
     cfg = load_config(run_dir / "config.toml")
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint, passed = newest_verified(run_dir)
     if checkpoint is None:
-        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+        why = "; ".join(f"{p.name}: {problem}" for p, problem in passed)
+        raise ConfigError(
+            f"{run_dir} has no complete checkpoint to resume from{why and f' ({why})'}"
+        )
+    for path, problem in passed:  # the run writes their steps again
+        console.print(
+            f"[yellow]skipped checkpoint {path.name}: {problem}; moved to {set_aside(path)}[/]"
+        )
     try:
         meta = json.loads((checkpoint / "meta.json").read_text())
         step, version, rounds = int(meta["step"]), int(meta["version"]), int(meta.get("round", 0))
