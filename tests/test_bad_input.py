@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import msgpack
 import pytest
 import torch
@@ -15,6 +18,7 @@ from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.launch.local import LocalCluster
 from pslm.wire import auth
 from pslm.wire.message import Message, decode, encode
+from pslm.wire.peerlog import PeerLog
 from tests.conftest import launch_config
 
 values = st.recursive(
@@ -153,13 +157,20 @@ def test_server_and_scheduler_survive_random_messages(tmp_path) -> None:
                 Message("status", id=2**62),
             ),
         }
+        started = time.monotonic()
         for address, ops, check in targets.values():
             _fuzz(address, ops, check)
+        minutes = (time.monotonic() - started) / 60
         out = {"w": torch.zeros(4, 4)}
         assert client.wait(client.pull(out)).version >= 0
         assert all(c.proc.poll() is None for c in cluster.children)
         client.close()
         cluster.wait(timeout=30)
+    # thousands of bad messages from one peer: a line per peer per minute, not one each
+    for name in ("server-0.log", "scheduler.log"):
+        text = (cluster.run_dir / "logs" / name).read_text()
+        lines = [ln for ln in text.splitlines() if "bad message" in ln or "refused a" in ln]
+        assert 0 < len(lines) <= 2 * (2 + minutes), (name, len(lines))
 
 
 def test_a_push_with_a_huge_weight_or_a_nan_scalar_is_refused_and_the_shard_goes_on(
@@ -188,3 +199,22 @@ def test_a_push_with_a_huge_weight_or_a_nan_scalar_is_refused_and_the_shard_goes
         assert all(c.proc.poll() is None for c in cluster.children)
         client.close()
         cluster.wait(timeout=30)
+
+
+def test_a_peers_bad_messages_are_logged_once_a_minute(caplog) -> None:
+    now = [0.0]
+    bad = PeerLog(logging.getLogger("pslm.test"), per_s=60.0, max_peers=2, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="pslm.test"):
+        assert bad.warning(b"a", "bad message: %s", 1)
+        assert not any(bad.warning(b"a", "bad message: %s", i) for i in range(500))
+        assert bad.warning(b"b", "bad message: %s", "b")  # another peer has its own minute
+        now[0] = 61.0
+        assert bad.warning(b"a", "bad message: %s", "again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad message: 1",
+        "bad message: b",
+        "bad message: again (500 more from this peer left out of the log)",
+    ]
+    bad.warning(b"c", "x")  # a third peer: the quietest is forgotten, memory stays bounded
+    assert len(bad) == 2
+    assert bad.warning(b"b", "bad message: %s", "b")  # forgotten: logged again at once

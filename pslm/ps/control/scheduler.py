@@ -43,6 +43,7 @@ from pslm.ps.core import protocol
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.steering import SteeringLog
 from pslm.wire.message import Message
+from pslm.wire.peerlog import PeerLog
 from pslm.wire.transport import Listener, Poller, tcp_address
 
 log = logging.getLogger("pslm.scheduler")
@@ -54,6 +55,7 @@ class Scheduler(Churn, Operations):
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.listener = Listener(cfg.bind, max_bytes=0)  # control messages carry no tensors
+        self.bad = PeerLog(log)  # bad messages, once per peer per minute
         self.address = self.listener.address
         self.nodes: dict[str, NodeRecord] = {}  # by node id once ranked
         self.filling = Filling({"server": self._size("server"), "worker": cfg.num_workers})
@@ -123,7 +125,7 @@ class Scheduler(Churn, Operations):
         try:
             peer, msg = self.listener.recv()
         except ProtocolError as exc:
-            log.warning("bad message: %s", exc)
+            self.bad.warning(exc.sender, "bad message: %s", exc)
             if exc.sender is not None and exc.request_id is not None:
                 self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
             return

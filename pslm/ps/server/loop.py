@@ -46,6 +46,7 @@ from pslm.ps.server.setup import initialise, save
 from pslm.ps.server.shm import SharedPaths
 from pslm.ps.server.state import ShardState
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
+from pslm.wire.peerlog import PeerLog
 from pslm.wire.transport import Channel, Connection, Listener, Poller, readable, tcp_address
 
 log = logging.getLogger("pslm.server")
@@ -169,6 +170,8 @@ class Server:
         """Workers' requests that reached this backup before the table promoted it."""
         self.counts = {"bytes_in": 0, "messages": 0}
         """Tensor bytes received and messages taken (reported with heartbeats)."""
+        self.bad = PeerLog(log)
+        """Bad messages, logged once per peer per minute."""
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "init": self._init,
             "push": self._from_worker(lambda p, m, w: self.service.push(p, m)),
@@ -241,7 +244,7 @@ class Server:
         try:
             peer, msg = self.listener.recv()
         except ProtocolError as exc:
-            log.warning("bad message: %s", exc)
+            self.bad.warning(exc.sender, "bad message: %s", exc)
             if exc.sender is not None and exc.request_id:
                 self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
             return
@@ -259,6 +262,8 @@ class Server:
         except ShardFailed:
             raise  # (the server leaves: answering on would serve a shard half-stepped)
         except (ProtocolError, ConfigError, ClusterError) as exc:
+            if isinstance(exc, ProtocolError):  # (refusals are a peer's business; this a bug)
+                self.bad.warning(peer, "refused a %r: %s", msg.op, exc)
             self.replies.refuse(peer, msg, getattr(exc, "code", "refused"), str(exc))
         except Exception as exc:  # a bug must not take the shard down with it
             log.exception("internal error on %r", msg.op)
