@@ -13,9 +13,12 @@ servers hold then, writes, and a second barrier lets everyone go on.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pslm.lm.checkpoint import publish, step_dir, write_model
 from pslm.ps.client.client import PSClient
@@ -24,6 +27,8 @@ from pslm.train.mirrors import HostMirrors
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
 from pslm.train.tasks import Task
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -70,6 +75,11 @@ class Checkpointer:
         self, step: int, version: int, record: dict[str, Any], round: int
     ) -> None:
         final = step_dir(self.run_dir, step + 1)
+        if not all(torch.isfinite(p).all() for p in self.task.model.parameters()):
+            # a diverged model must not rotate the last healthy checkpoints out
+            log.warning("no checkpoint at step %d: the parameters are not finite", step + 1)
+            record["checkpoint"] = "skipped: the parameters are not finite"
+            return
         tmp = final.with_name(f".tmp-{final.name}")
         tmp.mkdir(parents=True, exist_ok=True)
         try:
