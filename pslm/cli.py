@@ -207,6 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             kv_cache=not args.no_kv_cache,
             parallel=args.parallel,
+            allowed_hosts=tuple(h.lower() for h in args.allow_host or ()),
         )
     )
 

@@ -361,6 +361,13 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parse
     s.add_argument("--checkpoint", metavar="DIR", help="a checkpoint (default: the newest)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (8000; 0: any free one)")
+    s.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="a host name requests may use (their Host and Origin) besides loopback, e.g. this "
+        "machine's name or address when listening beyond it; repeatable",
+    )
     s.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes (1)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

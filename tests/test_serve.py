@@ -49,9 +49,13 @@ def _served(task: str = "generate", *, seed: int = 0) -> ServedModel:
     return served
 
 
+LOCAL = "http://127.0.0.1:8000"
+
+
 @pytest.fixture()
 def client() -> TestClient:
-    return TestClient(create_app(_served(), Limits(max_tokens=50, max_body_bytes=4096)))
+    app = create_app(_served(), Limits(max_tokens=50, max_body_bytes=4096))
+    return TestClient(app, base_url=LOCAL)
 
 
 def test_generate_matches_the_model_and_streams_the_same_text(client: TestClient) -> None:
@@ -83,6 +87,26 @@ def test_generate_matches_the_model_and_streams_the_same_text(client: TestClient
         ) as s:
             last = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: ")][-1]
         assert last["done"] and last["text"] == out["text"], tiny
+
+
+def test_only_loopback_or_allowed_hosts_and_origins_are_answered() -> None:
+    """A page on another site, or one reaching 127.0.0.1 through a name it controls (DNS
+    rebinding), is refused on every route, the dashboard's steering included."""
+    app = create_app(_served(), Limits(allowed_hosts=("gpu-box",)))
+    for base in (LOCAL, "http://localhost:8000", "http://[::1]:8000", "http://gpu-box:8000"):
+        with TestClient(app, base_url=base) as ok:
+            assert ok.get("/healthz").status_code == 200, base
+            origin = {"origin": base}
+            assert ok.post("/v1/generate", json={"prompt": "x"}, headers=origin).status_code == 200
+    with TestClient(app, base_url="http://evil.example:8000") as rebound:
+        for method, path in (("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/generate"),
+                             ("POST", "/api/ctl"), ("GET", "/")):  # fmt: skip
+            r = rebound.request(method, path, json={"prompt": "x"})
+            assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden_host", path
+    with TestClient(app, base_url=LOCAL) as local:
+        for origin in ("http://evil.example", "null", "https://127.0.0.1.evil.example"):
+            r = local.post("/v1/generate", json={"prompt": "x"}, headers={"origin": origin})
+            assert r.status_code == 403, origin
 
 
 def test_bad_requests_are_4xx_with_a_json_error(client: TestClient) -> None:
@@ -140,7 +164,7 @@ def test_chat_builds_the_documented_prompt_and_stops_at_the_next_turn(client: Te
 
 def test_classify_gives_labels_and_probabilities() -> None:
     served = _served("classify")
-    client = TestClient(create_app(served))
+    client = TestClient(create_app(served), base_url=LOCAL)
     r = client.post("/v1/classify", json={"text": "the dark king"})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -154,7 +178,7 @@ def test_classify_gives_labels_and_probabilities() -> None:
 def test_not_ready_until_parameters_arrive() -> None:
     served = _served()
     state, served.current = served.current, None
-    client = TestClient(create_app(served))
+    client = TestClient(create_app(served), base_url=LOCAL)
     assert client.get("/healthz").status_code == 503
     assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 503
     served.current = state

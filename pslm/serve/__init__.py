@@ -43,6 +43,8 @@ class ServeConfig:
     """Requests computing their next token at the same time (``pslm.serve.app.Limits``)."""
     kv_cache: bool = True
     """Generate with the KV cache (off: recompute the whole context per token; benchmarks)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names requests may use besides loopback (``pslm.serve.app.Limits``)."""
 
     def __post_init__(self) -> None:
         if not self.run_dir and not self.scheduler:
@@ -79,6 +81,7 @@ def serve(cfg: ServeConfig) -> int:
         max_tokens=cfg.max_tokens,
         kv_cache=cfg.kv_cache,
         parallel=cfg.parallel,
+        allowed_hosts=cfg.allowed_hosts,
     )
     app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)

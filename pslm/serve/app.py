@@ -29,6 +29,7 @@ classifying with a language model), 503 while no parameters are loaded.
 
 # no `from __future__ import annotations`: FastAPI reads the request models, made in
 # create_app, from the endpoints' annotations at run time
+import ipaddress
 import json
 import threading
 import time
@@ -36,6 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
@@ -74,6 +76,24 @@ class Limits:
     """Requests whose next token is computed at the same time. On a CPU, 1 - concurrent
     requests take turns token by token - gives the most tokens/s: forward passes running
     side by side only contend for the cores (``pslm bench serve``)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names a request's ``Host`` and ``Origin`` may name besides the loopback ones
+    (127.0.0.0/8, ::1, localhost); anything else is refused with 403, so that a web page
+    cannot reach this server through a name it controls (DNS rebinding) or post to it from
+    another origin."""
+
+
+def host_allowed(value: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a ``Host`` header (``name[:port]``) or an ``Origin`` (``scheme://name[:port]``)
+    names loopback or one of ``allowed``."""
+    name = urlsplit(value if "//" in value else f"//{value}").hostname
+    if name is None:
+        return False
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:  # a name
+        loopback = name == "localhost"
+    return loopback or name in allowed
 
 
 class ApiError(Exception):
@@ -146,8 +166,18 @@ def create_app(
     ) -> Response:
         start = time.perf_counter()
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        host, origin = request.headers.get("host", ""), request.headers.get("origin")
+        if not host_allowed(host, limits.allowed_hosts) or (
+            origin is not None and not host_allowed(origin, limits.allowed_hosts)
+        ):
             response: Response = _error(
+                403,
+                "forbidden_host",
+                "this server answers only the hosts it was told to "
+                "(loopback; pslm serve --allow-host NAME for others)",
+            )
+        elif length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+            response = _error(
                 413, "too_large", f"the body may hold at most {limits.max_body_bytes} bytes"
             )
         elif length is None and request.method == "POST":
