@@ -208,6 +208,7 @@ def _serve(args: argparse.Namespace) -> int:
             kv_cache=not args.no_kv_cache,
             parallel=args.parallel,
             allowed_hosts=tuple(h.lower() for h in args.allow_host or ()),
+            max_inflight=args.max_inflight,
         )
     )
 

@@ -372,6 +372,12 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parse
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s.add_argument("--max-tokens", type=int, default=1024, help="limit per request (1024)")
+    s.add_argument(
+        "--max-inflight",
+        type=int,
+        default=32,
+        help="generations admitted at once; more are answered 503 at once (32)",
+    )
     s.add_argument("--address-file", default="", help="write the URL here once listening")
     s.add_argument("--no-kv-cache", action="store_true", help="generate without the KV cache")
     s.add_argument(

@@ -29,7 +29,7 @@ from pslm.lm.model import GPT, GPTConfig
 from pslm.lm.tokenizer import train_tokenizer
 from pslm.ps.client.reader import ParameterReader
 from pslm.ps.launch.local import LocalCluster
-from pslm.serve.app import Limits, chat_prompt, create_app
+from pslm.serve.app import Admission, ApiError, Limits, chat_prompt, create_app
 from pslm.serve.model import Follower, ServedModel, State
 from tests.conftest import REPO, launch_config
 from tests.test_train import CONFIG, _story, pslm, start_run
@@ -302,6 +302,63 @@ def test_sixteen_concurrent_requests_streaming_and_not(trained: Path, tmp_path: 
                 assert http.post("/v1/generate", json=bad).status_code == 422
             assert http.get("/healthz").status_code == 200
             assert http.get("/v1/model").json()["step"] == meta["step"]
+    finally:
+        _stop(proc)
+
+
+def test_admission_refuses_beyond_its_limit_and_a_dropped_stream_frees_its_place() -> None:
+    admission = Admission(2)
+    with admission.admit(), admission.admit() as second:
+        with pytest.raises(ApiError, match="2 generations in flight") as refused:
+            with admission.admit():
+                pass
+        assert refused.value.status == 503
+        holder = (piece for piece in ())  # a stream's body: a generator
+        second.hand_to(holder)
+    assert admission.inflight == 1  # the handed ticket is held by its stream
+    del holder  # the stream is finished or dropped
+    assert admission.inflight == 0
+
+
+def test_health_answers_while_generations_fill_the_server(trained: Path, tmp_path: Path) -> None:
+    """64 streaming generations at once against 8 places: each is answered in full or
+    refused with 503 at once, /healthz and /metrics keep answering, and every place is free
+    again afterwards (a stream whose client left included)."""
+    proc, url = _start_serve(tmp_path, "--run", trained, "--max-inflight", "8")
+    body = {"prompt": "The king", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
+
+    def ask(i: int) -> int:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            with http.stream("POST", "/v1/generate", json=body) as s:
+                if s.status_code != 200:
+                    s.read()
+                    assert s.status_code == 503 and s.json()["error"]["type"] == "busy"
+                    assert s.headers["retry-after"] == "1"
+                    return 503
+                data = (json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: "))
+                first = next(data)
+                if i % 8 == 0:
+                    return 499  # the client leaves after the first piece
+                *_, last = [first, *data]
+                assert last["done"] and last["tokens"] == 200
+                return 200
+
+    try:
+        with ThreadPoolExecutor(64) as pool, httpx.Client(base_url=url, timeout=10) as http:
+            answers = [pool.submit(ask, i) for i in range(64)]
+            polls = 0
+            while not all(a.done() for a in answers) and polls < 2000:
+                assert http.get("/healthz").status_code == 200
+                assert "pslm_generations_inflight" in http.get("/metrics").text
+                polls += 1
+            codes = [a.result() for a in answers]
+            assert polls > 0 and set(codes) <= {200, 499, 503}
+            deadline = time.monotonic() + 30  # the server notices the clients that left
+            while "pslm_generations_inflight 0.0" not in http.get("/metrics").text:
+                assert time.monotonic() < deadline, "places were not given back"
+                time.sleep(0.05)
+            again = http.post("/v1/generate", json={**body, "stream": False}, timeout=60)
+            assert again.status_code == 200 and again.json()["tokens"] == 200
     finally:
         _stop(proc)
 

@@ -8,6 +8,10 @@ number of requests. With 8 clients, the requests take turns token by token (``--
 the default) or run side by side (``--parallel 8``). Reported: generated tokens per second
 (all clients together) and the p50 and p99 latency of a whole request.
 
+Health under load: 64 clients asking for generations back to back from the ``tiny`` run for
+20 s (half of them streaming), while one more asks ``/healthz`` every 50 ms. Goal: its p99
+under 1 s.
+
 Training: ``pslm bench train``'s pslm contender (GPT 4x4x128, 2 workers, 1 server) alone, and
 with a ``pslm serve --follow --refresh 1`` process reading its parameters every second, in
 turn, ``rounds`` times; medians; the first 200 steps of both are not timed (the serving
@@ -42,8 +46,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             for cache in (True, False):
                 for clients, parallel in ((1, 1), (8, 1), (8, 8)):
                     rows.append(_generation(run_dir, preset, cache, clients, requests, parallel))
+        load = _health_under_load(Path(tmp) / "tiny", 64, 5.0 if quick else 20.0)
         cost = _training_cost(Path(tmp), quick)
-    return {"bench": "serve", "rows": rows, **cost}
+    return {"bench": "serve", "rows": rows, "health_under_load": load, **cost}
 
 
 def _run_dir(path: Path, preset: str) -> Path:
@@ -73,22 +78,8 @@ def _generation(
 ) -> dict[str, Any]:
     import httpx
 
-    addr = run_dir / f"serve-{cache}.addr"
-    addr.unlink(missing_ok=True)
-    args = ["--run", str(run_dir), "--port", "0", "--address-file", str(addr)]
-    args += ["--parallel", str(parallel)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pslm", "serve", *args, *([] if cache else ["--no-kv-cache"])],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, url = _start(run_dir, "--parallel", str(parallel), *([] if cache else ["--no-kv-cache"]))
     try:
-        deadline = time.monotonic() + 120
-        while not addr.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("pslm serve did not start")
-            time.sleep(0.05)
-        url = addr.read_text()
         prompt = "".join(chr(33 + (7 * i) % 90) for i in range(PROMPT_TOKENS))
         body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0}
 
@@ -117,6 +108,75 @@ def _generation(
         "tokens_per_s": round(sum(k for _, k in got) / wall, 1),
         "p50_s": round(statistics.median(latencies), 4),
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
+    }
+
+
+def _start(run_dir: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``pslm serve --run run_dir ARGS`` on a free port of 127.0.0.1: the process and URL."""
+    addr = run_dir / "serve.addr"
+    addr.unlink(missing_ok=True)
+    argv = ["serve", "--run", str(run_dir), "--port", "0", "--address-file", str(addr), *args]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pslm", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not addr.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("pslm serve did not start")
+        time.sleep(0.05)
+    return proc, addr.read_text()
+
+
+def _health_under_load(run_dir: Path, clients: int, seconds: float) -> dict[str, Any]:
+    """``clients`` threads asking for streamed generations back to back for ``seconds``
+    (those beyond ``--max-inflight`` get 503 at once and ask again), while one more client
+    asks ``/healthz`` every 50 ms: its latencies."""
+    import httpx
+
+    proc, url = _start(run_dir)
+    stop = time.monotonic() + seconds
+    body = {"prompt": "The", "max_tokens": NEW_TOKENS, "temperature": 1.0}
+
+    def load(i: int) -> tuple[int, int]:
+        done = busy = 0
+        with httpx.Client(base_url=url, timeout=300) as http:
+            while time.monotonic() < stop:
+                # half the clients stream: a stream holds a worker thread only per piece,
+                # a plain request for the whole generation
+                with http.stream("POST", "/v1/generate", json={**body, "stream": i % 2 == 1}) as r:
+                    for _line in r.iter_lines():
+                        pass
+                    done, busy = done + (r.status_code == 200), busy + (r.status_code == 503)
+                if r.status_code == 503:  # as a client told to retry after 1 s would
+                    time.sleep(float(r.headers.get("retry-after", 1)))
+        return done, busy
+
+    health: list[float] = []
+    try:
+        with ThreadPoolExecutor(clients) as pool, httpx.Client(base_url=url, timeout=60) as http:
+            loads = [pool.submit(load, i) for i in range(clients)]
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                http.get("/healthz").raise_for_status()
+                health.append(time.perf_counter() - t0)
+                time.sleep(0.05)
+            counts = [f.result() for f in loads]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    health.sort()
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "generations": sum(d for d, _ in counts),
+        "refused_503": sum(b for _, b in counts),
+        "healthz_polls": len(health),
+        "healthz_p50_s": round(statistics.median(health), 4),
+        "healthz_p99_s": round(health[min(len(health) - 1, int(0.99 * len(health)))], 4),
+        "healthz_max_s": round(health[-1], 4),
     }
 
 

@@ -43,6 +43,8 @@ class ServeConfig:
     """Requests computing their next token at the same time (``pslm.serve.app.Limits``)."""
     kv_cache: bool = True
     """Generate with the KV cache (off: recompute the whole context per token; benchmarks)."""
+    max_inflight: int = 32
+    """Generations admitted at once; more get 503 (``pslm.serve.app.Limits``)."""
     allowed_hosts: tuple[str, ...] = ()
     """Host names requests may use besides loopback (``pslm.serve.app.Limits``)."""
 
@@ -53,7 +55,7 @@ class ServeConfig:
             raise ConfigError(f"--refresh must be positive, got {self.refresh:g}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must lie in [0, 65535], got {self.port}")
-        if self.max_tokens < 1 or self.max_prompt_chars < 1 or self.parallel < 1:
+        if min(self.max_tokens, self.max_prompt_chars, self.parallel, self.max_inflight) < 1:
             raise ConfigError("the request limits must be positive")
 
 
@@ -82,6 +84,7 @@ def serve(cfg: ServeConfig) -> int:
         kv_cache=cfg.kv_cache,
         parallel=cfg.parallel,
         allowed_hosts=cfg.allowed_hosts,
+        max_inflight=cfg.max_inflight,
     )
     app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)

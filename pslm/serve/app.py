@@ -29,10 +29,12 @@ classifying with a language model), 503 while no parameters are loaded.
 
 # no `from __future__ import annotations`: FastAPI reads the request models, made in
 # create_app, from the endpoints' annotations at run time
+import contextlib
 import ipaddress
 import json
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -76,6 +78,9 @@ class Limits:
     """Requests whose next token is computed at the same time. On a CPU, 1 - concurrent
     requests take turns token by token - gives the most tokens/s: forward passes running
     side by side only contend for the cores (``pslm bench serve``)."""
+    max_inflight: int = 32
+    """Generations admitted at once (computing or waiting their turn); more get 503 at once.
+    Below the server's 40 worker threads, so that other routes always find one free."""
     allowed_hosts: tuple[str, ...] = ()
     """Host names a request's ``Host`` and ``Origin`` may name besides the loopback ones
     (127.0.0.0/8, ::1, localhost); anything else is refused with 403, so that a web page
@@ -97,9 +102,9 @@ def host_allowed(value: str, allowed: tuple[str, ...]) -> bool:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str):
+    def __init__(self, status: int, kind: str, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.kind = status, kind
+        self.status, self.kind, self.retry_after = status, kind, retry_after
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
@@ -115,6 +120,8 @@ def create_app(
     app = FastAPI(title="pslm", version="1", docs_url=None, redoc_url=None)
     metrics = _Metrics(served)
     turns = Turns(limits.parallel)
+    admission = Admission(limits.max_inflight)
+    metrics.inflight.set_function(lambda: float(admission.inflight))
     app.state.served, app.state.limits, app.state.metrics = served, limits, metrics
 
     class Sampling(BaseModel):
@@ -150,7 +157,10 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.kind, str(exc))
+        response = _error(exc.status, exc.kind, str(exc))
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(ConfigError)  # e.g. a character a char tokenizer does not know
     async def unusable(request: Request, exc: ConfigError) -> JSONResponse:
@@ -198,15 +208,17 @@ def create_app(
             raise ApiError(400, "wrong_task", "this run classifies text: use /v1/classify")
         return current.model
 
+    # the cheap routes run on the event loop itself, not in the worker threads that
+    # generations may fill: /healthz and /metrics answer whatever the load
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
         current = served.current
         if current is None:
             return _error(503, "not_ready", "no parameters yet")
         return JSONResponse({"status": "ok", "version": current.version})
 
     @app.get("/v1/model")
-    def model_info() -> dict[str, Any]:
+    async def model_info() -> dict[str, Any]:
         current = served.current
         return {
             "run": str(served.run_dir),
@@ -220,7 +232,7 @@ def create_app(
         }
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/generate", response_model=None)
@@ -228,20 +240,22 @@ def create_app(
         current = state()
         model = lm(current)
         ids = _encode(served, req.prompt)
-        gen = _Generation(served, model, ids, req, None, metrics, limits.kv_cache, turns)
-        if req.stream:
-            return _sse(gen, current)
-        return {**gen.result(), "version": current.version}
+        with admission.admit() as ticket:
+            gen = _Generation(served, model, ids, req, None, metrics, limits.kv_cache, turns)
+            if req.stream:
+                return _sse(gen, current, ticket)
+            return {**gen.result(), "version": current.version}
 
     @app.post("/v1/chat", response_model=None)
     def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
         current = state()
         model = lm(current)
         ids = _encode(served, chat_prompt([(m.role, m.content) for m in req.messages]))
-        gen = _Generation(served, model, ids, req, STOP_TURN, metrics, limits.kv_cache, turns)
-        if req.stream:
-            return _sse(gen, current)
-        result = gen.result()
+        with admission.admit() as ticket:
+            gen = _Generation(served, model, ids, req, STOP_TURN, metrics, limits.kv_cache, turns)
+            if req.stream:
+                return _sse(gen, current, ticket)
+            result = gen.result()
         return {
             "message": {"role": "assistant", "content": result.pop("text").strip()},
             **result,
@@ -313,6 +327,55 @@ class Turns:
             self._cond.notify_all()
 
 
+class Admission:
+    """At most ``limit`` generations in flight; one more is refused with 503 at once (a queue
+    without bound would hold every worker thread and every client for ever)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.inflight = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator["Ticket"]:
+        """Admit a generation for the ``with`` block, or longer if it hands its ticket on."""
+        with self._lock:
+            if self.inflight >= self.limit:
+                raise ApiError(
+                    503, "busy", f"{self.limit} generations in flight: try again", retry_after=1
+                )
+            self.inflight += 1
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            if not ticket.handed:
+                ticket.release()
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+
+
+class Ticket:
+    """One admitted generation; released once."""
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.handed = False
+        self._released = False
+
+    def hand_to(self, holder: object) -> None:
+        """Release when ``holder`` is collected instead of at the end of ``admit``."""
+        self.handed = True
+        weakref.finalize(holder, self.release)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.admission.leave()
+
+
 class _Generation:
     """New text as it is generated, in pieces that end on a whole character (a byte-level
     token may end inside one); ``tokens`` and ``finish_reason`` once it is over."""
@@ -373,7 +436,7 @@ class _Generation:
         return {"text": text, "tokens": self.tokens, "finish_reason": self.finish_reason}
 
 
-def _sse(gen: _Generation, current: State) -> StreamingResponse:
+def _sse(gen: _Generation, current: State, ticket: "Ticket") -> StreamingResponse:
     def events() -> Iterator[str]:
         text = []
         for piece in gen:
@@ -389,7 +452,11 @@ def _sse(gen: _Generation, current: State) -> StreamingResponse:
         yield f"data: {json.dumps(done)}\n\n"
 
     headers = {"X-Model-Version": str(current.version), "Cache-Control": "no-cache"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    body = events()
+    # the stream holds the admission until its generator is gone: finished, or dropped when
+    # the client left (iterated or not)
+    ticket.hand_to(body)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 class _Metrics:
@@ -415,6 +482,11 @@ class _Metrics:
             "pslm_model_version", "Parameter version being served", registry=self.registry
         )
         self.version.set_function(lambda: float(served.current.version) if served.current else -1.0)
+        self.inflight = Gauge(
+            "pslm_generations_inflight",
+            "Generations admitted and not finished",
+            registry=self.registry,
+        )
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         known = path if path in PATHS else "other"  # no label per made-up path
