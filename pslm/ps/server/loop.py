@@ -113,7 +113,15 @@ def serve(cfg: ServerConfig) -> int:
             address=address,
             timeout=cfg.register_timeout,
         )
-        return Server(cfg, me, listener, scheduler, address).run()
+        server: Server | None = None
+        try:
+            server = Server(cfg, me, listener, scheduler, address)
+            return server.run()
+        finally:
+            # registered: the scheduler hears that this server leaves, however it ends (a
+            # Ctrl-C before the loop began used to leave it to be declared dead)
+            if server is None or not server.left:
+                leave(scheduler, me.node_id)
     finally:
         scheduler.close()
         listener.close()
@@ -172,6 +180,8 @@ class Server:
         """Tensor bytes received and messages taken (reported with heartbeats)."""
         self.bad = PeerLog(log)
         """Bad messages, logged once per peer per minute."""
+        self.left = False
+        """The scheduler was told this server leaves."""
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "init": self._init,
             "push": self._from_worker(lambda p, m, w: self.service.push(p, m)),
@@ -425,12 +435,16 @@ class Server:
         }
 
     def _leave(self) -> None:
-        try:
-            self.scheduler.request(
-                "scheduler", Message("leave", body={"node": self.me.node_id}), timeout=2.0
-            )
-        except PSLMError as exc:
-            log.debug("could not say goodbye to the scheduler: %s", exc)
+        self.left = True
+        leave(self.scheduler, self.me.node_id)
+
+
+def leave(scheduler: Channel, node_id: str) -> None:
+    """Tell the scheduler this server leaves (2 s at most: it may be gone)."""
+    try:
+        scheduler.request("scheduler", Message("leave", body={"node": node_id}), timeout=2.0)
+    except PSLMError as exc:
+        log.debug("could not say goodbye to the scheduler: %s", exc)
 
 
 def advertised(bound: str, advertise: str) -> str:
