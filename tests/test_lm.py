@@ -231,6 +231,10 @@ def test_a_damaged_checkpoint_is_named_and_passed_over_for_the_one_before(tmp_pa
     assert newest_verified(tmp_path) == (old, [(new, str(verify(new)))])
     shard.write_bytes(bytes(2048))  # the right size, other bytes
     assert "digest differs" in str(verify(new))
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "files": {"model.safetensors": 5}}))
+    assert verify(old) == "bad meta.json (the entry of model.safetensors is not a table)"
+    (old / "meta.json").write_text(json.dumps(meta))
     (old / "model.safetensors").unlink()
     assert verify(old) == "model.safetensors is missing"
     (new / "meta.json").write_text("{")

@@ -68,8 +68,8 @@ def checkpoints(root: Path) -> list[Path]:
     step_10000000 would sort before step_9999999)."""
     if not root.is_dir():
         return []
-    found = [(m, p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for m, p in sorted(found, key=lambda mp: int(mp[0].group(1)))]
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
 
 
 def verify(path: Path) -> str | None:
@@ -88,7 +88,9 @@ def verify(path: Path) -> str | None:
             size = (path / name).stat().st_size
         except OSError:
             return f"{name} is missing"
-        if not isinstance(want, dict) or size != want.get("bytes"):
+        if not isinstance(want, dict):
+            return f"bad meta.json (the entry of {name} is not a table)"
+        if size != want.get("bytes"):
             return f"{name} has {size} bytes, not the {want.get('bytes')} written"
         if _sha256(path / name) != want.get("sha256"):
             return f"{name} changed since it was written (its digest differs)"
