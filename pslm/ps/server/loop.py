@@ -113,15 +113,12 @@ def serve(cfg: ServerConfig) -> int:
             address=address,
             timeout=cfg.register_timeout,
         )
-        server: Server | None = None
         try:
-            server = Server(cfg, me, listener, scheduler, address)
-            return server.run()
+            return Server(cfg, me, listener, scheduler, address).run()
         finally:
             # registered: the scheduler hears that this server leaves, however it ends (a
             # Ctrl-C before the loop began used to leave it to be declared dead)
-            if server is None or not server.left:
-                leave(scheduler, me.node_id)
+            leave(scheduler, me.node_id)
     finally:
         scheduler.close()
         listener.close()
@@ -180,8 +177,6 @@ class Server:
         """Tensor bytes received and messages taken (reported with heartbeats)."""
         self.bad = PeerLog(log)
         """Bad messages, logged once per peer per minute."""
-        self.left = False
-        """The scheduler was told this server leaves."""
         self.handlers: dict[str, Callable[[bytes, Message], None]] = {
             "init": self._init,
             "push": self._from_worker(lambda p, m, w: self.service.push(p, m)),
@@ -220,7 +215,6 @@ class Server:
             seen = self.service.reads.seen
             if seen:
                 log.info("staleness of reads (staleness: count): %s", dict(sorted(seen.items())))
-            self._leave()
             for conn in self.peers.values():
                 conn.close()
             self.replication.close()
@@ -433,11 +427,6 @@ class Server:
             "primary": float(self.role is Role.SERVING),
             "params": float(sum(c.length for c in store.chunks)) if store is not None else 0.0,
         }
-
-    def _leave(self) -> None:
-        self.left = True
-        leave(self.scheduler, self.me.node_id)
-
 
 def leave(scheduler: Channel, node_id: str) -> None:
     """Tell the scheduler this server leaves (2 s at most: it may be gone)."""
