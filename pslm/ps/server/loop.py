@@ -428,6 +428,7 @@ class Server:
             "params": float(sum(c.length for c in store.chunks)) if store is not None else 0.0,
         }
 
+
 def leave(scheduler: Channel, node_id: str) -> None:
     """Tell the scheduler this server leaves (2 s at most: it may be gone)."""
     try:
