@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PSLMError as exc:
         print(f"pslm: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
         print("pslm: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,9 @@ from __future__ import annotations
 class PSLMError(Exception):
     """Base class of all pslm errors."""
 
+    exit_code = 1
+    """What a ``pslm`` command exits with when this error ends it."""
+
 
 class ConfigError(PSLMError, ValueError):
     """A configuration value or command-line argument is invalid."""
@@ -76,3 +79,11 @@ class ShardFailed(PSLMError):
     the server must stop serving it. It leaves, and the scheduler hands the shard to its
     backup (which holds the whole clock), drops it if it was the backup, or - no backup left -
     sends the job back to its checkpoint."""
+
+
+class Diverged(PSLMError):
+    """Training cannot go on: too many consecutive steps were skipped because a gradient was
+    not finite (``train.max_skips``). A worker that raises it exits with its own code, so
+    that the launcher ends the job instead of starting the worker again."""
+
+    exit_code = 4

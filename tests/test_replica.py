@@ -10,7 +10,7 @@ from pslm.errors import ProtocolError, RefusedError
 from pslm.ps.core.consistency import Consistency
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.optim import OptimizerConfig
-from pslm.ps.server.replica import Update, read_update, update_message
+from pslm.ps.server.replica import Update, mirror, read_update, update_message
 from pslm.ps.server.shard import RowGrad, ShardStore
 from pslm.ps.server.state import ShardState
 from pslm.wire.message import Message, decode, encode
@@ -59,6 +59,25 @@ def test_a_synced_backup_follows_the_server_bit_for_bit() -> None:
         assert torch.equal(copy.store.state_tensors()[name], t), name
 
 
+@pytest.mark.parametrize("kind", ["skip", "async-skip"])
+def test_a_backup_mirrors_a_skipped_update(kind: str) -> None:
+    server = _server()
+    consistency = Consistency.parse("asp" if kind == "async-skip" else "bsp")
+    snap = ShardState.fresh(server, consistency, num_workers=2, clock=0)
+    copy = ShardState.from_message(_wire(snap.to_message(0)), shard=0, num_workers=2)
+    update = Update(kind=kind, version=0, multiplier=1.0, grads=[], step=0, share=1)
+    update.scalars = {"skipped": 1.0} if kind == "skip" else {}
+    mirror(read_update(_wire(update_message(update)), copy.store, num_workers=2), copy, 0)
+    server.skip()
+    assert copy.store.version == server.version == 1
+    for name, t in server.state_tensors().items():
+        assert torch.equal(copy.store.state_tensors()[name], t), name
+    if kind == "async-skip":  # the pusher's clock passes
+        assert copy.gate.clocks == [0, 1]
+    else:  # a push sent again is answered with what the clock said
+        assert copy.scalars == {"skipped": 1.0}
+
+
 def test_bad_replication_messages_change_nothing() -> None:
     server = _server()
     snap = ShardState.fresh(server, Consistency(), num_workers=1, clock=0)
@@ -96,6 +115,16 @@ def test_bad_replication_messages_change_nothing() -> None:
             Message("update", body={**msg.body, "by": [True]}, tensors=msg.tensors),
             ProtocolError,
             "integers",
+        ),
+        (
+            Message("update", body={**msg.body, "multiplier": float("nan")}, tensors=msg.tensors),
+            ProtocolError,
+            "multiplier",
+        ),
+        (
+            Message("update", body={**msg.body, "kind": "skip"}, tensors=msg.tensors),
+            ProtocolError,
+            "carries no tensors",
         ),
     ]
     for bad, error, fragment in cases:

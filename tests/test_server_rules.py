@@ -4,6 +4,7 @@ refused), the staleness gate's reads and fences."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -13,9 +14,16 @@ from pslm.errors import ProtocolError, RefusedError
 from pslm.ps.core.consistency import Consistency, StalenessGate
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.optim import OptimizerConfig
-from pslm.ps.core.push import PushHeader
+from pslm.ps.core.push import (
+    FINITE,
+    NONFINITE_GRAD,
+    NONFINITE_NORM,
+    SKIPPED,
+    PushHeader,
+    skip_reason,
+)
 from pslm.ps.server.asynchronous import Fence, Reads, WaitingRead, fence_refusal
-from pslm.ps.server.bsp import Norms, Round
+from pslm.ps.server.bsp import Norms, Reduced, Round, Skipped
 from pslm.ps.server.intake import Due, Intake, PendingPush, Refused, Replayed, Taken, decode_part
 from pslm.ps.server.replies import Selection
 from pslm.ps.server.shard import ShardStore, clip_coef
@@ -74,6 +82,31 @@ def test_weights_make_the_mean_and_the_scalars_weighted() -> None:
     mean = decision.grads[0] * decision.multiplier
     assert torch.allclose(mean, torch.full_like(mean, 4.0))
     assert rnd.mean_scalars() == {"loss": 4.0}
+
+
+def test_a_flagged_push_or_a_non_finite_norm_skips_the_clock() -> None:
+    store = _store()
+    flagged = Round()
+    flagged.add(0, _push(store, 0, 1.0), arrived=0.0)
+    bad = _push(store, 1, 2.0)
+    bad.scalars = {FINITE: 0.0}  # the worker said its gradient is not finite
+    flagged.add(1, bad, arrived=0.0)
+    # decided before anything is reduced or any norm exchanged: every server sees the flag
+    assert flagged.ready(num_servers=2, clip_norm=1.0) == Skipped(NONFINITE_GRAD)
+    for total in (math.nan, math.inf):
+        rnd = Round()
+        rnd.add(0, _push(store, 0, 1.0), arrived=0.0)
+        grads, factor = store.reduce(rnd.ordered())
+        rnd.reduced(grads, factor, 0, 1.0)
+        rnd.norms[1] = total  # another server's part: every server adds up the same total
+        assert rnd.ready(num_servers=2, clip_norm=1.0) == Skipped(NONFINITE_NORM)
+        unclipped = rnd.ready(num_servers=2, clip_norm=0.0)
+        assert isinstance(unclipped, Reduced)
+    before = store.state_tensors()["params"].clone()
+    store.skip()  # what a skipped clock does to the shard: its version, nothing else
+    assert store.version == 1 and torch.equal(store.state_tensors()["params"], before)
+    assert float(store.state_tensors()["steps"].sum()) == 0.0
+    assert skip_reason({SKIPPED: NONFINITE_GRAD}) and skip_reason({"loss": 1.0}) is None
 
 
 def test_norms_go_to_the_round_ahead_or_nowhere() -> None:

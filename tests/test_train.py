@@ -350,3 +350,52 @@ def test_train_with_no_arguments_end_to_end(tmp_path) -> None:
     assert len(recs) == 1200 and recs[-1]["val_loss"] < recs[0]["loss"] - 2
     assert (run / "checkpoints" / "step_0001200" / "model.safetensors").exists()
     assert "sample" in res.stdout
+
+
+def _finite_checkpoint(run: Path) -> None:
+    from safetensors.torch import load_file
+
+    newest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    files = sorted(newest.glob("*.safetensors"))
+    assert len(files) == 3  # the model and both shards, optimizer state included
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            assert bool(t.isfinite().all()), (f.name, name)
+
+
+@pytest.mark.parametrize("consistency", ["bsp", "asp"])
+def test_nan_gradients_are_skipped_and_the_run_goes_on(setup, run, consistency) -> None:
+    out = train(
+        setup,
+        f"nan-{consistency}",
+        "--workers", "2", "--servers", "2", "--replicas", "1",
+        "--consistency", consistency,
+        "--train.nan_grads", "1:3-5",
+    )  # fmt: skip
+    records = metrics(out)
+    assert len(records) == 30 and records[-1]["val_loss"] < records[0]["loss"] - 0.5
+    if consistency == "bsp":  # every shard skipped the same clocks, the version went on
+        assert [r["step"] for r in records if "skipped" in r] == [3, 4, 5]
+        assert all(r["skipped"] == "a gradient was not finite" for r in records[3:6])
+        assert [r["version"] for r in records] == list(range(1, 31))
+        before = metrics(run)  # the undisturbed run of the same cluster
+        assert [r["loss"] for r in records[:3]] == [r["loss"] for r in before[:3]]
+        assert records[6]["loss"] != before[6]["loss"]  # three updates fewer
+    else:  # worker 1's three pushes, as worker 0's records count them
+        assert max(r.get("skipped_pushes", 0) for r in records) == 3
+    _finite_checkpoint(out)
+
+
+def test_too_many_skips_in_a_row_stop_the_run_with_a_clear_error(setup) -> None:
+    out = setup["root"] / "diverged"
+    res = pslm(
+        "train", "--config", setup["config"], "--data", setup["corpus"], "--run-dir", out,
+        "--workers", "2", "--servers", "1", "--train.nan_grads", "0:2-29",
+        "--train.max_skips", "3",
+    )  # fmt: skip
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert "worker-0 exited with code 4" in last or "worker-1 exited with code 4" in last
+    assert "3 steps in a row (the last: step 4 in metrics.jsonl)" in last
+    assert [r["step"] for r in metrics(out) if "skipped" in r] == [2, 3, 4]
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())

@@ -195,6 +195,20 @@ class TrainSection:
     """Experiment knob ``PROB:FACTOR``: each step, with probability PROB (drawn from the seed),
     a worker's step is delayed by FACTOR times its compute time (transient stragglers)."""
 
+    max_skips: int = 5
+    """Consecutive steps skipped because a gradient was not finite that stop the run with an
+    error (0: never stop). Each skipped step is recorded in metrics.jsonl (``skipped``)."""
+    nan_grads: str = ""
+    """Test knob ``RANK:FIRST-LAST``: that worker's loss and gradients are NaN at steps FIRST
+    to LAST (counted from 0), to see them skipped."""
+
+    def poisoned(self, rank: int, step: int) -> bool:
+        """Whether ``nan_grads`` makes ``rank``'s gradients at ``step`` NaN."""
+        if not self.nan_grads:
+            return False
+        who, first, last = _nan_grads(self.nan_grads)
+        return who == rank and first <= step <= last
+
     def slowdown(self, rank: int, step: int, num_workers: int) -> float:
         """Extra compute time, as a multiple of the real one, for ``rank`` at ``step``."""
         extra = 0.0
@@ -225,6 +239,10 @@ class TrainSection:
             raise ConfigError("train.seed and train.sample_tokens must be >= 0")
         if self.slow_worker:
             _pair(self.slow_worker, "slow_worker", int)
+        if self.nan_grads:
+            _nan_grads(self.nan_grads)
+        if self.max_skips < 0:
+            raise ConfigError(f"train.max_skips must be >= 0 (0: never stop), got {self.max_skips}")
         if self.straggle:
             prob, _ = _pair(self.straggle, "straggle", float)
             if not 0.0 <= prob <= 1.0:
@@ -455,6 +473,19 @@ def _pair(text: str, name: str, first: type) -> tuple[Any, float]:
             f", got {text!r}"
         )
     return pair
+
+
+def _nan_grads(text: str) -> tuple[int, int, int]:
+    """``RANK:FIRST-LAST`` as three ints; ConfigError naming the knob."""
+    rank, _, span = text.partition(":")
+    first, _, last = span.partition("-")
+    try:
+        out = int(rank), int(first), int(last or first)
+    except ValueError:
+        out = (-1, 0, 0)
+    if min(out) < 0 or out[2] < out[1]:
+        raise ConfigError(f"train.nan_grads must look like RANK:FIRST-LAST, got {text!r}")
+    return out
 
 
 def _section(cls: type, values: dict[str, Any]) -> Any:

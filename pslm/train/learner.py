@@ -8,16 +8,20 @@
 
 Every push carries the share's weight (its rows of the global batch), the loss and the live
 settings this worker knows (``LiveSettings.scalars``), and with untied embeddings the rows it
-touches (``ShareBatches.row_selection``).
+touches (``ShareBatches.row_selection``). A push whose gradient is not finite says so
+(``FINITE``): the servers skip that clock.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from pslm.ps.client.client import PSClient
+from pslm.ps.core.push import FINITE
 from pslm.train.batches import ShareBatches
 from pslm.train.mirrors import HostMirrors
 from pslm.train.steer import LiveSettings
@@ -34,8 +38,11 @@ class Learner:
         mirrors: HostMirrors,
         batches: ShareBatches,
         live: LiveSettings,
+        poisoned: Callable[[int], bool] = lambda step: False,
     ):
         self.client = client
+        self.poisoned = poisoned
+        """Whether the test knob ``train.nan_grads`` makes this worker's loss NaN at a step."""
         self.model = task.model
         self.params = mirrors.params
         self.mirrors = mirrors
@@ -53,6 +60,7 @@ class Learner:
         self.model.zero_grad(set_to_none=False)
         _, loss = self.model(*batch)
         assert loss is not None
+        loss = self.poison(loss, step)
         loss.backward()
         value = float(loss.item())
         if slowdown:
@@ -64,6 +72,7 @@ class Learner:
         on their way to the servers), and its loss."""
         _, loss = self.model(*self.batches.batch(step, share))
         assert loss is not None
+        loss = self.poison(loss, step)
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
         out = {
@@ -80,7 +89,7 @@ class Learner:
                 grads,
                 clock=step,
                 weight=self.batches.weight(share),
-                scalars=self.scalars(loss),
+                scalars=self.scalars(loss, grads),
                 rows=self.batches.row_selection(step, x, share),
                 share=share,
             )
@@ -94,7 +103,7 @@ class Learner:
             self.mirrors.host,
             clock=clock,
             weight=self.batches.weight(share),
-            scalars=self.scalars(loss),
+            scalars=self.scalars(loss, grads),
             rows=self.batches.row_selection(clock, self.inputs),
             share=share,
         )
@@ -107,6 +116,21 @@ class Learner:
         self.client.wait(self.client.pull(out, version=version, clock=clock))
         self.mirrors.load()
 
-    def scalars(self, loss: float) -> dict[str, float]:
-        """What a push carries besides tensors: the loss and the live settings."""
-        return {"loss": loss, **self.live.scalars()}
+    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """``loss``, or NaN (and so every gradient) where ``train.nan_grads`` says."""
+        return loss * math.nan if self.poisoned(step) else loss
+
+    def scalars(self, loss: float, grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """What a push carries besides tensors: the loss (if finite), the live settings, and
+        ``FINITE`` 0 when a gradient is not finite."""
+        out = {"loss": loss} if math.isfinite(loss) else {}
+        if not finite(grads.values()):
+            out[FINITE] = 0.0
+        return {**out, **self.live.scalars()}
+
+
+def finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite: one sum each, in float64 (which no sum
+    of finite float32 values overflows), and one check of the sums."""
+    sums = [t.sum(dtype=torch.float64) for t in tensors]
+    return not sums or bool(torch.stack(sums).isfinite().all())

@@ -6,7 +6,8 @@
 Each worker trains its own share with its own optimizer (``LocalSGD``). At the end of every
 period, and before an evaluation or a checkpoint, it pushes how far it moved since the last
 averaging and pulls the servers' average; between averagings nothing travels, and the record
-shows this worker's loss.
+shows this worker's loss. A step whose gradient is not finite is skipped by this worker alone
+(its optimizer does not step) and recorded so.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pslm.ps.client.client import Completion
-from pslm.train.learner import Learner
+from pslm.ps.core.push import NONFINITE_GRAD, SKIPPED
+from pslm.train.learner import Learner, finite
 from pslm.train.local_sgd import LocalSGD
 from pslm.train.records import Trained
 from pslm.train.step import Stepped
@@ -44,11 +46,15 @@ class LocalStep:
         share = shares[0]
         loss = self.learner.forward_backward(step, share, slowdown)
         self.timer.compute_ends()
-        self.local.step(step)
+        skipped = not finite(self.learner.mirrors.grads().values())
+        if not skipped:  # else this worker's own step is skipped, as AMP's grad scaler does
+            self.local.step(step)
         if self.local.due(step) or due:
             done = self._average(loss, share)
         else:
             done = Completion(self.local.round, {"loss": loss}, 0.0, 0, 0)
+        if skipped:
+            done = done._replace(scalars={**done.scalars, SKIPPED: NONFINITE_GRAD})
         trained = Trained(step, done, loss, self.timer.compute_s, self.timer.comm_s())
         return done, self.record(trained)
 

@@ -15,12 +15,14 @@ backup took over (``failover``).
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from pslm.ps.client.client import Completion, PSClient
+from pslm.ps.core.push import SKIPPED_PUSHES, skip_reason
 from pslm.train.logfile import read_records
 from pslm.train.shares import ShareKeeper
 from pslm.train.steer import LiveSettings
@@ -65,6 +67,10 @@ class StepRecords:
         """Where each shard was served at the last record."""
         # The share holders as last recorded (a late worker records what it found).
         self.holders = [] if client.late else list(range(client.num_workers))
+        self.skips_in_a_row = 0
+        self.skipped_pushes = 0
+        """SSP/ASP: the pushes of any worker the servers had skipped at the last record."""
+        """Steps skipped one after the other up to the last record (0: it was applied)."""
 
     def build(self, trained: Trained) -> dict[str, Any]:
         """The record of a step."""
@@ -74,7 +80,7 @@ class StepRecords:
             "step": trained.step,
             "time": round(time_s, 4),
             "train_time": round(train_s, 4),
-            "loss": round(done.scalars.get("loss", trained.loss), 6),
+            "loss": _loss(done.scalars.get("loss", trained.loss)),
             "lr": self.live.optimizer.lr_at(trained.step),
             "tokens_per_s": round(self.tokens / (trained.compute_s + trained.comm_s), 1),
             "compute_s": round(trained.compute_s, 5),
@@ -88,7 +94,22 @@ class StepRecords:
             "trained_by": list(done.trained_by),
             **self._lease_change(),
             **self._failover(),
+            **self._skipped(done),
         }
+
+    def _skipped(self, done: Completion) -> dict[str, Any]:
+        """``{"skipped": why}`` when the servers skipped the step's update (a gradient was not
+        finite), counting how many in a row (``skips_in_a_row``); under SSP/ASP, where each
+        push is an update, ``skipped_pushes`` when the servers skipped other workers' pushes
+        since the last record."""
+        why = skip_reason(done.scalars)
+        self.skips_in_a_row = self.skips_in_a_row + 1 if why else 0
+        out: dict[str, Any] = {"skipped": why} if why else {}
+        total = int(done.scalars.get(SKIPPED_PUSHES, self.skipped_pushes))
+        if total > self.skipped_pushes:
+            out[SKIPPED_PUSHES] = total
+        self.skipped_pushes = max(total, self.skipped_pushes)
+        return out
 
     def staleness_hist(self) -> dict[str, int]:
         """Reads by staleness since the last call (an evaluation's record shows them)."""
@@ -162,3 +183,8 @@ class MetricsLog:
         if f.tell() and not self.path.read_bytes().endswith(b"\n"):
             f.write("\n")  # a leader died mid-line: the next record starts a line of its own
         return f
+
+
+def _loss(value: float) -> float | None:
+    """A loss as a record shows it: None when it is not finite (JSON has no NaN)."""
+    return round(value, 6) if math.isfinite(value) else None

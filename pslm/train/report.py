@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def report(run_dir: Path) -> Path:
     made = []
     for x, name, label in (("step", "loss_step.png", "step"), ("time", "loss_time.png", "s")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r[x] for r in records], [r["loss"] for r in records], lw=0.8, label="train")
+        losses = [math.nan if r["loss"] is None else r["loss"] for r in records]  # skipped
+        ax.plot([r[x] for r in records], losses, lw=0.8, label="train")
         if val:
             ax.plot([r[x] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
         ax.set_xlabel(label)
@@ -117,8 +119,11 @@ def _markdown(
         f"# {run_dir.name}",
         "",
         f"- steps: {last['step'] + 1}, wall time {last['time']:.0f} s",
-        f"- final training loss: {last['loss']:.4f}",
+        f"- final training loss: {_loss(last['loss'])}",
     ]
+    skipped = [r["step"] + 1 for r in records if "skipped" in r]
+    if skipped:
+        lines.append(f"- skipped steps (a gradient was not finite): {skipped}")
     if val:
         lines.append(
             f"- final validation loss: {val[-1]['val_loss']:.4f} (step {val[-1]['step'] + 1})"
@@ -144,3 +149,7 @@ def _markdown(
     lines += ["", "## Plots", ""]
     lines += [f"![{p}](plots/{p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _loss(value: float | None) -> str:
+    return "- (skipped)" if value is None else f"{value:.4f}"

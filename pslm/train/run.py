@@ -355,11 +355,13 @@ def _advance(
     records = read_records(metrics).records
     for rec in records[seen:]:
         rate = rec["tokens_per_s"] if rate is None else 0.9 * rate + 0.1 * rec["tokens_per_s"]
-        status = f"loss {rec['loss']:.4f}  {rate:,.0f} tok/s"
+        loss = "-" if rec["loss"] is None else f"{rec['loss']:.4f}"
+        status = f"loss {loss}  {rate:,.0f} tok/s"
+        if "skipped" in rec:
+            bar.console.print(f"step {rec['step'] + 1}: skipped: {rec['skipped']}")
         if "val_loss" in rec:
             bar.console.print(
-                f"step {rec['step'] + 1}: train loss {rec['loss']:.4f}, "
-                f"val loss {rec['val_loss']:.4f}"
+                f"step {rec['step'] + 1}: train loss {loss}, val loss {rec['val_loss']:.4f}"
             )
         bar.update(task, completed=rec["step"] + 1, status=status)
     return len(records), rate

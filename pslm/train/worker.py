@@ -15,12 +15,13 @@ the shares (a worker that died or joined).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pslm.errors import RefusedError
+from pslm.errors import Diverged, RefusedError
 from pslm.lm.data import PreparedData
 from pslm.ps.client.client import Completion, PSClient
 from pslm.ps.core.consistency import Consistency
@@ -101,7 +102,14 @@ class TrainLoop:
         self.batches = ShareBatches(
             self.task, self.keeper, batch_size=t.batch_size, steps=t.steps, row_name=self.row_name
         )
-        self.learner = Learner(client, self.task, self.mirrors, self.batches, self.live)
+        self.learner = Learner(
+            client,
+            self.task,
+            self.mirrors,
+            self.batches,
+            self.live,
+            poisoned=partial(t.poisoned, client.rank),
+        )
         self.validator = Validator(client, self.keeper, self.task, iters=t.eval_iters)
         self.checkpointer = Checkpointer(
             client,
@@ -277,8 +285,21 @@ class TrainLoop:
             record["end_time"] = round(self.timer.elapsed(), 4)
             record["end_train_time"] = round(self.timer.train_elapsed(), 4)
         self.metrics.log(record)
+        self._stop_if_diverged(step)
         if not last:  # paused (pslm ctl pause) from the next step until resumed
             self.timer.hold(self.live.hold())
+
+    def _stop_if_diverged(self, step: int) -> None:
+        """Diverged once ``train.max_skips`` steps in a row were skipped (every worker sees
+        the same skips, so every worker stops at the same step)."""
+        limit, skips = self.cfg.train.max_skips, self.records.skips_in_a_row
+        if limit and skips >= limit:
+            raise Diverged(
+                f"{skips} steps in a row (the last: step {step} in metrics.jsonl) were "
+                f"skipped because a gradient or the loss was not finite: the run diverged. "
+                f"Lower the learning rate, or resume from a checkpoint before it "
+                f"(train.max_skips = {limit})"
+            )
 
     def _evaluate_and_checkpoint(
         self,

@@ -27,6 +27,33 @@ MAX_WEIGHT = float(1 << 24)
 """The largest weight a push may carry (its rows of the global batch): far above any batch,
 and small enough that the weighted sum over many workers stays finite in float32."""
 
+FINITE = "min.finite"
+"""The scalar a push carries as 0.0 when its gradient is not finite (absent: finite).
+A ``min.`` scalar reaches every server, so every shard of a clock sees the same flag and makes
+the same choice: under BSP the whole clock is skipped, as AMP's grad scaler skips a step."""
+
+SKIPPED = "skipped"
+"""The scalar a server's reply carries when the update it answers was skipped: its reason's
+code in ``SKIP_REASONS``."""
+
+SKIPPED_PUSHES = "skipped_pushes"
+"""SSP/ASP: the scalar a push's reply carries with the number of pushes (of any worker) the
+servers skipped so far."""
+
+SKIP_REASONS = {
+    1.0: "a gradient was not finite",
+    2.0: "the global gradient norm was not finite",
+}
+NONFINITE_GRAD, NONFINITE_NORM = 1.0, 2.0
+
+
+def skip_reason(scalars: dict[str, float]) -> str | None:
+    """Why the update these reply scalars describe was skipped (None: it was applied)."""
+    code = scalars.get(SKIPPED)
+    if code is None:
+        return None
+    return SKIP_REASONS.get(code, f"skipped (reason {code:g})")
+
 
 class PushPart(NamedTuple):
     """Which part of a worker's push for one clock a message is."""
@@ -131,7 +158,9 @@ class PushHeader:
         pull_codec = protocol.pull_codec(protocol.field(msg, "pull_codec", str, "none"))
         raw_sq = protocol.field(msg, "sq_norm", (int, float, type(None)), None)
         sq = None if raw_sq is None else float(raw_sq)
-        if sq is not None and not sq >= 0:  # nan or negative
+        scalars = protocol.scalars(protocol.field(msg, "scalars", dict, {}))
+        flagged = scalars.get(FINITE, 1.0) < 1.0  # not applied: its norm may be anything
+        if sq is not None and not sq >= 0 and not flagged:  # nan or negative
             raise ProtocolError(f"push: sq_norm must be >= 0, got {sq}")
         codec = protocol.field(msg, "codec", str, "none")
         get_codec(codec)  # ConfigError for an unknown one
@@ -144,7 +173,7 @@ class PushHeader:
             reply_params=protocol.field(msg, "reply_params", bool, False),
             codec=codec,
             pull_codec=pull_codec,
-            scalars=protocol.scalars(protocol.field(msg, "scalars", dict, {})),
+            scalars=scalars,
             sq_norm=sq,
             keys=protocol.field(msg, "keys", (list, type(None)), None),
             runs=protocol.field(msg, "runs", (list, type(None)), None),

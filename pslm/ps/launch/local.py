@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from pslm.errors import ConfigError, LaunchError
+from pslm.errors import ConfigError, Diverged, LaunchError
 from pslm.ps.core.protocol import SHARD_LOST
 from pslm.wire import auth
 from pslm.wire.auth import Security
@@ -319,7 +319,7 @@ class LocalCluster:
             code = c.proc.poll()
             if code is None or code == 0:
                 continue
-            if c.role == "worker" and self.restarts_left > 0:
+            if c.role == "worker" and self.restarts_left > 0 and code != Diverged.exit_code:
                 self.restarts_left -= 1
                 self.restarted += 1
                 log.warning("%s exited with code %d; starting it again", c.name, code)
@@ -348,6 +348,7 @@ class LocalCluster:
             if (
                 c.role == "worker"
                 and self.cfg.restarts
+                and code != Diverged.exit_code  # the others would diverge alike: the job ends
                 and any(w.proc.poll() is None for w in self._job() if w is not c)
             ):  # no restarts left: the others train its share to the end
                 log.warning("%s exited with code %d; the others train its share", c.name, code)

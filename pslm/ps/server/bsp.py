@@ -6,7 +6,7 @@ part of the norm are in. Decisions only: no sockets, nothing sent.
     if round.full(num_shares) and round.grads is None:
         grads, factor = store.reduce(round.ordered())    # the weighted sum, and 1 / weights
         round.reduced(grads, factor, shard, store.sq_norm(grads) * factor**2)
-    decision = round.ready(num_servers=2, clip_norm=1.0)  # Reduced, or None: not yet
+    decision = round.ready(num_servers=2, clip_norm=1.0)  # Reduced, Skipped, or None: not yet
 
 The update for clock c is the weighted mean of the shares' gradients (summed in share order, so
 runs repeat exactly), clipped by the global norm, one optimizer step; the version becomes
@@ -14,13 +14,20 @@ c + 1. Clipping is exact across shards: each server sends its part of the square
 mean gradient to every other (``norm`` notices) and all of them add the parts in server-rank
 order, so every server computes the same factor ``torch.nn.utils.clip_grad_norm_`` would on the
 whole model.
+
+A clock is skipped (``Skipped``: the version advances, nothing else changes) when a push says
+its gradient is not finite (``FINITE``), decided before anything is reduced, or when the
+global norm is not: every server sees the same flags and the same norm, so every shard skips
+the same clocks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pslm.ps.core.push import FINITE, NONFINITE_GRAD, NONFINITE_NORM
 from pslm.ps.server.intake import PendingPush
 from pslm.ps.server.shard import Grad, clip_coef
 
@@ -31,6 +38,13 @@ class Reduced(NamedTuple):
     grads: list[Grad]
     multiplier: float
     """``grads * multiplier`` is the clipped mean gradient."""
+
+
+class Skipped(NamedTuple):
+    """A round's decision: no update; the clock passes with the parameters as they are."""
+
+    code: float
+    """Why (``pslm.ps.core.push.SKIP_REASONS``)."""
 
 
 @dataclass(slots=True)
@@ -73,9 +87,17 @@ class Round:
         if sq is not None:
             self.norms[shard] = sq
 
-    def ready(self, *, num_servers: int, clip_norm: float) -> Reduced | None:
-        """The decision: None until the pushes are reduced and, with clipping (``clip_norm``
-        > 0), every server's part of the norm is in; then the update with its multiplier."""
+    def flagged(self) -> bool:
+        """A share's push said its gradient is not finite (the round is skipped whole)."""
+        return any(s.get(FINITE, 1.0) < 1.0 for s in self.scalars.values())
+
+    def ready(self, *, num_servers: int, clip_norm: float) -> Reduced | Skipped | None:
+        """The decision, once every share's push is in: Skipped if one is flagged; else None
+        until the pushes are reduced and, with clipping (``clip_norm`` > 0), every server's
+        part of the norm is in; then the update with its multiplier, or Skipped if the global
+        norm is not finite."""
+        if self.flagged():
+            return Skipped(NONFINITE_GRAD)
         if self.grads is None:
             return None
         multiplier = self.factor
@@ -83,6 +105,8 @@ class Round:
             if any(s not in self.norms for s in range(num_servers)):
                 return None
             total = sum(self.norms[s] for s in range(num_servers))
+            if not math.isfinite(total):
+                return Skipped(NONFINITE_NORM)
             multiplier *= clip_coef(total, clip_norm)
         return Reduced(self.grads, multiplier)
 

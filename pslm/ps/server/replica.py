@@ -19,6 +19,7 @@ dropped (the scheduler is told, and the shard goes on without a copy); a new one
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ from pslm.wire.transport import Channel
 
 log = logging.getLogger("pslm.server")
 
-KINDS = ("bsp", "async", "local")
+KINDS = ("bsp", "async", "local", "skip", "async-skip")
+SKIPS = ("skip", "async-skip")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,8 +46,9 @@ class Update:
     """One update of a shard, as its server is about to apply it."""
 
     kind: str
-    """``bsp`` (a clock's mean gradient), ``async`` (one push, SSP/ASP) or ``local`` (the mean
-    change of local SGD, added in)."""
+    """``bsp`` (a clock's mean gradient), ``async`` (one push, SSP/ASP), ``local`` (the mean
+    change of local SGD, added in), or ``skip`` / ``async-skip`` (a clock or a push whose
+    gradient was not finite: the version advances, nothing else changes; no tensors)."""
     version: int
     """The shard's version before the update."""
     multiplier: float
@@ -61,7 +64,9 @@ class Update:
 
     def apply(self, store: ShardStore) -> None:
         store.override(optimizer_settings(self.scalars))  # the live settings its server used
-        if self.kind == "local":
+        if self.kind in SKIPS:
+            store.skip()
+        elif self.kind == "local":
             store.add_delta(self.grads, self.multiplier)
         else:
             store.apply(self.grads, self.multiplier, step=self.step)
@@ -97,19 +102,26 @@ def read_update(msg: Message, store: ShardStore, num_workers: int) -> Update:
     if kind not in KINDS or not 0 <= share < num_workers:
         raise ProtocolError(f"update: bad kind {kind!r} or share {share}")
     n_rows = len(store.chunks) - store.n_dense
-    if len(msg.tensors) != store.n_dense + 2 * n_rows:
+    if kind in SKIPS:
+        n_rows = 0
+        if msg.tensors:
+            raise ProtocolError(f"update: a {kind} carries no tensors, got {len(msg.tensors)}")
+    elif len(msg.tensors) != store.n_dense + 2 * n_rows:
         raise ProtocolError(f"update: {len(msg.tensors)} tensors for this shard")
     grads: list[Grad] = []
-    for k in range(store.n_dense):
+    for k in range(store.n_dense if kind not in SKIPS else 0):
         store.check_chunk(msg.tensors[k], k, "update")
         grads.append(msg.tensors[k].float())
     for i in range(n_rows):
         rows, values = msg.tensors[store.n_dense + 2 * i : store.n_dense + 2 * i + 2]
         grads.append(store.row_grad(rows, values, store.n_dense + i))
+    multiplier = float(protocol.field(msg, "multiplier", (int, float)))
+    if not 0.0 <= multiplier < math.inf:  # nan fails too
+        raise ProtocolError(f"update: multiplier must be finite and >= 0, got {multiplier}")
     return Update(
         kind=kind,
         version=version,
-        multiplier=float(protocol.field(msg, "multiplier", (int, float))),
+        multiplier=multiplier,
         grads=grads,
         step=protocol.field(msg, "step", int),
         share=share,
@@ -132,8 +144,9 @@ def mirror(update: Update, state: ShardState, shard: int) -> None:
             f"backup of shard {shard}: applying update {update.version} failed "
             f"part-way ({exc!r}); leaving"
         ) from exc
-    if update.kind == "async":
+    if update.kind in ("async", "async-skip"):
         state.gate.advance(update.share)
+        state.skipped += update.kind == "async-skip"
     else:
         state.scalars, state.by = update.scalars, update.by
         if update.sq >= 0:

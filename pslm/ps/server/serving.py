@@ -21,10 +21,17 @@ from typing import Any
 from pslm.errors import ProtocolError, PSLMError, RefusedError, ShardFailed
 from pslm.ps.core import protocol
 from pslm.ps.core.consistency import Consistency, StalenessGate
-from pslm.ps.core.push import PushHeader
+from pslm.ps.core.push import (
+    FINITE,
+    NONFINITE_GRAD,
+    SKIP_REASONS,
+    SKIPPED,
+    SKIPPED_PUSHES,
+    PushHeader,
+)
 from pslm.ps.core.steering import IN_FORCE, SETTINGS, optimizer_settings
 from pslm.ps.server.asynchronous import Fence, Reads, WaitingRead, fence_refusal
-from pslm.ps.server.bsp import Norms, Round
+from pslm.ps.server.bsp import Norms, Round, Skipped
 from pslm.ps.server.intake import (
     Due,
     Intake,
@@ -323,6 +330,9 @@ class ShardService:
         state = self.state
         store = state.store
         self._steer(push.scalars, newest_only=True)  # (clipping may have changed)
+        if push.scalars.get(FINITE, 1.0) < 1.0:
+            self._skip_push(share, push, replies)
+            return
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
         # (checked on arrival, unless live settings changed clipping: a worker yet to learn of
         # it sends none)
@@ -350,6 +360,38 @@ class ShardService:
             self.reads.wait(WaitingRead(r.peer, r.msg, push.clock + 1, r.selection, push.scalars))
         self._release_reads()
 
+    def _skip_push(self, share: int, push: PendingPush, replies: list[Reply]) -> None:
+        """SSP/ASP: a push whose gradient is not finite passes its clock unapplied."""
+        state = self.state
+        store = state.store
+        log.warning(
+            "share %d's push for clock %d skipped: %s",
+            share,
+            push.clock,
+            SKIP_REASONS[NONFINITE_GRAD],
+        )
+        steered = self._in_force() if self.replication.link is not None else {}
+        update = Update(
+            kind="async-skip",
+            version=store.version,
+            multiplier=1.0,
+            grads=[],
+            step=push.clock,
+            share=share,
+            scalars=steered,
+        )
+        if not self.replication.replicate(update, state):
+            return
+        store.skip()
+        state.gate.advance(share)
+        state.skipped += 1
+        for peer, msg in push.acks:
+            self.replies.send(peer, msg.reply(version=store.version))
+        said = {**push.scalars, SKIPPED: NONFINITE_GRAD}
+        for r in replies:
+            self.reads.wait(WaitingRead(r.peer, r.msg, push.clock + 1, r.selection, said))
+        self._release_reads()
+
     def _release_reads(self) -> None:
         """Answer every waiting read the staleness gate now lets through, each alone: one
         that fails is refused, the others are still answered (as ``_release_parked``)."""
@@ -358,8 +400,8 @@ class ShardService:
         for read in self.reads.due(state.gate, self.fence_at):
             staleness = state.gate.staleness(read.clock)
             extra: dict[str, Any] = {"staleness": staleness, **mode}
-            if read.scalars is not None:
-                extra["scalars"] = read.scalars
+            if read.scalars is not None:  # with how many pushes were skipped so far
+                extra["scalars"] = {**read.scalars, SKIPPED_PUSHES: float(state.skipped)}
             send = partial(
                 self.replies.params, read.peer, read.msg, read.selection, state.store, **extra
             )
@@ -412,7 +454,7 @@ class ShardService:
         scalars = rnd.mean_scalars()
         self._steer(scalars)  # the clock's live settings (the same on every server)
         clipped = store.optimizer.clip_norm > 0 and not local
-        if rnd.grads is None:
+        if rnd.grads is None and not rnd.flagged():
             grads, factor = store.reduce(rnd.ordered())
             sq = store.sq_norm(grads) * factor**2 if clipped else None
             rnd.reduced(grads, factor, self.shard, sq)
@@ -425,11 +467,21 @@ class ShardService:
         if decision is None:
             return
         by = rnd.by(self.num_workers)
+        if isinstance(decision, Skipped):
+            scalars = {**scalars, SKIPPED: decision.code}
+            log.warning("clock %d skipped: %s", store.version, SKIP_REASONS.get(decision.code, "?"))
+            kind, multiplier, grads = "skip", 1.0, []
+        else:
+            kind, multiplier, grads = (
+                "local" if local else "bsp",
+                decision.multiplier,
+                decision.grads,
+            )
         update = Update(
-            kind="local" if local else "bsp",
+            kind=kind,
             version=store.version,
-            multiplier=decision.multiplier,
-            grads=decision.grads,
+            multiplier=multiplier,
+            grads=grads,
             step=store.version,
             scalars=scalars,
             by=by,
@@ -455,6 +507,9 @@ class ShardService:
         store = self.state.store
         sent = 0
         try:
+            if update.kind == "skip":
+                store.skip()
+                return 0
             if update.kind == "local":  # the pushes are parameter changes: average them in
                 store.add_delta(update.grads, update.multiplier)
                 return 0

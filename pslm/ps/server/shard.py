@@ -341,6 +341,11 @@ class ShardStore:
         except RefusedError as exc:
             raise ConfigError(str(exc)) from None
 
+    def skip(self) -> None:
+        """An update that changes nothing but the version (a skipped clock: its gradient was
+        not finite). The step counters stay, as an optimizer step AMP skips leaves them."""
+        self.version += 1
+
     def add_delta(self, deltas: Sequence[Grad], multiplier: float = 1.0) -> None:
         """Local SGD's update: add ``deltas * multiplier`` (the workers' mean change)."""
         for view, delta in zip(self.views, deltas, strict=True):

@@ -37,6 +37,9 @@ class ShardState:
     """The last clock's mean scalars (BSP: for a push sent again after its update)."""
     by: list[int] = field(default_factory=list)
     """Who pushed each share of the last clock (BSP)."""
+    skipped: int = 0
+    """SSP/ASP: pushes not applied because their gradient was not finite (every shard sees
+    every push's flag, so every shard counts the same)."""
     norms: dict[int, float] = field(default_factory=dict)
     """Clock -> this shard's part of the squared global norm, for the last clocks (sent again
     to a server that takes a peer's shard over)."""
@@ -69,6 +72,7 @@ class ShardState:
             "clocks": list(self.gate.clocks),
             "scalars": self.scalars,
             "by": self.by,
+            "skipped": self.skipped,
             "norms": {str(c): sq for c, sq in self.norms.items()},
             "names": list(state),
         }
@@ -92,6 +96,9 @@ class ShardState:
             raise ProtocolError("sync: one name per tensor")
         tensors = dict(zip(names, msg.tensors, strict=True))
         store.load_state(tensors, protocol.field(msg, "version", int), "sync")
+        skipped = protocol.field(msg, "skipped", int, 0)
+        if skipped < 0:
+            raise ProtocolError(f"sync: skipped must be >= 0, got {skipped}")
         norms = protocol.field(msg, "norms", dict, {})
         consistency = Consistency.from_dict(protocol.field(msg, "consistency", dict))
         gate = StalenessGate(num_workers, consistency.bound)
@@ -102,5 +109,6 @@ class ShardState:
             gate=gate,
             scalars=protocol.scalars(protocol.field(msg, "scalars", dict, {})),
             by=protocol.ints(protocol.field(msg, "by", list, [])),
+            skipped=skipped,
             norms={int(c): float(v) for c, v in norms.items() if str(c).isdigit()},
         )
