@@ -379,3 +379,55 @@ def test_clipping_a_nan_norm_makes_the_step_nan_as_torch_does(name: str) -> None
     want = torch.cat(_pieces(ks, {k: p.detach() for k, p in ref.items()}))
     torch.testing.assert_close(store.params, want, equal_nan=True)
     assert store.params.isnan().all()
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_reader_that_never_reads_is_refused_and_pins_no_copy_per_step(tmp_path) -> None:
+    """A reader asks for the whole shard every step and never reads its socket: the server
+    copies the parameters once (its unsent replies keep the old memory), then refuses it until
+    it reads, so its memory does not grow by a copy per step, and training goes on exactly."""
+    import zmq
+
+    from pslm.wire import auth
+    from pslm.wire.message import encode
+
+    lc = launch_config(tmp_path, num_servers=1, num_workers=1, worker=None)
+    with LocalCluster(lc) as cluster:
+        client = PSClient(ClientConfig(scheduler=cluster.scheduler_address, timeout=30.0))
+        w = torch.randn(1024, 4096)  # 16 MiB
+        client.init({"w": w}, OptimizerConfig(name="sgd", lr=0.5))
+        server = next(c for c in cluster.children if c.role == "server")
+        keys = [c.key for c in client.layout.keyspace.shard(0)]  # type: ignore[union-attr]
+        stalled = zmq.Context.instance().socket(zmq.DEALER)
+        stalled.setsockopt(zmq.LINGER, 0)
+        stalled.setsockopt(zmq.RCVHWM, 1)
+        stalled.setsockopt(zmq.RCVBUF, 4096)
+        security = auth.current()
+        assert security is not None
+        security.as_role("reader").present(stalled)
+        stalled.connect(client.me.servers[0])
+        grads, out = {"w": torch.full((1024, 4096), 0.5)}, {"w": torch.zeros(1024, 4096)}
+        expected = w.clone()
+        before = 0
+        for step in range(16):
+            body = {"keys": keys, "min_version": step}
+            stalled.send_multipart(encode(Message("read", id=step + 1, body=body)))
+            client.wait(client.push_pull(grads, out, clock=step))
+            expected -= 0.5 * grads["w"]
+            if step == 3:  # the copy made, the first replies queued
+                before = _rss(server.proc.pid)
+        growth = _rss(server.proc.pid) - before
+        assert torch.allclose(out["w"], expected)
+        assert growth < 3 * w.nbytes, f"grew by {growth / 2**20:.0f} MiB in 12 steps"
+        stalled.close()
+        client.close()
+        cluster.wait(timeout=30)
+    log = (cluster.run_dir / "logs" / "server-0.log").read_text()
+    assert log.count("did not read their replies") == 1

@@ -8,6 +8,12 @@
 Pull replies go out without copying: they are views of the live parameter buffer. Each one is
 tracked, and an update waits until ZeroMQ has finished reading the previous replies
 (``writable``), so a reader never sees a half-updated chunk.
+
+A reader that does not drain its socket (its replies still unsent after READER_GRACE) costs
+one wait and one copy, once: the shard moves to new memory, the old stays with that reader's
+unsent replies, and until they are sent its requests are refused (``slow_reader``, a few bytes)
+instead of pinning another copy per update. Training never waits on it again, and memory stays
+flat.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Protocol
 
 import torch
 
+from pslm.errors import RefusedError
 from pslm.ps.core import protocol
 from pslm.ps.server.shard import ShardStore
 from pslm.ps.server.shm import SharedPaths
@@ -97,7 +104,11 @@ class Replies:
         self.listener = listener
         self.shared = shared
         """Workers on this machine that take replies through shared memory."""
-        self.trackers: list[Sent] = []
+        self.trackers: list[tuple[bytes, Sent]] = []
+        """Replies (by peer) that may still be read from the parameter memory."""
+        self.stalled: dict[bytes, list[Sent]] = {}
+        """Peers whose replies were not sent within READER_GRACE, with those replies: they
+        are refused until every one is sent."""
         self.bytes_out = 0
         """Tensor bytes sent (reported with heartbeats)."""
 
@@ -128,6 +139,12 @@ class Replies:
     ) -> None:
         """The values of ``selection`` now, with the version and ``extra`` (views of the live
         buffer where they need no encoding, tracked until ZeroMQ has sent them)."""
+        if self._stalled(peer):
+            raise RefusedError(
+                "your earlier replies are still unread: read them first (a reader that does "
+                "not drain its socket is not sent more)",
+                code="slow_reader",
+            )
         codec = get_codec(protocol.pull_codec(protocol.field(msg, "pull_codec", str, "none")))
         tensors, shm = self.shared.reply(msg, store, selection.tensors(store))
         if not codec.lossless:  # a cast: new tensors, half the bytes
@@ -139,7 +156,20 @@ class Replies:
         reply.wire = store.packed_wire if dense else None
         sent = self.listener.send(peer, reply, track=True)
         if sent is not None and not sent.done:
-            self.trackers.append(sent)
+            self.trackers.append((peer, sent))
+
+    def _stalled(self, peer: bytes) -> bool:
+        """Whether ``peer`` still has replies unsent since it was found stalled (a short
+        wait first: a reader that just read its reply may be a moment ahead of the tracker)."""
+        pending = self.stalled.get(peer)
+        if pending is None:
+            return False
+        pending[:] = [s for s in pending if not s.wait(0.05)]
+        if pending:
+            return True
+        del self.stalled[peer]
+        log.info("a slow reader caught up")
+        return False
 
     def writable(self, store: ShardStore) -> None:
         """Make sure no earlier reply is still being read from the parameter memory.
@@ -150,10 +180,19 @@ class Replies:
         stalled peer.
         """
         deadline = time.monotonic() + READER_GRACE
-        pending = [t for t in self.trackers if not t.done]
-        for sent in pending:
+        pending = [(peer, t) for peer, t in self.trackers if not t.done]
+        for _, sent in pending:
             if not sent.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("a reader is slow; updating a copy of the parameters")
                 store.relocate_params()
+                slow = {peer for peer, t in pending if not t.done}
+                for peer, t in pending:
+                    if not t.done:
+                        self.stalled.setdefault(peer, []).append(t)
+                log.warning(
+                    "%d reader(s) did not read their replies in %.0f s: updating a copy of the "
+                    "parameters, and refusing them until they do",
+                    len(slow),
+                    READER_GRACE,
+                )
                 break
         self.trackers = []
