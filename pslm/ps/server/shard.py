@@ -64,6 +64,35 @@ def clip_coef(sq_norm: float, max_norm: float) -> float:
     return coef if math.isnan(coef) else min(1.0, coef)
 
 
+def check_fits(keyspace: KeySpace, server: int, optimizer: OptimizerConfig) -> None:
+    """RefusedError (``too_large``) unless ``server``'s shard of ``keyspace`` - parameters,
+    optimizer state and a gradient buffer, fp32 - fits in the memory this machine has free
+    (a key space comes from a peer: it must not make the server allocate what it lacks)."""
+    numel = sum(c.length for c in keyspace.shard(server))
+    need = numel * 4 * (2 + len(build_rule(optimizer).state_names))
+    free = available_memory()
+    if need > free:
+        raise RefusedError(
+            f"server {server}'s shard would need {need / 2**30:.2f} GiB ({numel:,} parameters "
+            f"with {optimizer.name}'s state); {free / 2**30:.2f} GiB is free here: use more "
+            f"servers or a smaller model",
+            code="too_large",
+        )
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new shard: the kernel's MemAvailable where it says, else the
+    physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 @dataclass(frozen=True, slots=True)
 class _Group:
     """Dense chunks [lo, hi) updated in one kernel call: views of their parameters, state
@@ -117,6 +146,7 @@ class ShardStore:
     """Parameters and optimizer state of the chunks one server holds."""
 
     def __init__(self, keyspace: KeySpace, server: int, optimizer: OptimizerConfig):
+        check_fits(keyspace, server, optimizer)  # (a peer's key space: before any allocation)
         self.keyspace = keyspace
         self.server = server
         self.optimizer = optimizer
