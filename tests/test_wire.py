@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pslm.errors import ProtocolError, RefusedError, RequestTimeout
 from pslm.wire import auth, transport
 from pslm.wire.frames import DTYPES, tensor_from_frames, tensor_to_frames
-from pslm.wire.message import MAX_FRAME, Message, decode, encode
+from pslm.wire.message import MAX_FRAME, MAX_HEADER, Message, decode, encode
 from pslm.wire.transport import Channel, Listener, Poller, tcp_address
 
 
@@ -389,4 +389,29 @@ def test_a_flooding_peer_cannot_hold_a_wait_past_its_timeout() -> None:
         with flooder:  # (closes its stdout)
             flooder.kill()
         channel.close()
+        auth.install(security)
+
+
+def test_a_listener_that_takes_no_tensors_drops_a_peer_sending_a_large_frame() -> None:
+    """libzmq buffers a whole multipart message before handing it over, bounding frames only:
+    a listener of control messages (the scheduler's) takes no frame larger than a header, so a
+    peer cannot make it buffer tensor-sized frames; other peers are still served."""
+    security = auth.current()
+    auth.install(None)  # the peers are plain pyzmq
+    listener = Listener(max_bytes=0)
+    big, good = (zmq.Context.instance().socket(zmq.DEALER) for _ in range(2))
+    try:
+        for sock in (big, good):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(listener.address)
+        big.send_multipart([*encode(Message("status", id=1))[:1], bytes(MAX_HEADER + 1)])
+        good.send_multipart(encode(Message("status", id=2)))
+        assert listener.socket.poll(10_000)
+        _, msg = listener.recv()
+        assert msg.id == 2  # the large one never arrived
+        assert not listener.socket.poll(200)
+    finally:
+        big.close()
+        good.close()
+        listener.close()
         auth.install(security)

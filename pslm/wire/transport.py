@@ -36,7 +36,14 @@ from pslm.errors import (
     TransportError,
 )
 from pslm.wire import auth
-from pslm.wire.message import DEFAULT_MAX_MESSAGE, MAX_FRAME, Message, decode, encode
+from pslm.wire.message import (
+    DEFAULT_MAX_MESSAGE,
+    MAX_FRAME,
+    MAX_HEADER,
+    Message,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("pslm.wire")
 
@@ -65,10 +72,10 @@ def context() -> zmq.Context[Any]:
     return zmq.Context.instance()
 
 
-def _socket(kind: int) -> zmq.Socket[Any]:
+def _socket(kind: int, max_frame: int = MAX_FRAME) -> zmq.Socket[Any]:
     sock = context().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)  # closing never waits on unsent data
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a larger frame drops the connection
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame)  # a larger frame drops the connection
     return sock
 
 
@@ -80,7 +87,9 @@ class Listener:
 
     def __init__(self, bind: str = "tcp://127.0.0.1:*", *, max_bytes: int = DEFAULT_MAX_MESSAGE):
         self.max_bytes = max_bytes
-        self.socket = _socket(zmq.ROUTER)
+        # libzmq bounds frames, not messages (it hands over a message only once every frame is
+        # in): a listener that takes no tensors takes no frame larger than a header either
+        self.socket = _socket(zmq.ROUTER, MAX_FRAME if max_bytes else MAX_HEADER)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to gone peers are dropped
         security = auth.current()
         try:
