@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pslm.errors import PSLMError
+from pslm.errors import ConfigError, PSLMError
 from pslm.lm.checkpoint import load_model
 from pslm.lm.classifier import GPTClassifier
 from pslm.lm.generate import generate
@@ -173,6 +174,23 @@ def test_classify_gives_labels_and_probabilities() -> None:
     assert out["label"] == max(out["probabilities"], key=out["probabilities"].get)
     assert client.post("/v1/generate", json={"prompt": "x"}).status_code == 400
     assert client.get("/v1/model").json()["labels"] == ["calm", "storm"]
+
+
+def test_an_error_while_generating_keeps_its_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation runs in a worker thread; what it raises reaches the error handlers as it is
+    (a 400 here, not a 500 for an exception wrapped on the way), and the place is freed."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Iterator[int]:
+        raise ConfigError("a character the tokenizer does not know")
+        yield 0  # (a generator, as the real one: it raises at its first token)
+
+    monkeypatch.setattr("pslm.serve.app.token_stream", refuse)
+    client = TestClient(create_app(_served()), base_url=LOCAL)
+    r = client.post("/v1/generate", json={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+    r = client.post("/v1/chat", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "does not know" in r.json()["error"]["message"]
+    assert "pslm_generations_inflight 0.0" in client.get("/metrics").text
 
 
 def test_not_ready_until_parameters_arrive() -> None:

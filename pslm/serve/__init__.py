@@ -47,6 +47,12 @@ class ServeConfig:
     """Generations admitted at once; more get 503 (``pslm.serve.app.Limits``)."""
     allowed_hosts: tuple[str, ...] = ()
     """Host names requests may use besides loopback (``pslm.serve.app.Limits``)."""
+    head_timeout: float = 10.0
+    """Seconds a request head may take; then the connection is closed (``pslm.serve.intake``)."""
+    body_timeout: float = 30.0
+    """Seconds a request body may take; then 408 and the connection is closed."""
+    max_body_bytes: int = 1024 * 1024
+    """Larger request bodies are refused with 413."""
 
     def __post_init__(self) -> None:
         if not self.run_dir and not self.scheduler:
@@ -57,14 +63,16 @@ class ServeConfig:
             raise ConfigError(f"--port must lie in [0, 65535], got {self.port}")
         if min(self.max_tokens, self.max_prompt_chars, self.parallel, self.max_inflight) < 1:
             raise ConfigError("the request limits must be positive")
+        if min(self.head_timeout, self.body_timeout, self.max_body_bytes) <= 0:
+            raise ConfigError("the request timeouts and body limit must be positive")
 
 
 def serve(cfg: ServeConfig) -> int:
     """Load (or attach), listen, and answer until interrupted. Returns the exit code."""
     import torch
-    import uvicorn
 
     from pslm.serve.app import Limits, create_app
+    from pslm.serve.intake import http_server
     from pslm.serve.model import Follower, ServedModel
 
     if cfg.threads:
@@ -85,6 +93,8 @@ def serve(cfg: ServeConfig) -> int:
         parallel=cfg.parallel,
         allowed_hosts=cfg.allowed_hosts,
         max_inflight=cfg.max_inflight,
+        max_body_bytes=cfg.max_body_bytes,
+        body_timeout=cfg.body_timeout,
     )
     app = create_app(served, limits, cfg.scheduler or None)
     sock = _listen(cfg.host, cfg.port)
@@ -101,9 +111,7 @@ def serve(cfg: ServeConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, access_log=False)
-    )
+    server = http_server(app, head_timeout=cfg.head_timeout)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn finished the requests and stopped

@@ -23,12 +23,17 @@ A small model trained on news will not converse well; the format is what a dialo
 (lines ``User: ...`` / ``Assistant: ...``) trains it for.
 
 Bad requests are 4xx with ``{"error": {"type", "message"}}``: 422 for a body that does not
-validate, 413 for a body over the limit, 400 for a request the model cannot take (e.g.
-classifying with a language model), 503 while no parameters are loaded.
+validate, 413 for a body over the limit, 408 for one not sent in time (``pslm.serve.intake``),
+400 for a request the model cannot take (e.g. classifying with a language model), 503 while
+no parameters are loaded or while ``max_inflight`` generations are.
+
+A generation whose client leaves stops after the token in progress, streamed or not, and
+gives its place back (a non-streamed one is counted as status 499).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models, made in
 # create_app, from the endpoints' annotations at run time
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +60,9 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from pslm.errors import ConfigError
 from pslm.lm.classifier import GPTClassifier, encode_texts
@@ -62,6 +70,7 @@ from pslm.lm.classifier import classify as classify_texts
 from pslm.lm.generate import stream as token_stream
 from pslm.lm.model import GPT
 from pslm.serve.dashboard import add_dashboard
+from pslm.serve.intake import BodyReader
 from pslm.serve.model import ServedModel, State
 
 
@@ -72,7 +81,11 @@ class Limits:
     max_prompt_chars: int = 8192
     max_tokens: int = 1024
     max_messages: int = 64
-    max_body_bytes: int = 256 * 1024
+    max_body_bytes: int = 1024 * 1024
+    """Request bodies over this are refused with 413 (a chat of ``max_messages`` turns of
+    ``max_prompt_chars`` each is 512 KiB of plain text)."""
+    body_timeout: float = 30.0
+    """Seconds a request may take to send its body; then 408 (``pslm.serve.intake``)."""
     kv_cache: bool = True
     parallel: int = 1
     """Requests whose next token is computed at the same time. On a CPU, 1 - concurrent
@@ -170,12 +183,14 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "http", str(exc.detail))
 
+    # inside `measure` (added before it): bodies are read, and refused, once the host is known
+    app.add_middleware(BodyReader, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+
     @app.middleware("http")
     async def measure(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         start = time.perf_counter()
-        length = request.headers.get("content-length")
         host, origin = request.headers.get("host", ""), request.headers.get("origin")
         if not host_allowed(host, limits.allowed_hosts) or (
             origin is not None and not host_allowed(origin, limits.allowed_hosts)
@@ -186,12 +201,7 @@ def create_app(
                 "this server answers only the hosts it was told to "
                 "(loopback; pslm serve --allow-host NAME for others)",
             )
-        elif length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            response = _error(
-                413, "too_large", f"the body may hold at most {limits.max_body_bytes} bytes"
-            )
-        elif length is None and request.method == "POST":
-            response = _error(411, "length_required", "send a Content-Length header")
+            response.headers["connection"] = "close"  # its body, if any, was not read
         else:
             response = await call_next(request)
         metrics.observe(request.url.path, response.status_code, time.perf_counter() - start)
@@ -235,27 +245,35 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # generations run in worker threads (the event loop stays free) and stop between two
+    # tokens once their client has left
     @app.post("/v1/generate", response_model=None)
-    def generate(req: GenerateRequest) -> dict[str, Any] | StreamingResponse:
+    async def generate(req: GenerateRequest, request: Request) -> dict[str, Any] | Response:
         current = state()
         model = lm(current)
-        ids = _encode(served, req.prompt)
+        ids = await run_in_threadpool(_encode, served, req.prompt)
         with admission.admit() as ticket:
             gen = _Generation(served, model, ids, req, None, metrics, limits.kv_cache, turns)
             if req.stream:
-                return _sse(gen, current, ticket)
-            return {**gen.result(), "version": current.version}
+                return _EventStream(gen, current, ticket)
+            result = await _unless_gone(gen, request)
+        if result is None:
+            return _client_gone()
+        return {**result, "version": current.version}
 
     @app.post("/v1/chat", response_model=None)
-    def chat(req: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat(req: ChatRequest, request: Request) -> dict[str, Any] | Response:
         current = state()
         model = lm(current)
-        ids = _encode(served, chat_prompt([(m.role, m.content) for m in req.messages]))
+        prompt = chat_prompt([(m.role, m.content) for m in req.messages])
+        ids = await run_in_threadpool(_encode, served, prompt)
         with admission.admit() as ticket:
             gen = _Generation(served, model, ids, req, STOP_TURN, metrics, limits.kv_cache, turns)
             if req.stream:
-                return _sse(gen, current, ticket)
-            result = gen.result()
+                return _EventStream(gen, current, ticket)
+            result = await _unless_gone(gen, request)
+        if result is None:
+            return _client_gone()
         return {
             "message": {"role": "assistant", "content": result.pop("text").strip()},
             **result,
@@ -293,6 +311,11 @@ def chat_prompt(messages: list[tuple[str, str]]) -> str:
     """The conversation as the text the model continues (the module's chat format)."""
     lines = [f"{role.capitalize()}: {' '.join(content.split())}" for role, content in messages]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def _client_gone() -> JSONResponse:
+    """What a generation whose client left answers (to no one; for the metrics: nginx's 499)."""
+    return _error(499, "client_gone", "the client left before the answer")
 
 
 def _encode(served: ServedModel, text: str) -> list[int]:
@@ -364,6 +387,7 @@ class Ticket:
         self.admission = admission
         self.handed = False
         self._released = False
+        self._lock = threading.Lock()  # released by the request, or by the collector
 
     def hand_to(self, holder: object) -> None:
         """Release when ``holder`` is collected instead of at the end of ``admit``."""
@@ -371,14 +395,17 @@ class Ticket:
         weakref.finalize(holder, self.release)
 
     def release(self) -> None:
-        if not self._released:
+        with self._lock:
+            if self._released:
+                return
             self._released = True
-            self.admission.leave()
+        self.admission.leave()
 
 
 class _Generation:
     """New text as it is generated, in pieces that end on a whole character (a byte-level
-    token may end inside one); ``tokens`` and ``finish_reason`` once it is over."""
+    token may end inside one); ``tokens`` and ``finish_reason`` once it is over. ``cancel``
+    (from any thread) stops it before its next token."""
 
     def __init__(
         self,
@@ -395,6 +422,8 @@ class _Generation:
         self.served, self.stop_text, self.metrics = served, stop_text, metrics
         self.tokens = 0
         self.finish_reason = "length"
+        """``length``, ``stop`` (the stop text), or ``cancelled``."""
+        self._cancelled = threading.Event()
         self._ids = token_stream(  # the arguments were validated with the request
             model,
             prompt,
@@ -411,6 +440,9 @@ class _Generation:
         sent = ""
         while True:
             with self.turns:  # one token, then another request's turn
+                if self._cancelled.is_set():
+                    self.finish_reason = "cancelled"
+                    break
                 token = next(self._ids, None)
             if token is None:
                 break
@@ -431,32 +463,68 @@ class _Generation:
         if len(final) > len(sent):
             yield final[len(sent) :]
 
+    def cancel(self) -> None:
+        self._cancelled.set()
+
     def result(self) -> dict[str, Any]:
+        """The whole generation (blocks while it is generated)."""
         text = "".join(self)
         return {"text": text, "tokens": self.tokens, "finish_reason": self.finish_reason}
 
 
-def _sse(gen: _Generation, current: State, ticket: "Ticket") -> StreamingResponse:
-    def events() -> Iterator[str]:
-        text = []
-        for piece in gen:
-            text.append(piece)
-            yield f"data: {json.dumps({'text': piece, 'version': current.version})}\n\n"
-        done = {
-            "done": True,
-            "text": "".join(text),
-            "tokens": gen.tokens,
-            "finish_reason": gen.finish_reason,
-            "version": current.version,
-        }
-        yield f"data: {json.dumps(done)}\n\n"
+async def _unless_gone(gen: _Generation, request: Request) -> dict[str, Any] | None:
+    """``gen.result()``, generated in a worker thread; None if the client left first: the
+    generation stops after the token in progress (so does one whose request is cancelled,
+    as when the server stops). Errors are raised as they are (no task group wraps them)."""
+    watch = asyncio.ensure_future(_cancel_when_gone(gen, request))
+    try:
+        result = await anyio.to_thread.run_sync(gen.result, abandon_on_cancel=True)
+    finally:
+        gen.cancel()  # (a finished generation ignores it)
+        watch.cancel()
+    return None if result["finish_reason"] == "cancelled" else result
 
-    headers = {"X-Model-Version": str(current.version), "Cache-Control": "no-cache"}
-    body = events()
-    # the stream holds the admission until its generator is gone: finished, or dropped when
-    # the client left (iterated or not)
-    ticket.hand_to(body)
-    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+async def _cancel_when_gone(gen: _Generation, request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # (the body was read: nothing but the disconnect comes)
+    gen.cancel()
+
+
+class _EventStream(StreamingResponse):
+    """A generation as server-sent events (the module's format). It holds its admission
+    until the response is over - finished, or its client gone - and not until the collector
+    finds the generator (requests that had finished held places for seconds)."""
+
+    def __init__(self, gen: _Generation, current: State, ticket: Ticket):
+        headers = {"X-Model-Version": str(current.version), "Cache-Control": "no-cache"}
+        super().__init__(_events(gen, current), media_type="text/event-stream", headers=headers)
+        self.gen, self.ticket = gen, ticket
+        ticket.hand_to(self)  # (for a response that is never sent)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            # a client that leaves stops the stream once the token in progress is out (the
+            # worker thread is waited for): starlette listens for the disconnect
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.cancel()
+            self.ticket.release()
+
+
+def _events(gen: _Generation, current: State) -> Iterator[str]:
+    text = []
+    for piece in gen:
+        text.append(piece)
+        yield f"data: {json.dumps({'text': piece, 'version': current.version})}\n\n"
+    done = {
+        "done": True,
+        "text": "".join(text),
+        "tokens": gen.tokens,
+        "finish_reason": gen.finish_reason,
+        "version": current.version,
+    }
+    yield f"data: {json.dumps(done)}\n\n"
 
 
 class _Metrics:
