@@ -100,8 +100,17 @@ class SchedulerState:
     """Workers asked of the launcher (``pslm ctl add-worker``), in cluster.json."""
     joined_added: int
     """How many of them have joined."""
+    outbox: list[tuple[bytes, Message]]
+    """What this turn of the loop sends once the state it follows from is on disk."""
 
-    def _write_cluster(self) -> None:
+    def _send(self, peer: bytes, msg: Message) -> None:
+        """Send ``msg`` to ``peer`` at the end of this turn of the loop, after the files are
+        written: a reply never tells of a change that a restarted scheduler would not know."""
+        self.outbox.append((peer, msg))
+
+    def _changed(self) -> None:
+        """The state changed: the files are written at the end of this turn, before anything
+        is sent."""
         raise NotImplementedError
 
     def _node(self, msg: Message) -> NodeRecord:

@@ -47,7 +47,7 @@ class Churn(SchedulerState):
         self.nodes[node.id] = node
         self.shards.place(shard, node)
         log.warning("%s joined as the backup of shard %d", node.id, shard)
-        self._write_cluster()
+        self._changed()
         return self._membership(node, msg, late=True)
 
     def _server_died(self, node: NodeRecord, why: str, *, left: bool = False) -> None:
@@ -58,7 +58,7 @@ class Churn(SchedulerState):
         log.warning("%s %s", node.id, why if left else f"is dead: {why}")
         self._excuse(node.id)
         if shard < 0:  # (no role left: demoted, or dropped as a backup before)
-            self._write_cluster()
+            self._changed()
             return
         if not primary:
             self.shards.drop_backup(shard)
@@ -73,7 +73,7 @@ class Churn(SchedulerState):
             self.exit_code = protocol.SHARD_LOST
             self._stop(f"shard {shard} is lost")
         self.shards.version += 1
-        self._write_cluster()
+        self._changed()
 
     def _backup(self, peer: bytes, msg: Message) -> Message:
         """A shard's server reports its backup ``ready`` (it holds a whole copy) or ``lost``
@@ -94,7 +94,7 @@ class Churn(SchedulerState):
             else:
                 log.warning("shard %d: %s fell behind; dropped", shard, backup.id)
                 self.shards.drop_backup(shard)
-            self._write_cluster()
+            self._changed()
         return msg.reply(serving=True)
 
     # --- workers that come and go -----------------------------------------------------------
@@ -139,10 +139,10 @@ class Churn(SchedulerState):
         # thought dead that comes back is still answered)
         self.finalizing.pop(node.id, None)
         self.nodes[node.id] = node
-        self.listener.send(node.peer, self._membership(node, msg, late=True))
+        self._send(node.peer, self._membership(node, msg, late=True))
         log.info("%s joined late (pid %d)", node.id, node.pid)
         self._rebalance()
-        self._write_cluster()
+        self._changed()
 
     def _worker_died(self, node: NodeRecord, why: str) -> None:
         node.state = "dead"
@@ -188,5 +188,5 @@ class Churn(SchedulerState):
         except ValueError as exc:
             raise ClusterError(f"release: {exc}") from None
         log.info("share %d: worker-%d -> worker-%d from clock %d", share, node.rank, taker, clock)
-        self._write_cluster()
+        self._changed()
         return msg.reply(**self.leases.to_dict())

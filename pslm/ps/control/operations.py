@@ -36,8 +36,8 @@ class Operations(SchedulerState):
         log.info("steering version %d: %s", doc.version, doc.what)
         for node in self.nodes.values():  # at once, not with the next heartbeat
             if node.role == "worker" and node.live and node.peer:
-                self.listener.send(node.peer, Message("steering", body=doc.to_dict()))
-        self._write_cluster()
+                self._send(node.peer, Message("steering", body=doc.to_dict()))
+        self._changed()
         return msg.reply(steering=doc.to_dict())
 
     def _remove_worker(self, node_id: str) -> dict[str, Any]:
@@ -61,7 +61,7 @@ class Operations(SchedulerState):
             raise ClusterError(f"cannot remove {node_id}: {exc}") from None
         for share, taker in moves:
             log.info("%s leaves: share %d will move to worker-%d", node_id, share, taker)
-        self._write_cluster()
+        self._changed()
         return {"removed": node_id, "moves": {str(s): t for s, t in moves}}
 
     def _add_worker(self) -> dict[str, Any]:
@@ -79,7 +79,7 @@ class Operations(SchedulerState):
             )
         self.added_workers += 1
         log.info("asked the launcher for a worker (%d so far)", self.added_workers)
-        self._write_cluster()
+        self._changed()
         return {"add_workers": self.added_workers}
 
     def _steering(self, peer: bytes, msg: Message) -> Message:
@@ -102,7 +102,7 @@ class Operations(SchedulerState):
             why = "removed" if removed else "the cluster stops"
             log.info("%s left the job (%s)", node.id, why)
             self._excuse(node.id)
-            self._write_cluster()
+            self._changed()
             return msg.reply()
         self.finalizing[node.id] = (peer, msg)
         self._finish_if_done()
@@ -136,7 +136,7 @@ class Operations(SchedulerState):
         node.state = "exited"
         log.info("%s left", node.id)
         self._excuse(node.id)
-        self._write_cluster()
+        self._changed()
         return msg.reply()
 
     def _shutdown(self, peer: bytes, msg: Message) -> Message:
@@ -152,11 +152,11 @@ class Operations(SchedulerState):
         for node_id, (peer, req) in finalizing.items():  # whatever stopped it: answered
             self.nodes[node_id].state = "exited"
             self._excuse(node_id)
-            self.listener.send(peer, req.reply())
+            self._send(peer, req.reply())
         for node in self.nodes.values():  # (a recovered scheduler tells them by heartbeat)
             if node.role == "server" and node.state != "exited" and node.peer:
-                self.listener.send(node.peer, Message("shutdown"))
-        self._write_cluster()
+                self._send(node.peer, Message("shutdown"))
+        self._changed()
 
     def _done(self) -> bool:
         if self.stopping_since is None:

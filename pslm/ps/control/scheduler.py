@@ -12,6 +12,12 @@ worker has finalized. It also keeps the leases of the shares of every global bat
 registers late - a dead one restarted - takes the dead one's rank and gets a share back at a
 clock boundary. Ops: ``protocol``.
 
+Each turn of the loop takes every request waiting (up to ``MAX_BATCH``), checks the nodes'
+health, writes the files once if anything changed, and only then sends what the turn answered:
+a reply never tells of a change that a restarted scheduler would not know, and a flood of
+requests costs one write per turn, not one per request, so heartbeats queued behind it are
+counted before anyone is found silent.
+
 The loop, registration (``joining``), heartbeats, barriers (``barriers``) and what is kept on
 disk (``persist``) are here; nodes that die and come back are ``churn``, live control and the
 end of a job ``operations``.
@@ -28,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pslm.errors import ClusterError, ConfigError, ProtocolError
+from pslm.errors import ClusterError, ConfigError, ProtocolError, TransportError
 from pslm.files import write_atomic
 from pslm.ps.control.barriers import Barriers
 from pslm.ps.control.base import SchedulerConfig
@@ -44,9 +50,13 @@ from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.steering import SteeringLog
 from pslm.wire.message import Message
 from pslm.wire.peerlog import PeerLog
-from pslm.wire.transport import Listener, Poller, tcp_address
+from pslm.wire.transport import Listener, Poller, readable, tcp_address
 
 log = logging.getLogger("pslm.scheduler")
+
+MAX_BATCH = 256
+"""Most requests one turn of the loop takes before it writes its files and sends the replies:
+a flood holds no reply back for long."""
 
 
 class Scheduler(Churn, Operations):
@@ -79,6 +89,11 @@ class Scheduler(Churn, Operations):
         """The job's live settings, by version (``pslm ctl``)."""
         self.epoch = secrets.token_hex(8)
         """This scheduler's incarnation: a node that sees it change re-sends its requests."""
+        self.outbox: list[tuple[bytes, Message]] = []
+        self.dirty = False
+        """The state changed this turn: the files are written before the outbox is sent."""
+        self.writes = 0
+        """Times the files were written (``status``: the cost of persisting, in writes)."""
         if cfg.recover:
             self._recover()
         elif cfg.run_dir:  # another cluster's, in this run directory before
@@ -113,13 +128,37 @@ class Scheduler(Churn, Operations):
         }
         try:
             while not self._done():
-                for _ in poller.poll(min(0.2, self.cfg.heartbeat_interval)):
-                    self._serve_one(handlers)
+                if poller.poll(min(0.2, self.cfg.heartbeat_interval)):
+                    self._serve_waiting(handlers)
                 self._check_health()
+                self._flush()
         finally:
-            self._write_cluster()
+            self.dirty = True  # the last state is always written ("stopping", the exits)
+            self._flush()
             self.listener.close()
         return self.exit_code
+
+    def _serve_waiting(self, handlers: dict[str, Any]) -> None:
+        """Every request waiting, up to MAX_BATCH (the first: at least one)."""
+        for _ in range(MAX_BATCH):
+            self._serve_one(handlers)
+            if not readable(self.listener.socket):
+                return
+
+    def _changed(self) -> None:
+        self.dirty = True
+
+    def _flush(self) -> None:
+        """The end of a turn: the files, if the state changed, then everything to send."""
+        if self.dirty:
+            self.dirty = False
+            self._write_cluster()
+        outbox, self.outbox = self.outbox, []
+        for peer, msg in outbox:
+            try:
+                self.listener.send(peer, msg)
+            except TransportError as exc:  # (one peer's failure must not stop the others')
+                log.warning("cannot send %r: %s", msg.op, exc)
 
     def _serve_one(self, handlers: dict[str, Any]) -> None:
         try:
@@ -127,11 +166,11 @@ class Scheduler(Churn, Operations):
         except ProtocolError as exc:
             self.bad.warning(exc.sender, "bad message: %s", exc)
             if exc.sender is not None and exc.request_id is not None:
-                self.listener.send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
+                self._send(exc.sender, protocol.error(exc.request_id, "protocol", str(exc)))
             return
         handler = handlers.get(msg.op)
         if handler is None:
-            self.listener.send(peer, protocol.error(msg, "unknown_op", f"unknown op {msg.op!r}"))
+            self._send(peer, protocol.error(msg, "unknown_op", f"unknown op {msg.op!r}"))
             return
         try:
             reply = handler(peer, msg)
@@ -141,7 +180,7 @@ class Scheduler(Churn, Operations):
             log.exception("internal error on %r", msg.op)
             reply = protocol.error(msg, "internal", f"internal scheduler error: {exc!r}")
         if reply is not None:
-            self.listener.send(peer, reply)
+            self._send(peer, reply)
 
     # --- membership -------------------------------------------------------------------------
 
@@ -176,7 +215,7 @@ class Scheduler(Churn, Operations):
         if self.complete:
             return self._join(node, msg) if role == "worker" else self._join_server(node, msg)
 
-        self._send(self.filling.add(node, msg))
+        self._send_all(self.filling.add(node, msg))
         if self.filling.full:
             self._start_cluster()
         return None  # answered when the cluster is complete
@@ -197,14 +236,14 @@ class Scheduler(Churn, Operations):
                 self.shards.place(node.rank % self.cfg.num_servers, node)
         self.complete = True
         # cluster.json describes the cluster before any node hears that it is complete
-        self._write_cluster()
+        self._changed()
         for node, msg in joined:
-            self.listener.send(node.peer, self._membership(node, msg))
+            self._send(node.peer, self._membership(node, msg))
         log.info("cluster complete: %s", ", ".join(sorted(self.nodes)))
 
-    def _send(self, answers: list[tuple[bytes, Message]]) -> None:
+    def _send_all(self, answers: list[tuple[bytes, Message]]) -> None:
         for peer, reply in answers:
-            self.listener.send(peer, reply)
+            self._send(peer, reply)
 
     def _membership(self, node: NodeRecord, msg: Message, *, late: bool = False) -> Message:
         shard, primary = self.shards.role_of(node.id)
@@ -242,7 +281,7 @@ class Scheduler(Churn, Operations):
             node.state = "alive"
             log.warning("%s is back", node.id)
             self._rebalance()
-            self._write_cluster()
+            self._changed()
         return msg.reply(
             stop=self.stopping_since is not None,
             leases=self.leases.version,
@@ -255,7 +294,7 @@ class Scheduler(Churn, Operations):
         now = time.monotonic()
         if not self.complete and now - self.started > self.cfg.startup_timeout:
             why = f"the cluster did not fill within {self.cfg.startup_timeout:g} s"
-            self._send(self.filling.give_up(why))
+            self._send_all(self.filling.give_up(why))
             log.error("cluster did not fill within %g s; giving up", self.cfg.startup_timeout)
             self.exit_code = 1
             self.stopping_since = now
@@ -270,7 +309,7 @@ class Scheduler(Churn, Operations):
                     self._server_died(node, silent)
                 changed = True
         if changed:
-            self._write_cluster()
+            self._changed()
 
     # --- coordination -----------------------------------------------------------------------
 
@@ -302,9 +341,9 @@ class Scheduler(Churn, Operations):
         self._answer_barriers(self.barriers.excuse(node_id, self.nodes))
 
     def _answer_barriers(self, answers: list[tuple[bytes, Message]]) -> None:
-        self._send(answers)
+        self._send_all(answers)
         if answers:
-            self._write_cluster()  # a latecomer's answer survives a restart
+            self._changed()  # a latecomer's answer survives a restart
 
     @staticmethod
     def _in_group(node: NodeRecord, group: str) -> bool:
@@ -322,7 +361,7 @@ class Scheduler(Churn, Operations):
         if self.keyspace is None:
             self.keyspace, self.declared_by = ks, node.id
             log.info("%s declared %d tensors, %d chunks", node.id, len(ks.tensors), len(ks.chunks))
-            self._write_cluster()
+            self._changed()
         elif ks.fingerprint() != self.keyspace.fingerprint():
             raise ConfigError(
                 f"{node.id} declared a different model than {self.declared_by}: "
@@ -343,12 +382,15 @@ class Scheduler(Churn, Operations):
             keyspace=self.keyspace.fingerprint() if self.keyspace else None,
             run_dir=str(Path(self.cfg.run_dir).resolve()) if self.cfg.run_dir else "",
             steering=self.steering.newest.to_dict(),
+            writes=self.writes,
             **self.shards.to_body(),
         )
 
     def _write_cluster(self) -> None:
+        """Write cluster.json and the state now (``_changed``: at the end of this turn)."""
         if not self.cfg.run_dir:
             return
+        self.writes += 1
         doc = {
             "scheduler": {
                 "address": self.address,
