@@ -61,11 +61,46 @@ def _security(args: argparse.Namespace) -> Any:
     return Security.from_secret(secret, encrypt=bool(args.secure))
 
 
+def _check_encryption(args: argparse.Namespace, *addresses: str) -> str:
+    """Off loopback, traffic is encrypted unless a flag says otherwise: the first of
+    ``addresses`` (bound or connected to) beyond loopback ("" if none); ConfigError if there is
+    one and neither --secure nor --insecure says how to talk there. Refused rather than
+    turned on here alone: every node of a cluster must speak CURVE, or none."""
+    if args.secure and args.insecure:
+        raise ConfigError("--secure and --insecure contradict each other: give one of them")
+    far = next((a for a in addresses if a and not _loopback(a)), "")
+    if far and not (args.secure or args.insecure):
+        raise ConfigError(
+            f"{far} is beyond loopback: pass --secure to encrypt (with the cluster secret, on "
+            "every node) or --insecure to send in clear [PSLM_SECURE=1 or PSLM_INSECURE=1]"
+        )
+    return far
+
+
+def _loopback(address: str) -> bool:
+    """Whether ``address`` (host:port, tcp://host:port, ipc://, inproc://) stays on this
+    machine: 127.0.0.0/8, ::1 or localhost. A host name, an interface or ``*`` may not."""
+    import ipaddress
+
+    scheme, _, rest = address.partition("://") if "://" in address else ("tcp", "", address)
+    if scheme != "tcp":
+        return scheme in ("ipc", "inproc")
+    host = (rest.rpartition(":")[0] or rest).removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _role_setup(role: str, args: argparse.Namespace, *, threads: bool = True) -> None:
     from pslm.ps.launch.local import supervise_self
     from pslm.wire import auth
     from pslm.wire.transport import tune_allocator
 
+    bind = str(getattr(args, "bind", "") or "")
+    far = _check_encryption(args, bind, str(getattr(args, "scheduler", "") or ""))
     security = _security(args)
     supervise_self()
     tune_allocator()
@@ -74,9 +109,10 @@ def _role_setup(role: str, args: argparse.Namespace, *, threads: bool = True) ->
         format=f"%(asctime)s {role} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    auth.install(security)
-    bind = str(getattr(args, "bind", "") or "")
-    if security is None and bind and not bind.removeprefix("tcp://").startswith("127."):
+    auth.install(security.as_role(role) if security is not None else None)
+    if far and args.insecure:
+        logging.getLogger("pslm").warning("%s is beyond loopback: traffic is not encrypted", far)
+    if security is None and bind and not _loopback(bind):
         logging.getLogger("pslm").warning(
             "listening on %s without a cluster secret: anyone who reaches it can join", bind
         )
@@ -93,10 +129,34 @@ def _require(value: Any, flag: str, env: str) -> Any:
     return value
 
 
-def _attach(args: argparse.Namespace, run: str | None) -> str:
+def _operator(args: argparse.Namespace) -> str:
+    """The operator credential steering needs: --operator-file, or the run's own."""
+    from pslm.ps.core import operator
+
+    if args.operator_file:
+        return _read_token(Path(args.operator_file))
+    if not args.run:
+        raise ConfigError(
+            "steering needs the operator credential: give --run DIR or --operator-file"
+        )
+    return operator.read(args.run)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the operator credential {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{path} holds no operator credential")
+    return token
+
+
+def _attach(args: argparse.Namespace, run: str | None, role: str = "operator") -> str:
     """The scheduler address of a live cluster: --scheduler, or the run's own (the address
     and secret a local `pslm train` keeps in its run directory); installs the secret."""
     from pslm.wire import auth
+    from pslm.wire.transport import tcp_address
 
     scheduler = args.scheduler or ""
     if not scheduler:
@@ -106,14 +166,21 @@ def _attach(args: argparse.Namespace, run: str | None) -> str:
             scheduler = (Path(run) / "scheduler.addr").read_text().strip()
         except OSError:
             raise ConfigError(f"{run} has no scheduler.addr: is its cluster up?") from None
+    try:  # (host:port as the role commands take it)
+        scheduler = tcp_address(scheduler)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_encryption(args, scheduler)
     own = Path(run or "") / "secret"
     if run and not args.secret_file and not os.environ.get("PSLM_SECRET") and own.is_file():
         args.secret_file = str(own)
-    auth.install(_security(args))
+    security = _security(args)
+    auth.install(security.as_role(role) if security is not None else None)
     return scheduler
 
 
 def _ctl(args: argparse.Namespace) -> int:
+    from pslm.ps.core import operator
     from pslm.ps.core.steering import parse_assignments
     from pslm.wire.message import Message
     from pslm.wire.transport import Channel
@@ -127,14 +194,15 @@ def _ctl(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.action} takes no values")
     values = parse_assignments(args.values) if args.action == "set" else {}
     scheduler = _attach(args, args.run)
-    channel = Channel(timeout=10.0)
+    channel = Channel(timeout=10.0, role="operator")
     try:
         channel.connect("scheduler", scheduler)
         if args.action == "status":
             body = channel.request("scheduler", Message("status")).body
         else:
-            msg = Message("ctl", body={"action": args.action, "values": values, "node": node})
-            body = channel.request("scheduler", msg).body
+            body = {"action": args.action, "values": values, "node": node}
+            body[operator.FIELD] = _operator(args)
+            body = channel.request("scheduler", Message("ctl", body=body)).body
     finally:
         channel.close()
     if args.json:
@@ -189,7 +257,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise ConfigError("--follow follows the run's own cluster: drop --scheduler")
         if args.follow and not args.run:
             raise ConfigError("--follow goes with --run")
-        scheduler = _attach(args, args.run)
+        scheduler = _attach(args, args.run, role="reader")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s serve %(levelname)s %(message)s", stream=sys.stderr
     )
@@ -209,6 +277,9 @@ def _serve(args: argparse.Namespace) -> int:
             parallel=args.parallel,
             allowed_hosts=tuple(h.lower() for h in args.allow_host or ()),
             max_inflight=args.max_inflight,
+            head_timeout=args.head_timeout,
+            body_timeout=args.body_timeout,
+            max_body_bytes=args.max_body_bytes,
         )
     )
 
@@ -242,6 +313,7 @@ def _server(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         rank=args.rank,
         timeout=args.timeout,
+        run_dir=args.run_dir,
     )
     _role_setup("server", args)
     return serve(cfg)

@@ -3,8 +3,8 @@
 Role commands read a ``PSLM_*`` variable for any flag not given (like ps-lite's ``DMLC_*``):
 PSLM_SCHEDULER, PSLM_BIND, PSLM_ADVERTISE, PSLM_RANK, PSLM_TIMEOUT, PSLM_NUM_WORKERS,
 PSLM_NUM_SERVERS, PSLM_REPLICAS, PSLM_RUN_DIR, PSLM_HEARTBEAT_INTERVAL, PSLM_HEARTBEAT_TIMEOUT,
-PSLM_SECRET_FILE, PSLM_SECURE, PSLM_THREADS, PSLM_WORKER_ARGS (and PSLM_SECRET, the cluster
-secret itself, which has no flag). A variable is read only by the command that runs
+PSLM_SECRET_FILE, PSLM_SECURE, PSLM_INSECURE, PSLM_THREADS, PSLM_WORKER_ARGS (and PSLM_SECRET,
+the cluster secret itself, which has no flag). A variable is read only by the command that runs
 (``resolve_env``), so a bad one stops only the command that needs it.
 
     args = parser(commands).parse_args(argv)    # commands: name -> function(args) -> int
@@ -303,6 +303,12 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parse
         help="host or host:port that others use to reach this server "
         "[PSLM_ADVERTISE, default: the bound address]",
     )
+    s.add_argument(
+        "--run-dir",
+        default=EnvDefault("PSLM_RUN_DIR", str, ""),
+        help="the job's run directory: checkpoints are saved and restored only inside it "
+        "[PSLM_RUN_DIR, default: anywhere]",
+    )
     _rank_timeout_args(s, timeout=30.0)
     _security_args(s)
     s.set_defaults(func=commands["server"])
@@ -378,6 +384,24 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parse
         default=32,
         help="generations admitted at once; more are answered 503 at once (32)",
     )
+    s.add_argument(
+        "--head-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request head may take to arrive; then 408 and the connection closes (10)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive; then 408 (30)",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; more: 413 (1 MiB)",
+    )
     s.add_argument("--address-file", default="", help="write the URL here once listening")
     s.add_argument("--no-kv-cache", action="store_true", help="generate without the KV cache")
     s.add_argument(
@@ -400,6 +424,12 @@ def parser(commands: Mapping[str, Callable[[argparse.Namespace], int]]) -> Parse
     )
     s.add_argument("values", nargs="*", help="for set: KEY=VALUE ...; for remove-worker: ID")
     s.add_argument("--json", action="store_true", help="print the reply as JSON")
+    s.add_argument(
+        "--operator-file",
+        metavar="FILE",
+        default=EnvDefault("PSLM_OPERATOR_FILE", str, None),
+        help="the job's operator credential, which steering needs (default: RUN/operator)",
+    )
     _security_args(s)
     s.set_defaults(func=commands["ctl"])
 
@@ -495,7 +525,15 @@ def _security_args(p: argparse.ArgumentParser) -> None:
         "--secure",
         action="store_true",
         default=EnvDefault("PSLM_SECURE", boolean, False),
-        help="encrypt all traffic (ZeroMQ CURVE, keys from the secret) [PSLM_SECURE=1]",
+        help="encrypt all traffic (ZeroMQ CURVE, keys from the secret); beyond loopback this "
+        "or --insecure is required, the same on every node [PSLM_SECURE=1]",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=EnvDefault("PSLM_INSECURE", boolean, False),
+        help="send traffic beyond loopback unencrypted (a secret, if any, is still proved) "
+        "[PSLM_INSECURE=1]",
     )
 
 

@@ -408,7 +408,7 @@ def test_servers_save_their_shards_at_a_version(one_worker_cluster, tmp_path) ->
     version = client.wait(
         client.push_pull({"w": torch.ones(300, 300), "b": torch.ones(5)}, out, clock=0)
     ).version
-    ckpt = tmp_path / "ckpt"
+    ckpt = one_worker_cluster.run_dir / "ckpt"  # (servers save inside the run directory)
     ckpt.mkdir()
     with pytest.raises(RefusedError, match="version 0"):
         client.save(str(ckpt), version=0)
@@ -431,7 +431,7 @@ def test_servers_save_their_shards_at_a_version(one_worker_cluster, tmp_path) ->
         ]
         assert torch.equal(params, torch.cat(expected))
     with pytest.raises(RefusedError, match="not a directory"):
-        client.save(str(tmp_path / "nowhere"), version=version)
+        client.save(str(one_worker_cluster.run_dir / "nowhere"), version=version)
     client.close()
 
 

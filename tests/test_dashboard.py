@@ -8,6 +8,8 @@ import json
 import shutil
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,16 @@ def test_dashboard_shows_the_cluster_and_pauses_it(tmp_path: Path) -> None:
             assert train.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
         serve, url = _start_serve(tmp_path, "--run", run, "--follow")
+        for header in ({}, {"x-pslm-operator": "0" * 64}):  # steering needs the credential
+            request = urllib.request.Request(
+                url + "/api/ctl",
+                data=b'{"action": "pause"}',
+                headers={"content-type": "application/json", **header},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 403
+            assert "operator credential" in json.loads(refused.value.read())["error"]["message"]
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=CHROMIUM,
@@ -40,6 +52,9 @@ def test_dashboard_shows_the_cluster_and_pauses_it(tmp_path: Path) -> None:
             )  # fmt: skip
             try:
                 page = browser.new_page(viewport={"width": 1150, "height": 900})
+                # steering asks for the run's operator credential: the user pastes it
+                credential = (run / "operator").read_text().strip()
+                page.on("dialog", lambda dialog: dialog.accept(credential))
                 page.goto(url + "/dashboard")
                 nodes = [f"server-{i}" for i in range(4)] + ["worker-0", "worker-1"]
                 for node in nodes:  # 2 servers, their 2 backups, 2 workers

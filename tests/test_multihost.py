@@ -2,7 +2,8 @@
 bridge in a namespace of its own (the switch). The scheduler, two servers and two workers
 (`pslm scheduler|server|worker`) each run in their own host and talk over 10.77.0.0/24; then
 worker 1's cable is pulled (`ip link set ... down` on the switch) and the scheduler must find
-it dead and worker 0 finish the job with its share. The test makes and removes its own
+it dead and worker 0 finish the job with its share. Off loopback every role must say how its
+traffic goes: here encrypted (PSLM_SECURE=1, CURVE). The test makes and removes its own
 namespaces; it needs root and iproute2, and is skipped, saying so, without them."""
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def test_role_commands_across_hosts_and_a_cut_cable(network: Network, tmp_path: 
     (tmp_path / "tiny.toml").write_text(config)
     run = tmp_path / "run"
     sched = f"{network.addr['sched']}:9000"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PSLM_SECRET": SECRET}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PSLM_SECRET": SECRET, "PSLM_SECURE": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(host: str, *args: str) -> None:

@@ -28,6 +28,7 @@ import torch
 from pslm.errors import RefusedError
 from pslm.ps.client.client import ClientConfig, PSClient
 from pslm.ps.control.leases import Leases
+from pslm.ps.core import operator
 from pslm.ps.core.optim import OptimizerConfig
 from pslm.ps.launch.local import Child, LocalCluster
 from pslm.wire.message import Message
@@ -80,6 +81,18 @@ def _ask(client: PSClient, op: str, **body: Any) -> Message:
     return client.channel.request("scheduler", Message(op, body=body))
 
 
+def _operate(cluster: LocalCluster, op: str, **body: Any) -> Message:
+    """A ``ctl`` or ``shutdown``, as ``pslm ctl`` sends it: as the operator, with the run's
+    operator credential."""
+    channel = Channel(timeout=10.0, role="operator")
+    channel.connect("scheduler", cluster.scheduler_address)
+    try:
+        body[operator.FIELD] = operator.read(cluster.run_dir)
+        return channel.request("scheduler", Message(op, body=body))
+    finally:
+        channel.close()
+
+
 def _send(client: PSClient, op: str, **body: Any) -> int:
     """A request to the scheduler whose reply is waited for later; its id."""
     return client.channel.send("scheduler", Message(op, body=body))
@@ -119,7 +132,7 @@ def test_finalizes_are_answered_when_the_cluster_stops(tmp_path) -> None:
         waiting = _send(w1, "finalize", node="worker-1")
         _ask(w1, "status")  # (the finalize is in)
         w0.heartbeat.close()
-        _ask(w0, "shutdown")
+        _operate(cluster, "shutdown")
         w1.channel.wait([waiting], timeout=5.0)
         w0.close()  # its finalize
         cluster.wait(timeout=30)
@@ -133,7 +146,7 @@ def test_a_registration_with_a_pid_no_process_has_is_refused(tmp_path) -> None:
     group then): refused; the scheduler stays up and the cluster fills as usual."""
     lc = launch_config(tmp_path, num_servers=1, num_workers=1, worker=None)
     with LocalCluster(lc) as cluster:
-        channel = Channel(timeout=5.0)
+        channel = Channel(timeout=5.0, role="worker")
         channel.connect("scheduler", cluster.scheduler_address)
         try:
             for pid in (2**40, 2**31, 0, -1):
@@ -165,7 +178,7 @@ def test_a_node_that_dies_before_the_cluster_fills_gives_its_rank_to_its_restart
     with LocalCluster(lc) as cluster:
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
-        channel = Channel(timeout=5.0)
+        channel = Channel(timeout=5.0, role="worker")
         channel.connect("scheduler", cluster.scheduler_address)
         try:
             body = {"role": "worker", "rank": 0, "address": "", "pid": gone.pid}
@@ -303,7 +316,7 @@ def test_a_leave_in_a_servers_name_from_another_process_is_ignored(tmp_path) -> 
     ignored: server 0 stays the shard's server and the job goes on. Taken as server 0's own
     leave, it would have lost the shard (no backup) and stopped the job."""
     with _cluster(tmp_path, 1, init=True) as (cluster, (w0,)):
-        channel = Channel(timeout=5.0)
+        channel = Channel(timeout=5.0, role="server")
         channel.connect("scheduler", cluster.scheduler_address)
         try:
             channel.request("scheduler", Message("leave", body={"node": "server-0"}))
@@ -328,7 +341,7 @@ def test_a_removed_worker_that_leaves_is_not_waited_for_at_a_barrier(tmp_path) -
 
         def remove() -> dict[str, Any] | None:
             try:
-                return _ask(w0, "ctl", action="remove-worker", node="worker-1").body
+                return _operate(cluster, "ctl", action="remove-worker", node="worker-1").body
             except RefusedError as exc:  # until a heartbeat brought shares_move
                 if "has not reported" not in str(exc):
                     raise
@@ -382,7 +395,7 @@ def test_a_stray_request_to_a_backup_does_not_promote_it(tmp_path) -> None:
     with _cluster(tmp_path, 1, replicas=1, init=True) as (cluster, (w0,)):
         _until(lambda: _synced_shard(cluster), "the backup's copy")
         backup = _ask(w0, "status").body["backups"][0]
-        channel = Channel(timeout=10.0)
+        channel = Channel(timeout=10.0, role="worker")
         channel.connect("backup", backup)
         try:
             stray = channel.send("backup", Message("pull", body={"worker": 0}))

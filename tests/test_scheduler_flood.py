@@ -13,6 +13,8 @@ import json
 import time
 
 from pslm.ps.control.persist import STATE_FILE
+from pslm.ps.core.operator import FIELD
+from pslm.ps.core.operator import read as read_operator
 from pslm.wire.message import Message
 from pslm.wire.transport import Channel
 from tests.test_scheduler_edges import _ask, _cluster
@@ -29,7 +31,8 @@ def test_a_flood_of_ctl_requests_costs_few_writes_and_no_false_deaths(tmp_path) 
         state = cluster.run_dir / STATE_FILE
         before = _ask(worker, "status").body
         start = time.time()
-        operator = Channel(timeout=30.0)
+        operator = Channel(timeout=30.0, role="operator")
+        credential = {FIELD: read_operator(cluster.run_dir)}
         operator.connect("scheduler", cluster.scheduler_address)
         kept: list[int] = []
 
@@ -40,7 +43,7 @@ def test_a_flood_of_ctl_requests_costs_few_writes_and_no_false_deaths(tmp_path) 
         try:
             ids = [
                 operator.send(
-                    "scheduler", Message("ctl", body={"action": a, "values": {}})
+                    "scheduler", Message("ctl", body={"action": a, "values": {}, **credential})
                 )
                 for a in ["pause", "resume"] * (REQUESTS // 2)
             ]

@@ -10,8 +10,10 @@
                                weight_decay}} -> the new live settings; {action:
                                remove-worker, node}; {action: add-worker} (as ``pslm ctl``)
 
-Anyone who can reach the HTTP port can steer the job through /api/ctl: ``pslm serve`` listens
-on 127.0.0.1 unless told otherwise.
+Steering through /api/ctl needs the run's operator credential (``RUN/operator``, readable by
+the user who started the job) in the ``X-PSLM-Operator`` header, as ``pslm ctl`` needs it: the
+page asks for it once and keeps it for the browser tab. The server checks it and passes it on
+to the scheduler, which checks it too.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Header, Query
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pslm.errors import ConfigError, PSLMError
+from pslm.errors import ConfigError, PSLMError, RefusedError
 from pslm.ps.client.reader import SchedulerLink
+from pslm.ps.core import operator
 from pslm.ps.core.steering import Steering
 
 MAX_RECORDS = 5000
@@ -108,7 +111,13 @@ def add_dashboard(app: FastAPI, run_dir: Path, scheduler: str | None) -> None:
         return {"records": tail.after(after)}
 
     @app.post("/api/ctl")
-    def ctl(req: CtlRequest) -> JSONResponse:
+    def ctl(req: CtlRequest, x_pslm_operator: str = Header("", max_length=256)) -> JSONResponse:
+        try:
+            operator.check(x_pslm_operator, operator.read(run_dir))
+        except (ConfigError, RefusedError) as exc:
+            return JSONResponse(
+                {"error": {"type": "forbidden", "message": str(exc)}}, status_code=403
+            )
         if link is None:
             return JSONResponse(
                 {"error": {"type": "not_live", "message": "not attached to a live cluster"}},
@@ -125,7 +134,7 @@ def add_dashboard(app: FastAPI, run_dir: Path, scheduler: str | None) -> None:
             )
         try:
             body = {"action": req.action, "values": req.values, "node": req.node}
-            reply = link.request("ctl", body)
+            reply = link.request("ctl", {**body, operator.FIELD: x_pslm_operator})
         except PSLMError as exc:
             return JSONResponse(
                 {"error": {"type": "cluster", "message": str(exc)}}, status_code=502

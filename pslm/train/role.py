@@ -1,7 +1,8 @@
 """``pslm worker``: the training loop as a role command, for clusters pslm does not launch.
 
+    export PSLM_SECRET_FILE=/shared/secret PSLM_SECURE=1       # every host: encrypted
     pslm scheduler --num-workers 2 --num-servers 2 --bind tcp://10.0.0.1:9000 --run-dir RUN
-    pslm server --scheduler 10.0.0.1:9000 --bind tcp://10.0.0.2:*           # per server host
+    pslm server --scheduler 10.0.0.1:9000 --bind tcp://10.0.0.2:* --run-dir RUN   # per server
     pslm worker --scheduler 10.0.0.1:9000 --config job.toml --data corpus.txt --run-dir RUN
 
 Every worker prepares the corpus itself (the token files are deterministic, so every host gets

@@ -16,6 +16,13 @@ most once a minute per address). Two mechanisms:
   whoever knows the secret can connect and nobody else can, and every byte is encrypted.
   Encryption costs throughput (``pslm bench transport`` measures it).
 
+Each process proves a role as well as the secret (``Security.role``; ZeroMQ's User-Id of
+every message it sends): its own key pair (CURVE) or password (PLAIN), derived from the secret
+and the role. A listener learns it per connection (``Message.sender``), so that what a peer
+may ask depends on what it is (``pslm.ps.core.protocol.ALLOWED``): a worker's bug cannot send
+a server's ``norm`` or stop the scheduler. Every role holds the secret, so this separates
+roles against mistakes, not against someone who has the secret.
+
 The check runs in one thread per process, answering ZeroMQ's authentication requests
 (RFC 27/ZAP) on ``inproc://zeromq.zap.01``.
 """
@@ -40,7 +47,9 @@ from pslm.errors import ConfigError
 log = logging.getLogger("pslm.auth")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-USER = b"pslm"
+ROLES = ("scheduler", "server", "worker", "reader", "operator")
+"""What a process may prove: a cluster role, ``reader`` (``pslm serve`` following a job) or
+``operator`` (``pslm ctl``, the launcher)."""
 MIN_SECRET = 16
 MAX_PLAIN = 255
 """Longest password ZeroMQ's PLAIN mechanism carries, in bytes."""
@@ -54,14 +63,24 @@ class Security:
 
     secret: bytes
     encrypt: bool = False
+    role: str = "operator"
+    """The role this process proves when it connects (``ROLES``)."""
 
     @classmethod
-    def from_secret(cls, secret: str | bytes, *, encrypt: bool = False) -> Security:
+    def from_secret(
+        cls, secret: str | bytes, *, encrypt: bool = False, role: str = "operator"
+    ) -> Security:
         raw = secret.encode() if isinstance(secret, str) else secret
         raw = raw.strip()
         if len(raw) < MIN_SECRET:
             raise ConfigError(f"the cluster secret needs at least {MIN_SECRET} characters")
-        return cls(raw, encrypt)
+        if role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        return cls(raw, encrypt, role)
+
+    def as_role(self, role: str) -> Security:
+        """The same secret, proving ``role``."""
+        return Security.from_secret(self.secret, encrypt=self.encrypt, role=role)
 
     def _keypair(self, role: bytes) -> tuple[bytes, bytes]:
         """(public, secret) CURVE keys, Z85, derived from the secret for ``role``."""
@@ -69,12 +88,14 @@ class Security:
         secret = z85.encode(seed)
         return zmq.curve_public(secret), secret
 
-    @property
-    def password(self) -> bytes:
-        """What PLAIN presents: the secret, or a digest of one too long for PLAIN."""
-        if len(self.secret) <= MAX_PLAIN:
-            return self.secret
-        return hashlib.sha256(b"pslm-plain-" + self.secret).hexdigest().encode()
+    def password(self, role: str) -> bytes:
+        """What PLAIN presents for ``role``: a digest of the secret and the role (hex, 64
+        bytes: within PLAIN's 255 whatever the secret's length)."""
+        return (
+            hmac.new(self.secret, b"pslm-plain-" + role.encode(), hashlib.sha256)
+            .hexdigest()
+            .encode()
+        )
 
     @property
     def domain(self) -> bytes:
@@ -98,27 +119,31 @@ class Security:
         """Make a connecting socket prove the secret (call before connect)."""
         if self.encrypt:
             server_public, _ = self._keypair(b"server")
-            public, secret = self._keypair(b"client")
+            public, secret = self._keypair(b"client-" + self.role.encode())
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         else:
-            sock.setsockopt(zmq.PLAIN_USERNAME, USER)
-            sock.setsockopt(zmq.PLAIN_PASSWORD, self.password)
+            sock.setsockopt(zmq.PLAIN_USERNAME, self.role.encode())
+            sock.setsockopt(zmq.PLAIN_PASSWORD, self.password(self.role))
 
-    def allows(self, mechanism: bytes, credentials: list[bytes]) -> bool:
-        """Whether a peer's credentials prove the secret (constant-time comparisons)."""
+    def allows(self, mechanism: bytes, credentials: list[bytes]) -> str | None:
+        """The role a peer's credentials prove with the secret, or None (constant-time
+        comparisons)."""
         if self.encrypt:
-            expected = z85.decode(self._keypair(b"client")[0])
-            return (
-                mechanism == b"CURVE" and len(credentials) == 1 and _same(credentials[0], expected)
-            )
-        return (
-            mechanism == b"PLAIN"
-            and len(credentials) == 2
-            and _same(credentials[0], USER)
-            and _same(credentials[1], self.password)
-        )
+            if mechanism != b"CURVE" or len(credentials) != 1:
+                return None
+            for role in ROLES:
+                expected = z85.decode(self._keypair(b"client-" + role.encode())[0])
+                if _same(credentials[0], expected):
+                    return role
+            return None
+        if mechanism != b"PLAIN" or len(credentials) != 2:
+            return None
+        role = credentials[0].decode(errors="replace")
+        if role not in ROLES:
+            return None
+        return role if _same(credentials[1], self.password(role)) else None
 
 
 def _same(a: bytes, b: bytes) -> bool:
@@ -192,12 +217,13 @@ class _ZapHandler(threading.Thread):
             return
         version, request_id, domain, address, _identity, mechanism = frames[:6]
         security = self.domains.get(domain)
-        ok = security is not None and security.allows(mechanism, frames[6:])
-        if not ok:
+        role = None if security is None else security.allows(mechanism, frames[6:])
+        if role is None:
             self.refused += 1
             self._log(address.decode(errors="replace"), mechanism.decode(errors="replace"))
-        status = [b"200", b"OK"] if ok else [b"400", b"wrong or missing cluster secret"]
-        self.sock.send_multipart([version, request_id, *status, USER if ok else b"", b""])
+        status = [b"200", b"OK"] if role else [b"400", b"wrong or missing cluster secret"]
+        user = (role or "").encode()  # the User-Id of every message of the connection
+        self.sock.send_multipart([version, request_id, *status, user, b""])
 
     def _log(self, address: str, mechanism: str) -> None:
         now = time.monotonic()

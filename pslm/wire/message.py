@@ -65,6 +65,9 @@ class Message:
     wire: tuple[list[Any], list[Any]] | None = None
     """``encode_tensors(tensors)`` made ahead, for tensors sent again and again from the same
     memory (a planned push_pull); None: made at each ``encode``."""
+    sender: str = ""
+    """On a listener: the role its sender proved when it connected (``pslm.wire.auth.ROLES``;
+    empty without a cluster secret). Never read from the message itself."""
 
     def reply(self, op: str = "ok", **body: Any) -> Message:
         """A reply to this message: same id, the given op and body."""

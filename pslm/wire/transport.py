@@ -112,10 +112,13 @@ class Listener:
         frames = self.socket.recv_multipart(copy=False)
         peer = frames[0].bytes
         try:
-            return peer, decode(frames[1:], max_bytes=self.max_bytes)
+            msg = decode(frames[1:], max_bytes=self.max_bytes)
         except ProtocolError as exc:
             exc.sender = peer
             raise
+        if self.watch is not None:  # the role its connection proved (pslm.wire.auth)
+            msg.sender = str(frames[1].get("User-Id") or "")
+        return peer, msg
 
     def send(self, peer: bytes, msg: Message, *, track: bool = False) -> Sent | None:
         """Queue ``msg`` for ``peer`` without copying tensor memory.
@@ -193,14 +196,16 @@ class Sent:
 class Connection:
     """A DEALER socket connected to one peer address."""
 
-    def __init__(self, address: str, *, send_timeout: float):
+    def __init__(self, address: str, *, send_timeout: float, role: str = ""):
+        """``role``: what this connection proves with the cluster secret (``auth.ROLES``;
+        empty: the process's role, ``auth.install``)."""
         self.address = address
         self.socket = _socket(zmq.DEALER)
         self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout * 1000)))
         security = auth.current()
         try:
             if security is not None:
-                security.present(self.socket)
+                (security.as_role(role) if role else security).present(self.socket)
             self.socket.connect(address)
         except zmq.ZMQError as exc:
             self.socket.close()
@@ -261,10 +266,12 @@ class Channel:
     MAX_NOTICES (a caller polling ``socket(name)`` itself calls ``drain(name)``).
     """
 
-    def __init__(self, *, timeout: float):
+    def __init__(self, *, timeout: float, role: str = ""):
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
+        self.role = role
+        """What its connections prove (``Connection``)."""
         self._conns: dict[str, Connection] = {}
         self._poller = Poller()
         self._next_id = 1
@@ -283,7 +290,7 @@ class Channel:
         """Open a connection to ``address`` under ``name``, replacing any earlier one."""
         if name in self._conns:
             self.disconnect(name)
-        conn = Connection(address, send_timeout=self.timeout)
+        conn = Connection(address, send_timeout=self.timeout, role=self.role)
         self._conns[name] = conn
         self._poller.add(conn)
 

@@ -58,7 +58,7 @@ class ClusterMember:
         self.cfg = cfg
         if cfg.tune_allocator:
             tune_allocator()
-        self.channel = Channel(timeout=cfg.timeout)
+        self.channel = Channel(timeout=cfg.timeout, role="worker")
         self.channel.connect("scheduler", cfg.scheduler)
         try:
             self.me: Membership = register(

@@ -66,7 +66,7 @@ class ParameterReader:
             self.scheduler = tcp_address(scheduler)
         except ValueError as exc:
             raise ClusterError(str(exc)) from None
-        self.channel = Channel(timeout=timeout)
+        self.channel = Channel(timeout=timeout, role="reader")
         self.channel.connect("scheduler", self.scheduler)
         self.keyspace: KeySpace | None = None
         self.servers: list[str] = []
@@ -202,7 +202,7 @@ class SchedulerLink:
     def request(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         with self._lock:
             if self._channel is None:
-                self._channel = Channel(timeout=self.timeout)
+                self._channel = Channel(timeout=self.timeout, role="reader")
                 self._channel.connect("scheduler", self.address)
             try:
                 return dict(self._channel.request("scheduler", Message(op, body=body or {})).body)

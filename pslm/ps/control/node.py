@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from pslm.errors import ProtocolError, PSLMError, RequestTimeout
 from pslm.ps.control.table import Table
+from pslm.ps.core import protocol
 from pslm.ps.core.steering import Steering
 from pslm.wire import auth
 from pslm.wire.message import Message
@@ -54,6 +55,12 @@ class Membership:
     """Backup server addresses, by shard ("" where a shard has none)."""
     epoch: str = ""
     """The scheduler's incarnation (``Heartbeat.epoch``)."""
+
+
+def node_role(node_id: str) -> str:
+    """The role of a node by its id (``server-1`` -> ``server``; empty if none)."""
+    role = node_id.rsplit("-", 1)[0]
+    return role if role in protocol.ROLES else ""
 
 
 def register(channel: Channel, *, role: str, rank: int, address: str, timeout: float) -> Membership:
@@ -133,7 +140,7 @@ class Heartbeat(threading.Thread):
         self._quit = threading.Event()
 
     def run(self) -> None:
-        channel = Channel(timeout=self.interval)
+        channel = Channel(timeout=self.interval, role=node_role(self.node_id))
         channel.connect("scheduler", self.scheduler)
         last_ack = time.monotonic()
         try:

@@ -45,7 +45,7 @@ from pslm.ps.control.operations import Operations
 from pslm.ps.control.persist import STATE_FILE, Kept, write_files
 from pslm.ps.control.records import MAX_PID, NodeRecord
 from pslm.ps.control.table import ShardTable
-from pslm.ps.core import protocol
+from pslm.ps.core import operator, protocol
 from pslm.ps.core.keyspace import KeySpace
 from pslm.ps.core.steering import SteeringLog
 from pslm.wire.message import Message
@@ -94,6 +94,9 @@ class Scheduler(Churn, Operations):
         """The state changed this turn: the files are written before the outbox is sent."""
         self.writes = 0
         """Times the files were written (``status``: the cost of persisting, in writes)."""
+        self.operator = operator.ensure(cfg.run_dir) if cfg.run_dir else ""
+        """The credential ``ctl`` and ``shutdown`` need (``RUN/operator``; none without a run
+        directory: then the roles alone are checked)."""
         if cfg.recover:
             self._recover()
         elif cfg.run_dir:  # another cluster's, in this run directory before
@@ -173,6 +176,9 @@ class Scheduler(Churn, Operations):
             self._send(peer, protocol.error(msg, "unknown_op", f"unknown op {msg.op!r}"))
             return
         try:
+            protocol.check_sender(msg)  # (a worker's bug cannot stop the job)
+            if msg.op in ("ctl", "shutdown") and self.operator:
+                operator.check(msg.body.get(operator.FIELD), self.operator)
             reply = handler(peer, msg)
         except (ProtocolError, ConfigError, ClusterError) as exc:
             reply = protocol.error(msg, getattr(exc, "code", "refused"), str(exc))

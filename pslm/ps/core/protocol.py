@@ -114,6 +114,37 @@ from pslm.wire.message import Message
 ROLES = ("server", "worker")
 GROUPS = ("workers", "servers", "all")
 
+_MEMBERS = frozenset({"server", "worker"})
+_ANYONE = frozenset({"scheduler", "server", "worker", "reader", "operator"})
+ALLOWED: dict[str, frozenset[str]] = {
+    # a server's ops
+    **dict.fromkeys(("init", "push", "pull", "save", "fence", "attach"), frozenset({"worker"})),
+    "read": frozenset({"worker", "reader"}),
+    **dict.fromkeys(("norm", "sync", "update"), frozenset({"server"})),
+    # the scheduler's
+    **dict.fromkeys(("register", "heartbeat", "leave"), _MEMBERS),
+    **dict.fromkeys(
+        ("barrier", "declare", "finalize", "leases", "release", "steering"), frozenset({"worker"})
+    ),
+    "backup": frozenset({"server"}),
+    **dict.fromkeys(("status", "keyspace"), _ANYONE),
+    **dict.fromkeys(("ctl", "shutdown"), frozenset({"operator", "reader"})),
+}
+"""Op -> the roles that may send it (the role a peer proved when it connected,
+``pslm.wire.auth``; without a cluster secret nothing is proved and nothing is checked). ``ctl``
+also needs the operator credential (``pslm.ps.control.operations``)."""
+
+
+def check_sender(msg: Message) -> None:
+    """RefusedError (``forbidden``) unless ``msg``'s sender may send its op."""
+    allowed = ALLOWED.get(msg.op)
+    if msg.sender and allowed is not None and msg.sender not in allowed:
+        raise RefusedError(
+            f"{msg.op} is not for a {msg.sender}: only {', '.join(sorted(allowed))} may send it",
+            code="forbidden",
+        )
+
+
 SHARD_LOST = 3
 """The scheduler's exit code when a shard is lost: its server died with no synced backup (the
 launcher then does not restart the scheduler: the job goes back to its checkpoint)."""

@@ -228,6 +228,8 @@ class LocalCluster:
                     "tcp://127.0.0.1:*",
                     "--timeout",
                     str(cfg.timeout),
+                    "--run-dir",
+                    str(self.run_dir),
                 ],
             )
         if cfg.worker is not None:
@@ -386,6 +388,9 @@ class LocalCluster:
             "PSLM_SECURE": "1" if self.cfg.secure else "0",
         }
         child_env.pop("PSLM_SECRET_FILE", None)
+        # (its children bind and connect on loopback only: PSLM_SECURE above is their whole
+        # choice, and an inherited PSLM_INSECURE=1 would contradict PSLM_SECURE=1)
+        child_env.pop("PSLM_INSECURE", None)
         proc = self._popen(role, rank, args, child_env, log_path, again)
         child = Child(role, rank, proc, log_path, args, dict(env or {}))
         if not again:

@@ -42,7 +42,7 @@ from pslm.ps.core import protocol
 from pslm.ps.server.replica import Replication, mirror, read_update
 from pslm.ps.server.replies import Outbox, Replies
 from pslm.ps.server.serving import ShardService
-from pslm.ps.server.setup import initialise, save
+from pslm.ps.server.setup import initialise, save, within
 from pslm.ps.server.shm import SharedPaths
 from pslm.ps.server.state import ShardState
 from pslm.wire.message import DEFAULT_MAX_MESSAGE, Message
@@ -71,6 +71,9 @@ class ServerConfig:
     """Seconds to wait for the whole cluster to register."""
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     """Largest message accepted, in bytes of tensor data."""
+    run_dir: str = ""
+    """The job's run directory: ``save`` writes and ``init`` restores only inside it (empty:
+    anywhere, for a server started by hand for a job without one)."""
 
     def __post_init__(self) -> None:
         try:
@@ -103,7 +106,7 @@ def serve(cfg: ServerConfig) -> int:
     """Register with the scheduler, serve until told to stop, leave. Returns the exit code."""
     listener = Listener(cfg.bind, max_bytes=cfg.max_message_bytes)
     address = advertised(listener.address, cfg.advertise)
-    scheduler = Channel(timeout=cfg.timeout)
+    scheduler = Channel(timeout=cfg.timeout, role="server")
     try:
         scheduler.connect("scheduler", cfg.scheduler)
         me = register(
@@ -148,7 +151,7 @@ class Server:
         self.table = Table(-1, me.servers, me.backups)
         self.beat: Heartbeat | None = None
         self.peers = {
-            r: Connection(addr, send_timeout=cfg.timeout)
+            r: Connection(addr, send_timeout=cfg.timeout, role="server")
             for r, addr in enumerate(me.servers)
             if r != self.shard
         }
@@ -262,6 +265,7 @@ class Server:
             handler = self.handlers.get(msg.op)
             if handler is None:
                 raise ProtocolError(f"unknown op {msg.op!r}")
+            protocol.check_sender(msg)  # (a worker's bug cannot send a server's norm)
             handler(peer, msg)
         except ShardFailed:
             raise  # (the server leaves: answering on would serve a shard half-stepped)
@@ -302,6 +306,7 @@ class Server:
     def _initialise(self, msg: Message) -> Message:
         current = self.service.state if self.service.initialised else None
         shape = {"shard": self.shard, "num_servers": self.me.num_servers}
+        within(protocol.field(msg, "restore", str, ""), self.cfg.run_dir, "init: restore")
         state = initialise(msg, current, num_workers=self.me.num_workers, **shape)
         if state is None:  # the same again
             return msg.reply(version=self.service.state.store.version)
@@ -311,6 +316,7 @@ class Server:
 
     def _save(self, msg: Message) -> Message:
         store = self.service.state.store
+        within(protocol.field(msg, "path", str), self.cfg.run_dir, "save")
         return save(msg, store, shard=self.shard, num_servers=self.me.num_servers)
 
     def _attach(self, peer: bytes, msg: Message, worker: int) -> None:
@@ -401,7 +407,7 @@ class Server:
             if s != self.shard and addr and old.servers[s] != addr:
                 log.warning("shard %d is served by %s now", s, addr)
                 self.peers[s].close()
-                self.peers[s] = Connection(addr, send_timeout=self.cfg.timeout)
+                self.peers[s] = Connection(addr, send_timeout=self.cfg.timeout, role="server")
                 self.service.send_norms(self.peers[s])  # what it may have missed
         if self.role is Role.SERVING:
             self.replication.follow(table.backups[self.shard], state)

@@ -159,7 +159,7 @@ class BackupLink:
     def __init__(self, address: str, *, timeout: float, gone: Callable[[], bool]):
         self.address = address
         self.gone = gone
-        self.channel = Channel(timeout=timeout)
+        self.channel = Channel(timeout=timeout, role="server")
         self.channel.connect("backup", address)
 
     def request(self, msg: Message) -> Any:

@@ -95,6 +95,16 @@ def save(msg: Message, store: ShardStore, *, shard: int, num_servers: int) -> Me
     return msg.reply(version=version, file=str(path), bytes=nbytes)
 
 
+def within(path: str, root: str, what: str) -> None:
+    """RefusedError (``bad_path``) unless ``path`` lies inside ``root`` once links and ``..``
+    are resolved (an empty path or root: nothing to check)."""
+    if not path or not root:
+        return
+    resolved, top = Path(path).resolve(), Path(root).resolve()
+    if not resolved.is_relative_to(top):
+        raise RefusedError(f"{what}: {path} is outside the run directory {root}", code="bad_path")
+
+
 def shard_file(rank: int, num_servers: int) -> str:
     """The file name of server ``rank``'s part of a checkpoint."""
     return f"shard-{rank:03d}-of-{num_servers:03d}.safetensors"
