@@ -120,3 +120,17 @@ def test_int8_encodes_finite_values_whose_range_exceeds_fp32() -> None:
 def test_int8_refuses_non_finite_input_saying_so(bad: float) -> None:
     with pytest.raises(ProtocolError, match="inf or nan"):
         get_codec("int8").encode(torch.tensor([1.0, bad]))
+
+
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "topk:0.25"])
+def test_a_non_finite_tensor_leaves_the_error_feedback_as_it_was(spec: str) -> None:
+    """A NaN gradient (its push is skipped) must not become the residual: it would make every
+    later tensor sent under the key NaN."""
+    feedback = ErrorFeedback(get_codec(spec))
+    x = torch.randn(64)
+    feedback.encode("w", x)
+    kept = feedback.residual["w"].clone()
+    feedback.encode("w", torch.full((64,), float("nan")))
+    assert torch.equal(feedback.residual["w"], kept)
+    parts = feedback.encode("w", torch.randn(64))
+    assert bool(feedback.codec.decode(parts, 64).isfinite().all())

@@ -363,18 +363,24 @@ def _finite_checkpoint(run: Path) -> None:
             assert bool(t.isfinite().all()), (f.name, name)
 
 
-@pytest.mark.parametrize("consistency", ["bsp", "asp"])
-def test_nan_gradients_are_skipped_and_the_run_goes_on(setup, run, consistency) -> None:
+@pytest.mark.parametrize(
+    ("consistency", "codec"), [("bsp", "none"), ("asp", "none"), ("bsp", "int8")]
+)
+def test_nan_gradients_are_skipped_and_the_run_goes_on(setup, run, consistency, codec) -> None:
+    """Also through a lossy codec: a NaN must not reach its error feedback (every later push
+    would be NaN) nor int8 (which refuses it)."""
     out = train(
         setup,
-        f"nan-{consistency}",
+        f"nan-{consistency}-{codec}",
         "--workers", "2", "--servers", "2", "--replicas", "1",
-        "--consistency", consistency,
+        "--consistency", consistency, "--push-codec", codec,
         "--train.nan_grads", "1:3-5",
     )  # fmt: skip
     records = metrics(out)
     assert len(records) == 30 and records[-1]["val_loss"] < records[0]["loss"] - 0.5
-    if consistency == "bsp":  # every shard skipped the same clocks, the version went on
+    if codec != "none":
+        assert [r["step"] for r in records if "skipped" in r] == [3, 4, 5]
+    elif consistency == "bsp":  # every shard skipped the same clocks, the version went on
         assert [r["step"] for r in records if "skipped" in r] == [3, 4, 5]
         assert all(r["skipped"] == "a gradient was not finite" for r in records[3:6])
         assert [r["version"] for r in records] == list(range(1, 31))

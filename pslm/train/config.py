@@ -199,15 +199,16 @@ class TrainSection:
     """Consecutive steps skipped because a gradient was not finite that stop the run with an
     error (0: never stop). Each skipped step is recorded in metrics.jsonl (``skipped``)."""
     nan_grads: str = ""
-    """Test knob ``RANK:FIRST-LAST``: that worker's loss and gradients are NaN at steps FIRST
-    to LAST (counted from 0), to see them skipped."""
+    """Test knob ``SHARE:FIRST-LAST``: the loss and gradients of that share of the batch (the
+    worker of that rank's, unless it died) are NaN at steps FIRST to LAST (counted from 0), to
+    see them skipped."""
 
-    def poisoned(self, rank: int, step: int) -> bool:
-        """Whether ``nan_grads`` makes ``rank``'s gradients at ``step`` NaN."""
+    def poisoned(self, share: int, step: int) -> bool:
+        """Whether ``nan_grads`` makes ``share``'s gradients at ``step`` NaN."""
         if not self.nan_grads:
             return False
         who, first, last = _nan_grads(self.nan_grads)
-        return who == rank and first <= step <= last
+        return who == share and first <= step <= last
 
     def slowdown(self, rank: int, step: int, num_workers: int) -> float:
         """Extra compute time, as a multiple of the real one, for ``rank`` at ``step``."""
@@ -484,7 +485,7 @@ def _nan_grads(text: str) -> tuple[int, int, int]:
     except ValueError:
         out = (-1, 0, 0)
     if min(out) < 0 or out[2] < out[1]:
-        raise ConfigError(f"train.nan_grads must look like RANK:FIRST-LAST, got {text!r}")
+        raise ConfigError(f"train.nan_grads must look like SHARE:FIRST-LAST, got {text!r}")
     return out
 
 

@@ -38,11 +38,12 @@ class Learner:
         mirrors: HostMirrors,
         batches: ShareBatches,
         live: LiveSettings,
-        poisoned: Callable[[int], bool] = lambda step: False,
+        poisoned: Callable[[int, int], bool] = lambda share, step: False,
     ):
         self.client = client
         self.poisoned = poisoned
-        """Whether the test knob ``train.nan_grads`` makes this worker's loss NaN at a step."""
+        """Whether the test knob ``train.nan_grads`` makes a share's loss NaN at a step (by
+        share, not by worker: whoever computes a share gets the same gradient)."""
         self.model = task.model
         self.params = mirrors.params
         self.mirrors = mirrors
@@ -60,7 +61,7 @@ class Learner:
         self.model.zero_grad(set_to_none=False)
         _, loss = self.model(*batch)
         assert loss is not None
-        loss = self.poison(loss, step)
+        loss = self.poison(loss, step, share)
         loss.backward()
         value = float(loss.item())
         if slowdown:
@@ -72,7 +73,7 @@ class Learner:
         on their way to the servers), and its loss."""
         _, loss = self.model(*self.batches.batch(step, share))
         assert loss is not None
-        loss = self.poison(loss, step)
+        loss = self.poison(loss, step, share)
         names = list(self.params)
         grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
         out = {
@@ -89,7 +90,7 @@ class Learner:
                 grads,
                 clock=step,
                 weight=self.batches.weight(share),
-                scalars=self.scalars(loss, grads),
+                scalars=self.flagged(loss, grads),
                 rows=self.batches.row_selection(step, x, share),
                 share=share,
             )
@@ -103,7 +104,7 @@ class Learner:
             self.mirrors.host,
             clock=clock,
             weight=self.batches.weight(share),
-            scalars=self.scalars(loss, grads),
+            scalars=self.flagged(loss, grads),
             rows=self.batches.row_selection(clock, self.inputs),
             share=share,
         )
@@ -116,9 +117,19 @@ class Learner:
         self.client.wait(self.client.pull(out, version=version, clock=clock))
         self.mirrors.load()
 
-    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+    def poison(self, loss: torch.Tensor, step: int, share: int) -> torch.Tensor:
         """``loss``, or NaN (and so every gradient) where ``train.nan_grads`` says."""
-        return loss * math.nan if self.poisoned(step) else loss
+        return loss * math.nan if self.poisoned(share, step) else loss
+
+    def flagged(self, loss: float, grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """``scalars``, and a gradient that is not finite zeroed in place before it is pushed:
+        the servers skip it anyway, and a NaN must not reach a lossy codec's error feedback
+        (it would poison every later push) or int8 (which refuses it)."""
+        out = self.scalars(loss, grads)
+        if FINITE in out:
+            for g in grads.values():
+                g.zero_()
+        return out
 
     def scalars(self, loss: float, grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """What a push carries besides tensors: the loss (if finite), the live settings, and

@@ -73,7 +73,7 @@ class OverlapStep:
         model = self.learner.model
         _, loss_t = model(*batch)
         assert loss_t is not None
-        loss_t = self.learner.poison(loss_t, step)
+        loss_t = self.learner.poison(loss_t, step, self.rank)
         if slowdown:
             # An experiment's straggler: its forward pass takes longer too.
             time.sleep(slowdown * (self.timer.since_step_began() - self.timer.step_comm))
@@ -84,7 +84,7 @@ class OverlapStep:
         loss_t.backward()
         loss = float(loss_t.item())
         self.computed[step] = (self.timer.compute_ends() - self.timer.step_comm, loss)
-        overlap.finish(self.learner.scalars(loss, self.learner.mirrors.grads()))
+        overlap.finish(self.learner.flagged(loss, self.learner.mirrors.grads()))
 
     def _log_settled(self) -> None:
         """Wait for the last step's exchange, if one is open, and log its record."""

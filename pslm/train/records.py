@@ -68,9 +68,9 @@ class StepRecords:
         # The share holders as last recorded (a late worker records what it found).
         self.holders = [] if client.late else list(range(client.num_workers))
         self.skips_in_a_row = 0
+        """Steps skipped one after the other up to the last record (0: it was applied)."""
         self.skipped_pushes = 0
         """SSP/ASP: the pushes of any worker the servers had skipped at the last record."""
-        """Steps skipped one after the other up to the last record (0: it was applied)."""
 
     def build(self, trained: Trained) -> dict[str, Any]:
         """The record of a step."""

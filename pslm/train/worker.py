@@ -15,7 +15,6 @@ the shares (a worker that died or joined).
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,7 @@ class TrainLoop:
             self.mirrors,
             self.batches,
             self.live,
-            poisoned=partial(t.poisoned, client.rank),
+            poisoned=t.poisoned,
         )
         self.validator = Validator(client, self.keeper, self.task, iters=t.eval_iters)
         self.checkpointer = Checkpointer(
@@ -290,8 +289,9 @@ class TrainLoop:
             self.timer.hold(self.live.hold())
 
     def _stop_if_diverged(self, step: int) -> None:
-        """Diverged once ``train.max_skips`` steps in a row were skipped (every worker sees
-        the same skips, so every worker stops at the same step)."""
+        """Diverged once ``train.max_skips`` steps in a row were skipped (under BSP every
+        worker sees the same skips and stops at the same step; under SSP/ASP and local SGD a
+        worker counts its own, and the launcher ends the job when one stops)."""
         limit, skips = self.cfg.train.max_skips, self.records.skips_in_a_row
         if limit and skips >= limit:
             raise Diverged(

@@ -178,7 +178,9 @@ class ErrorFeedback:
         res = self.residual.get(key)
         corrected = x.float() + res if res is not None else x.float().clone()
         parts = self.codec.encode(corrected)
-        self.residual[key] = corrected.sub_(self.codec.decode(parts, corrected.numel()))
+        decoded = self.codec.decode(parts, corrected.numel())
+        if bool(corrected.isfinite().all()):  # (else the push is skipped: keep the residual)
+            self.residual[key] = corrected.sub_(decoded)
         return parts
 
 
