@@ -36,6 +36,8 @@ from pslm.wire.transport import Sent
 
 log = logging.getLogger("pslm.server")
 
+STALL_RECHECK = 1.0
+"""Seconds during which a stalled reader's requests are refused without waiting."""
 READER_GRACE = 1.0
 """Seconds an update waits for ZeroMQ to finish sending earlier replies before it copies."""
 
@@ -106,6 +108,8 @@ class Replies:
         """Workers on this machine that take replies through shared memory."""
         self.trackers: list[tuple[bytes, Sent]] = []
         """Replies (by peer) that may still be read from the parameter memory."""
+        self.rechecked: dict[bytes, float] = {}
+        """Stalled peer -> until when its requests are refused without waiting."""
         self.stalled: dict[bytes, list[Sent]] = {}
         """Peers whose replies were not sent within READER_GRACE, with those replies: they
         are refused until every one is sent."""
@@ -159,15 +163,24 @@ class Replies:
             self.trackers.append((peer, sent))
 
     def _stalled(self, peer: bytes) -> bool:
-        """Whether ``peer`` still has replies unsent since it was found stalled (a short
-        wait first: a reader that just read its reply may be a moment ahead of the tracker)."""
+        """Whether ``peer`` still has replies unsent since it was found stalled. The first
+        request after it was found waits a moment (a reader that just read its reply may be
+        ahead of the tracker); later ones within STALL_RECHECK seconds are refused at once,
+        so that a stalled reader's requests cannot hold the loop up either."""
         pending = self.stalled.get(peer)
         if pending is None:
             return False
-        pending[:] = [s for s in pending if not s.wait(0.05)]
+        now = time.monotonic()
+        if now >= self.rechecked.get(peer, 0.0):
+            self.rechecked[peer] = now + STALL_RECHECK
+            deadline = now + 0.05
+            pending[:] = [s for s in pending if not s.wait(max(0.0, deadline - time.monotonic()))]
+        else:
+            pending[:] = [s for s in pending if not s.done]
         if pending:
             return True
         del self.stalled[peer]
+        self.rechecked.pop(peer, None)
         log.info("a slow reader caught up")
         return False
 
@@ -179,6 +192,9 @@ class Replies:
         to those readers, so that nobody sees a half-updated chunk and nobody waits on a
         stalled peer.
         """
+        for peer in [p for p, sent in self.stalled.items() if all(t.done for t in sent)]:
+            del self.stalled[peer]  # (gone, or caught up without asking again)
+            self.rechecked.pop(peer, None)
         deadline = time.monotonic() + READER_GRACE
         pending = [(peer, t) for peer, t in self.trackers if not t.done]
         for _, sent in pending:
