@@ -3,6 +3,8 @@ server's shard bit for bit; anything malformed is refused before it changes anyt
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,6 +68,7 @@ def test_a_backup_mirrors_a_skipped_update(kind: str) -> None:
     snap = ShardState.fresh(server, consistency, num_workers=2, clock=0)
     copy = ShardState.from_message(_wire(snap.to_message(0)), shard=0, num_workers=2)
     update = Update(kind=kind, version=0, multiplier=1.0, grads=[], step=0, share=1)
+    update.sq = float("nan")  # (a non-finite norm's skip: the backup keeps it to send again)
     update.scalars = {"skipped": 1.0} if kind == "skip" else {}
     mirror(read_update(_wire(update_message(update)), copy.store, num_workers=2), copy, 0)
     server.skip()
@@ -76,6 +79,7 @@ def test_a_backup_mirrors_a_skipped_update(kind: str) -> None:
         assert copy.gate.clocks == [0, 1]
     else:  # a push sent again is answered with what the clock said
         assert copy.scalars == {"skipped": 1.0}
+        assert list(copy.norms) == [0] and math.isnan(copy.norms[0])
 
 
 def test_bad_replication_messages_change_nothing() -> None:

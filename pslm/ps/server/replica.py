@@ -149,7 +149,7 @@ def mirror(update: Update, state: ShardState, shard: int) -> None:
         state.skipped += update.kind == "async-skip"
     else:
         state.scalars, state.by = update.scalars, update.by
-        if update.sq >= 0:
+        if not update.sq < 0:  # (-1: none; nan and inf are a norm every server must share)
             state.norms = {update.version: update.sq}
 
 
