@@ -335,7 +335,8 @@ class Server:
         """A backup: take the whole shard from its server."""
         if self.role is Role.SERVING:
             raise RefusedError(f"this server serves shard {self.shard}; it is no backup")
-        state = ShardState.from_message(msg, self.shard, self.me.num_workers)
+        held = self.service.state.store.nbytes if self.service.initialised else 0
+        state = ShardState.from_message(msg, self.shard, self.me.num_workers, replaces=held)
         self.service.state = state
         log.info("took shard %d at version %d from its server", self.shard, state.store.version)
         self.replies.send(peer, msg.reply(version=state.store.version))

@@ -11,6 +11,7 @@ Both check the whole request before building or writing anything.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pslm.errors import ConfigError, ProtocolError, RefusedError
@@ -96,11 +97,13 @@ def save(msg: Message, store: ShardStore, *, shard: int, num_servers: int) -> Me
 
 
 def within(path: str, root: str, what: str) -> None:
-    """RefusedError (``bad_path``) unless ``path`` lies inside ``root`` once links and ``..``
-    are resolved (an empty path or root: nothing to check)."""
+    """RefusedError (``bad_path``) unless ``path`` lies inside ``root`` once ``..`` is
+    resolved (an empty path or root: nothing to check). Links are not followed: a run
+    directory whose checkpoints folder links to another disk is the operator's choice."""
     if not path or not root:
         return
-    resolved, top = Path(path).resolve(), Path(root).resolve()
+    resolved = Path(os.path.normpath(os.path.abspath(path)))
+    top = Path(os.path.normpath(os.path.abspath(root)))
     if not resolved.is_relative_to(top):
         raise RefusedError(f"{what}: {path} is outside the run directory {root}", code="bad_path")
 

@@ -64,13 +64,15 @@ def clip_coef(sq_norm: float, max_norm: float) -> float:
     return coef if math.isnan(coef) else min(1.0, coef)
 
 
-def check_fits(keyspace: KeySpace, server: int, optimizer: OptimizerConfig) -> None:
+def check_fits(
+    keyspace: KeySpace, server: int, optimizer: OptimizerConfig, *, spare: int = 0
+) -> None:
     """RefusedError (``too_large``) unless ``server``'s shard of ``keyspace`` - parameters,
     optimizer state and a gradient buffer, fp32 - fits in the memory this machine has free
     (a key space comes from a peer: it must not make the server allocate what it lacks)."""
     numel = sum(c.length for c in keyspace.shard(server))
     need = numel * 4 * (2 + len(build_rule(optimizer).state_names))
-    free = available_memory()
+    free = available_memory() + spare
     if need > free:
         raise RefusedError(
             f"server {server}'s shard would need {need / 2**30:.2f} GiB ({numel:,} parameters "
@@ -145,8 +147,13 @@ class StagedUpdate:
 class ShardStore:
     """Parameters and optimizer state of the chunks one server holds."""
 
-    def __init__(self, keyspace: KeySpace, server: int, optimizer: OptimizerConfig):
-        check_fits(keyspace, server, optimizer)  # (a peer's key space: before any allocation)
+    def __init__(
+        self, keyspace: KeySpace, server: int, optimizer: OptimizerConfig, *, replaces: int = 0
+    ):
+        """``replaces``: bytes of a store this one is to replace (a backup's new copy), which
+        count as free."""
+        # (a peer's key space: checked before any allocation)
+        check_fits(keyspace, server, optimizer, spare=replaces)
         self.keyspace = keyspace
         self.server = server
         self.optimizer = optimizer
@@ -200,6 +207,12 @@ class ShardStore:
     @property
     def numel(self) -> int:
         return self.params.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the store holds: parameters, optimizer state, gradient buffer."""
+        held = [self.params, self._grad, *self.state.values()]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def unpack(self, pieces: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
         """One view per dense chunk (shard order) of ``pieces``, the tensors of a message.

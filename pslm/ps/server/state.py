@@ -79,14 +79,18 @@ class ShardState:
         return Message("sync", body=body, tensors=[t.clone() for t in state.values()])
 
     @classmethod
-    def from_message(cls, msg: Message, shard: int, num_workers: int) -> ShardState:
-        """The shard a ``sync`` carries, in a new store, checked whole first."""
+    def from_message(
+        cls, msg: Message, shard: int, num_workers: int, *, replaces: int = 0
+    ) -> ShardState:
+        """The shard a ``sync`` carries, in a new store, checked whole first (``replaces``:
+        bytes of the copy it replaces, which count as free memory)."""
         if protocol.field(msg, "shard", int) != shard:
             raise RefusedError(f"this server is the backup of shard {shard}")
         store = ShardStore(
             KeySpace.from_dict(protocol.field(msg, "keyspace", dict)),
             shard,
             OptimizerConfig.from_dict(protocol.field(msg, "optimizer", dict)),
+            replaces=replaces,
         )
         clocks = protocol.ints(protocol.field(msg, "clocks", list))
         names = protocol.field(msg, "names", list)
