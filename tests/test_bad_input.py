@@ -289,6 +289,13 @@ def test_a_huge_key_space_and_a_role_s_wrong_op_are_refused_and_change_nothing(
         for channel in (worker, server):
             with pytest.raises(RefusedError, match="shutdown is not for a"):
                 channel.request("scheduler", Message("shutdown"))
+        # a worker cannot beat for a server (keeping a dead one alive) nor register as one
+        for op, body in (
+            ("heartbeat", {"node": "server-0"}),
+            ("register", {"role": "server", "rank": -1, "address": "", "pid": 1}),
+        ):
+            with pytest.raises(RefusedError, match=f"{op} as a server from a worker"):
+                worker.request("scheduler", Message(op, body=body))
         # the operator's role is not enough to steer: the run's credential is
         ctl = Channel(timeout=10.0, role="operator")
         ctl.connect("scheduler", cluster.scheduler_address)

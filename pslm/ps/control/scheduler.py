@@ -34,13 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pslm.errors import ClusterError, ConfigError, ProtocolError, TransportError
+from pslm.errors import ClusterError, ConfigError, ProtocolError, RefusedError, TransportError
 from pslm.files import write_atomic
 from pslm.ps.control.barriers import Barriers
 from pslm.ps.control.base import SchedulerConfig
 from pslm.ps.control.churn import Churn
 from pslm.ps.control.joining import Filling
 from pslm.ps.control.leases import ShareLeases
+from pslm.ps.control.node import node_role
 from pslm.ps.control.operations import Operations
 from pslm.ps.control.persist import STATE_FILE, Kept, write_files
 from pslm.ps.control.records import MAX_PID, NodeRecord
@@ -155,7 +156,11 @@ class Scheduler(Churn, Operations):
         """The end of a turn: the files, if the state changed, then everything to send."""
         if self.dirty:
             self.dirty = False
-            self._write_cluster()
+            try:
+                self._write_cluster()
+            except OSError as exc:  # (a full disk must not take the cluster down: next turn)
+                self.dirty = True
+                log.error("cannot write the scheduler's files: %s", exc)
         outbox, self.outbox = self.outbox, []
         for peer, msg in outbox:
             try:
@@ -177,6 +182,7 @@ class Scheduler(Churn, Operations):
             return
         try:
             protocol.check_sender(msg)  # (a worker's bug cannot stop the job)
+            _same_role(msg)
             if msg.op in ("ctl", "shutdown") and self.operator:
                 operator.check(msg.body.get(operator.FIELD), self.operator)
             reply = handler(peer, msg)
@@ -447,4 +453,19 @@ class Scheduler(Churn, Operations):
             "recovered the cluster from %s: %s",
             path,
             ", ".join(f"{n.id} {n.state}" for n in self.nodes.values()),
+        )
+
+
+def _same_role(msg: Message) -> None:
+    """RefusedError (forbidden) unless a member registers, beats or leaves as the role its
+    connection proved (a worker cannot keep a dead server alive with its heartbeats)."""
+    if msg.sender not in protocol.ROLES:
+        return
+    claimed = msg.body.get("role") if msg.op == "register" else None
+    node = msg.body.get("node") if msg.op in ("heartbeat", "leave") else None
+    if isinstance(node, str):
+        claimed = node_role(node) or claimed
+    if isinstance(claimed, str) and claimed and claimed != msg.sender:
+        raise RefusedError(
+            f"{msg.op} as a {claimed} from a {msg.sender}'s connection", code="forbidden"
         )
