@@ -326,22 +326,22 @@ class ShardService:
     def _push_now(self, share: int, push: PendingPush, replies: list[Reply]) -> None:
         """Apply one share's push at once, then answer it: acknowledge its parts (only now:
         the worker keeps no copy, so an acknowledged push must be on the backup too), and
-        with parameters once the gate lets its pusher read at the next clock."""
+        with parameters once the gate lets its pusher read at the next clock. A push whose
+        gradient is not finite (``FINITE``) passes its clock unapplied, and its reply says so."""
         state = self.state
         store = state.store
         self._steer(push.scalars, newest_only=True)  # (clipping may have changed)
-        if push.scalars.get(FINITE, 1.0) < 1.0:
-            self._skip_push(share, push, replies)
-            return
+        skip = push.scalars.get(FINITE, 1.0) < 1.0
         multiplier = 1.0  # the worker's own mean gradient, clipped by its own norm
         # (checked on arrival, unless live settings changed clipping: a worker yet to learn of
         # it sends none)
-        if store.optimizer.clip_norm > 0 and push.sq_norm is not None:
+        if store.optimizer.clip_norm > 0 and push.sq_norm is not None and not skip:
             multiplier = clip_coef(push.sq_norm, store.optimizer.clip_norm)
-        fp32, _ = store.reduce([(1.0, push.complete_grads)])  # half-precision pushes -> fp32
+        # half-precision pushes -> fp32
+        fp32 = [] if skip else store.reduce([(1.0, push.complete_grads)])[0]
         steered = self._in_force() if self.replication.link is not None else {}
         update = Update(
-            kind="async",
+            kind="async-skip" if skip else "async",
             version=store.version,
             multiplier=multiplier,
             grads=fp32,
@@ -351,43 +351,23 @@ class ShardService:
         )
         if not self.replication.replicate(update, state):
             return  # no answer: the requests go to the shard's new server
-        self.replies.writable(store)
-        store.apply(fp32, multiplier, step=push.clock)
+        said = push.scalars
+        if skip:
+            log.warning(
+                "share %d's push for clock %d skipped: %s",
+                share,
+                push.clock,
+                SKIP_REASONS[NONFINITE_GRAD],
+            )
+            store.skip()
+            state.skipped += 1
+            said = {**push.scalars, SKIPPED: NONFINITE_GRAD}
+        else:
+            self.replies.writable(store)
+            store.apply(fp32, multiplier, step=push.clock)
         state.gate.advance(share)
         for peer, msg in push.acks:
             self.replies.send(peer, msg.reply(version=store.version))
-        for r in replies:
-            self.reads.wait(WaitingRead(r.peer, r.msg, push.clock + 1, r.selection, push.scalars))
-        self._release_reads()
-
-    def _skip_push(self, share: int, push: PendingPush, replies: list[Reply]) -> None:
-        """SSP/ASP: a push whose gradient is not finite passes its clock unapplied."""
-        state = self.state
-        store = state.store
-        log.warning(
-            "share %d's push for clock %d skipped: %s",
-            share,
-            push.clock,
-            SKIP_REASONS[NONFINITE_GRAD],
-        )
-        steered = self._in_force() if self.replication.link is not None else {}
-        update = Update(
-            kind="async-skip",
-            version=store.version,
-            multiplier=1.0,
-            grads=[],
-            step=push.clock,
-            share=share,
-            scalars=steered,
-        )
-        if not self.replication.replicate(update, state):
-            return
-        store.skip()
-        state.gate.advance(share)
-        state.skipped += 1
-        for peer, msg in push.acks:
-            self.replies.send(peer, msg.reply(version=store.version))
-        said = {**push.scalars, SKIPPED: NONFINITE_GRAD}
         for r in replies:
             self.reads.wait(WaitingRead(r.peer, r.msg, push.clock + 1, r.selection, said))
         self._release_reads()
