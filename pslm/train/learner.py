@@ -122,21 +122,15 @@ class Learner:
         return loss * math.nan if self.poisoned(share, step) else loss
 
     def flagged(self, loss: float, grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """``scalars``, and a gradient that is not finite zeroed in place before it is pushed:
-        the servers skip it anyway, and a NaN must not reach a lossy codec's error feedback
-        (it would poison every later push) or int8 (which refuses it)."""
-        out = self.scalars(loss, grads)
-        if FINITE in out:
-            for g in grads.values():
-                g.zero_()
-        return out
-
-    def scalars(self, loss: float, grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """What a push carries besides tensors: the loss (if finite), the live settings, and
-        ``FINITE`` 0 when a gradient is not finite."""
+        ``FINITE`` 0 when a gradient is not finite - which is then zeroed in place before it
+        is pushed: the servers skip it anyway, and a NaN must not reach a lossy codec's error
+        feedback (it would poison every later push) or int8 (which refuses it)."""
         out = {"loss": loss} if math.isfinite(loss) else {}
         if not finite(grads.values()):
             out[FINITE] = 0.0
+            for g in grads.values():
+                g.zero_()
         return {**out, **self.live.scalars()}
 
 
