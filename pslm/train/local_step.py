@@ -46,7 +46,9 @@ class LocalStep:
         share = shares[0]
         loss = self.learner.forward_backward(step, share, slowdown)
         self.timer.compute_ends()
-        skipped = not finite(self.learner.mirrors.grads().values())
+        # (on the device, where the gradients are: local steps copy nothing to the host)
+        grads = (p.grad for p in self.learner.params.values() if p.grad is not None)
+        skipped = not finite(grads)
         if not skipped:  # else this worker's own step is skipped, as AMP's grad scaler does
             self.local.step(step)
         if self.local.due(step) or due:
