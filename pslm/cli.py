@@ -134,22 +134,12 @@ def _operator(args: argparse.Namespace) -> str:
     from pslm.ps.core import operator
 
     if args.operator_file:
-        return _read_token(Path(args.operator_file))
+        return operator.read_file(Path(args.operator_file))
     if not args.run:
         raise ConfigError(
             "steering needs the operator credential: give --run DIR or --operator-file"
         )
     return operator.read(args.run)
-
-
-def _read_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the operator credential {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"{path} holds no operator credential")
-    return token
 
 
 def _attach(args: argparse.Namespace, run: str | None, role: str = "operator") -> str:

@@ -42,7 +42,11 @@ def ensure(run_dir: str | Path) -> str:
 
 def read(run_dir: str | Path) -> str:
     """The credential in ``RUN/operator``; ConfigError saying where it was looked for."""
-    path = Path(run_dir) / FILE
+    return read_file(Path(run_dir) / FILE)
+
+
+def read_file(path: Path) -> str:
+    """The credential in ``path`` (``pslm ctl --operator-file``); ConfigError if none."""
     try:
         token = path.read_text().strip()
     except OSError as exc:
@@ -51,7 +55,7 @@ def read(run_dir: str | Path) -> str:
             f"needs it: run as the user who started the job, or pass --operator-file)"
         ) from None
     if len(token) < 32:
-        raise ConfigError(f"{path} holds no operator credential")
+        raise ConfigError(f"{path} holds no operator credential (RUN/operator holds one)")
     return token
 
 
