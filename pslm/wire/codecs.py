@@ -178,9 +178,11 @@ class ErrorFeedback:
         res = self.residual.get(key)
         corrected = x.float() + res if res is not None else x.float().clone()
         parts = self.codec.encode(corrected)
-        decoded = self.codec.decode(parts, corrected.numel())
-        if bool(corrected.isfinite().all()):  # (else the push is skipped: keep the residual)
-            self.residual[key] = corrected.sub_(decoded)
+        residual = corrected.sub_(self.codec.decode(parts, corrected.numel()))
+        # a tensor that is not finite (its push is skipped) leaves a nan or inf here: keep the
+        # old residual (one float64 sum, which no finite residual overflows)
+        if math.isfinite(float(residual.sum(dtype=torch.float64))):
+            self.residual[key] = residual
         return parts
 
 
