@@ -94,6 +94,7 @@ class Scheduler(Churn, Operations):
         self.dirty = False
         """The state changed this turn: the files are written before the outbox is sent."""
         self.writes = 0
+        self.write_failed = False
         """Times the files were written (``status``: the cost of persisting, in writes)."""
         self.operator = operator.ensure(cfg.run_dir) if cfg.run_dir else ""
         """The credential ``ctl`` and ``shutdown`` need (``RUN/operator``; none without a run
@@ -158,9 +159,12 @@ class Scheduler(Churn, Operations):
             self.dirty = False
             try:
                 self._write_cluster()
+                self.write_failed = False
             except OSError as exc:  # (a full disk must not take the cluster down: next turn)
                 self.dirty = True
-                log.error("cannot write the scheduler's files: %s", exc)
+                if not self.write_failed:  # (once until a write succeeds, not every turn)
+                    log.error("cannot write the scheduler's files (retrying): %s", exc)
+                self.write_failed = True
         outbox, self.outbox = self.outbox, []
         for peer, msg in outbox:
             try:
@@ -467,5 +471,7 @@ def _same_role(msg: Message) -> None:
         claimed = node_role(node) or claimed
     if isinstance(claimed, str) and claimed and claimed != msg.sender:
         raise RefusedError(
-            f"{msg.op} as a {claimed} from a {msg.sender}'s connection", code="forbidden"
+            f"{msg.op} as a {claimed} from a {msg.sender}'s connection: a connection speaks "
+            f"only for the role it proved",
+            code="forbidden",
         )

@@ -105,7 +105,11 @@ def within(path: str, root: str, what: str) -> None:
     resolved = Path(os.path.normpath(os.path.abspath(path)))
     top = Path(os.path.normpath(os.path.abspath(root)))
     if not resolved.is_relative_to(top):
-        raise RefusedError(f"{what}: {path} is outside the run directory {root}", code="bad_path")
+        raise RefusedError(
+            f"{what}: {path} is outside the run directory {root} (a server saves and restores "
+            f"checkpoints only inside its --run-dir)",
+            code="bad_path",
+        )
 
 
 def shard_file(rank: int, num_servers: int) -> str:
